@@ -1,0 +1,223 @@
+/*
+ * wshd_handler.h — the wshd handler ABI, version 1.
+ *
+ * This header is the contract between the wshd server (the "host") and a
+ * handler library (a shared object named NAME_wsh.so or libNAME_wsh.so).
+ * The Rust SDK in handler-api/src/abi.rs mirrors it and is checked against it
+ * by handler-api/tests/layout.rs, which compiles this file with a C compiler.
+ *
+ * ---------------------------------------------------------------------------
+ * ENTRY POINT
+ *   A handler library exports exactly one symbol:
+ *       const wshd_descriptor *wshd_entry_v1(void);
+ *   It has no side effects and returns a pointer to static, immutable data.
+ *   The ABI major version is part of the symbol name, so a future v2 handler
+ *   exports wshd_entry_v2 and the host can say "built for ABI 2" instead of
+ *   "not a handler".
+ *
+ * VERSIONING
+ *   - abi_major changes on any incompatible change (and renames the entry).
+ *   - abi_minor grows when fields are appended to the end of a struct.  Every
+ *     struct that can grow starts with (or contains) struct_size; a reader
+ *     uses only the fields that fit inside min(its own sizeof, struct_size).
+ *   - A handler built for minor N loads on a host with minor >= N.  A handler
+ *     built for a newer minor than the host still loads; the host ignores the
+ *     tail it does not know.  A host function added in a later minor is only
+ *     called after checking wshd_host_api.struct_size.
+ *
+ * OWNERSHIP (who frees what, and for how long a pointer is valid)
+ *   1. Everything the host passes INTO a callback (config text, handshake
+ *      request, headers, subprotocols, message bytes, close reason) is
+ *      borrowed for the duration of that call only.  Copy what you keep.
+ *   2. Everything the handler passes INTO a host function (payloads, log
+ *      text, header names and values, close reason) is borrowed for that call
+ *      only; the host copies it before returning.  The handler never has to
+ *      allocate memory for the host to free, and the host never frees handler
+ *      memory.
+ *   3. *out_handler (from init) and *out_conn_state (from on_open) are owned
+ *      by the handler.  The host never dereferences them; it hands them back
+ *      and the handler frees them in destroy / on_close.
+ *   4. The wshd_host_api pointer passed to init, and its host_ctx, stay valid
+ *      for the whole life of the process, even after destroy.  After destroy
+ *      every host function returns WSHD_ERR_REVOKED, so a stray thread that
+ *      outlives its handler gets an error, never undefined behaviour.
+ *   5. The wshd_handshake pointer is valid only inside on_handshake.
+ *   6. The descriptor and its strings must stay valid while the library is
+ *      mapped.  The host copies the strings when it loads the library and
+ *      never unmaps a handler library (it is opened with RTLD_NODELETE).
+ *   Strings are UTF-8, passed as (ptr, len) and are NOT NUL-terminated.  A
+ *   NULL ptr with len 0 is the empty string; wshd_handshake_req.origin uses a
+ *   NULL ptr to mean "no Origin header".
+ *
+ * THREADING
+ *   - Callbacks for ONE connection never run concurrently and always arrive in
+ *     the order on_handshake -> on_open -> on_message* -> on_close.
+ *     on_close is called exactly once for every on_open that returned
+ *     WSHD_OK, whatever ended the connection (peer close, handler close,
+ *     error, reload drain, server shutdown).
+ *   - Callbacks for DIFFERENT connections may run at the same time on
+ *     different threads, so the handler object must be thread-safe.
+ *   - init runs before any other callback of that handler instance, destroy
+ *     after the last on_close returned; neither overlaps any other callback.
+ *   - Callbacks run on the server's async worker threads and must not block
+ *     (no sleeping, no blocking I/O, no waiting on locks held for long).  A
+ *     handler that needs to block sets WSHD_F_MAY_BLOCK; its callbacks then
+ *     run on a separate thread pool and cannot stall other connections.
+ *   - Host functions (send, ping, close, log) are thread-safe, never block and
+ *     never call back into the handler, so they may be called from inside a
+ *     callback or from any thread the handler created.
+ *   - destroy must stop and join every thread the handler started.
+ *
+ * CONNECTIONS
+ *   A connection is a wshd_conn_id: unique for the life of the process and
+ *   never reused (0 is never a valid id).  Sending to a connection that has
+ *   closed returns WSHD_ERR_CLOSED.  A handler may only address connections
+ *   of its own instance.
+ *
+ * ERRORS AND PANICS
+ *   Callbacks return WSHD_OK or a negative code.  A non-OK return from
+ *   on_open or on_message closes that connection with 1011 (internal error);
+ *   a non-OK return from init discards the new instance and, on a reload,
+ *   keeps the previous version serving.  C and C++ handlers must never let an
+ *   exception or a longjmp cross a callback.  Rust handlers built with the SDK
+ *   catch panics in every callback and return WSHD_ERR_PANIC.
+ * ---------------------------------------------------------------------------
+ */
+#ifndef WSHD_HANDLER_H
+#define WSHD_HANDLER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The bytes "WSHD" read as a little-endian u32. */
+#define WSHD_MAGIC 0x44485357u
+#define WSHD_ABI_MAJOR 1u
+#define WSHD_ABI_MINOR 0u
+#define WSHD_ENTRY_SYMBOL "wshd_entry_v1"
+
+typedef uint64_t wshd_conn_id;
+
+/* Borrowed UTF-8 text; see OWNERSHIP. */
+typedef struct wshd_str {
+  const char *ptr;
+  size_t len;
+} wshd_str;
+
+typedef struct wshd_header {
+  wshd_str name;
+  wshd_str value;
+} wshd_header;
+
+/* Status codes returned by callbacks and host functions. */
+enum {
+  WSHD_OK = 0,
+  WSHD_ERR_CLOSED = -1,       /* the connection is closed or is not yours */
+  WSHD_ERR_BACKPRESSURE = -2, /* the connection's send queue is full */
+  WSHD_ERR_INVALID = -3,      /* bad argument: invalid UTF-8, bad close code, bad header */
+  WSHD_ERR_STATE = -4,        /* not allowed now (e.g. a second subprotocol choice) */
+  WSHD_ERR_REVOKED = -5,      /* this handler instance was destroyed */
+  WSHD_ERR_UNSUPPORTED = -6,  /* the host is too old for this function */
+  WSHD_ERR_PANIC = -100,      /* the handler panicked (Rust SDK) */
+  WSHD_ERR_HANDLER = -101     /* the handler reports a failure of its own */
+};
+
+enum { WSHD_MSG_TEXT = 1, WSHD_MSG_BINARY = 2 };
+
+enum {
+  WSHD_LOG_ERROR = 1,
+  WSHD_LOG_WARN = 2,
+  WSHD_LOG_INFO = 3,
+  WSHD_LOG_DEBUG = 4,
+  WSHD_LOG_TRACE = 5
+};
+
+/* Descriptor flags. */
+#define WSHD_F_MAY_BLOCK (1u << 0)    /* run my callbacks off the async workers */
+#define WSHD_F_PANIC_UNWIND (1u << 1) /* Rust SDK: built with panic=unwind, panics are caught */
+#define WSHD_F_RUST_SDK (1u << 2)     /* built with the Rust SDK (then PANIC_UNWIND is required) */
+
+/* Opaque host object; valid only inside on_handshake. */
+typedef struct wshd_handshake wshd_handshake;
+
+/* What a client asked for in its opening handshake.  Borrowed for the call. */
+typedef struct wshd_handshake_req {
+  uint32_t struct_size;
+  uint32_t reserved;           /* zero */
+  wshd_conn_id conn;           /* the id the connection gets if accepted */
+  wshd_str path;               /* the route's request path, without the query */
+  wshd_str query;              /* the query string without '?', possibly empty */
+  wshd_str origin;             /* the Origin header; ptr == NULL if absent */
+  wshd_str remote_addr;        /* peer address as "ip:port" */
+  const wshd_header *headers;  /* every request header, in arrival order */
+  size_t n_headers;
+  const wshd_str *subprotocols; /* Sec-WebSocket-Protocol offer, in order */
+  size_t n_subprotocols;
+} wshd_handshake_req;
+
+/* The host's function table.  Valid for the life of the process. */
+typedef struct wshd_host_api {
+  uint32_t struct_size;
+  uint16_t abi_major;
+  uint16_t abi_minor;
+  void *host_ctx; /* pass as the ctx argument below */
+
+  /* Queue a text (WSHD_MSG_TEXT, must be UTF-8) or binary message. */
+  int32_t (*send)(void *ctx, wshd_conn_id conn, uint32_t kind, const uint8_t *data, size_t len);
+  /* Queue a ping; at most 125 bytes of payload. */
+  int32_t (*ping)(void *ctx, wshd_conn_id conn, const uint8_t *data, size_t len);
+  /* Start a close handshake: code 1000 or 3000-4999 (or 1001-1014 where the
+   * RFC allows a sender to use it); reason at most 123 bytes of UTF-8. */
+  int32_t (*close)(void *ctx, wshd_conn_id conn, uint16_t code, wshd_str reason);
+  /* Write to the server's log.  target is a free-form module name. */
+  void (*log)(void *ctx, uint32_t level, wshd_str target, wshd_str msg);
+
+  /* Handshake builders; call only inside on_handshake. */
+  /* Accept the offered subprotocol at this index of req->subprotocols. */
+  int32_t (*hs_select_subprotocol)(wshd_handshake *hs, size_t index);
+  /* Add a response header.  Hop-by-hop and Sec-WebSocket-* names are refused. */
+  int32_t (*hs_add_header)(wshd_handshake *hs, wshd_str name, wshd_str value);
+  /* Refuse the upgrade with an HTTP status in 400..599 and a text body. */
+  int32_t (*hs_reject)(wshd_handshake *hs, uint16_t http_status, wshd_str body);
+} wshd_host_api;
+
+typedef struct wshd_descriptor {
+  uint32_t magic;      /* WSHD_MAGIC */
+  uint16_t abi_major;  /* WSHD_ABI_MAJOR the handler was built against */
+  uint16_t abi_minor;  /* WSHD_ABI_MINOR the handler was built against */
+  uint32_t struct_size; /* sizeof(wshd_descriptor) as the handler saw it */
+  uint32_t flags;      /* WSHD_F_* */
+  wshd_str name;       /* e.g. "echo" */
+  wshd_str version;    /* e.g. "1.2.0" */
+  wshd_str build_info; /* free text: SDK version, compiler; for diagnostics */
+
+  /* Required.  Create one handler instance for one route.  config is the
+   * route's [route.config] table rendered as TOML text (empty if none).
+   * On failure, log why through host->log and return non-OK. */
+  int32_t (*init)(const wshd_host_api *host, wshd_str config, void **out_handler);
+  /* Optional (NULL accepts every handshake with no subprotocol). */
+  int32_t (*on_handshake)(void *handler, const wshd_handshake_req *req, wshd_handshake *hs);
+  /* Optional.  *out_conn_state starts as NULL. */
+  int32_t (*on_open)(void *handler, wshd_conn_id conn, void **out_conn_state);
+  /* Required.  kind is WSHD_MSG_TEXT (valid UTF-8) or WSHD_MSG_BINARY. */
+  int32_t (*on_message)(void *handler, void *conn_state, wshd_conn_id conn, uint32_t kind,
+                        const uint8_t *data, size_t len);
+  /* Optional.  code is 1005 if the peer sent no code, 1006 if the
+   * connection dropped without a close frame.  Free conn_state here. */
+  void (*on_close)(void *handler, void *conn_state, wshd_conn_id conn, uint16_t code,
+                   wshd_str reason);
+  /* Optional.  Free the handler and join its threads. */
+  void (*destroy)(void *handler);
+} wshd_descriptor;
+
+/* The only symbol a handler exports. */
+const wshd_descriptor *wshd_entry_v1(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* WSHD_HANDLER_H */
