@@ -1,1 +1,43 @@
-fn main() {}
+//! The `wshd` binary: parse flags, load settings, start logging, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use wshd::cli::Args;
+use wshd::settings::Settings;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let settings = match Settings::load(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wshd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("wshd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.check_config || args.list {
+        return runtime.block_on(wshd::check::run(&settings, args.list));
+    }
+    let log = match wshd::logging::init(&settings.log_level, settings.log_file.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("wshd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(wshd::server::run(args, settings, log)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("wshd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! Command-line flags. Names follow pywebsocket's standalone server where the
+//! meaning is the same (`-p`, `-H`, `-w`, `-d`, `--log-level`,
+//! `--allow-handlers-outside-root-dir`). Flags override the config file.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// wshd: a WebSocket server for compiled handler modules, with hot reload.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "wshd", version, about, long_about = None)]
+pub struct Args {
+    /// Port to listen on (default 9998; 0 picks a free port).
+    #[arg(short = 'p', long = "port", env = "WSHD_PORT")]
+    pub port: Option<u16>,
+
+    /// Address to bind (default 127.0.0.1; use 0.0.0.0 or :: to listen on all interfaces).
+    #[arg(short = 'H', long = "server-host", env = "WSHD_HOST")]
+    pub host: Option<String>,
+
+    /// Directory scanned recursively for NAME_wsh.so / libNAME_wsh.so handlers.
+    #[arg(short = 'w', long = "websock-handlers", env = "WSHD_HANDLERS")]
+    pub handlers: Option<PathBuf>,
+
+    /// Serve static files from this directory on the same port.
+    #[arg(short = 'd', long = "document-root")]
+    pub document_root: Option<PathBuf>,
+
+    /// TOML config file (routes, limits, reload); see config/wshd.toml.
+    #[arg(short = 'c', long = "config", env = "WSHD_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Log level: error, warn, info, debug, trace, or a tracing filter such as "info,handler=debug".
+    #[arg(long = "log-level")]
+    pub log_level: Option<String>,
+
+    /// Log to this file instead of stderr; SIGUSR1 reopens it (for logrotate).
+    #[arg(short = 'l', long = "log-file")]
+    pub log_file: Option<PathBuf>,
+
+    /// Serve handler files whose real path (after symlinks) is outside the handler directory.
+    #[arg(long = "allow-handlers-outside-root-dir")]
+    pub allow_handlers_outside_root_dir: bool,
+
+    /// Test the config and load every handler (like nginx -t), print each problem, then exit.
+    #[arg(short = 't', long = "check-config")]
+    pub check_config: bool,
+
+    /// List the handlers and routes the server would serve, then exit.
+    #[arg(long = "list")]
+    pub list: bool,
+
+    /// Write the process id to this file.
+    #[arg(long = "pid-file")]
+    pub pid_file: Option<PathBuf>,
+
+    /// Write the bound address (host:port) to this file once listening; useful with -p 0.
+    #[arg(long = "addr-file")]
+    pub addr_file: Option<PathBuf>,
+
+    /// How long connections stay on a replaced handler version before Close 1012 ("never" to keep them).
+    #[arg(long = "drain-timeout")]
+    pub drain_timeout: Option<String>,
+
+    /// Do not watch the handler directory and config file (SIGHUP still reloads).
+    #[arg(long = "no-watch")]
+    pub no_watch: bool,
+}

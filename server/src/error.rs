@@ -1,0 +1,100 @@
+//! Error types. Each variant's doc says what the caller should do about it.
+
+use std::path::PathBuf;
+
+/// A problem with the configuration file or flags. Fix the file and reload
+/// (SIGHUP) or restart; a running server keeps its previous configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read: check the path and permissions.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key or value is wrong; the message says which and how to fix it.
+    #[error("{}:{line}:{column}: key `{key}`: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        key: String,
+        message: String,
+    },
+    /// A setting that is not tied to one line of the file (for example a
+    /// command-line flag, or a conflict between handler files).
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Why a handler file could not be loaded. The server skips the file (at
+/// startup) or keeps the previous version serving (on reload); the operator
+/// fixes or rebuilds the handler, and the next change to the file retries.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Reading or copying the file failed: check permissions and disk space.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a complete shared library for this machine. A file
+    /// that is still being written looks like this; the server retries when
+    /// the write completes.
+    #[error("{} is not a loadable ELF shared object: {reason}", path.display())]
+    NotElf { path: PathBuf, reason: String },
+    /// `dlopen` refused the file (missing symbols, wrong architecture).
+    #[error("dlopen failed for {}: {message}", path.display())]
+    Dlopen { path: PathBuf, message: String },
+    /// The library exports no `wshd_entry_v1`.
+    #[error("{}: {message}", path.display())]
+    NoEntry { path: PathBuf, message: String },
+    /// The descriptor does not match this server's ABI: the message names the
+    /// field, the value found, the value expected and the fix.
+    #[error("{}: ABI mismatch in field `{field}`: found {found}, expected {expected}. {fix}", path.display())]
+    Abi {
+        path: PathBuf,
+        field: &'static str,
+        found: String,
+        expected: String,
+        fix: &'static str,
+    },
+}
+
+/// Why a handler instance could not be created from a loaded library. The
+/// route keeps its previous instance (on reload) or is not served.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// init returned an error code; the handler's own log line says why.
+    #[error("handler `{handler}` init failed with code {code} ({meaning})")]
+    Failed {
+        handler: String,
+        code: i32,
+        meaning: &'static str,
+    },
+    /// init returned OK but no instance.
+    #[error("handler `{handler}` init returned OK but no instance pointer")]
+    NullInstance { handler: String },
+    /// init did not return within the time limit; the instance is abandoned.
+    #[error("handler `{handler}` init did not finish within {secs} s")]
+    Timeout { handler: String, secs: u64 },
+}
+
+/// A human name for a WSHD status code.
+pub fn status_name(code: i32) -> &'static str {
+    use wshd_handler_api::abi::*;
+    match code {
+        WSHD_OK => "ok",
+        WSHD_ERR_CLOSED => "closed",
+        WSHD_ERR_BACKPRESSURE => "backpressure",
+        WSHD_ERR_INVALID => "invalid argument",
+        WSHD_ERR_STATE => "wrong state",
+        WSHD_ERR_REVOKED => "revoked",
+        WSHD_ERR_UNSUPPORTED => "unsupported",
+        WSHD_ERR_PANIC => "handler panicked",
+        WSHD_ERR_HANDLER => "handler error",
+        _ => "unknown error",
+    }
+}

@@ -1,0 +1,414 @@
+//! The host API: the `wshd_host_api` function table handed to each handler
+//! instance, and the connection map it sends through.
+//!
+//! Contract (see `wshd_handler.h`): every function is thread-safe, never
+//! blocks and never calls back into the handler. Connections are addressed by
+//! id, never by pointer, so a send after close is a clean `WSHD_ERR_CLOSED`
+//! and a call through a destroyed instance's context is `WSHD_ERR_REVOKED`.
+//!
+//! Two paths deliver a message:
+//! * Fast path: while a callback for connection N runs on this thread, a send
+//!   to N goes into that session's [`Outbox`] through a thread-local pointer,
+//!   with no lock and no channel; the session writes the outbox to the socket
+//!   as one batch when the callback returns.
+//! * Any other send (another connection, another thread) looks the id up in
+//!   [`Connections`] and `try_send`s on that connection's bounded queue.
+#![allow(unsafe_code)]
+
+use std::cell::Cell;
+use std::ffi::c_void;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tungstenite::Message;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use wshd_handler_api::abi::*;
+
+use crate::config::SlowConsumer;
+
+/// Per-instance context behind `host_ctx`. Leaked on purpose: a handler
+/// thread that outlives its instance must still find valid memory here, and
+/// it costs a few dozen bytes per instance.
+#[derive(Debug)]
+pub struct HostCtx {
+    /// The instance this context belongs to; a handler may only address its
+    /// own connections.
+    pub instance: u64,
+    /// Set after `destroy`; every call then returns `WSHD_ERR_REVOKED`.
+    revoked: AtomicBool,
+    /// For log lines.
+    pub handler: Arc<str>,
+    pub route: Arc<str>,
+    conns: Arc<Connections>,
+}
+
+impl HostCtx {
+    /// Marks the instance destroyed.
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
+    }
+}
+
+/// Builds the leaked context and function table for one handler instance.
+pub fn new_host_api(instance: u64, handler: Arc<str>, route: Arc<str>, conns: Arc<Connections>) -> &'static HostApiBox {
+    let ctx: &'static HostCtx = Box::leak(Box::new(HostCtx {
+        instance,
+        revoked: AtomicBool::new(false),
+        handler,
+        route,
+        conns,
+    }));
+    Box::leak(Box::new(HostApiBox {
+        api: wshd_host_api {
+            struct_size: std::mem::size_of::<wshd_host_api>() as u32,
+            abi_major: WSHD_ABI_MAJOR,
+            abi_minor: WSHD_ABI_MINOR,
+            host_ctx: ctx as *const HostCtx as *mut c_void,
+            send: host_send,
+            ping: host_ping,
+            close: host_close,
+            log: host_log,
+            hs_select_subprotocol: crate::handshake::hs_select_subprotocol,
+            hs_add_header: crate::handshake::hs_add_header,
+            hs_reject: crate::handshake::hs_reject,
+        },
+        ctx,
+    }))
+}
+
+/// A host table together with its typed context.
+#[derive(Debug)]
+pub struct HostApiBox {
+    pub api: wshd_host_api,
+    pub ctx: &'static HostCtx,
+}
+
+/// What the host keeps per open connection, for sends from outside the
+/// connection's own callbacks.
+#[derive(Debug)]
+pub struct ConnHandle {
+    /// The instance that owns the connection.
+    pub owner: u64,
+    /// The connection's bounded send queue.
+    pub tx: mpsc::Sender<Message>,
+    /// Shared with the session: out-of-band close requests.
+    pub control: Arc<ConnControl>,
+    pub slow_consumer: SlowConsumer,
+}
+
+/// Out-of-band requests to a session, for when the queue cannot take them.
+#[derive(Debug, Default)]
+pub struct ConnControl {
+    /// Cancelled to ask the session to close with `close_frame`.
+    pub token: CancellationToken,
+    pub close_frame: std::sync::Mutex<Option<CloseFrame>>,
+}
+
+impl ConnControl {
+    /// Ask the session to drain its queue and close with `code`.
+    pub fn request_close(&self, code: u16, reason: &str) {
+        let mut slot = self.close_frame.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.to_owned().into(),
+            });
+        }
+        self.token.cancel();
+    }
+}
+
+/// Every open connection by id. Sharded, so sends from many threads rarely
+/// contend.
+pub type Connections = DashMap<wshd_conn_id, ConnHandle>;
+
+/// Messages a callback queued for its own connection (the fast path).
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pub msgs: Vec<Message>,
+    /// Capacity before `slow_consumer` applies (the send queue length).
+    pub limit: usize,
+    /// Set when the limit was hit under the `close` policy.
+    pub overflowed: bool,
+    pub slow_consumer: Option<SlowConsumer>,
+}
+
+#[derive(Clone, Copy)]
+struct Current {
+    conn: wshd_conn_id,
+    outbox: *mut Outbox,
+}
+
+thread_local! {
+    static CURRENT: Cell<Option<Current>> = const { Cell::new(None) };
+}
+
+/// Runs `f` (a handler callback for `conn`) with `outbox` as the fast path for
+/// sends to `conn` made on this thread.
+pub fn with_outbox<R>(conn: wshd_conn_id, outbox: &mut Outbox, f: impl FnOnce() -> R) -> R {
+    struct Reset(Option<Current>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CURRENT.with(|c| c.set(self.0));
+        }
+    }
+    let prev = CURRENT.with(|c| {
+        c.replace(Some(Current {
+            conn,
+            outbox: outbox as *mut Outbox,
+        }))
+    });
+    let _reset = Reset(prev);
+    f()
+}
+
+/// Queues `msg` for `conn` on behalf of instance `ctx`.
+fn deliver(ctx: &HostCtx, conn: wshd_conn_id, msg: Message) -> i32 {
+    if ctx.revoked.load(Ordering::Acquire) {
+        return WSHD_ERR_REVOKED;
+    }
+    let fast = CURRENT.with(|c| c.get()).filter(|cur| cur.conn == conn);
+    if let Some(cur) = fast {
+        // SAFETY: `with_outbox` set this pointer from a `&mut Outbox` that
+        // outlives the callback, and resets it when the callback returns;
+        // host functions never re-enter the handler, so no other reference
+        // to the outbox is live while we push.
+        let outbox = unsafe { &mut *cur.outbox };
+        if outbox.msgs.len() >= outbox.limit && !matches!(msg, Message::Close(_)) {
+            if outbox.slow_consumer == Some(SlowConsumer::Close) {
+                outbox.overflowed = true;
+            }
+            return WSHD_ERR_BACKPRESSURE;
+        }
+        outbox.msgs.push(msg);
+        return WSHD_OK;
+    }
+    let Some(handle) = ctx.conns.get(&conn) else {
+        return WSHD_ERR_CLOSED;
+    };
+    if handle.owner != ctx.instance {
+        return WSHD_ERR_CLOSED;
+    }
+    match handle.tx.try_send(msg) {
+        Ok(()) => WSHD_OK,
+        Err(mpsc::error::TrySendError::Closed(_)) => WSHD_ERR_CLOSED,
+        Err(mpsc::error::TrySendError::Full(msg)) => {
+            if let Message::Close(Some(f)) = msg {
+                handle.control.request_close(f.code.into(), &f.reason);
+                return WSHD_OK;
+            }
+            if handle.slow_consumer == SlowConsumer::Close {
+                tracing::info!(conn, route = %ctx.route, "send queue full: closing slow consumer with 1008");
+                handle.control.request_close(1008, "slow consumer");
+            }
+            WSHD_ERR_BACKPRESSURE
+        }
+    }
+}
+
+/// Borrows `(ptr, len)` as bytes; NULL with length 0 is the empty slice.
+///
+/// # Safety
+/// `ptr` must be valid for `len` bytes for the returned lifetime, or `len`
+/// must be 0.
+unsafe fn bytes<'a>(ptr: *const u8, len: usize) -> Option<&'a [u8]> {
+    if len == 0 {
+        return Some(&[]);
+    }
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: the caller guarantees ptr is valid for len bytes.
+    Some(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// Borrows a `wshd_str` as bytes.
+///
+/// # Safety
+/// As for [`bytes`].
+pub(crate) unsafe fn str_bytes<'a>(s: wshd_str) -> Option<&'a [u8]> {
+    // SAFETY: forwarded contract.
+    unsafe { bytes(s.ptr, s.len) }
+}
+
+/// # Safety
+/// `ctx` must be a `host_ctx` from [`new_host_api`] (they are never freed).
+unsafe fn ctx_ref<'a>(ctx: *mut c_void) -> Option<&'a HostCtx> {
+    // SAFETY: host contexts are leaked `HostCtx` values, valid forever.
+    unsafe { (ctx as *const HostCtx).as_ref() }
+}
+
+unsafe extern "C" fn host_send(ctx: *mut c_void, conn: wshd_conn_id, kind: u32, data: *const u8, len: usize) -> i32 {
+    // SAFETY: the handler passes back the host_ctx we gave it (ABI rule 4).
+    let Some(ctx) = (unsafe { ctx_ref(ctx) }) else {
+        return WSHD_ERR_INVALID;
+    };
+    // SAFETY: the handler lends (data, len) for the duration of this call.
+    let Some(data) = (unsafe { bytes(data, len) }) else {
+        return WSHD_ERR_INVALID;
+    };
+    let msg = match kind {
+        WSHD_MSG_TEXT => match std::str::from_utf8(data) {
+            Ok(s) => Message::text(s),
+            Err(_) => return WSHD_ERR_INVALID,
+        },
+        WSHD_MSG_BINARY => Message::binary(bytes::Bytes::copy_from_slice(data)),
+        _ => return WSHD_ERR_INVALID,
+    };
+    deliver(ctx, conn, msg)
+}
+
+unsafe extern "C" fn host_ping(ctx: *mut c_void, conn: wshd_conn_id, data: *const u8, len: usize) -> i32 {
+    // SAFETY: as in host_send.
+    let Some(ctx) = (unsafe { ctx_ref(ctx) }) else {
+        return WSHD_ERR_INVALID;
+    };
+    // SAFETY: borrowed for this call.
+    let Some(data) = (unsafe { bytes(data, len) }) else {
+        return WSHD_ERR_INVALID;
+    };
+    if data.len() > 125 {
+        return WSHD_ERR_INVALID;
+    }
+    deliver(ctx, conn, Message::Ping(bytes::Bytes::copy_from_slice(data)))
+}
+
+/// Close codes a server may send (RFC 6455 §7.4): 1000-1003, 1007-1014 and
+/// the application range 3000-4999. 1004-1006 and 1015 are reserved.
+pub fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+unsafe extern "C" fn host_close(ctx: *mut c_void, conn: wshd_conn_id, code: u16, reason: wshd_str) -> i32 {
+    // SAFETY: as in host_send.
+    let Some(ctx) = (unsafe { ctx_ref(ctx) }) else {
+        return WSHD_ERR_INVALID;
+    };
+    // SAFETY: borrowed for this call.
+    let Some(reason) = (unsafe { str_bytes(reason) }) else {
+        return WSHD_ERR_INVALID;
+    };
+    let Ok(reason) = std::str::from_utf8(reason) else {
+        return WSHD_ERR_INVALID;
+    };
+    if !valid_close_code(code) || reason.len() > 123 {
+        return WSHD_ERR_INVALID;
+    }
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_owned().into(),
+    };
+    deliver(ctx, conn, Message::Close(Some(frame)))
+}
+
+unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, target: wshd_str, msg: wshd_str) {
+    // SAFETY: as in host_send.
+    let Some(ctx) = (unsafe { ctx_ref(ctx) }) else {
+        return;
+    };
+    // SAFETY: borrowed for this call.
+    let target = unsafe { str_bytes(target) }.map(String::from_utf8_lossy).unwrap_or_default();
+    // SAFETY: borrowed for this call.
+    let msg = unsafe { str_bytes(msg) }.map(String::from_utf8_lossy).unwrap_or_default();
+    let handler = &*ctx.handler;
+    let route = &*ctx.route;
+    // tracing needs the level at compile time, hence one macro per level.
+    match level {
+        WSHD_LOG_ERROR => tracing::error!(target: "handler", handler, route, module = %target, "{msg}"),
+        WSHD_LOG_WARN => tracing::warn!(target: "handler", handler, route, module = %target, "{msg}"),
+        WSHD_LOG_INFO => tracing::info!(target: "handler", handler, route, module = %target, "{msg}"),
+        WSHD_LOG_DEBUG => tracing::debug!(target: "handler", handler, route, module = %target, "{msg}"),
+        _ => tracing::trace!(target: "handler", handler, route, module = %target, "{msg}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(conns: &Arc<Connections>) -> &'static HostApiBox {
+        new_host_api(7, "t".into(), "/t".into(), conns.clone())
+    }
+
+    #[test]
+    fn send_to_unknown_or_foreign_conn_is_closed() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        let (tx, mut rx) = mpsc::channel(2);
+        conns.insert(
+            5,
+            ConnHandle {
+                owner: 99,
+                tx,
+                control: Default::default(),
+                slow_consumer: SlowConsumer::Error,
+            },
+        );
+        // SAFETY: a valid context and a valid (ptr, len).
+        let rc = unsafe { (a.api.send)(a.api.host_ctx, 5, WSHD_MSG_TEXT, b"hi".as_ptr(), 2) };
+        assert_eq!(rc, WSHD_ERR_CLOSED, "another instance's connection");
+        // SAFETY: as above.
+        let rc = unsafe { (a.api.send)(a.api.host_ctx, 6, WSHD_MSG_TEXT, b"hi".as_ptr(), 2) };
+        assert_eq!(rc, WSHD_ERR_CLOSED, "unknown connection");
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn queue_full_and_revoked() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        let (tx, _rx) = mpsc::channel(1);
+        let control = Arc::new(ConnControl::default());
+        conns.insert(
+            5,
+            ConnHandle {
+                owner: 7,
+                tx,
+                control: control.clone(),
+                slow_consumer: SlowConsumer::Close,
+            },
+        );
+        // SAFETY: valid context and buffers.
+        let send = |data: &[u8], kind| unsafe { (a.api.send)(a.api.host_ctx, 5, kind, data.as_ptr(), data.len()) };
+        assert_eq!(send(b"one", WSHD_MSG_TEXT), WSHD_OK);
+        assert_eq!(send(b"two", WSHD_MSG_TEXT), WSHD_ERR_BACKPRESSURE);
+        assert!(control.token.is_cancelled(), "close policy asks the session to close");
+        assert_eq!(send(&[0xff, 0xfe], WSHD_MSG_TEXT), WSHD_ERR_INVALID, "text must be UTF-8");
+        a.ctx.revoke();
+        assert_eq!(send(b"x", WSHD_MSG_BINARY), WSHD_ERR_REVOKED);
+    }
+
+    #[test]
+    fn fast_path_goes_to_outbox() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        let mut outbox = Outbox {
+            limit: 1,
+            slow_consumer: Some(SlowConsumer::Close),
+            ..Default::default()
+        };
+        let (r1, r2) = with_outbox(42, &mut outbox, || {
+            // SAFETY: valid context and buffers.
+            unsafe {
+                (
+                    (a.api.send)(a.api.host_ctx, 42, WSHD_MSG_TEXT, b"a".as_ptr(), 1),
+                    (a.api.send)(a.api.host_ctx, 42, WSHD_MSG_TEXT, b"b".as_ptr(), 1),
+                )
+            }
+        });
+        assert_eq!((r1, r2), (WSHD_OK, WSHD_ERR_BACKPRESSURE));
+        assert_eq!(outbox.msgs, vec![Message::text("a")]);
+        assert!(outbox.overflowed);
+        assert!(CURRENT.with(|c| c.get()).is_none(), "reset after the callback");
+    }
+
+    #[test]
+    fn close_codes() {
+        assert!(valid_close_code(1000) && valid_close_code(4999) && valid_close_code(1011));
+        assert!(!valid_close_code(1005) && !valid_close_code(1006) && !valid_close_code(1015) && !valid_close_code(999));
+    }
+}

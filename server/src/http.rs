@@ -1,0 +1,211 @@
+//! The HTTP side of the port, on hyper: routes each request to a WebSocket
+//! upgrade, a static file, or a clear error.
+//!
+//! * Unknown path: the document root if there is one, else 404.
+//! * A handler path without an upgrade: 426 saying a WebSocket was expected.
+//! * An upgrade is checked per RFC 6455 §4.2.1 (GET, HTTP/1.1, `Upgrade`,
+//!   `Connection`, a 16-byte base64 `Sec-WebSocket-Key`, version 13; a wrong
+//!   version gets 426 with `Sec-WebSocket-Version: 13`), then the route's
+//!   Origin allowlist (403), then the handler's `on_handshake`, which may
+//!   reject, pick a subprotocol or add headers. Then 101, and the upgraded
+//!   socket goes to a [`Session`](crate::session).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::protocol::Role;
+
+use crate::handshake::HandshakeInput;
+use crate::server::Server;
+use crate::session;
+
+/// Response body: small in-memory bodies or static files.
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut body: String = body.into();
+    body.push('\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// Whether a header holds `token` in its comma-separated list
+/// (case-insensitive), as `Connection: keep-alive, Upgrade` does.
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Serves one request. Never fails: every problem is an HTTP response.
+pub async fn handle(
+    server: Arc<Server>,
+    peer: SocketAddr,
+    slot: Arc<OwnedSemaphorePermit>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let route = server.table.load().get(&path).cloned();
+    let Some(route) = route else {
+        if let Some(files) = server.static_files() {
+            return Ok(files.serve(req).await);
+        }
+        return Ok(text(StatusCode::NOT_FOUND, format!("404 Not Found: no handler serves {path}")));
+    };
+
+    let headers = req.headers();
+    let is_upgrade = has_token(headers, header::CONNECTION, "upgrade") && has_token(headers, header::UPGRADE, "websocket");
+    if !is_upgrade {
+        let mut r = text(
+            StatusCode::UPGRADE_REQUIRED,
+            format!(
+                "426 Upgrade Required: {path} is a WebSocket endpoint. Connect with a WebSocket client \
+                 (for example new WebSocket(\"ws://HOST{path}\") in a browser); this request had no \
+                 `Upgrade: websocket` / `Connection: Upgrade` headers."
+            ),
+        );
+        r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        return Ok(r);
+    }
+    if req.method() != Method::GET {
+        return Ok(text(StatusCode::BAD_REQUEST, "400 Bad Request: a WebSocket handshake must use GET"));
+    }
+    if req.version() != Version::HTTP_11 {
+        return Ok(text(StatusCode::BAD_REQUEST, "400 Bad Request: a WebSocket handshake needs HTTP/1.1"));
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        let mut r = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "426 Upgrade Required: this server speaks WebSocket version 13 (RFC 6455) only",
+        );
+        r.headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return Ok(r);
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned().filter(|k| valid_key(k.as_bytes())) else {
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: Sec-WebSocket-Key must be 16 random bytes, base64-encoded",
+        ));
+    };
+    let origin = headers.get(header::ORIGIN).map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned());
+    if !route.origin_allowed(origin.as_deref()) {
+        let shown = origin.as_deref().unwrap_or("(none)");
+        tracing::info!(%peer, path = %path, origin = %shown, "handshake refused: Origin not allowed");
+        return Ok(text(
+            StatusCode::FORBIDDEN,
+            format!("403 Forbidden: Origin {shown} is not allowed on {path}"),
+        ));
+    }
+
+    let subprotocols: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let conn = server.next_conn.fetch_add(1, Ordering::Relaxed);
+    let input = HandshakeInput {
+        conn,
+        path: path.clone(),
+        query: req.uri().query().unwrap_or("").to_owned(),
+        origin,
+        remote_addr: peer.to_string(),
+        headers: headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect(),
+        subprotocols: subprotocols.clone(),
+    };
+    let decision = if route.instance.has_handshake() {
+        route.instance.handshake(input).await
+    } else {
+        Default::default()
+    };
+    if let Some((status, body)) = decision.reject {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+        tracing::info!(%peer, path = %path, status = status.as_u16(), "handshake refused by handler: {body}");
+        return Ok(text(status, body));
+    }
+
+    let mut resp = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed_unsync());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header"));
+    let protocol = decision.selected.map(|i| subprotocols[i].clone());
+    if let Some(p) = &protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(p).expect("came from a header"));
+    }
+    for (name, value) in decision.headers {
+        h.append(name, value);
+    }
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let shutdown = server.shutdown.clone();
+    let tracker = server.tracker.clone();
+    tracker.spawn(async move {
+        let upgraded = tokio::select! {
+            u = on_upgrade => u,
+            _ = shutdown.cancelled() => return,
+        };
+        match upgraded {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(route.ws_config)).await;
+                session::run(ws, route, conn, peer, protocol, server, slot).await;
+            }
+            Err(e) => tracing::debug!(%peer, "upgrade failed: {e}"),
+        }
+    });
+    Ok(resp)
+}
+
+/// RFC 6455 §4.2.1: the key is base64 of exactly 16 bytes.
+fn valid_key(key: &[u8]) -> bool {
+    use base64::Engine;
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        assert!(valid_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!valid_key(b"dGhlIHNhbXBsZSBub25jZQ"));
+        assert!(!valid_key(b"not base64 at all!!!!!!!"));
+        assert!(!valid_key(b"AAAAAAAAAAAAAAAAAAAAAAAAAAAA"));
+    }
+
+    #[test]
+    fn tokens() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(has_token(&h, header::CONNECTION, "upgrade"));
+        assert!(!has_token(&h, header::CONNECTION, "close"));
+    }
+}

@@ -1,0 +1,287 @@
+//! A handler instance: one `init` of a loaded [`Library`] for one route, and
+//! the only place that calls the handler's callbacks.
+//!
+//! Lifetime: the route table and every session on the route hold an
+//! `Arc<Instance>`. When a reload replaces the instance, the table lets go;
+//! sessions keep it until they end (or the drain closes them). The last
+//! `Arc` dropping calls `destroy`, after every `on_close` has returned, and
+//! then revokes the host context so stray handler threads get
+//! `WSHD_ERR_REVOKED`.
+//!
+//! Threading: by default callbacks run inline on the async worker (a few
+//! nanoseconds per call). A library flagged `WSHD_F_MAY_BLOCK` runs them on
+//! tokio's blocking pool, at most [`BLOCKING_PER_INSTANCE`] at a time, so a
+//! handler that sleeps cannot stall connections of other handlers.
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tungstenite::Message;
+use wshd_handler_api::abi::*;
+
+use crate::error::{InitError, status_name};
+use crate::handshake::{HandshakeBuilder, HandshakeInput};
+use crate::host_api::{Connections, HostApiBox, Outbox, new_host_api, with_outbox};
+use crate::loader::Library;
+
+/// Concurrent callbacks of one MAY_BLOCK instance on the blocking pool.
+pub const BLOCKING_PER_INSTANCE: usize = 64;
+
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
+/// The handler's opaque instance pointer.
+#[derive(Debug, Clone, Copy)]
+struct HandlerPtr(*mut c_void);
+// SAFETY: the ABI requires the handler object to be thread-safe (callbacks of
+// different connections may run concurrently on different threads).
+unsafe impl Send for HandlerPtr {}
+// SAFETY: as above.
+unsafe impl Sync for HandlerPtr {}
+
+impl HandlerPtr {
+    /// The raw pointer. A method rather than `.0`, so closures capture the
+    /// whole `Send` wrapper instead of the bare pointer field.
+    fn get(self) -> *mut c_void {
+        self.0
+    }
+}
+
+/// A connection's opaque state pointer, owned by the handler.
+#[derive(Debug)]
+pub struct ConnState(*mut c_void);
+// SAFETY: the ABI lets per-connection state move between threads (the SDK
+// requires `Send`); one connection's callbacks never run concurrently.
+unsafe impl Send for ConnState {}
+
+impl ConnState {
+    /// The raw pointer (see [`HandlerPtr::get`] for why this is a method).
+    fn get(&self) -> *mut c_void {
+        self.0
+    }
+}
+
+/// One initialised handler for one route.
+#[derive(Debug)]
+pub struct Instance {
+    /// Unique per instance; the owner id of its connections.
+    pub id: u64,
+    pub lib: Arc<Library>,
+    /// The route's primary path.
+    pub route: Arc<str>,
+    /// The `[route.config]` text passed to init.
+    pub config_text: String,
+    handler: HandlerPtr,
+    host: &'static HostApiBox,
+    /// Cancelled when the instance is retired and its drain timeout passed.
+    pub drain: CancellationToken,
+    /// Open connections, for drain logs.
+    pub live: AtomicUsize,
+    /// Window over which drained connections are closed, in milliseconds.
+    drain_window_ms: AtomicU64,
+    blocking: Option<Arc<Semaphore>>,
+}
+
+impl Instance {
+    /// Calls the handler's `init`. Blocking: run it off the async workers.
+    pub fn init(lib: Arc<Library>, route: Arc<str>, config_text: String, conns: Arc<Connections>) -> Result<Instance, InitError> {
+        let id = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
+        let host = new_host_api(id, lib.desc.name.as_str().into(), route.clone(), conns);
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `init` comes from a validated descriptor; the host table is
+        // leaked (valid forever) and the config text outlives the call.
+        let rc = unsafe { (lib.desc.callbacks.init)(&host.api, wshd_str::from_str(&config_text), &mut out) };
+        let handler = lib.desc.name.clone();
+        if rc != WSHD_OK {
+            host.ctx.revoke();
+            return Err(InitError::Failed {
+                handler,
+                code: rc,
+                meaning: status_name(rc),
+            });
+        }
+        if out.is_null() {
+            host.ctx.revoke();
+            return Err(InitError::NullInstance { handler });
+        }
+        Ok(Instance {
+            id,
+            blocking: lib.may_block().then(|| Arc::new(Semaphore::new(BLOCKING_PER_INSTANCE))),
+            lib,
+            route,
+            config_text,
+            handler: HandlerPtr(out),
+            host,
+            drain: CancellationToken::new(),
+            live: AtomicUsize::new(0),
+            drain_window_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// Runs `f` inline, or on the blocking pool for MAY_BLOCK handlers.
+    async fn dispatch<R: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&Instance) -> R + Send + 'static) -> R {
+        match &self.blocking {
+            None => f(self),
+            Some(sem) => {
+                let _permit = sem.clone().acquire_owned().await.expect("semaphore never closed");
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || f(&this))
+                    .await
+                    .expect("callbacks do not unwind: the SDK catches panics")
+            }
+        }
+    }
+
+    /// `on_handshake`: lets the handler reject, pick a subprotocol or add
+    /// headers.
+    pub async fn handshake(self: &Arc<Self>, input: HandshakeInput) -> HandshakeBuilder {
+        let Some(cb) = self.lib.desc.callbacks.on_handshake else {
+            return HandshakeBuilder::default();
+        };
+        let handler = self.handler;
+        self.dispatch(move |_| {
+            let mut b = HandshakeBuilder {
+                n_offered: input.subprotocols.len(),
+                ..Default::default()
+            };
+            let rc = input.with_view(|req| {
+                // SAFETY: the request view and the builder outlive the call;
+                // the builder pointer is only used by the hs_* functions
+                // during it.
+                unsafe { cb(handler.get(), req, &mut b as *mut HandshakeBuilder as *mut wshd_handshake) }
+            });
+            if rc != WSHD_OK && b.reject.is_none() {
+                b.reject = Some((500, format!("handler failed the handshake ({})", status_name(rc))));
+            }
+            b
+        })
+        .await
+    }
+
+    /// `on_open`. On error the connection must be closed with 1011.
+    pub async fn open(self: &Arc<Self>, conn: wshd_conn_id, mut outbox: Outbox) -> (Result<ConnState, i32>, Outbox) {
+        let Some(cb) = self.lib.desc.callbacks.on_open else {
+            return (Ok(ConnState(std::ptr::null_mut())), outbox);
+        };
+        let handler = self.handler;
+        self.dispatch(move |_| {
+            let mut state: *mut c_void = std::ptr::null_mut();
+            // SAFETY: callback from a validated descriptor; `state` is a
+            // valid out-pointer for the call.
+            let rc = with_outbox(conn, &mut outbox, || unsafe { cb(handler.get(), conn, &mut state) });
+            let r = if rc == WSHD_OK { Ok(ConnState(state)) } else { Err(rc) };
+            (r, outbox)
+        })
+        .await
+    }
+
+    /// `on_message` for a text or binary message, inline (the hot path).
+    pub fn message_inline(&self, state: &mut ConnState, conn: wshd_conn_id, msg: &Message, outbox: &mut Outbox) -> i32 {
+        let (kind, data): (u32, &[u8]) = match msg {
+            Message::Text(t) => (WSHD_MSG_TEXT, t.as_bytes()),
+            Message::Binary(b) => (WSHD_MSG_BINARY, b),
+            _ => return WSHD_OK,
+        };
+        let cb = self.lib.desc.callbacks.on_message;
+        // SAFETY: callback from a validated descriptor; `data` is borrowed
+        // for the call and text payloads were UTF-8-validated by tungstenite.
+        with_outbox(conn, outbox, || unsafe { cb(self.handler.get(), state.get(), conn, kind, data.as_ptr(), data.len()) })
+    }
+
+    /// `on_message`, on whichever thread the handler's flags require.
+    pub async fn message(
+        self: &Arc<Self>,
+        mut state: ConnState,
+        conn: wshd_conn_id,
+        msg: Message,
+        mut outbox: Outbox,
+    ) -> (i32, ConnState, Outbox) {
+        self.dispatch(move |this| {
+            let rc = this.message_inline(&mut state, conn, &msg, &mut outbox);
+            (rc, state, outbox)
+        })
+        .await
+    }
+
+    /// Sets the window over which this retired instance's connections close.
+    pub fn set_drain_window(&self, window: std::time::Duration) {
+        self.drain_window_ms.store(window.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// This connection's share of the drain window: closes are spread
+    /// evenly over the window, by connection id, so clients do not all
+    /// reconnect at the same instant.
+    pub fn drain_delay(&self, conn: wshd_conn_id) -> std::time::Duration {
+        let window = self.drain_window_ms.load(Ordering::Relaxed);
+        if window == 0 {
+            return std::time::Duration::ZERO;
+        }
+        // A multiplicative hash spreads consecutive ids across the window.
+        let spread = conn.wrapping_mul(0x9E37_79B9_7F4A_7C15) % window;
+        std::time::Duration::from_millis(spread)
+    }
+
+    /// Whether callbacks run inline (no MAY_BLOCK flag).
+    pub fn has_handshake(&self) -> bool {
+        self.lib.desc.callbacks.on_handshake.is_some()
+    }
+
+    /// Whether callbacks run inline (no MAY_BLOCK flag).
+    pub fn is_inline(&self) -> bool {
+        self.blocking.is_none()
+    }
+
+    /// `on_close`, exactly once per successful `on_open`. Sends made here go
+    /// nowhere: the connection is already gone from the map.
+    pub async fn close(self: &Arc<Self>, state: ConnState, conn: wshd_conn_id, code: u16, reason: String) {
+        let Some(cb) = self.lib.desc.callbacks.on_close else {
+            return;
+        };
+        let handler = self.handler;
+        self.dispatch(move |_| {
+            // SAFETY: callback from a validated descriptor; the handler takes
+            // back ownership of `state`; the reason is borrowed for the call.
+            unsafe { cb(handler.get(), state.get(), conn, code, wshd_str::from_str(&reason)) }
+        })
+        .await
+    }
+
+    /// Handler name, version and generation for log fields.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {} (generation {}, {})",
+            self.lib.desc.name,
+            self.lib.desc.version,
+            self.lib.generation,
+            self.lib.short_hash()
+        )
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let destroy = self.lib.desc.callbacks.destroy;
+        let handler = self.handler;
+        let ctx = self.host.ctx;
+        let what = self.describe();
+        let route = self.route.clone();
+        let run = move || {
+            if let Some(destroy) = destroy {
+                // SAFETY: the last reference is gone, so every on_close has
+                // returned and no other callback can run; destroy is called
+                // exactly once.
+                unsafe { destroy(handler.get()) };
+            }
+            ctx.revoke();
+            tracing::info!(route = %route, "destroyed handler instance {what}");
+        };
+        // A MAY_BLOCK handler may take its time joining threads in destroy.
+        match (self.blocking.is_some(), tokio::runtime::Handle::try_current()) {
+            (true, Ok(rt)) => drop(rt.spawn_blocking(run)),
+            _ => run(),
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The route table: request path → [`Route`]. Built off to the side by the
+//! [`Registry`](crate::registry::Registry) and published with one atomic
+//! swap, so a handshake always sees either the old table or the new one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tungstenite::protocol::WebSocketConfig;
+
+use crate::config::{Limits, OriginRule};
+use crate::instance::Instance;
+
+/// One served path (plus its aliases).
+#[derive(Debug)]
+pub struct Route {
+    /// The primary path.
+    pub path: Arc<str>,
+    pub instance: Arc<Instance>,
+    /// `None`: any Origin is accepted, including `null`.
+    pub allowed_origins: Option<Vec<OriginRule>>,
+    pub limits: Limits,
+    /// tungstenite settings derived from `limits`.
+    pub ws_config: WebSocketConfig,
+}
+
+impl Route {
+    pub fn new(path: Arc<str>, instance: Arc<Instance>, allowed_origins: Option<Vec<OriginRule>>, limits: Limits) -> Route {
+        let ws_config = ws_config(&limits);
+        Route {
+            path,
+            instance,
+            allowed_origins,
+            limits,
+            ws_config,
+        }
+    }
+
+    /// Whether a request's `Origin` header passes this route's allowlist.
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        let Some(allowed) = &self.allowed_origins else {
+            return true;
+        };
+        let Some(origin) = origin else {
+            // A non-browser client sends no Origin; an allowlist exists to
+            // restrict browsers, so it requires one.
+            return false;
+        };
+        match OriginRule::parse(origin) {
+            Ok(o) => allowed.contains(&o),
+            Err(_) => false,
+        }
+    }
+}
+
+/// tungstenite settings for a route. The 4 KiB read buffer keeps idle
+/// connections small (the 128 KiB default costs ~20x the memory); the write
+/// buffer limit bounds what a slow reader can make us hold.
+pub fn ws_config(limits: &Limits) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(limits.max_message_size.saturating_mul(2).max(1 << 20))
+        .max_message_size(Some(limits.max_message_size))
+        .max_frame_size(Some(limits.max_frame_size))
+        .accept_unmasked_frames(false)
+}
+
+/// Path → route. Aliases map to the same `Arc<Route>`.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub routes: HashMap<Arc<str>, Arc<Route>>,
+}
+
+impl RouteTable {
+    /// The route serving `path` exactly (no prefix matching, no decoding, as
+    /// in pywebsocket).
+    pub fn get(&self, path: &str) -> Option<&Arc<Route>> {
+        self.routes.get(path)
+    }
+
+    /// Distinct routes, sorted by primary path.
+    pub fn primary_routes(&self) -> Vec<&Arc<Route>> {
+        let mut v: Vec<_> = self.routes.iter().filter(|(k, r)| **k == r.path).map(|(_, r)| r).collect();
+        v.sort_by(|a, b| a.path.cmp(&b.path));
+        v
+    }
+}

@@ -1,0 +1,349 @@
+//! One WebSocket connection, from the 101 to the last byte: registers the
+//! connection, calls `on_open`, loops over peer messages and queued sends,
+//! runs the close handshake, calls `on_close` exactly once and writes the
+//! access line.
+//!
+//! The loop is a single task that owns the socket: a `select!` over the
+//! peer's next frame, the connection's send queue, out-of-band close
+//! requests, the handler version's drain and server shutdown. Sends a
+//! handler makes during its own callback come back in the [`Outbox`] and are
+//! written as one batch with one flush.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_tungstenite::WebSocketStream;
+use tracing::Instrument;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Error as WsError, Message, error::CapacityError};
+use wshd_handler_api::abi::{WSHD_ERR_PANIC, WSHD_OK};
+
+use crate::host_api::{ConnControl, ConnHandle, Outbox};
+use crate::instance::ConnState;
+use crate::routing::Route;
+use crate::server::Server;
+
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Queued messages written per flush, so one busy connection cannot starve
+/// its own reads.
+const WRITE_BATCH: usize = 64;
+
+/// Traffic counters for the access line.
+#[derive(Debug, Default)]
+struct Stats {
+    msgs_in: u64,
+    msgs_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// Who started the close, for the access line.
+#[derive(Debug, Clone, Copy)]
+enum Closer {
+    Peer,
+    Server,
+    Dropped,
+}
+
+/// The connection's close state, as tungstenite sees it from our side.
+#[derive(Debug)]
+struct Close {
+    code: u16,
+    reason: String,
+    by: Closer,
+}
+
+/// Runs a session to completion.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    ws: Ws,
+    route: Arc<Route>,
+    id: u64,
+    peer: SocketAddr,
+    protocol: Option<String>,
+    server: Arc<Server>,
+    slot: Arc<OwnedSemaphorePermit>,
+) {
+    let inst = route.instance.clone();
+    let span = tracing::info_span!(
+        "conn",
+        id,
+        %peer,
+        path = %route.path,
+        handler = %inst.lib.desc.name,
+        version = %inst.lib.desc.version,
+        generation = inst.lib.generation,
+    );
+    run_inner(ws, route, id, protocol, server, slot).instrument(span).await
+}
+
+async fn run_inner(
+    mut ws: Ws,
+    route: Arc<Route>,
+    id: u64,
+    protocol: Option<String>,
+    server: Arc<Server>,
+    _slot: Arc<OwnedSemaphorePermit>,
+) {
+    let inst = route.instance.clone();
+    let started = Instant::now();
+    let (tx, mut rx) = mpsc::channel::<Message>(route.limits.send_queue);
+    let control = Arc::new(ConnControl::default());
+    server.conns.insert(
+        id,
+        ConnHandle {
+            owner: inst.id,
+            tx,
+            control: control.clone(),
+            slow_consumer: route.limits.slow_consumer,
+        },
+    );
+    inst.live.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(subprotocol = protocol.as_deref().unwrap_or(""), "open");
+
+    let mut stats = Stats::default();
+    let mut outbox = Outbox {
+        msgs: Vec::new(),
+        limit: route.limits.send_queue,
+        overflowed: false,
+        slow_consumer: Some(route.limits.slow_consumer),
+    };
+    let (opened, ob) = inst.open(id, outbox).await;
+    outbox = ob;
+    let mut state: Option<ConnState> = None;
+    // Set once we have sent a close frame; we then only wait for the reply.
+    let mut closing: Option<tokio::time::Instant> = None;
+    let mut close: Option<Close> = None;
+
+    match opened {
+        Ok(s) => {
+            state = Some(s);
+            if write_outbox(&mut ws, &mut outbox, &mut stats, &mut close).await.is_err() {
+                close.get_or_insert(dropped());
+            }
+        }
+        Err(rc) => {
+            tracing::warn!("on_open failed ({}); closing with 1011", crate::error::status_name(rc));
+            start_close(&mut ws, 1011, "handler failed to open the connection", &mut close).await;
+        }
+    }
+    if close.as_ref().is_some_and(|c| matches!(c.by, Closer::Server)) {
+        closing = Some(tokio::time::Instant::now() + route.limits.close_timeout);
+    }
+
+    let drain = async {
+        inst.drain.cancelled().await;
+        tokio::time::sleep(inst.drain_delay(id)).await;
+    };
+    tokio::pin!(drain);
+
+    while !matches!(close, Some(Close { by: Closer::Dropped, .. })) {
+        let open = closing.is_none();
+        tokio::select! {
+            frame = ws.next() => match frame {
+                Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                    stats.msgs_in += 1;
+                    stats.bytes_in += msg.len() as u64;
+                    if !open {
+                        continue; // RFC 6455 §1.4: data after our close is discarded
+                    }
+                    let Some(st) = state.as_mut() else { continue };
+                    let rc = if inst.is_inline() {
+                        inst.message_inline(st, id, &msg, &mut outbox)
+                    } else {
+                        let st = state.take().expect("state present");
+                        let (rc, st, ob) = inst.message(st, id, msg, std::mem::take(&mut outbox)).await;
+                        state = Some(st);
+                        outbox = ob;
+                        rc
+                    };
+                    if write_outbox(&mut ws, &mut outbox, &mut stats, &mut close).await.is_err() {
+                        close.get_or_insert(dropped());
+                        break;
+                    }
+                    if rc != WSHD_OK && close.is_none() {
+                        let reason = if rc == WSHD_ERR_PANIC { "handler panicked" } else { "handler error" };
+                        tracing::warn!("on_message failed ({}); closing with 1011", crate::error::status_name(rc));
+                        start_close(&mut ws, 1011, reason, &mut close).await;
+                    } else if std::mem::take(&mut outbox.overflowed) && close.is_none() {
+                        tracing::info!("send queue full: closing slow consumer with 1008");
+                        start_close(&mut ws, 1008, "slow consumer", &mut close).await;
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    // tungstenite queues the reply; the next read flushes it
+                    // and then reports the end of the stream.
+                    if close.is_none() {
+                        let (code, reason) = match frame {
+                            Some(f) => (u16::from(f.code), f.reason.to_string()),
+                            None => (1005, String::new()),
+                        };
+                        close = Some(Close { code, reason, by: Closer::Peer });
+                    }
+                }
+                Some(Ok(_)) => {} // ping (auto-answered), pong, raw frame
+                Some(Err(e)) => {
+                    if close.is_none() {
+                        if let Some((code, reason)) = protocol_close(&e) {
+                            tracing::info!("closing with {code}: {e}");
+                            start_close(&mut ws, code, reason, &mut close).await;
+                            // Fail the connection (RFC 6455 §7.1.7): don't
+                            // wait for a reply from a misbehaving peer.
+                            break;
+                        }
+                    }
+                    if !matches!(e, WsError::ConnectionClosed | WsError::AlreadyClosed) {
+                        tracing::debug!("connection error: {e}");
+                    }
+                    close.get_or_insert(dropped());
+                    break;
+                }
+                None => {
+                    close.get_or_insert(dropped());
+                    break;
+                }
+            },
+            Some(first) = rx.recv(), if open => {
+                let mut batch = 0;
+                let mut next = Some(first);
+                while let Some(m) = next {
+                    if let Err(()) = write_one(&mut ws, m, &mut stats, &mut close).await {
+                        break;
+                    }
+                    batch += 1;
+                    next = if batch < WRITE_BATCH && close.is_none() { rx.try_recv().ok() } else { None };
+                }
+                if ws.flush().await.is_err() {
+                    close.get_or_insert(dropped());
+                    break;
+                }
+            }
+            _ = control.token.cancelled(), if open => {
+                // Deliver what is already queued, then close as asked.
+                while let Ok(m) = rx.try_recv() {
+                    if write_one(&mut ws, m, &mut stats, &mut close).await.is_err() || close.is_some() {
+                        break;
+                    }
+                }
+                let frame = control.close_frame.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let (code, reason) = frame.map_or((1000, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                start_close(&mut ws, code, &reason, &mut close).await;
+            }
+            _ = &mut drain, if open => {
+                tracing::info!("handler version retired: closing with 1012 (service restart)");
+                start_close(&mut ws, 1012, "service restart", &mut close).await;
+            }
+            _ = server.shutdown.cancelled(), if open => {
+                start_close(&mut ws, 1001, "server shutting down", &mut close).await;
+            }
+            _ = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now)), if !open => {
+                tracing::debug!("peer did not answer our close in time; dropping the connection");
+                break;
+            }
+        }
+        if closing.is_none() && close.as_ref().is_some_and(|c| matches!(c.by, Closer::Server)) {
+            closing = Some(tokio::time::Instant::now() + route.limits.close_timeout);
+        }
+    }
+
+    // Unregister first, so sends from handler threads from now on get
+    // WSHD_ERR_CLOSED; then on_close, exactly once per successful on_open.
+    server.conns.remove(&id);
+    drop(rx);
+    let close = close.unwrap_or_else(dropped);
+    if let Some(st) = state {
+        inst.close(st, id, close.code, close.reason.clone()).await;
+    }
+    inst.live.fetch_sub(1, Ordering::Relaxed);
+    let _ = ws.close(None).await;
+    tracing::info!(
+        duration_ms = started.elapsed().as_millis() as u64,
+        msgs_in = stats.msgs_in,
+        msgs_out = stats.msgs_out,
+        bytes_in = stats.bytes_in,
+        bytes_out = stats.bytes_out,
+        close_code = close.code,
+        close_reason = %close.reason,
+        closed_by = ?close.by,
+        "close"
+    );
+}
+
+fn dropped() -> Close {
+    Close {
+        code: 1006,
+        reason: String::new(),
+        by: Closer::Dropped,
+    }
+}
+
+/// The close code for a read error that means the peer broke the protocol.
+fn protocol_close(e: &WsError) -> Option<(u16, &'static str)> {
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Some((1009, "message too big")),
+        WsError::Capacity(_) => Some((1009, "frame too big")),
+        WsError::Utf8(_) => Some((1007, "invalid UTF-8 in text message")),
+        WsError::Protocol(_) => Some((1002, "protocol error")),
+        _ => None,
+    }
+}
+
+/// Sends our close frame and records it, unless a close already happened.
+async fn start_close(ws: &mut Ws, code: u16, reason: &str, close: &mut Option<Close>) {
+    if close.is_some() {
+        return;
+    }
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_owned().into(),
+    };
+    *close = Some(Close {
+        code,
+        reason: reason.to_owned(),
+        by: Closer::Server,
+    });
+    let _ = ws.send(Message::Close(Some(frame))).await;
+}
+
+/// Feeds one queued message; a close frame starts our close handshake.
+async fn write_one(ws: &mut Ws, m: Message, stats: &mut Stats, close: &mut Option<Close>) -> Result<(), ()> {
+    if close.is_some() {
+        return Ok(()); // nothing may follow a close frame
+    }
+    if let Message::Close(frame) = &m {
+        let (code, reason) = frame
+            .as_ref()
+            .map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+        *close = Some(Close {
+            code,
+            reason,
+            by: Closer::Server,
+        });
+    } else {
+        stats.msgs_out += 1;
+        stats.bytes_out += m.len() as u64;
+    }
+    ws.feed(m).await.map_err(|_| ())
+}
+
+/// Writes what a callback queued for its own connection, with one flush.
+async fn write_outbox(ws: &mut Ws, outbox: &mut Outbox, stats: &mut Stats, close: &mut Option<Close>) -> Result<(), ()> {
+    if outbox.msgs.is_empty() {
+        return Ok(());
+    }
+    for m in outbox.msgs.drain(..) {
+        if close.is_some() {
+            continue;
+        }
+        write_one(ws, m, stats, close).await?;
+    }
+    ws.flush().await.map_err(|_| ())
+}
