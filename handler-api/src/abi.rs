@@ -156,20 +156,31 @@ pub struct wshd_handshake_req {
 }
 
 /// Host function: queue a message.
-pub type wshd_send_fn =
-    unsafe extern "C" fn(ctx: *mut c_void, conn: wshd_conn_id, kind: u32, data: *const u8, len: usize) -> i32;
+pub type wshd_send_fn = unsafe extern "C" fn(
+    ctx: *mut c_void,
+    conn: wshd_conn_id,
+    kind: u32,
+    data: *const u8,
+    len: usize,
+) -> i32;
 /// Host function: queue a ping.
-pub type wshd_ping_fn = unsafe extern "C" fn(ctx: *mut c_void, conn: wshd_conn_id, data: *const u8, len: usize) -> i32;
+pub type wshd_ping_fn =
+    unsafe extern "C" fn(ctx: *mut c_void, conn: wshd_conn_id, data: *const u8, len: usize) -> i32;
 /// Host function: start a close handshake.
-pub type wshd_close_fn = unsafe extern "C" fn(ctx: *mut c_void, conn: wshd_conn_id, code: u16, reason: wshd_str) -> i32;
+pub type wshd_close_fn =
+    unsafe extern "C" fn(ctx: *mut c_void, conn: wshd_conn_id, code: u16, reason: wshd_str) -> i32;
 /// Host function: write a log line.
-pub type wshd_log_fn = unsafe extern "C" fn(ctx: *mut c_void, level: u32, target: wshd_str, msg: wshd_str);
+pub type wshd_log_fn =
+    unsafe extern "C" fn(ctx: *mut c_void, level: u32, target: wshd_str, msg: wshd_str);
 /// Host function: choose the offered subprotocol at `index`.
-pub type wshd_hs_select_subprotocol_fn = unsafe extern "C" fn(hs: *mut wshd_handshake, index: usize) -> i32;
+pub type wshd_hs_select_subprotocol_fn =
+    unsafe extern "C" fn(hs: *mut wshd_handshake, index: usize) -> i32;
 /// Host function: add a response header.
-pub type wshd_hs_add_header_fn = unsafe extern "C" fn(hs: *mut wshd_handshake, name: wshd_str, value: wshd_str) -> i32;
+pub type wshd_hs_add_header_fn =
+    unsafe extern "C" fn(hs: *mut wshd_handshake, name: wshd_str, value: wshd_str) -> i32;
 /// Host function: refuse the upgrade.
-pub type wshd_hs_reject_fn = unsafe extern "C" fn(hs: *mut wshd_handshake, http_status: u16, body: wshd_str) -> i32;
+pub type wshd_hs_reject_fn =
+    unsafe extern "C" fn(hs: *mut wshd_handshake, http_status: u16, body: wshd_str) -> i32;
 
 /// The host's function table. Valid for the life of the process.
 #[repr(C)]
@@ -207,14 +218,23 @@ unsafe impl Send for wshd_host_api {}
 unsafe impl Sync for wshd_host_api {}
 
 /// Handler callback: create an instance for one route.
-pub type wshd_init_fn =
-    unsafe extern "C" fn(host: *const wshd_host_api, config: wshd_str, out_handler: *mut *mut c_void) -> i32;
+pub type wshd_init_fn = unsafe extern "C" fn(
+    host: *const wshd_host_api,
+    config: wshd_str,
+    out_handler: *mut *mut c_void,
+) -> i32;
 /// Handler callback: inspect and shape the opening handshake.
-pub type wshd_on_handshake_fn =
-    unsafe extern "C" fn(handler: *mut c_void, req: *const wshd_handshake_req, hs: *mut wshd_handshake) -> i32;
+pub type wshd_on_handshake_fn = unsafe extern "C" fn(
+    handler: *mut c_void,
+    req: *const wshd_handshake_req,
+    hs: *mut wshd_handshake,
+) -> i32;
 /// Handler callback: a connection opened.
-pub type wshd_on_open_fn =
-    unsafe extern "C" fn(handler: *mut c_void, conn: wshd_conn_id, out_conn_state: *mut *mut c_void) -> i32;
+pub type wshd_on_open_fn = unsafe extern "C" fn(
+    handler: *mut c_void,
+    conn: wshd_conn_id,
+    out_conn_state: *mut *mut c_void,
+) -> i32;
 /// Handler callback: a complete message arrived.
 pub type wshd_on_message_fn = unsafe extern "C" fn(
     handler: *mut c_void,
@@ -225,8 +245,13 @@ pub type wshd_on_message_fn = unsafe extern "C" fn(
     len: usize,
 ) -> i32;
 /// Handler callback: a connection closed.
-pub type wshd_on_close_fn =
-    unsafe extern "C" fn(handler: *mut c_void, conn_state: *mut c_void, conn: wshd_conn_id, code: u16, reason: wshd_str);
+pub type wshd_on_close_fn = unsafe extern "C" fn(
+    handler: *mut c_void,
+    conn_state: *mut c_void,
+    conn: wshd_conn_id,
+    code: u16,
+    reason: wshd_str,
+);
 /// Handler callback: free the instance.
 pub type wshd_destroy_fn = unsafe extern "C" fn(handler: *mut c_void);
 

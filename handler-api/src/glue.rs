@@ -1,0 +1,787 @@
+//! The only place where the SDK touches raw pointers: the generic
+//! `extern "C"` trampolines that [`export_handler!`](crate::export_handler)
+//! puts into the descriptor, the null-safe views they build, the calls into
+//! the host's function table, and the const descriptor builder.
+//!
+//! Every trampoline does the same four things:
+//! 1. build borrowed Rust views of its arguments with the null-safe helpers
+//!    ((NULL, 0) is empty; text is UTF-8-checked, so bad input is never UB);
+//! 2. run the handler's code inside `catch_unwind`, because a panic that
+//!    unwinds out of an `extern "C"` function aborts the whole server;
+//! 3. log a failure (`Err(String)` or a panic) through the host's `log`;
+//! 4. map the outcome to a status code: `WSHD_OK`, `WSHD_ERR_HANDLER`,
+//!    `WSHD_ERR_PANIC`, or `WSHD_ERR_INVALID` when the host broke the contract.
+//!
+//! This module is public only so the macro can name it; it is not API.
+#![allow(unsafe_code)]
+
+use std::any::type_name;
+use std::ffi::c_void;
+use std::fmt;
+use std::marker::PhantomData;
+use std::mem::size_of;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::ptr::NonNull;
+use std::str::Utf8Error;
+
+use crate::abi::{
+    WSHD_ABI_MAJOR, WSHD_ABI_MINOR, WSHD_ERR_HANDLER, WSHD_ERR_INVALID, WSHD_ERR_PANIC,
+    WSHD_ERR_UNSUPPORTED, WSHD_F_MAY_BLOCK, WSHD_F_PANIC_UNWIND, WSHD_F_RUST_SDK, WSHD_MAGIC,
+    WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id, wshd_descriptor, wshd_handshake,
+    wshd_handshake_req, wshd_header, wshd_host_api, wshd_str,
+};
+use crate::handler::{Handler, HandshakeRequest, HandshakeResponse, Message};
+use crate::host::Host;
+use crate::logging;
+
+// ---------------------------------------------------------------------------
+// Null-safe views of borrowed ABI data.
+
+/// Borrows `len` bytes at `ptr`. A null pointer or a zero length gives the
+/// empty slice, and so does a length no allocation can have.
+///
+/// # Safety
+/// If `ptr` is non-null and `len > 0`, `len` bytes at `ptr` must be readable
+/// and unchanged for `'a`.
+pub(crate) unsafe fn bytes<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
+    if ptr.is_null() || len == 0 || len > isize::MAX as usize {
+        return &[];
+    }
+    // SAFETY: ptr is non-null, len fits in isize, and the caller promises the
+    // bytes are readable and unchanged for 'a. u8 has no alignment needs.
+    unsafe { std::slice::from_raw_parts(ptr, len) }
+}
+
+/// The bytes of a `wshd_str`; see [`bytes`].
+///
+/// # Safety
+/// As for [`bytes`], with `s.ptr` and `s.len`.
+pub(crate) unsafe fn str_bytes<'a>(s: wshd_str) -> &'a [u8] {
+    // SAFETY: forwarded to the caller.
+    unsafe { bytes(s.ptr, s.len) }
+}
+
+/// A `wshd_str` as `&str`, checking UTF-8. (NULL, 0) is `""`.
+///
+/// # Safety
+/// As for [`bytes`], with `s.ptr` and `s.len`.
+pub(crate) unsafe fn text<'a>(s: wshd_str) -> Result<&'a str, Utf8Error> {
+    // SAFETY: forwarded to the caller.
+    std::str::from_utf8(unsafe { str_bytes(s) })
+}
+
+/// Like [`text`], but a null pointer means "absent" (`Ok(None)`), as for
+/// `wshd_handshake_req.origin`.
+///
+/// # Safety
+/// As for [`bytes`], with `s.ptr` and `s.len`.
+pub(crate) unsafe fn opt_text<'a>(s: wshd_str) -> Result<Option<&'a str>, Utf8Error> {
+    if s.ptr.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: forwarded to the caller.
+    unsafe { text(s) }.map(Some)
+}
+
+/// Borrows an array of `n` values at `ptr`. Null, zero, misaligned or
+/// impossible sizes give the empty slice.
+///
+/// # Safety
+/// If the pointer is non-null, aligned and `n > 0`, `n` initialised values
+/// at `ptr` must be readable and unchanged for `'a`.
+pub(crate) unsafe fn items<'a, T>(ptr: *const T, n: usize) -> &'a [T] {
+    let fits = n
+        .checked_mul(size_of::<T>())
+        .is_some_and(|b| b <= isize::MAX as usize);
+    if ptr.is_null() || n == 0 || !ptr.is_aligned() || !fits {
+        return &[];
+    }
+    // SAFETY: non-null, aligned, the total size fits in isize, and the caller
+    // promises n readable values for 'a.
+    unsafe { std::slice::from_raw_parts(ptr, n) }
+}
+
+/// A host-provided array of strings whose bytes live for `'a`.
+#[derive(Clone, Copy)]
+pub(crate) struct RawStrs<'a>(&'a [wshd_str]);
+
+impl<'a> RawStrs<'a> {
+    /// # Safety
+    /// As for [`items`]; in addition every element's bytes must be readable
+    /// for `'a` (as for [`bytes`]).
+    pub(crate) unsafe fn new(ptr: *const wshd_str, n: usize) -> RawStrs<'a> {
+        // SAFETY: forwarded to the caller.
+        RawStrs(unsafe { items(ptr, n) })
+    }
+
+    pub(crate) fn len(self) -> usize {
+        self.0.len()
+    }
+
+    pub(crate) fn get(self, i: usize) -> Option<&'a [u8]> {
+        let s = *self.0.get(i)?;
+        // SAFETY: `new`'s contract: every element's bytes live for 'a.
+        Some(unsafe { str_bytes(s) })
+    }
+}
+
+/// A host-provided array of headers whose bytes live for `'a`.
+#[derive(Clone, Copy)]
+pub(crate) struct RawHeaders<'a>(&'a [wshd_header]);
+
+impl<'a> RawHeaders<'a> {
+    /// # Safety
+    /// As for [`items`]; in addition every name's and value's bytes must be
+    /// readable for `'a` (as for [`bytes`]).
+    pub(crate) unsafe fn new(ptr: *const wshd_header, n: usize) -> RawHeaders<'a> {
+        // SAFETY: forwarded to the caller.
+        RawHeaders(unsafe { items(ptr, n) })
+    }
+
+    pub(crate) fn len(self) -> usize {
+        self.0.len()
+    }
+
+    pub(crate) fn get(self, i: usize) -> Option<(&'a [u8], &'a [u8])> {
+        let h = *self.0.get(i)?;
+        // SAFETY: `new`'s contract: every name and value lives for 'a.
+        Some(unsafe { (str_bytes(h.name), str_bytes(h.value)) })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Calls into the host.
+
+/// A host function table that is valid for the rest of the process (ABI
+/// ownership rule 4), so it can be copied into `Conn`s that other threads keep.
+#[derive(Clone, Copy)]
+pub(crate) struct HostApi(&'static wshd_host_api);
+
+impl HostApi {
+    /// Wraps a host table; `None` if it is null or smaller than ABI 1.0's.
+    ///
+    /// # Safety
+    /// A non-null `api` must point to a table that stays valid and unchanged
+    /// for the rest of the process, whose functions and `host_ctx` follow the
+    /// contract in `wshd_handler.h` (thread-safe, never re-entering).
+    pub(crate) unsafe fn from_raw(api: *const wshd_host_api) -> Option<HostApi> {
+        // SAFETY: the caller promises a non-null api is valid forever.
+        let api: &'static wshd_host_api = unsafe { api.as_ref() }?;
+        // Every v1.0 field must be there; a newer, larger table is fine.
+        if (api.struct_size as usize) < size_of::<wshd_host_api>() {
+            return None;
+        }
+        Some(HostApi(api))
+    }
+
+    pub(crate) fn raw(self) -> &'static wshd_host_api {
+        self.0
+    }
+
+    pub(crate) fn send(self, conn: wshd_conn_id, kind: u32, data: &[u8]) -> i32 {
+        // SAFETY: `from_raw` guarantees a valid, thread-safe table; the payload
+        // is borrowed only for the call (ownership rule 2).
+        unsafe { (self.0.send)(self.0.host_ctx, conn, kind, data.as_ptr(), data.len()) }
+    }
+
+    pub(crate) fn ping(self, conn: wshd_conn_id, data: &[u8]) -> i32 {
+        // SAFETY: as in `send`.
+        unsafe { (self.0.ping)(self.0.host_ctx, conn, data.as_ptr(), data.len()) }
+    }
+
+    pub(crate) fn close(self, conn: wshd_conn_id, code: u16, reason: &str) -> i32 {
+        // SAFETY: as in `send`.
+        unsafe { (self.0.close)(self.0.host_ctx, conn, code, wshd_str::from_str(reason)) }
+    }
+
+    pub(crate) fn log(self, level: log::Level, target: &str, msg: &str) {
+        let (target, msg) = (wshd_str::from_str(target), wshd_str::from_str(msg));
+        // SAFETY: as in `send`. log::Level's numbering (Error = 1 .. Trace = 5)
+        // is the ABI's WSHD_LOG_* numbering.
+        unsafe { (self.0.log)(self.0.host_ctx, level as u32, target, msg) }
+    }
+}
+
+/// The host's handshake builder, valid only during one `on_handshake` call,
+/// which the lifetime `'a` stands for.
+pub(crate) struct RawHandshake<'a> {
+    hs: NonNull<wshd_handshake>,
+    api: HostApi,
+    _call: PhantomData<&'a mut wshd_handshake>,
+}
+
+impl RawHandshake<'_> {
+    /// # Safety
+    /// `hs` must be the handle the host passed to the current `on_handshake`
+    /// call, and the value must not outlive that call (ownership rule 5).
+    pub(crate) unsafe fn new<'a>(
+        hs: *mut wshd_handshake,
+        api: HostApi,
+    ) -> Option<RawHandshake<'a>> {
+        Some(RawHandshake {
+            hs: NonNull::new(hs)?,
+            api,
+            _call: PhantomData,
+        })
+    }
+
+    pub(crate) fn select_subprotocol(&mut self, index: usize) -> i32 {
+        // SAFETY: `new`'s contract: the handle is live for this call.
+        unsafe { (self.api.0.hs_select_subprotocol)(self.hs.as_ptr(), index) }
+    }
+
+    pub(crate) fn add_header(&mut self, name: &str, value: &str) -> i32 {
+        let (name, value) = (wshd_str::from_str(name), wshd_str::from_str(value));
+        // SAFETY: as in `select_subprotocol`; the strings are borrowed.
+        unsafe { (self.api.0.hs_add_header)(self.hs.as_ptr(), name, value) }
+    }
+
+    pub(crate) fn reject(&mut self, status: u16, body: &str) -> i32 {
+        // SAFETY: as in `select_subprotocol`; the body is borrowed.
+        unsafe { (self.api.0.hs_reject)(self.hs.as_ptr(), status, wshd_str::from_str(body)) }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The trampolines.
+
+/// What `init` hands to the host as `*out_handler`.
+struct Instance<H> {
+    handler: H,
+    host: Host,
+}
+
+/// Runs handler code on this thread with logs routed to `api`, catching a
+/// panic. `Err` holds a one-line description of the panic.
+fn guarded<R>(api: HostApi, f: impl FnOnce() -> R) -> Result<R, String> {
+    let _scope = logging::enter_callback(api);
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(value) => Ok(value),
+        Err(payload) => {
+            // The panic hook saw the message and location; fall back to the
+            // payload if someone replaced the hook.
+            let line = logging::take_panic_line()
+                .unwrap_or_else(|| format!("panicked: {}", logging::payload_str(&*payload)));
+            // A payload whose Drop panics must not unwind out of here.
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(payload)));
+            Err(line)
+        }
+    }
+}
+
+struct ForConn(Option<wshd_conn_id>);
+
+impl fmt::Display for ForConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(id) => write!(f, " for conn {id}"),
+            None => Ok(()),
+        }
+    }
+}
+
+fn log_error<H>(api: HostApi, msg: fmt::Arguments<'_>) {
+    api.log(log::Level::Error, type_name::<H>(), &msg.to_string());
+}
+
+/// The handler inside an instance pointer, for the testing host.
+///
+/// # Safety
+/// `handler` must be a live pointer returned by `t_init::<H>`, and stay live
+/// for `'a`.
+#[cfg(feature = "testing")]
+pub(crate) unsafe fn handler_ref<'a, H: Handler>(handler: *mut c_void) -> &'a H {
+    // SAFETY: forwarded to the caller.
+    unsafe { &(*handler.cast::<Instance<H>>()).handler }
+}
+
+/// Maps an outcome to a status code, logging failures.
+fn report<H>(
+    api: HostApi,
+    callback: &str,
+    conn: Option<wshd_conn_id>,
+    outcome: Result<Result<(), String>, String>,
+) -> i32 {
+    let conn = ForConn(conn);
+    match outcome {
+        Ok(Ok(())) => WSHD_OK,
+        Ok(Err(e)) => {
+            log_error::<H>(api, format_args!("{callback} failed{conn}: {e}"));
+            WSHD_ERR_HANDLER
+        }
+        Err(panic) => {
+            log_error::<H>(api, format_args!("{callback}{conn} {panic}"));
+            WSHD_ERR_PANIC
+        }
+    }
+}
+
+/// `init`: create the handler instance.
+///
+/// # Safety
+/// Called by the host as `wshd_descriptor.init` (see `wshd_handler.h`).
+pub unsafe extern "C" fn t_init<H: Handler>(
+    host: *const wshd_host_api,
+    config: wshd_str,
+    out_handler: *mut *mut c_void,
+) -> i32 {
+    if out_handler.is_null() {
+        return WSHD_ERR_INVALID;
+    }
+    // SAFETY: ownership rule 4: the table and host_ctx live for the process.
+    let Some(api) = (unsafe { HostApi::from_raw(host) }) else {
+        return if host.is_null() {
+            WSHD_ERR_INVALID
+        } else {
+            WSHD_ERR_UNSUPPORTED
+        };
+    };
+    logging::install(api);
+    // SAFETY: ownership rule 1: the config text is borrowed for this call.
+    let Ok(config) = (unsafe { text(config) }) else {
+        log_error::<H>(
+            api,
+            format_args!("init: the route config is not valid UTF-8"),
+        );
+        return WSHD_ERR_INVALID;
+    };
+    let host = Host::new(api);
+    let outcome = guarded(api, || H::init(host, config));
+    let (status, instance) = match outcome {
+        Ok(Ok(handler)) => (
+            WSHD_OK,
+            Box::into_raw(Box::new(Instance { handler, host })).cast(),
+        ),
+        Ok(Err(e)) => {
+            log_error::<H>(api, format_args!("init failed: {e}"));
+            (WSHD_ERR_HANDLER, std::ptr::null_mut())
+        }
+        Err(panic) => {
+            log_error::<H>(api, format_args!("init {panic}"));
+            (WSHD_ERR_PANIC, std::ptr::null_mut())
+        }
+    };
+    // SAFETY: out_handler is non-null and points to the host's slot for it.
+    unsafe { out_handler.write(instance) };
+    status
+}
+
+/// Builds the safe view of a handshake request.
+///
+/// # Safety
+/// `req` and everything it points to must be valid for `'a` (ownership rule 1).
+unsafe fn handshake_request<'a>(
+    req: &'a wshd_handshake_req,
+) -> Result<HandshakeRequest<'a>, &'static str> {
+    if (req.struct_size as usize) < size_of::<wshd_handshake_req>() {
+        return Err("a handshake request smaller than ABI 1.0's");
+    }
+    // SAFETY: every field is borrowed for 'a by the caller's contract.
+    let path = unsafe { text(req.path) }.map_err(|_| "a path that is not UTF-8")?;
+    // SAFETY: as above.
+    let query = unsafe { text(req.query) }.map_err(|_| "a query that is not UTF-8")?;
+    // SAFETY: as above.
+    let origin = unsafe { opt_text(req.origin) }.map_err(|_| "an Origin that is not UTF-8")?;
+    // SAFETY: as above.
+    let remote_addr =
+        unsafe { text(req.remote_addr) }.map_err(|_| "a remote address that is not UTF-8")?;
+    Ok(HandshakeRequest {
+        conn_id: req.conn,
+        path,
+        query,
+        origin,
+        remote_addr,
+        // SAFETY: the arrays and their strings are borrowed for 'a.
+        headers: unsafe { RawHeaders::new(req.headers, req.n_headers) },
+        // SAFETY: as above.
+        subprotocols: unsafe { RawStrs::new(req.subprotocols, req.n_subprotocols) },
+    })
+}
+
+/// `on_handshake`: inspect the request and shape the response.
+///
+/// # Safety
+/// Called by the host as `wshd_descriptor.on_handshake`; `handler` is what
+/// `t_init::<H>` returned.
+pub unsafe extern "C" fn t_on_handshake<H: Handler>(
+    handler: *mut c_void,
+    req: *const wshd_handshake_req,
+    hs: *mut wshd_handshake,
+) -> i32 {
+    // SAFETY: handler came from t_init::<H> and lives until destroy (rule 3);
+    // other connections may use it concurrently, so only a shared reference
+    // is made (H: Sync).
+    let Some(inst) = (unsafe { handler.cast::<Instance<H>>().as_ref() }) else {
+        return WSHD_ERR_INVALID;
+    };
+    let api = inst.host.api;
+    // SAFETY: the request is borrowed for this call (rules 1 and 5).
+    let Some(req) = (unsafe { req.as_ref() }) else {
+        log_error::<H>(
+            api,
+            format_args!("on_handshake: the host passed a null request"),
+        );
+        return WSHD_ERR_INVALID;
+    };
+    // SAFETY: as above.
+    let request = match unsafe { handshake_request(req) } {
+        Ok(request) => request,
+        Err(what) => {
+            log_error::<H>(api, format_args!("on_handshake: the host passed {what}"));
+            return WSHD_ERR_INVALID;
+        }
+    };
+    // SAFETY: hs is this call's handle and `response` does not outlive the call.
+    let Some(raw) = (unsafe { RawHandshake::new(hs, api) }) else {
+        log_error::<H>(
+            api,
+            format_args!("on_handshake: the host passed a null handshake handle"),
+        );
+        return WSHD_ERR_INVALID;
+    };
+    let mut response = HandshakeResponse { raw };
+    let outcome = guarded(api, || inst.handler.handshake(&request, &mut response));
+    report::<H>(api, "on_handshake", Some(req.conn), outcome)
+}
+
+/// `on_open`: create the connection's state.
+///
+/// # Safety
+/// Called by the host as `wshd_descriptor.on_open`; `handler` is what
+/// `t_init::<H>` returned.
+pub unsafe extern "C" fn t_on_open<H: Handler>(
+    handler: *mut c_void,
+    conn: wshd_conn_id,
+    out_conn_state: *mut *mut c_void,
+) -> i32 {
+    // SAFETY: as in t_on_handshake.
+    let Some(inst) = (unsafe { handler.cast::<Instance<H>>().as_ref() }) else {
+        return WSHD_ERR_INVALID;
+    };
+    if out_conn_state.is_null() {
+        return WSHD_ERR_INVALID;
+    }
+    let api = inst.host.api;
+    let handle = inst.host.conn(conn);
+    let (outcome, state) = match guarded(api, || inst.handler.open(handle)) {
+        // Box of a zero-sized state does not allocate.
+        Ok(Ok(state)) => (Ok(Ok(())), Box::into_raw(Box::new(state)).cast()),
+        Ok(Err(e)) => (Ok(Err(e)), std::ptr::null_mut()),
+        Err(panic) => (Err(panic), std::ptr::null_mut()),
+    };
+    // SAFETY: non-null, the host's slot for this connection's state.
+    unsafe { out_conn_state.write(state) };
+    report::<H>(api, "on_open", Some(conn), outcome)
+}
+
+/// `on_message`: one complete message.
+///
+/// # Safety
+/// Called by the host as `wshd_descriptor.on_message`; `handler` and
+/// `conn_state` are what `t_init::<H>` and `t_on_open::<H>` returned.
+pub unsafe extern "C" fn t_on_message<H: Handler>(
+    handler: *mut c_void,
+    conn_state: *mut c_void,
+    conn: wshd_conn_id,
+    kind: u32,
+    data: *const u8,
+    len: usize,
+) -> i32 {
+    // SAFETY: as in t_on_handshake.
+    let Some(inst) = (unsafe { handler.cast::<Instance<H>>().as_ref() }) else {
+        return WSHD_ERR_INVALID;
+    };
+    let api = inst.host.api;
+    // SAFETY: conn_state is the Box t_on_open::<H> made for this connection,
+    // and callbacks of one connection never overlap (threading rule 1), so
+    // this is the only reference to it.
+    let Some(state) = (unsafe { conn_state.cast::<H::ConnState>().as_mut() }) else {
+        log_error::<H>(api, format_args!("on_message: no state for conn {conn}"));
+        return WSHD_ERR_INVALID;
+    };
+    // SAFETY: the payload is borrowed for this call (rule 1).
+    let payload = unsafe { bytes(data, len) };
+    let msg = match kind {
+        WSHD_MSG_BINARY => Message::Binary(payload),
+        WSHD_MSG_TEXT => match std::str::from_utf8(payload) {
+            Ok(text) => Message::Text(text),
+            Err(_) => {
+                log_error::<H>(
+                    api,
+                    format_args!("on_message: text for conn {conn} is not valid UTF-8"),
+                );
+                return WSHD_ERR_INVALID;
+            }
+        },
+        other => {
+            log_error::<H>(
+                api,
+                format_args!("on_message: unknown message kind {other} for conn {conn}"),
+            );
+            return WSHD_ERR_INVALID;
+        }
+    };
+    let handle = inst.host.conn(conn);
+    let outcome = guarded(api, || inst.handler.message(state, handle, msg));
+    report::<H>(api, "on_message", Some(conn), outcome)
+}
+
+/// `on_close`: the connection is gone; frees its state.
+///
+/// # Safety
+/// Called by the host as `wshd_descriptor.on_close`, exactly once per
+/// successful `on_open`; `handler` and `conn_state` are what `t_init::<H>`
+/// and `t_on_open::<H>` returned.
+pub unsafe extern "C" fn t_on_close<H: Handler>(
+    handler: *mut c_void,
+    conn_state: *mut c_void,
+    conn: wshd_conn_id,
+    code: u16,
+    reason: wshd_str,
+) {
+    // Take the state back first, so it is freed even if the handler panics.
+    let state = NonNull::new(conn_state.cast::<H::ConnState>()).map(|p| {
+        // SAFETY: the pointer came from Box::into_raw in t_on_open::<H> and
+        // on_close is its last use (threading rule 1), so we own it again.
+        unsafe { Box::from_raw(p.as_ptr()) }
+    });
+    // SAFETY: as in t_on_handshake.
+    let Some(inst) = (unsafe { handler.cast::<Instance<H>>().as_ref() }) else {
+        return;
+    };
+    let api = inst.host.api;
+    let Some(state) = state else {
+        log_error::<H>(api, format_args!("on_close: no state for conn {conn}"));
+        return;
+    };
+    // SAFETY: the reason is borrowed for this call (rule 1). Bad UTF-8 there
+    // is not worth failing the close over.
+    let reason = unsafe { text(reason) }.unwrap_or("");
+    let handle = inst.host.conn(conn);
+    let outcome = guarded(api, move || {
+        inst.handler.close(*state, handle, code, reason)
+    });
+    if let Err(panic) = outcome {
+        log_error::<H>(api, format_args!("on_close for conn {conn} {panic}"));
+    }
+}
+
+/// `destroy`: drops the handler (its `Drop` joins its threads).
+///
+/// # Safety
+/// Called by the host as `wshd_descriptor.destroy`, once, after every other
+/// callback of the instance returned; `handler` is what `t_init::<H>` returned.
+pub unsafe extern "C" fn t_destroy<H: Handler>(handler: *mut c_void) {
+    let Some(ptr) = NonNull::new(handler.cast::<Instance<H>>()) else {
+        return;
+    };
+    // SAFETY: the pointer came from Box::into_raw in t_init::<H>, and destroy
+    // runs once with no other callback in flight (threading rule 3).
+    let inst = unsafe { Box::from_raw(ptr.as_ptr()) };
+    let api = inst.host.api;
+    if let Err(panic) = guarded(api, move || drop(inst)) {
+        log_error::<H>(api, format_args!("destroy {panic}"));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The descriptor, built in const context by `export_handler!`.
+
+/// Flags a handler author may set with `export_handler!(T, flags = NAME)`.
+pub mod flag {
+    /// Callbacks may block; the host runs them off its async workers.
+    pub const MAY_BLOCK: u32 = crate::abi::WSHD_F_MAY_BLOCK;
+}
+
+/// `build_info` of every descriptor: SDK version, compiler and profile.
+pub const BUILD_INFO: &str = if cfg!(debug_assertions) {
+    concat!(
+        "wshd-handler-api ",
+        env!("CARGO_PKG_VERSION"),
+        "; ",
+        env!("WSHD_SDK_RUSTC_VERSION"),
+        "; debug"
+    )
+} else {
+    concat!(
+        "wshd-handler-api ",
+        env!("CARGO_PKG_VERSION"),
+        "; ",
+        env!("WSHD_SDK_RUSTC_VERSION"),
+        "; release"
+    )
+};
+
+/// The handler name a library named `NAME_wsh` serves: its crate name
+/// without the `_wsh` suffix (the host matches it against the file name).
+pub const fn default_name(crate_name: &'static str) -> &'static str {
+    let b = crate_name.as_bytes();
+    let n = b.len();
+    if n > 4 && b[n - 4] == b'_' && b[n - 3] == b'w' && b[n - 2] == b's' && b[n - 1] == b'h' {
+        crate_name.split_at(n - 4).0
+    } else {
+        crate_name
+    }
+}
+
+/// Const builder for the descriptor of handler type `H`.
+pub struct Export<H> {
+    name: &'static str,
+    version: &'static str,
+    flags: u32,
+    _handler: PhantomData<fn() -> H>,
+}
+
+impl<H: Handler> Export<H> {
+    /// Defaults: the name from the crate name, the given version, and the SDK
+    /// flags (`PANIC_UNWIND` only when built with `panic = "unwind"`).
+    pub const fn new(crate_name: &'static str, version: &'static str, panic_unwind: bool) -> Self {
+        let unwind = if panic_unwind { WSHD_F_PANIC_UNWIND } else { 0 };
+        Export {
+            name: default_name(crate_name),
+            version,
+            flags: WSHD_F_RUST_SDK | unwind,
+            _handler: PhantomData,
+        }
+    }
+
+    /// Overrides the handler name.
+    pub const fn name(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// Overrides the handler version.
+    pub const fn version(mut self, version: &'static str) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// Adds author-settable flags (see [`flag`]).
+    pub const fn flags(mut self, flags: u32) -> Self {
+        self.flags |= flags & WSHD_F_MAY_BLOCK;
+        self
+    }
+
+    /// The descriptor, pointing at this module's trampolines for `H`.
+    pub const fn build(self) -> wshd_descriptor {
+        wshd_descriptor {
+            magic: WSHD_MAGIC,
+            abi_major: WSHD_ABI_MAJOR,
+            abi_minor: WSHD_ABI_MINOR,
+            struct_size: size_of::<wshd_descriptor>() as u32,
+            flags: self.flags,
+            name: wshd_str::from_str(self.name),
+            version: wshd_str::from_str(self.version),
+            build_info: wshd_str::from_str(BUILD_INFO),
+            init: Some(t_init::<H>),
+            on_handshake: Some(t_on_handshake::<H>),
+            on_open: Some(t_on_open::<H>),
+            on_message: Some(t_on_message::<H>),
+            on_close: Some(t_on_close::<H>),
+            destroy: Some(t_destroy::<H>),
+        }
+    }
+}
+
+/// Implemented by `export_handler!` for the exported type, so the testing
+/// host can inspect the very descriptor the library exports.
+pub trait Exported: Handler {
+    /// The static descriptor `wshd_entry_v1` returns.
+    fn descriptor() -> &'static wshd_descriptor;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> wshd_str {
+        wshd_str::from_str(s)
+    }
+
+    #[test]
+    fn null_and_empty_views_are_empty() {
+        // SAFETY: null pointers and zero lengths are never read.
+        unsafe {
+            assert_eq!(bytes(std::ptr::null(), 0), b"");
+            assert_eq!(bytes(std::ptr::null(), 5), b"");
+            assert_eq!(bytes(b"abc".as_ptr(), 0), b"");
+            assert_eq!(text(wshd_str::EMPTY), Ok(""));
+            assert_eq!(opt_text(wshd_str::EMPTY), Ok(None));
+            assert_eq!(items::<wshd_str>(std::ptr::null(), 3).len(), 0);
+            assert_eq!(RawStrs::new(std::ptr::null(), 2).len(), 0);
+            assert_eq!(RawHeaders::new(std::ptr::null(), 2).len(), 0);
+        }
+    }
+
+    #[test]
+    fn views_borrow_the_bytes() {
+        let data = *b"hello";
+        let empty_but_present = wshd_str {
+            ptr: data.as_ptr(),
+            len: 0,
+        };
+        // SAFETY: every view points into a live local.
+        unsafe {
+            assert_eq!(bytes(data.as_ptr(), 5), b"hello");
+            assert_eq!(text(raw("héllo")), Ok("héllo"));
+            assert_eq!(opt_text(empty_but_present), Ok(Some("")));
+            assert_eq!(opt_text(raw("http://a")), Ok(Some("http://a")));
+        }
+    }
+
+    #[test]
+    fn bad_utf8_and_bad_sizes_are_refused() {
+        let bad = [0xffu8, 0xfe];
+        let s = wshd_str::from_bytes(&bad);
+        // SAFETY: the pointers are live; the absurd lengths are refused
+        // before anything is read.
+        unsafe {
+            assert!(text(s).is_err());
+            assert!(opt_text(s).is_err());
+            assert_eq!(bytes(bad.as_ptr(), usize::MAX), b"");
+            assert_eq!(
+                items(bad.as_ptr().cast::<wshd_str>(), usize::MAX / 2).len(),
+                0
+            );
+        }
+        // A misaligned array pointer is refused rather than read.
+        let words = [0u64; 4];
+        let misaligned = words
+            .as_ptr()
+            .cast::<u8>()
+            .wrapping_add(1)
+            .cast::<wshd_str>();
+        // SAFETY: refused before anything is read.
+        assert_eq!(unsafe { items(misaligned, 1) }.len(), 0);
+    }
+
+    #[test]
+    fn raw_arrays_index_safely() {
+        let strs = [raw("chat.v1"), wshd_str::EMPTY];
+        let headers = [wshd_header {
+            name: raw("Host"),
+            value: raw("x"),
+        }];
+        // SAFETY: both arrays and their strings are live locals.
+        let (s, h) = unsafe {
+            (
+                RawStrs::new(strs.as_ptr(), 2),
+                RawHeaders::new(headers.as_ptr(), 1),
+            )
+        };
+        assert_eq!(s.get(0), Some(&b"chat.v1"[..]));
+        assert_eq!(s.get(1), Some(&b""[..]));
+        assert_eq!(s.get(2), None);
+        assert_eq!(h.get(0), Some((&b"Host"[..], &b"x"[..])));
+        assert_eq!(h.get(1), None);
+    }
+
+    #[test]
+    fn default_name_strips_wsh() {
+        assert_eq!(default_name("echo_wsh"), "echo");
+        assert_eq!(default_name("origin_check_wsh"), "origin_check");
+        assert_eq!(default_name("echo"), "echo");
+        assert_eq!(default_name("_wsh"), "_wsh");
+    }
+}

@@ -1,0 +1,231 @@
+//! Handles to the host: [`Host`] for a handler instance, [`Conn`] for one of
+//! its connections, and [`SendError`] for a host call that did not happen.
+
+use std::fmt;
+use std::thread::JoinHandle;
+
+use crate::abi::{
+    WSHD_ERR_BACKPRESSURE, WSHD_ERR_CLOSED, WSHD_ERR_INVALID, WSHD_ERR_REVOKED, WSHD_ERR_STATE,
+    WSHD_ERR_UNSUPPORTED, WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id,
+};
+use crate::glue::HostApi;
+use crate::handler::Message;
+use crate::logging;
+
+/// The server, as seen by one handler instance.
+///
+/// `Host` is `Copy + Send + Sync` and stays usable for the life of the
+/// process: after the instance is destroyed its calls fail with
+/// [`SendError::Revoked`] instead of misbehaving. Keep it in your handler if
+/// you need to address connections by id (see [`Host::conn`]).
+#[derive(Clone, Copy)]
+pub struct Host {
+    pub(crate) api: HostApi,
+}
+
+impl Host {
+    pub(crate) fn new(api: HostApi) -> Host {
+        Host { api }
+    }
+
+    /// A handle to connection `id` of this instance. Any id can be named;
+    /// sending to one that is closed or not yours fails with
+    /// [`SendError::Closed`].
+    pub fn conn(&self, id: u64) -> Conn {
+        Conn { id, api: self.api }
+    }
+
+    /// Writes a line to the server's log. Usually you would rather use the
+    /// `log` or `tracing` macros, which end up here.
+    pub fn log(&self, level: log::Level, target: &str, message: &str) {
+        self.api.log(level, target, message);
+    }
+
+    /// The ABI version of the running host, `(major, minor)`.
+    pub fn abi_version(&self) -> (u16, u16) {
+        let raw = self.api.raw();
+        (raw.abi_major, raw.abi_minor)
+    }
+
+    /// Starts a named thread whose `log`/`tracing` records and panics go to
+    /// this host's log.
+    ///
+    /// The contract requires `destroy` to stop and join every thread the
+    /// handler started: keep the [`JoinHandle`] and join it in your handler's
+    /// `Drop`.
+    pub fn spawn<F, T>(&self, name: impl Into<String>, f: F) -> std::io::Result<JoinHandle<T>>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let api = self.api;
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let _scope = logging::enter_thread(api);
+                f()
+            })
+    }
+}
+
+impl fmt::Debug for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (major, minor) = self.abi_version();
+        write!(f, "Host(abi {major}.{minor})")
+    }
+}
+
+/// One connection of a handler instance: an id plus the host's function
+/// table.
+///
+/// `Conn` is `Copy + Send + Sync`; every method may be called from any
+/// thread, at any time, also after the connection closed (then it returns
+/// [`SendError::Closed`]). The host copies what you pass before returning and
+/// never blocks: a full send queue is [`SendError::Backpressure`].
+#[derive(Clone, Copy)]
+pub struct Conn {
+    id: wshd_conn_id,
+    api: HostApi,
+}
+
+impl Conn {
+    /// The connection id, unique for the life of the server process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The host this connection belongs to.
+    pub fn host(&self) -> Host {
+        Host::new(self.api)
+    }
+
+    /// Queues a text or binary message, e.g. to echo one back.
+    pub fn send(&self, msg: Message<'_>) -> Result<(), SendError> {
+        match msg {
+            Message::Text(text) => self.send_text(text),
+            Message::Binary(data) => self.send_binary(data),
+        }
+    }
+
+    /// Queues a text message.
+    pub fn send_text(&self, text: &str) -> Result<(), SendError> {
+        SendError::check(self.api.send(self.id, WSHD_MSG_TEXT, text.as_bytes()))
+    }
+
+    /// Queues a binary message.
+    pub fn send_binary(&self, data: &[u8]) -> Result<(), SendError> {
+        SendError::check(self.api.send(self.id, WSHD_MSG_BINARY, data))
+    }
+
+    /// Queues a ping with at most 125 bytes of payload.
+    pub fn ping(&self, payload: &[u8]) -> Result<(), SendError> {
+        SendError::check(self.api.ping(self.id, payload))
+    }
+
+    /// Starts the close handshake: `code` 1000 or 3000–4999 (or 1001–1014
+    /// where RFC 6455 lets a sender use it), `reason` at most 123 bytes.
+    /// The handler's `close` runs later, when the connection is gone.
+    pub fn close(&self, code: u16, reason: &str) -> Result<(), SendError> {
+        SendError::check(self.api.close(self.id, code, reason))
+    }
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Conn({})", self.id)
+    }
+}
+
+impl PartialEq for Conn {
+    fn eq(&self, other: &Conn) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for Conn {}
+
+/// Why a host call (send, ping, close, handshake response) did not happen.
+///
+/// None of them is fatal to the handler; what to do depends on the call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SendError {
+    /// The connection is closed (or is not one of this instance's). Usually
+    /// ignore it: the handler's `close` runs, or has run, for it.
+    Closed,
+    /// The connection's send queue is full: the peer reads slower than you
+    /// send. Drop the message, or close the connection.
+    Backpressure,
+    /// A bad argument: close code, ping too long, a refused header name, an
+    /// out-of-range subprotocol index or HTTP status.
+    Invalid,
+    /// Not allowed now, e.g. choosing a second subprotocol.
+    State,
+    /// This handler instance was destroyed; stop the thread that is calling.
+    Revoked,
+    /// The host is too old to provide this function.
+    Unsupported,
+    /// A status code this SDK does not know.
+    Other(i32),
+}
+
+impl SendError {
+    /// Maps a host status code: `WSHD_OK` is `Ok(())`.
+    pub fn check(status: i32) -> Result<(), SendError> {
+        Err(match status {
+            WSHD_OK => return Ok(()),
+            WSHD_ERR_CLOSED => SendError::Closed,
+            WSHD_ERR_BACKPRESSURE => SendError::Backpressure,
+            WSHD_ERR_INVALID => SendError::Invalid,
+            WSHD_ERR_STATE => SendError::State,
+            WSHD_ERR_REVOKED => SendError::Revoked,
+            WSHD_ERR_UNSUPPORTED => SendError::Unsupported,
+            other => SendError::Other(other),
+        })
+    }
+
+    /// The ABI status code (`WSHD_ERR_*`) for this error.
+    pub fn status(&self) -> i32 {
+        match *self {
+            SendError::Closed => WSHD_ERR_CLOSED,
+            SendError::Backpressure => WSHD_ERR_BACKPRESSURE,
+            SendError::Invalid => WSHD_ERR_INVALID,
+            SendError::State => WSHD_ERR_STATE,
+            SendError::Revoked => WSHD_ERR_REVOKED,
+            SendError::Unsupported => WSHD_ERR_UNSUPPORTED,
+            SendError::Other(code) => code,
+        }
+    }
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::Closed => f.write_str("connection closed"),
+            SendError::Backpressure => f.write_str("send queue full"),
+            SendError::Invalid => f.write_str("invalid argument"),
+            SendError::State => f.write_str("not allowed in this state"),
+            SendError::Revoked => f.write_str("handler instance destroyed"),
+            SendError::Unsupported => f.write_str("not supported by this host"),
+            SendError::Other(code) => write!(f, "host status {code}"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+#[cfg(test)]
+mod tests {
+    use super::SendError;
+
+    #[test]
+    fn status_codes_round_trip() {
+        assert_eq!(SendError::check(0), Ok(()));
+        for code in [-1, -2, -3, -4, -5, -6, -42] {
+            let err = SendError::check(code).unwrap_err();
+            assert_eq!(err.status(), code);
+        }
+        assert_eq!(SendError::check(-1), Err(SendError::Closed));
+        assert_eq!(SendError::check(-2), Err(SendError::Backpressure));
+        assert_eq!(SendError::check(-42), Err(SendError::Other(-42)));
+    }
+}

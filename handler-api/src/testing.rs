@@ -1,0 +1,916 @@
+//! A fake host for unit-testing handlers without a server (feature
+//! `testing`).
+//!
+//! [`TestHost`] builds a real `wshd_host_api` table whose functions are
+//! `extern "C"` fakes that record every call, and drives the handler through
+//! the same `extern "C"` trampolines the server calls, so a test exercises
+//! the real glue: panics are caught, errors are mapped to status codes,
+//! connection state is freed in `on_close`.
+//!
+//! ```
+//! use wshd_handler_api::testing::{Sent, TestHost};
+//! use wshd_handler_api::{Conn, Handler, Host, Message};
+//!
+//! struct Echo;
+//! impl Handler for Echo {
+//!     type ConnState = ();
+//!     fn init(_: Host, _: &str) -> Result<Self, String> { Ok(Echo) }
+//!     fn open(&self, _: Conn) -> Result<(), String> { Ok(()) }
+//!     fn message(&self, _: &mut (), conn: Conn, msg: Message<'_>) -> Result<(), String> {
+//!         conn.send(msg).map_err(|e| e.to_string())
+//!     }
+//! }
+//!
+//! let mut t = TestHost::<Echo>::init("").unwrap();
+//! let c = t.open().unwrap();
+//! t.message(c, Message::Text("hi")).unwrap();
+//! assert_eq!(t.sent(c), [Sent::Text("hi".into())]);
+//! ```
+//!
+//! The fake host behaves like the server where it matters for a handler:
+//! sends to a closed or unknown connection fail with `Closed` (also after
+//! the handler asked to close it), text must be UTF-8, close codes and ping
+//! sizes are checked, a failed `on_message` closes the connection with 1011
+//! (running `on_close`), dropping the `TestHost` closes every open
+//! connection with 1001 and then destroys the instance, and after destroy
+//! every host function returns `Revoked`. Log records are kept and also
+//! printed to stderr (which the test harness captures). While a `TestHost`
+//! exists the handler's log level is `trace`.
+#![allow(unsafe_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::c_void;
+use std::fmt;
+use std::marker::PhantomData;
+use std::mem::size_of;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::abi::{
+    WSHD_ABI_MAJOR, WSHD_ABI_MINOR, WSHD_ERR_CLOSED, WSHD_ERR_HANDLER, WSHD_ERR_INVALID,
+    WSHD_ERR_PANIC, WSHD_ERR_REVOKED, WSHD_ERR_STATE, WSHD_ERR_UNSUPPORTED, WSHD_F_KNOWN,
+    WSHD_F_MAY_BLOCK, WSHD_F_PANIC_UNWIND, WSHD_F_RUST_SDK, WSHD_MAGIC, WSHD_MSG_BINARY,
+    WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id, wshd_descriptor, wshd_handshake, wshd_handshake_req,
+    wshd_header, wshd_host_api, wshd_str,
+};
+use crate::glue::{self, Export, Exported, HostApi};
+use crate::host::{Conn, Host, SendError};
+use crate::{Handler, Message, logging};
+
+/// Connection ids, unique across every `TestHost` of the process (as the
+/// server's are).
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// A message the handler sent through the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// A text message.
+    Text(String),
+    /// A binary message.
+    Binary(Vec<u8>),
+}
+
+/// A log line the handler wrote through the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRecord {
+    /// Its level.
+    pub level: log::Level,
+    /// Its target (usually the module path).
+    pub target: String,
+    /// The text.
+    pub message: String,
+}
+
+/// A non-OK status a callback returned (`WSHD_ERR_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CallError(pub i32);
+
+impl CallError {
+    /// `WSHD_ERR_INVALID`: the arguments broke the contract.
+    pub const INVALID: CallError = CallError(WSHD_ERR_INVALID);
+    /// `WSHD_ERR_UNSUPPORTED`.
+    pub const UNSUPPORTED: CallError = CallError(WSHD_ERR_UNSUPPORTED);
+    /// `WSHD_ERR_PANIC`: the handler panicked.
+    pub const PANIC: CallError = CallError(WSHD_ERR_PANIC);
+    /// `WSHD_ERR_HANDLER`: the handler returned `Err`.
+    pub const HANDLER: CallError = CallError(WSHD_ERR_HANDLER);
+
+    fn check(status: i32) -> Result<(), CallError> {
+        if status == WSHD_OK {
+            Ok(())
+        } else {
+            Err(CallError(status))
+        }
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.0 {
+            WSHD_ERR_INVALID => "WSHD_ERR_INVALID",
+            WSHD_ERR_UNSUPPORTED => "WSHD_ERR_UNSUPPORTED",
+            WSHD_ERR_PANIC => "WSHD_ERR_PANIC",
+            WSHD_ERR_HANDLER => "WSHD_ERR_HANDLER",
+            _ => "status",
+        };
+        write!(f, "{name} ({})", self.0)
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// `init` failed: its status and what the handler logged meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InitError {
+    /// What `init` returned.
+    pub status: CallError,
+    /// Every log line written during `init`.
+    pub logs: Vec<LogRecord>,
+}
+
+impl InitError {
+    /// Whether some log line contains `needle`.
+    pub fn logs_contain(&self, needle: &str) -> bool {
+        self.logs.iter().any(|r| r.message.contains(needle))
+    }
+}
+
+impl fmt::Display for InitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "init returned {}", self.status)?;
+        for r in &self.logs {
+            write!(f, "; {}: {}", r.level, r.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for InitError {}
+
+/// An opening handshake to feed to [`TestHost::handshake`].
+#[derive(Clone, Debug)]
+pub struct Handshake {
+    path: String,
+    query: String,
+    origin: Option<String>,
+    remote_addr: String,
+    subprotocols: Vec<String>,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Handshake {
+    /// A request for `path` (a `?query` part is split off), from
+    /// `127.0.0.1:40000`, with no Origin and no subprotocols. The usual
+    /// upgrade headers are filled in.
+    pub fn new(path: &str) -> Handshake {
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        Handshake {
+            path: path.to_owned(),
+            query: query.to_owned(),
+            origin: None,
+            remote_addr: "127.0.0.1:40000".to_owned(),
+            subprotocols: Vec::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Sets the `Origin` header.
+    pub fn origin(mut self, origin: &str) -> Handshake {
+        self.origin = Some(origin.to_owned());
+        self
+    }
+
+    /// Offers these subprotocols, in this order.
+    pub fn subprotocols<I, S>(mut self, offer: I) -> Handshake
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.subprotocols = offer.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Adds a request header.
+    pub fn header(mut self, name: &str, value: impl AsRef<[u8]>) -> Handshake {
+        self.headers
+            .push((name.to_owned(), value.as_ref().to_vec()));
+        self
+    }
+
+    /// Sets the query string (without `?`).
+    pub fn query(mut self, query: &str) -> Handshake {
+        self.query = query.to_owned();
+        self
+    }
+
+    /// Sets the peer address (`ip:port`).
+    pub fn remote_addr(mut self, addr: &str) -> Handshake {
+        self.remote_addr = addr.to_owned();
+        self
+    }
+
+    fn all_headers(&self) -> Vec<(String, Vec<u8>)> {
+        let mut all: Vec<(String, Vec<u8>)> = [
+            ("Host", "localhost"),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        if let Some(origin) = &self.origin {
+            all.push(("Origin".into(), origin.as_bytes().to_vec()));
+        }
+        if !self.subprotocols.is_empty() {
+            all.push((
+                "Sec-WebSocket-Protocol".into(),
+                self.subprotocols.join(", ").into_bytes(),
+            ));
+        }
+        all.extend(self.headers.iter().cloned());
+        all
+    }
+}
+
+/// What the handler answered to a handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandshakeOutcome {
+    /// The connection id the request carried.
+    pub conn: u64,
+    /// What `on_handshake` returned.
+    pub status: Result<(), CallError>,
+    /// The chosen subprotocol, if any.
+    pub subprotocol: Option<String>,
+    /// Response headers the handler added.
+    pub headers: Vec<(String, String)>,
+    /// `(HTTP status, body)` if the handler rejected the upgrade.
+    pub rejected: Option<(u16, String)>,
+}
+
+impl HandshakeOutcome {
+    /// Whether the server would upgrade: `Ok` and not rejected.
+    pub fn accepted(&self) -> bool {
+        self.status.is_ok() && self.rejected.is_none()
+    }
+}
+
+/// Why [`TestHost::connect`] did not open a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The handshake was rejected or failed.
+    Handshake(HandshakeOutcome),
+    /// `on_open` failed.
+    Open(CallError),
+}
+
+/// Everything the fake host recorded for one `TestHost`.
+#[derive(Default)]
+struct Records {
+    open: HashSet<u64>,
+    sent: HashMap<u64, Vec<Sent>>,
+    pings: HashMap<u64, Vec<Vec<u8>>>,
+    close_requests: HashMap<u64, (u16, String)>,
+    logs: Vec<LogRecord>,
+    fail_with: Option<i32>,
+}
+
+/// The fake host's `host_ctx`. Leaked: the contract says it lives for the
+/// process, and a handler thread may call it after the `TestHost` is gone.
+struct Recorder {
+    records: Mutex<Records>,
+    revoked: AtomicBool,
+}
+
+impl Recorder {
+    fn lock(&self) -> MutexGuard<'_, Records> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The checks every connection call starts with.
+    fn usable(&self, r: &Records, conn: u64) -> Result<(), i32> {
+        if self.revoked.load(Ordering::Acquire) {
+            return Err(WSHD_ERR_REVOKED);
+        }
+        if let Some(status) = r.fail_with {
+            return Err(status);
+        }
+        if !r.open.contains(&conn) || r.close_requests.contains_key(&conn) {
+            return Err(WSHD_ERR_CLOSED);
+        }
+        Ok(())
+    }
+}
+
+/// # Safety
+/// `ctx` must be the `host_ctx` of a table built by `TestHost`.
+unsafe fn recorder<'a>(ctx: *mut c_void) -> &'a Recorder {
+    // SAFETY: the caller passes our leaked Recorder.
+    unsafe { &*ctx.cast::<Recorder>() }
+}
+
+fn status(r: Result<(), i32>) -> i32 {
+    r.err().unwrap_or(WSHD_OK)
+}
+
+unsafe extern "C" fn fake_send(
+    ctx: *mut c_void,
+    conn: wshd_conn_id,
+    kind: u32,
+    data: *const u8,
+    len: usize,
+) -> i32 {
+    // SAFETY: ctx is this host's Recorder; the payload is borrowed for the call.
+    let (rec, data) = unsafe { (recorder(ctx), glue::bytes(data, len)) };
+    let mut r = rec.lock();
+    status(rec.usable(&r, conn).and_then(|()| {
+        let msg = match kind {
+            WSHD_MSG_TEXT => Sent::Text(
+                std::str::from_utf8(data)
+                    .map_err(|_| WSHD_ERR_INVALID)?
+                    .to_owned(),
+            ),
+            WSHD_MSG_BINARY => Sent::Binary(data.to_vec()),
+            _ => return Err(WSHD_ERR_INVALID),
+        };
+        r.sent.entry(conn).or_default().push(msg);
+        Ok(())
+    }))
+}
+
+unsafe extern "C" fn fake_ping(
+    ctx: *mut c_void,
+    conn: wshd_conn_id,
+    data: *const u8,
+    len: usize,
+) -> i32 {
+    // SAFETY: as in fake_send.
+    let (rec, data) = unsafe { (recorder(ctx), glue::bytes(data, len)) };
+    let mut r = rec.lock();
+    status(rec.usable(&r, conn).and_then(|()| {
+        if data.len() > 125 {
+            return Err(WSHD_ERR_INVALID);
+        }
+        r.pings.entry(conn).or_default().push(data.to_vec());
+        Ok(())
+    }))
+}
+
+/// Close codes an endpoint may send (RFC 6455 §7.4).
+fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+unsafe extern "C" fn fake_close(
+    ctx: *mut c_void,
+    conn: wshd_conn_id,
+    code: u16,
+    reason: wshd_str,
+) -> i32 {
+    // SAFETY: as in fake_send.
+    let (rec, reason) = unsafe { (recorder(ctx), glue::text(reason)) };
+    let mut r = rec.lock();
+    status(rec.usable(&r, conn).and_then(|()| {
+        let reason = reason.map_err(|_| WSHD_ERR_INVALID)?;
+        if !valid_close_code(code) || reason.len() > 123 {
+            return Err(WSHD_ERR_INVALID);
+        }
+        r.close_requests.insert(conn, (code, reason.to_owned()));
+        Ok(())
+    }))
+}
+
+unsafe extern "C" fn fake_log(ctx: *mut c_void, level: u32, target: wshd_str, msg: wshd_str) {
+    // SAFETY: as in fake_send.
+    let (rec, target, msg) =
+        unsafe { (recorder(ctx), glue::str_bytes(target), glue::str_bytes(msg)) };
+    let level = match level {
+        1 => log::Level::Error,
+        2 => log::Level::Warn,
+        3 => log::Level::Info,
+        4 => log::Level::Debug,
+        _ => log::Level::Trace,
+    };
+    let record = LogRecord {
+        level,
+        target: String::from_utf8_lossy(target).into_owned(),
+        message: String::from_utf8_lossy(msg).into_owned(),
+    };
+    eprintln!(
+        "[wshd test host] {} {}: {}",
+        record.level, record.target, record.message
+    );
+    rec.lock().logs.push(record);
+}
+
+/// The fake handshake builder behind a `wshd_handshake *`.
+#[derive(Default)]
+struct HsCall {
+    offered: usize,
+    subprotocol: Option<usize>,
+    headers: Vec<(String, String)>,
+    rejected: Option<(u16, String)>,
+}
+
+/// # Safety
+/// `hs` must be the `HsCall` of the `handshake` call in progress.
+unsafe fn hs_call<'a>(hs: *mut wshd_handshake) -> &'a mut HsCall {
+    // SAFETY: the caller passes the live HsCall; calls never overlap.
+    unsafe { &mut *hs.cast::<HsCall>() }
+}
+
+unsafe extern "C" fn fake_hs_select_subprotocol(hs: *mut wshd_handshake, index: usize) -> i32 {
+    // SAFETY: hs is the HsCall of this handshake.
+    let call = unsafe { hs_call(hs) };
+    if call.subprotocol.is_some() || call.rejected.is_some() {
+        return WSHD_ERR_STATE;
+    }
+    if index >= call.offered {
+        return WSHD_ERR_INVALID;
+    }
+    call.subprotocol = Some(index);
+    WSHD_OK
+}
+
+/// Headers a handler may not set: hop-by-hop ones and the WebSocket ones
+/// the server computes.
+fn refused_header(name: &str) -> bool {
+    const HOP_BY_HOP: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    ];
+    let lower = name.to_ascii_lowercase();
+    HOP_BY_HOP.contains(&lower.as_str()) || lower.starts_with("sec-websocket-")
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+unsafe extern "C" fn fake_hs_add_header(
+    hs: *mut wshd_handshake,
+    name: wshd_str,
+    value: wshd_str,
+) -> i32 {
+    // SAFETY: hs is the HsCall of this handshake; the strings are borrowed.
+    let (call, name, value) = unsafe { (hs_call(hs), glue::text(name), glue::text(value)) };
+    let (Ok(name), Ok(value)) = (name, value) else {
+        return WSHD_ERR_INVALID;
+    };
+    if call.rejected.is_some() {
+        return WSHD_ERR_STATE;
+    }
+    if !is_token(name) || refused_header(name) || value.contains(['\r', '\n']) {
+        return WSHD_ERR_INVALID;
+    }
+    call.headers.push((name.to_owned(), value.to_owned()));
+    WSHD_OK
+}
+
+unsafe extern "C" fn fake_hs_reject(
+    hs: *mut wshd_handshake,
+    http_status: u16,
+    body: wshd_str,
+) -> i32 {
+    // SAFETY: hs is the HsCall of this handshake; the body is borrowed.
+    let (call, body) = unsafe { (hs_call(hs), glue::text(body)) };
+    let Ok(body) = body else {
+        return WSHD_ERR_INVALID;
+    };
+    if call.rejected.is_some() {
+        return WSHD_ERR_STATE;
+    }
+    if !(400..=599).contains(&http_status) {
+        return WSHD_ERR_INVALID;
+    }
+    call.rejected = Some((http_status, body.to_owned()));
+    WSHD_OK
+}
+
+/// Checks a descriptor the way the server does when it loads a library
+/// built with this SDK.
+pub fn validate_descriptor(d: &wshd_descriptor) -> Result<(), String> {
+    if d.magic != WSHD_MAGIC {
+        return Err(format!("bad magic {:#x}", d.magic));
+    }
+    if d.abi_major != WSHD_ABI_MAJOR {
+        return Err(format!(
+            "ABI major {} (expected {WSHD_ABI_MAJOR})",
+            d.abi_major
+        ));
+    }
+    if (d.struct_size as usize) < size_of::<wshd_descriptor>() {
+        return Err(format!("struct_size {} is too small", d.struct_size));
+    }
+    if d.init.is_none() || d.on_message.is_none() {
+        return Err("init and on_message are required".into());
+    }
+    if d.flags & !WSHD_F_KNOWN != 0 {
+        return Err(format!("unknown flags {:#x}", d.flags & !WSHD_F_KNOWN));
+    }
+    if d.flags & WSHD_F_RUST_SDK != 0 && d.flags & WSHD_F_PANIC_UNWIND == 0 {
+        return Err("a Rust SDK handler built without panic = \"unwind\"".into());
+    }
+    for (what, s) in [
+        ("name", d.name),
+        ("version", d.version),
+        ("build_info", d.build_info),
+    ] {
+        // SAFETY: descriptor strings are static for the life of the library.
+        if unsafe { glue::text(s) }.is_err() {
+            return Err(format!("{what} is not UTF-8"));
+        }
+    }
+    // SAFETY: as above.
+    if unsafe { glue::text(d.name) }.map_or(true, str::is_empty) {
+        return Err("empty name".into());
+    }
+    Ok(())
+}
+
+/// The checked contents of an exported descriptor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DescriptorInfo {
+    /// The handler name (`echo` for `libecho_wsh.so`).
+    pub name: String,
+    /// The handler version.
+    pub version: String,
+    /// SDK version, compiler and profile.
+    pub build_info: String,
+    /// `WSHD_F_*` flags.
+    pub flags: u32,
+}
+
+impl DescriptorInfo {
+    /// Whether the handler declared `MAY_BLOCK`.
+    pub fn may_block(&self) -> bool {
+        self.flags & WSHD_F_MAY_BLOCK != 0
+    }
+}
+
+/// Validates the descriptor that `export_handler!(H)` exports, as the server
+/// would, and returns its contents.
+pub fn exported<H: Exported>() -> Result<DescriptorInfo, String> {
+    let d = H::descriptor();
+    validate_descriptor(d)?;
+    // SAFETY: validated above; descriptor strings are static.
+    let s = |s: wshd_str| unsafe { glue::text(s) }.unwrap_or_default().to_owned();
+    Ok(DescriptorInfo {
+        name: s(d.name),
+        version: s(d.version),
+        build_info: s(d.build_info),
+        flags: d.flags,
+    })
+}
+
+/// A fake server for one handler instance; see the [module docs](self).
+pub struct TestHost<H: Handler> {
+    desc: &'static wshd_descriptor,
+    table: &'static wshd_host_api,
+    api: HostApi,
+    rec: &'static Recorder,
+    /// What `init` returned; null once destroyed.
+    handler: *mut c_void,
+    /// Open connections and their state pointers.
+    conns: BTreeMap<u64, *mut c_void>,
+    _handler: PhantomData<H>,
+}
+
+impl<H: Handler> TestHost<H> {
+    /// Runs `init` with this route config, through a descriptor built for
+    /// `H` exactly as `export_handler!` builds one.
+    pub fn init(config: &str) -> Result<TestHost<H>, InitError> {
+        let desc = Export::<H>::new("testing", "0.0.0", cfg!(panic = "unwind")).build();
+        Self::init_with(Box::leak(Box::new(desc)), config)
+    }
+
+    /// Runs `init` through the descriptor `export_handler!(H)` exported.
+    pub fn init_exported(config: &str) -> Result<TestHost<H>, InitError>
+    where
+        H: Exported,
+    {
+        Self::init_with(H::descriptor(), config)
+    }
+
+    fn init_with(desc: &'static wshd_descriptor, config: &str) -> Result<TestHost<H>, InitError> {
+        let rec: &'static Recorder = Box::leak(Box::new(Recorder {
+            records: Mutex::new(Records::default()),
+            revoked: AtomicBool::new(false),
+        }));
+        let table: &'static wshd_host_api = Box::leak(Box::new(wshd_host_api {
+            struct_size: size_of::<wshd_host_api>() as u32,
+            abi_major: WSHD_ABI_MAJOR,
+            abi_minor: WSHD_ABI_MINOR,
+            host_ctx: (rec as *const Recorder).cast_mut().cast(),
+            send: fake_send,
+            ping: fake_ping,
+            close: fake_close,
+            log: fake_log,
+            hs_select_subprotocol: fake_hs_select_subprotocol,
+            hs_add_header: fake_hs_add_header,
+            hs_reject: fake_hs_reject,
+        }));
+        // SAFETY: the table and its context are leaked, so valid forever, and
+        // the fake functions are thread-safe.
+        let api = unsafe { HostApi::from_raw(table) }.expect("the fake host table is complete");
+        logging::install(api);
+        log::set_max_level(log::LevelFilter::Trace);
+
+        let init = desc.init.expect("init is required");
+        let mut handler = std::ptr::null_mut();
+        // SAFETY: a valid table, a borrowed config and a writable slot.
+        let status = unsafe { init(table, wshd_str::from_str(config), &mut handler) };
+        if status != WSHD_OK {
+            let logs = std::mem::take(&mut rec.lock().logs);
+            return Err(InitError {
+                status: CallError(status),
+                logs,
+            });
+        }
+        Ok(TestHost {
+            desc,
+            table,
+            api,
+            rec,
+            handler,
+            conns: BTreeMap::new(),
+            _handler: PhantomData,
+        })
+    }
+
+    /// The descriptor this host drives.
+    pub fn descriptor(&self) -> &'static wshd_descriptor {
+        self.desc
+    }
+
+    /// The [`Host`] handle the handler got in `init`.
+    pub fn host(&self) -> Host {
+        Host::new(self.api)
+    }
+
+    /// The handler instance, to inspect its state.
+    pub fn handler(&self) -> &H {
+        assert!(!self.handler.is_null(), "the handler was destroyed");
+        // SAFETY: a live pointer from t_init::<H> (the descriptor is built
+        // for H), valid until destroy, which needs `&mut self`.
+        unsafe { glue::handler_ref::<H>(self.handler) }
+    }
+
+    /// Runs `on_handshake` for a new connection id.
+    pub fn handshake(&mut self, req: &Handshake) -> HandshakeOutcome {
+        let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        self.handshake_as(conn, req)
+    }
+
+    fn handshake_as(&mut self, conn: u64, req: &Handshake) -> HandshakeOutcome {
+        let headers = req.all_headers();
+        let raw_headers: Vec<wshd_header> = headers
+            .iter()
+            .map(|(n, v)| wshd_header {
+                name: wshd_str::from_str(n),
+                value: wshd_str::from_bytes(v),
+            })
+            .collect();
+        let raw_protocols: Vec<wshd_str> = req
+            .subprotocols
+            .iter()
+            .map(|p| wshd_str::from_str(p))
+            .collect();
+        let raw = wshd_handshake_req {
+            struct_size: size_of::<wshd_handshake_req>() as u32,
+            reserved: 0,
+            conn,
+            path: wshd_str::from_str(&req.path),
+            query: wshd_str::from_str(&req.query),
+            origin: req
+                .origin
+                .as_deref()
+                .map_or(wshd_str::EMPTY, wshd_str::from_str),
+            remote_addr: wshd_str::from_str(&req.remote_addr),
+            headers: raw_headers.as_ptr(),
+            n_headers: raw_headers.len(),
+            subprotocols: raw_protocols.as_ptr(),
+            n_subprotocols: raw_protocols.len(),
+        };
+        let mut call = HsCall {
+            offered: raw_protocols.len(),
+            ..HsCall::default()
+        };
+        let status = match self.desc.on_handshake {
+            // SAFETY: a live handler, a request whose arrays outlive the call,
+            // and an HsCall that the fake hs_* functions expect.
+            Some(f) => unsafe { f(self.handler, &raw, (&mut call as *mut HsCall).cast()) },
+            None => WSHD_OK,
+        };
+        HandshakeOutcome {
+            conn,
+            status: CallError::check(status),
+            subprotocol: call.subprotocol.map(|i| req.subprotocols[i].clone()),
+            headers: call.headers,
+            rejected: call.rejected,
+        }
+    }
+
+    /// Runs `on_open` for a new connection (no handshake).
+    pub fn open(&mut self) -> Result<Conn, CallError> {
+        let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        self.open_as(conn)
+    }
+
+    /// Runs `on_handshake` and, if the upgrade is accepted, `on_open` with
+    /// the same connection id.
+    pub fn connect(&mut self, req: &Handshake) -> Result<Conn, Refused> {
+        let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        let outcome = self.handshake_as(conn, req);
+        if !outcome.accepted() {
+            return Err(Refused::Handshake(outcome));
+        }
+        self.open_as(conn).map_err(Refused::Open)
+    }
+
+    fn open_as(&mut self, conn: u64) -> Result<Conn, CallError> {
+        assert!(!self.handler.is_null(), "the handler was destroyed");
+        self.rec.lock().open.insert(conn);
+        let mut state = std::ptr::null_mut();
+        let status = match self.desc.on_open {
+            // SAFETY: a live handler and a writable slot.
+            Some(f) => unsafe { f(self.handler, conn, &mut state) },
+            None => WSHD_OK,
+        };
+        if status != WSHD_OK {
+            // As the server does: close with 1011, no on_close.
+            self.rec.lock().open.remove(&conn);
+            return Err(CallError(status));
+        }
+        self.conns.insert(conn, state);
+        Ok(Host::new(self.api).conn(conn))
+    }
+
+    /// Delivers one message. Like the server, a non-OK status closes the
+    /// connection with 1011, running `on_close`.
+    pub fn message(&mut self, conn: Conn, msg: Message<'_>) -> Result<(), CallError> {
+        let Some(&state) = self.conns.get(&conn.id()) else {
+            panic!("{conn:?} is not open in this TestHost");
+        };
+        let (kind, data) = match msg {
+            Message::Text(t) => (WSHD_MSG_TEXT, t.as_bytes()),
+            Message::Binary(b) => (WSHD_MSG_BINARY, b),
+        };
+        let on_message = self.desc.on_message.expect("on_message is required");
+        // SAFETY: a live handler and this connection's state; the payload is
+        // borrowed for the call.
+        let status = unsafe {
+            on_message(
+                self.handler,
+                state,
+                conn.id(),
+                kind,
+                data.as_ptr(),
+                data.len(),
+            )
+        };
+        if status != WSHD_OK {
+            self.close(conn, 1011, "");
+        }
+        CallError::check(status)
+    }
+
+    /// Ends a connection as if the peer closed it with `code` and `reason`:
+    /// the connection is removed first (sends now fail with `Closed`), then
+    /// `on_close` runs.
+    pub fn close(&mut self, conn: Conn, code: u16, reason: &str) {
+        let Some(state) = self.conns.remove(&conn.id()) else {
+            panic!("{conn:?} is not open in this TestHost");
+        };
+        self.rec.lock().open.remove(&conn.id());
+        if let Some(on_close) = self.desc.on_close {
+            // SAFETY: a live handler; the state is handed back exactly once.
+            unsafe {
+                on_close(
+                    self.handler,
+                    state,
+                    conn.id(),
+                    code,
+                    wshd_str::from_str(reason),
+                )
+            };
+        }
+    }
+
+    /// Whether the connection is open (opened and not yet closed).
+    pub fn is_open(&self, conn: Conn) -> bool {
+        self.conns.contains_key(&conn.id())
+    }
+
+    /// The connection's state, while it is open.
+    pub fn state(&self, conn: Conn) -> Option<&H::ConnState> {
+        let &state = self.conns.get(&conn.id())?;
+        // SAFETY: the Box t_on_open::<H> made for this connection; no
+        // callback runs while `&self` is borrowed.
+        Some(unsafe { &*state.cast::<H::ConnState>() })
+    }
+
+    /// Every message sent to `conn` so far.
+    pub fn sent(&self, conn: Conn) -> Vec<Sent> {
+        self.rec
+            .lock()
+            .sent
+            .get(&conn.id())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Takes the messages sent to `conn` so far.
+    pub fn take_sent(&mut self, conn: Conn) -> Vec<Sent> {
+        self.rec.lock().sent.remove(&conn.id()).unwrap_or_default()
+    }
+
+    /// Ping payloads sent to `conn`.
+    pub fn pings(&self, conn: Conn) -> Vec<Vec<u8>> {
+        self.rec
+            .lock()
+            .pings
+            .get(&conn.id())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The `(code, reason)` with which the handler asked to close `conn`.
+    pub fn close_request(&self, conn: Conn) -> Option<(u16, String)> {
+        self.rec.lock().close_requests.get(&conn.id()).cloned()
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<LogRecord> {
+        self.rec.lock().logs.clone()
+    }
+
+    /// Whether some log line so far contains `needle`.
+    pub fn logs_contain(&self, needle: &str) -> bool {
+        self.rec
+            .lock()
+            .logs
+            .iter()
+            .any(|r| r.message.contains(needle))
+    }
+
+    /// From now on every send, ping and close fails with `err` (`None`
+    /// restores normal behaviour), e.g. `Some(SendError::Backpressure)`.
+    pub fn set_send_error(&mut self, err: Option<SendError>) {
+        self.rec.lock().fail_with = err.map(|e| e.status());
+    }
+
+    /// Closes every open connection with 1001 "going away", runs `destroy`,
+    /// revokes the host table and returns every log line.
+    pub fn destroy(mut self) -> Vec<LogRecord> {
+        self.shut_down();
+        std::mem::take(&mut self.rec.lock().logs)
+    }
+
+    fn shut_down(&mut self) {
+        if self.handler.is_null() {
+            return;
+        }
+        let open: Vec<u64> = self.conns.keys().copied().collect();
+        for id in open {
+            self.close(Host::new(self.api).conn(id), 1001, "going away");
+        }
+        if let Some(destroy) = self.desc.destroy {
+            // SAFETY: no connection is left and no other call is running.
+            unsafe { destroy(self.handler) };
+        }
+        self.handler = std::ptr::null_mut();
+        self.rec.revoked.store(true, Ordering::Release);
+        let mut r = self.rec.lock();
+        r.sent.clear();
+        r.pings.clear();
+    }
+}
+
+impl<H: Handler> Drop for TestHost<H> {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+impl<H: Handler> fmt::Debug for TestHost<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestHost")
+            .field("table", &(self.table as *const wshd_host_api))
+            .field("open", &self.conns.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests;
