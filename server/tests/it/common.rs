@@ -1,0 +1,250 @@
+//! Shared test helpers: build the real handler cdylibs once, compile the C
+//! handlers, start `wshd` on port 0 and wait for it to be listening, and
+//! connect clients.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+pub type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// Builds every example handler once per test run, with the same cargo and
+/// target directory as the tests, and returns the directory holding the
+/// `lib*_wsh.so` files.
+pub fn built_handlers() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(repo_root())
+            .args(["build", "-q"])
+            .args(["-p", "echo-handler", "-p", "chat-handler", "-p", "origin-check-handler"])
+            .args(["-p", "testkit-handler", "-p", "blocking-handler"])
+            .status()
+            .expect("run cargo build for the handlers");
+        assert!(status.success(), "building the example handlers failed");
+        // Tests run from target/debug/deps.
+        let exe = std::env::current_exe().unwrap();
+        exe.parent().unwrap().parent().unwrap().to_owned()
+    })
+}
+
+/// Copies `lib<name>_wsh.so` from the build into `dir` under `as_name`.
+pub fn install(dir: &Path, name: &str, as_name: &str) -> PathBuf {
+    let src = built_handlers().join(format!("lib{name}_wsh.so"));
+    let dst = dir.join(as_name);
+    if let Some(p) = dst.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::copy(&src, &dst).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
+    dst
+}
+
+/// Compiles handlers/c/echo_wsh.c with extra `-D` flags into `out`.
+pub fn build_c(out: &Path, defines: &[&str]) {
+    let root = repo_root();
+    let status = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root.join("handler-api/include"))
+        .args(defines)
+        .arg(root.join("handlers/c/echo_wsh.c"))
+        .arg("-o")
+        .arg(out)
+        .status()
+        .expect("gcc is required to build the C handlers");
+    assert!(status.success(), "gcc failed for {}", out.display());
+}
+
+/// A running wshd process; killed on drop.
+pub struct Wshd {
+    pub child: Child,
+    pub addr: String,
+    pub log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Wshd {
+    /// Starts wshd on 127.0.0.1:0 serving `handlers`, with extra flags.
+    pub fn start(handlers: &Path, extra: &[&str]) -> Wshd {
+        Self::try_start(handlers, extra).unwrap_or_else(|log| panic!("wshd did not start:\n{log}"))
+    }
+
+    /// Like `start`, but returns the log if the process exits first.
+    pub fn try_start(handlers: &Path, extra: &[&str]) -> Result<Wshd, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let addr_file = dir.path().join("addr");
+        let log_path = dir.path().join("wshd.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wshd"))
+            .args(["-H", "127.0.0.1", "-p", "0", "--log-level", "debug", "-w"])
+            .arg(handlers)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn wshd");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file)
+                && a.ends_with('\n')
+            {
+                return Ok(Wshd {
+                    child,
+                    addr: a.trim().to_owned(),
+                    log_path,
+                    _dir: dir,
+                });
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                return Err(format!("exit {status}\n{}", std::fs::read_to_string(&log_path).unwrap_or_default()));
+            }
+            assert!(Instant::now() < deadline, "wshd not listening after 30 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Polls the log until it contains `needle` (real progress, not a sleep).
+    pub async fn wait_log(&self, needle: &str) -> String {
+        self.wait_log_count(needle, 1).await
+    }
+
+    /// Polls the log until `needle` appears at least `n` times.
+    pub async fn wait_log_count(&self, needle: &str, n: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= n {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "log never showed {n}x {needle:?}:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit and returns its status code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            assert!(Instant::now() < deadline, "wshd did not exit within {limit:?}:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Wshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn connect(url: &str) -> Client {
+    tokio_tungstenite::connect_async(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+        .0
+}
+
+/// The next data message, skipping pings and pongs.
+pub async fn recv(ws: &mut Client) -> Message {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("timed out waiting for a message")
+            .expect("stream ended")
+            .expect("websocket error");
+        if !matches!(m, Message::Ping(_) | Message::Pong(_)) {
+            return m;
+        }
+    }
+}
+
+pub async fn recv_text(ws: &mut Client) -> String {
+    match recv(ws).await {
+        Message::Text(t) => t.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+/// Reads until the server's close frame and returns its code and reason.
+pub async fn recv_close(ws: &mut Client) -> (u16, String) {
+    loop {
+        match recv(ws).await {
+            Message::Close(Some(f)) => return (u16::from(f.code), f.reason.to_string()),
+            Message::Close(None) => return (1005, String::new()),
+            _ => continue,
+        }
+    }
+}
+
+pub async fn echo_once(ws: &mut Client, text: &str) -> String {
+    ws.send(Message::text(text)).await.unwrap();
+    recv_text(ws).await
+}
+
+/// Sends a raw HTTP request and returns the whole response head and body.
+pub async fn raw_http(addr: &str, request: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    )
+}
+
+/// A handler directory with the standard example handlers installed.
+pub fn standard_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "echo", "libecho_wsh.so");
+    install(dir.path(), "chat", "libchat_wsh.so");
+    install(dir.path(), "origin_check", "liborigin_check_wsh.so");
+    install(dir.path(), "testkit", "libtestkit_wsh.so");
+    install(dir.path(), "blocking", "libblocking_wsh.so");
+    dir
+}
+
+/// Writes a config file into `dir` and returns its path.
+pub fn write_config(dir: &Path, body: &str) -> PathBuf {
+    let p = dir.join("wshd.toml");
+    std::fs::write(&p, body).unwrap();
+    p
+}

@@ -1,0 +1,154 @@
+//! Serving: routing, the handshake, the example handlers.
+
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn echo_text_binary_and_goodbye() {
+    let dir = standard_dir();
+    let srv = Wshd::start(dir.path(), &[]);
+    let mut ws = connect(&srv.url("/echo")).await;
+    assert_eq!(echo_once(&mut ws, "hello").await, "hello");
+    let blob: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    ws.send(Message::binary(blob.clone())).await.unwrap();
+    assert_eq!(recv(&mut ws).await, Message::binary(blob));
+    assert_eq!(echo_once(&mut ws, "Goodbye").await, "Goodbye");
+    assert_eq!(recv_close(&mut ws).await.0, 1000);
+    // The access line records the close.
+    srv.wait_log("close_code=1000").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_errors_are_clear() {
+    let dir = standard_dir();
+    let srv = Wshd::start(dir.path(), &[]);
+    let r = raw_http(&srv.addr, "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    let r = raw_http(&srv.addr, "GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 426"), "{r}");
+    assert!(r.contains("WebSocket endpoint"), "{r}");
+    let r = raw_http(&srv.addr, &upgrade_request("/echo", "Sec-WebSocket-Version: 8\r\n")).await;
+    assert!(r.starts_with("HTTP/1.1 426"), "{r}");
+    assert!(r.to_ascii_lowercase().contains("sec-websocket-version: 13"), "{r}");
+    let r = raw_http(
+        &srv.addr,
+        "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    let r = raw_http(&srv.addr, &upgrade_request("/echo", "Sec-WebSocket-Version: 13\r\n")).await;
+    assert!(r.starts_with("HTTP/1.1 101"), "{r}");
+    assert!(r.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "RFC 6455 sample accept key: {r}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_fans_out_to_every_member() {
+    let dir = standard_dir();
+    let srv = Wshd::start(dir.path(), &[]);
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(connect(&srv.url("/chat")).await);
+    }
+    // Every member must be registered before the broadcast.
+    srv.wait_log_count("joined", 3).await;
+    clients[0].send(Message::text("hi all")).await.unwrap();
+    for c in clients.iter_mut() {
+        assert!(recv_text(c).await.contains("hi all"));
+    }
+}
+
+fn origin_config(dir: &std::path::Path) -> std::path::PathBuf {
+    write_config(
+        dir,
+        r#"
+[[route]]
+path = "/oc"
+handler = "origin_check"
+allowed_origins = ["http://good.example", "null"]
+[route.config]
+allowed_origins = ["http://good.example", "null"]
+subprotocols = ["chat.v2", "chat.v1"]
+"#,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subprotocol_choice_and_origin_rejection() {
+    let dir = standard_dir();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = origin_config(cfg_dir.path());
+    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+
+    let mut req = srv.url("/oc").into_client_request().unwrap();
+    req.headers_mut().insert("Origin", HeaderValue::from_static("http://good.example"));
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("chat.v1, chat.v2"));
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "chat.v2", "server preference wins");
+    assert_eq!(echo_once(&mut ws, "x").await, "x");
+
+    // `null` is what a page opened from file:// sends.
+    let mut req = srv.url("/oc").into_client_request().unwrap();
+    req.headers_mut().insert("Origin", HeaderValue::from_static("null"));
+    assert!(tokio_tungstenite::connect_async(req).await.is_ok());
+
+    let r = raw_http(
+        &srv.addr,
+        &upgrade_request("/oc", "Sec-WebSocket-Version: 13\r\nOrigin: http://evil.example\r\n"),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    srv.wait_log("Origin not allowed").await;
+
+    // Unconfigured routes accept any Origin, including null.
+    let r = raw_http(&srv.addr, &upgrade_request("/echo", "Sec-WebSocket-Version: 13\r\nOrigin: null\r\n")).await;
+    assert!(r.starts_with("HTTP/1.1 101"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_so_serves_several_routes_with_their_own_config() {
+    let dir = standard_dir();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        cfg_dir.path(),
+        r#"
+[[route]]
+path = "/a"
+handler = "origin_check"
+aliases = ["/a2"]
+[route.config]
+subprotocols = ["alpha"]
+[[route]]
+path = "/b"
+handler = "origin_check"
+[route.config]
+subprotocols = ["beta"]
+"#,
+    );
+    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    for (path, proto) in [("/a", "alpha"), ("/a2", "alpha"), ("/b", "beta")] {
+        let mut req = srv.url(path).into_client_request().unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("alpha, beta"));
+        let (_ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(resp.headers()["sec-websocket-protocol"], proto, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_limit_message_gets_1009() {
+    let dir = standard_dir();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(cfg_dir.path(), "[limits]\nmax_message_size = \"4KiB\"\nmax_frame_size = \"4KiB\"\n");
+    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let mut ws = connect(&srv.url("/echo")).await;
+    let exact = "x".repeat(4096);
+    assert_eq!(echo_once(&mut ws, &exact).await, exact);
+    ws.send(Message::text("y".repeat(4097))).await.unwrap();
+    assert_eq!(recv_close(&mut ws).await.0, 1009);
+}
