@@ -1,0 +1,206 @@
+// The www/ pages in Debian's chromium (playwright-core), served by a real wshd.
+//
+// Env: CHROMIUM (default /usr/bin/chromium); WSHD_BIN / WSHD_TARGET_DIR as in tests/node.
+// A missing browser fails the run.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { chromium } from 'playwright-core';
+import { startWshd, configToml, REPO_ROOT } from '../node/lib/wshd.mjs';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const WWW = path.join(REPO_ROOT, 'www');
+const ARTIFACTS = path.join(HERE, 'artifacts');
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const WAIT = 15000;
+
+let site;      // serves www/ (and the handlers with the default config)
+let guarded;   // /origin_check allowing only the origin of `site`
+let context;
+let profileDir;
+const pageErrors = [];
+
+before(async () => {
+  if (!fs.existsSync(CHROMIUM)) {
+    throw new Error(`browser not found at ${CHROMIUM}: apt-get install -y chromium (or set CHROMIUM)`);
+  }
+  site = await startWshd({ docRoot: WWW });
+  guarded = await startWshd({
+    config: configToml({ allowedOrigins: [site.httpUrl], subprotocols: ['chat.v2', 'chat.v1'] }),
+  });
+  profileDir = fs.mkdtempSync(path.join(os.tmpdir(), 'wshd-chromium-'));
+  context = await chromium.launchPersistentContext(profileDir, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync'],
+    viewport: { width: 1100, height: 900 },
+    timeout: 60000,
+  });
+});
+
+after(async () => {
+  if (context) await context.close().catch(() => {});
+  if (site) await site.stop();
+  if (guarded) await guarded.stop();
+  if (profileDir) fs.rmSync(profileDir, { recursive: true, force: true });
+});
+
+async function newPage() {
+  const page = await context.newPage();
+  page.on('pageerror', (err) => pageErrors.push(String(err)));
+  return page;
+}
+
+function assertNoPageErrors() {
+  assert.deepEqual(pageErrors, [], 'JavaScript errors in the pages');
+}
+
+const logEntries = (page, dir) => page.locator(`#log li[data-dir="${dir}"] .body`);
+
+async function openConsole(route = '/echo') {
+  const page = await newPage();
+  const resp = await page.goto(`${site.httpUrl}/index.html`);
+  assert.equal(resp.status(), 200);
+  if (route !== '/echo') await page.fill('#route', route);
+  return page;
+}
+
+async function connectConsole(page) {
+  await page.click('#connect');
+  await page.locator('#ready-state').filter({ hasText: '1 OPEN' }).waitFor({ timeout: WAIT });
+}
+
+async function sendFromConsole(page, mode, text) {
+  await page.selectOption('#send-mode', mode);
+  await page.fill('#message', text);
+  await page.click('#send');
+}
+
+test('console: echo text and binary, then Goodbye closes with 1000', async () => {
+  const page = await openConsole();
+  assert.equal(await page.inputValue('#url'), site.wsUrl('/echo'));
+  await connectConsole(page);
+  assert.equal(await page.textContent('#protocol'), '(none)');
+
+  await sendFromConsole(page, 'text', 'hello from chromium');
+  await logEntries(page, 'received').filter({ hasText: 'text (19 bytes): hello from chromium' }).waitFor({ timeout: WAIT });
+
+  await sendFromConsole(page, 'hex', 'de ad be ef 00');
+  await logEntries(page, 'received').filter({ hasText: 'binary (5 bytes): de ad be ef 00' }).waitFor({ timeout: WAIT });
+
+  await sendFromConsole(page, 'utf8', 'AB');
+  await logEntries(page, 'received').filter({ hasText: 'binary (2 bytes): 41 42' }).waitFor({ timeout: WAIT });
+
+  // Bad hex is refused by the page, not sent.
+  const sentBefore = await logEntries(page, 'sent').count();
+  await sendFromConsole(page, 'hex', 'xyz');
+  await page.locator('#log li.error').filter({ hasText: 'not sent' }).waitFor({ timeout: WAIT });
+  assert.equal(await logEntries(page, 'sent').count(), sentBefore);
+
+  // A payload that would be markup stays text.
+  const markup = '<img src=x onerror="window.__xss=1"><b>bold</b>';
+  await sendFromConsole(page, 'text', markup);
+  await logEntries(page, 'received').filter({ hasText: markup }).waitFor({ timeout: WAIT });
+  assert.equal(await page.locator('#log img, #log b').count(), 0);
+  assert.equal(await page.evaluate(() => window.__xss), undefined);
+  // Updated live: it drops back to 0 once the browser has written everything.
+  await page.locator('#buffered-amount').filter({ hasText: /^0$/ }).waitFor({ timeout: WAIT });
+
+  await sendFromConsole(page, 'text', 'Goodbye');
+  await page.locator('#close-code-shown').filter({ hasText: /^1000$/ }).waitFor({ timeout: WAIT });
+  assert.equal(await page.textContent('#close-was-clean'), 'true');
+  assert.match(await page.textContent('#ready-state'), /3 CLOSED/);
+  await logEntries(page, 'event').filter({ hasText: 'close code=1000' }).waitFor({ timeout: WAIT });
+  assertNoPageErrors();
+  await page.close();
+});
+
+test('console: a client close with code 4000 and a reason', async () => {
+  const page = await openConsole();
+  await connectConsole(page);
+  await page.fill('#close-code', '4000');
+  await page.fill('#close-reason', 'done here');
+  await page.click('#close');
+  await page.locator('#ready-state').filter({ hasText: '3 CLOSED' }).waitFor({ timeout: WAIT });
+  assert.equal(await page.textContent('#close-code-shown'), '4000');
+  assert.equal(await page.textContent('#close-was-clean'), 'true');
+  assertNoPageErrors();
+  await page.close();
+});
+
+test('chat page: a message fans out to two pages', async () => {
+  const alice = await newPage();
+  const bob = await newPage();
+  await alice.goto(`${site.httpUrl}/chat.html?name=alice`);
+  await bob.goto(`${site.httpUrl}/chat.html?name=bob`);
+  for (const p of [alice, bob]) {
+    await p.locator('#status[data-state="open"]').waitFor({ timeout: WAIT });
+  }
+  await alice.fill('#text', 'hi bob <i>not markup</i>');
+  await alice.press('#text', 'Enter');
+  for (const p of [alice, bob]) {
+    const line = p.locator('#messages li').filter({ hasText: 'hi bob <i>not markup</i>' });
+    await line.waitFor({ timeout: WAIT });
+    assert.equal(await line.locator('.name').textContent(), 'alice:');
+    assert.equal(await p.locator('#messages i').count(), 0);
+  }
+  await bob.fill('#text', 'hello alice');
+  await bob.click('#send');
+  await alice.locator('#messages li').filter({ hasText: 'bob:hello alice' }).waitFor({ timeout: WAIT });
+  assertNoPageErrors();
+  await alice.close();
+  await bob.close();
+});
+
+test('console: /origin_check with an unsupported subprotocol shows error and close 1006', async () => {
+  const page = await openConsole('/origin_check');
+  // The page's origin (site) is allowed by `guarded`; only the subprotocol is wrong.
+  await page.fill('#url', guarded.wsUrl('/origin_check'));
+  await page.fill('#protocols', 'chat.v1, chat.v2');
+  await connectConsole(page);
+  assert.equal(await page.textContent('#protocol'), 'chat.v2');
+  await page.click('#disconnect');
+  await page.locator('#ready-state').filter({ hasText: '3 CLOSED' }).waitFor({ timeout: WAIT });
+
+  await page.click('#clear-log');
+  await page.fill('#protocols', 'chat.v9');
+  await page.click('#connect');
+  await page.locator('#close-code-shown').filter({ hasText: /^1006$/ }).waitFor({ timeout: WAIT });
+  assert.equal(await page.textContent('#close-was-clean'), 'false');
+  await logEntries(page, 'event').filter({ hasText: /^error/ }).waitFor({ timeout: WAIT });
+  await logEntries(page, 'event').filter({ hasText: 'close code=1006' }).waitFor({ timeout: WAIT });
+  assertNoPageErrors();
+  await page.close();
+});
+
+test('console: opened from file:// it proposes a local URL', async () => {
+  const page = await newPage();
+  await page.goto(pathToFileURL(path.join(WWW, 'index.html')).href);
+  assert.match(await page.inputValue('#url'), /^ws:\/\/127\.0\.0\.1:\d+\/echo$/);
+  await page.fill('#route', '/chat');
+  assert.match(await page.inputValue('#url'), /^ws:\/\/127\.0\.0\.1:\d+\/chat$/);
+  assertNoPageErrors();
+  await page.close();
+});
+
+test('console: screenshot after a session', async () => {
+  const page = await openConsole();
+  await page.fill('#protocols', '');
+  await connectConsole(page);
+  await sendFromConsole(page, 'text', 'Hello, wshd!');
+  await logEntries(page, 'received').filter({ hasText: 'Hello, wshd!' }).waitFor({ timeout: WAIT });
+  await sendFromConsole(page, 'hex', '00 01 02 fe ff');
+  await logEntries(page, 'received').filter({ hasText: '00 01 02 fe ff' }).waitFor({ timeout: WAIT });
+  await sendFromConsole(page, 'text', 'Goodbye');
+  await page.locator('#close-code-shown').filter({ hasText: /^1000$/ }).waitFor({ timeout: WAIT });
+  fs.mkdirSync(ARTIFACTS, { recursive: true });
+  const file = path.join(ARTIFACTS, 'console.png');
+  await page.screenshot({ path: file, fullPage: true });
+  assert.ok(fs.statSync(file).size > 1000, 'screenshot is suspiciously small');
+  assertNoPageErrors();
+  await page.close();
+});

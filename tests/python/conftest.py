@@ -1,0 +1,154 @@
+"""Start one real wshd for the whole pytest session.
+
+Env: WSHD_BIN (default target/debug/wshd) and WSHD_TARGET_DIR (default
+target/debug), relative paths taken from the repository root.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HANDLERS = ("libecho_wsh.so", "libchat_wsh.so", "liborigin_check_wsh.so")
+MAX_MESSAGE_SIZE = 1024 * 1024
+ALLOWED_ORIGIN = "http://allowed.example"
+DOC_FILE_BODY = b"hello from the doc root\n"
+
+
+def config_toml(allowed_origins=(ALLOWED_ORIGIN,), subprotocols=("chat.v2", "chat.v1")) -> str:
+    """The config file text: the one place to follow the server's config format."""
+
+    def toml_list(xs):
+        return "[" + ", ".join('"' + x + '"' for x in xs) + "]"
+
+    return "\n".join(
+        [
+            "[limits]",
+            'max_message_size = "1MiB"',
+            "",
+            "[[route]]",
+            'path = "/origin_check"',
+            'handler = "origin_check"',
+            "[route.config]",
+            f"allowed_origins = {toml_list(allowed_origins)}",
+            f"subprotocols = {toml_list(subprotocols)}",
+            "",
+        ]
+    )
+
+
+def _from_root(p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+@dataclass
+class Wshd:
+    host: str
+    port: int
+    tmp: Path
+    log_path: Path
+
+    def ws_url(self, route: str) -> str:
+        return f"ws://{self.host}:{self.port}{route}"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+_children: list[subprocess.Popen] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for child in _children:
+        if child.poll() is None:
+            child.kill()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def wshd():
+    bin_path = _from_root(os.environ.get("WSHD_BIN", "target/debug/wshd"))
+    target_dir = _from_root(os.environ.get("WSHD_TARGET_DIR", "target/debug"))
+    if not bin_path.exists():
+        pytest.fail(f"wshd binary not found: {bin_path} (build it, or set WSHD_BIN)", pytrace=False)
+
+    tmp = Path(tempfile.mkdtemp(prefix="wshd-py-"))
+    proc = None
+    try:
+        handler_dir = tmp / "handlers"
+        handler_dir.mkdir()
+        for so in HANDLERS:
+            src = target_dir / so
+            if not src.exists():
+                pytest.fail(f"handler not found: {src} (build the handlers, or set WSHD_TARGET_DIR)", pytrace=False)
+            shutil.copy2(src, handler_dir / so)
+        doc_root = tmp / "www"
+        doc_root.mkdir()
+        (doc_root / "hello.txt").write_bytes(DOC_FILE_BODY)
+        config = tmp / "wshd.toml"
+        config.write_text(config_toml())
+        addr_file = tmp / "addr"
+        log_path = tmp / "wshd.log"
+
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [
+                    str(bin_path), "-H", "127.0.0.1", "-p", "0",
+                    "-w", str(handler_dir), "-d", str(doc_root),
+                    "--config", str(config), "--addr-file", str(addr_file),
+                    "--log-level", "info",
+                ],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        _children.append(proc)
+
+        # Wait for the address file; a complete one ends with a newline.
+        deadline = time.monotonic() + 30
+        addr = None
+        while addr is None:
+            if proc.poll() is not None:
+                pytest.fail(f"wshd exited with {proc.returncode} before listening:\n{log_path.read_text(errors='replace')}",
+                            pytrace=False)
+            if time.monotonic() > deadline:
+                pytest.fail(f"wshd wrote no {addr_file} within 30 s:\n{log_path.read_text(errors='replace')}",
+                            pytrace=False)
+            try:
+                text = addr_file.read_text()
+                if text.endswith("\n"):
+                    addr = text.strip()
+            except FileNotFoundError:
+                pass
+            if addr is None:
+                time.sleep(0.02)
+        host, _, port = addr.rpartition(":")
+        server = Wshd(host=host.strip("[]"), port=int(port), tmp=tmp, log_path=log_path)
+        yield server
+    finally:
+        if proc is not None:
+            _stop(proc)
+            if os.environ.get("WSHD_TEST_VERBOSE"):
+                print((tmp / "wshd.log").read_text(errors="replace"))
+        shutil.rmtree(tmp, ignore_errors=True)
