@@ -108,7 +108,7 @@ EOF
 
   ADDR_FILE="$WORK/addr"
   "$BIN" -H 127.0.0.1 -p 0 -w "$HANDLERS" --config "$CONFIG" \
-    --addr-file "$ADDR_FILE" --log-level "${WSHD_LOG_LEVEL:-warn}" \
+    --addr-file "$ADDR_FILE" --log-level "${WSHD_LOG_LEVEL:-warn}" --no-watch \
     >"$REPORTS/wshd.log" 2>&1 &
   SERVER_PID=$!
 
