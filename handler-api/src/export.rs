@@ -62,7 +62,6 @@ macro_rules! export_handler {
 
             /// The wshd ABI v1 entry point: returns this handler's static
             /// descriptor. No side effects.
-            #[allow(unsafe_code)]
             #[unsafe(no_mangle)]
             pub extern "C" fn wshd_entry_v1() -> *const $crate::abi::wshd_descriptor {
                 &DESCRIPTOR
