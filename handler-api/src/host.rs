@@ -215,7 +215,15 @@ impl std::error::Error for SendError {}
 
 #[cfg(test)]
 mod tests {
-    use super::SendError;
+    use super::{Conn, Host, SendError};
+
+    #[test]
+    fn handles_are_copy_send_sync() {
+        fn copy_send_sync<T: Copy + Send + Sync + 'static>() {}
+        copy_send_sync::<Host>();
+        copy_send_sync::<Conn>();
+        copy_send_sync::<SendError>();
+    }
 
     #[test]
     fn status_codes_round_trip() {

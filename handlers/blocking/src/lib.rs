@@ -2,8 +2,9 @@
 //! the `MAY_BLOCK` flag, so the server runs its callbacks on a separate
 //! thread pool instead of its async workers.
 //!
-//! Text `sleep <ms>` sleeps that many milliseconds (at most 10000) with
-//! `std::thread::sleep`, then replies `slept <ms>` (the capped value).
+//! Text `sleep <ms>` logs `blocking: conn <id> sleeping <ms> ms` (info),
+//! sleeps that many milliseconds (at most 10000) with `std::thread::sleep`,
+//! then replies `slept <ms>` (the capped value).
 //! Everything else, text or binary, is echoed.
 //!
 //! Build: `cargo build --release -p blocking-handler` →
@@ -49,6 +50,7 @@ impl Handler for Blocking {
     fn message(&self, _state: &mut (), conn: Conn, msg: Message<'_>) -> Result<(), String> {
         let result = match msg.as_text().and_then(sleep_request) {
             Some(ms) => {
+                log::info!("blocking: conn {} sleeping {ms} ms", conn.id());
                 std::thread::sleep(Duration::from_millis(ms));
                 conn.send_text(&format!("slept {ms}"))
             }
@@ -76,6 +78,7 @@ mod tests {
         let started = Instant::now();
         t.message(c, Message::Text("sleep 30")).unwrap();
         assert!(started.elapsed() >= Duration::from_millis(30));
+        assert!(t.logs_contain(&format!("blocking: conn {} sleeping 30 ms", c.id())));
         t.message(c, Message::Text("sleep x")).unwrap();
         t.message(c, Message::Binary(b"sleep 5")).unwrap();
         assert_eq!(

@@ -3,9 +3,10 @@
 //! echoes every message.
 //!
 //! In the opening handshake:
-//! * no `Origin` header, or one not listed in `allowed_origins` (exact
-//!   `scheme://host[:port]` match; `"null"` may be listed) → HTTP 403, with a
-//!   body naming the origin;
+//! * if `allowed_origins` is configured: no `Origin` header, or one not
+//!   listed (exact `scheme://host[:port]` match; `"null"` may be listed) →
+//!   HTTP 403, with a body naming the origin. Without `allowed_origins` any
+//!   Origin (or none) is accepted, and only the subprotocol is negotiated;
 //! * the client offered subprotocols → the first entry of `subprotocols`
 //!   (the server's preference order) that the client offered is selected;
 //!   if none matches → HTTP 400 naming both lists;
@@ -15,8 +16,8 @@
 //! `target/release/liborigin_check_wsh.so` (serves the handler named
 //! `origin_check`).
 //!
-//! Enable it with a route whose config lists the origins (required) and the
-//! subprotocols (optional):
+//! Enable it with a route whose config lists the origins and the
+//! subprotocols (both optional):
 //!
 //! ```toml
 //! [[route]]
@@ -38,8 +39,8 @@ use wshd_handler_api::{
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
-    /// Exact origins to accept.
-    allowed_origins: Vec<String>,
+    /// Exact origins to accept; `None`: any.
+    allowed_origins: Option<Vec<String>>,
     /// Supported subprotocols, most preferred first.
     #[serde(default)]
     subprotocols: Vec<String>,
@@ -47,7 +48,8 @@ struct Config {
 
 /// The origin-checking echo handler.
 pub struct OriginCheck {
-    allowed_origins: Vec<String>,
+    /// `None`: no origin check.
+    allowed_origins: Option<Vec<String>>,
     subprotocols: Vec<String>,
 }
 
@@ -65,14 +67,16 @@ impl Handler for OriginCheck {
     fn init(_host: Host, config: &str) -> Result<Self, String> {
         let config: Config = toml::from_str(config)
             .map_err(|e| format!("origin_check: bad route config: {}", e.message().trim()))?;
-        if config.allowed_origins.is_empty() {
-            log::warn!(
-                "origin_check: allowed_origins is empty, so every handshake will be rejected"
-            );
-        }
+        let origins = match &config.allowed_origins {
+            None => "any (allowed_origins not set)".to_owned(),
+            Some(allowed) if allowed.is_empty() => {
+                log::warn!("origin_check: allowed_origins is empty: every handshake is rejected");
+                "(none)".to_owned()
+            }
+            Some(allowed) => allowed.join(", "),
+        };
         log::info!(
-            "origin_check ready: origins {}; subprotocols {}",
-            list(&config.allowed_origins),
+            "origin_check ready: origins {origins}; subprotocols {}",
             list(&config.subprotocols)
         );
         Ok(OriginCheck {
@@ -93,15 +97,14 @@ impl Handler for OriginCheck {
             );
             resp.reject(status, &body).map_err(|e| e.to_string())
         };
-        let Some(origin) = req.origin() else {
-            return refuse(resp, 403, "origin_check: no Origin header".to_owned());
-        };
-        if !self.allowed_origins.iter().any(|allowed| allowed == origin) {
-            return refuse(
-                resp,
-                403,
-                format!("origin_check: origin {origin} is not allowed"),
-            );
+        if let Some(allowed) = &self.allowed_origins {
+            let Some(origin) = req.origin() else {
+                return refuse(resp, 403, "origin_check: no Origin header".to_owned());
+            };
+            if !allowed.iter().any(|a| a == origin) {
+                let body = format!("origin_check: origin {origin} is not allowed");
+                return refuse(resp, 403, body);
+            }
         }
         if req.subprotocols().len() == 0 {
             return Ok(());
@@ -233,12 +236,21 @@ subprotocols = ["chat.v2", "chat.v1"]
     }
 
     #[test]
+    fn without_allowed_origins_any_origin_passes() {
+        let mut t = TestHost::<OriginCheck>::init("subprotocols = [\"alpha\"]").unwrap();
+        assert!(t.logs_contain("origins any (allowed_origins not set)"));
+        assert!(t.handshake(&Handshake::new("/oc")).accepted());
+        let out = t.handshake(&from("http://anything.example").subprotocols(["beta", "alpha"]));
+        assert_eq!(out.subprotocol.as_deref(), Some("alpha"));
+        // No config at all: an echo that accepts handshakes without subprotocols.
+        let mut t = TestHost::<OriginCheck>::init("").unwrap();
+        assert!(t.handshake(&Handshake::new("/oc")).accepted());
+        let out = t.handshake(&Handshake::new("/oc").subprotocols(["x"]));
+        assert_eq!(out.rejected.map(|r| r.0), Some(400));
+    }
+
+    #[test]
     fn config_errors_fail_init() {
-        let err = TestHost::<OriginCheck>::init("").unwrap_err();
-        assert!(
-            err.logs_contain("origin_check: bad route config: missing field `allowed_origins`"),
-            "{err}"
-        );
         let err = TestHost::<OriginCheck>::init("allowed_origins = []\nfoo = 1").unwrap_err();
         assert!(err.logs_contain("unknown field `foo`"), "{err}");
         let err = TestHost::<OriginCheck>::init("allowed_origins = \"x\"").unwrap_err();
