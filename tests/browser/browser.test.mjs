@@ -151,6 +151,8 @@ test('chat page: a message fans out to two pages', async () => {
   await bob.fill('#text', 'hello alice');
   await bob.click('#send');
   await alice.locator('#messages li').filter({ hasText: 'bob:hello alice' }).waitFor({ timeout: WAIT });
+  fs.mkdirSync(ARTIFACTS, { recursive: true });
+  await alice.screenshot({ path: path.join(ARTIFACTS, 'chat.png') });
   assertNoPageErrors();
   await alice.close();
   await bob.close();

@@ -22,6 +22,7 @@ HANDLERS = ("libecho_wsh.so", "libchat_wsh.so", "liborigin_check_wsh.so")
 MAX_MESSAGE_SIZE = 1024 * 1024
 ALLOWED_ORIGIN = "http://allowed.example"
 DOC_FILE_BODY = b"hello from the doc root\n"
+DOC_HTML_BODY = b"<!DOCTYPE html><title>t</title><p>page</p>\n"
 
 
 def config_toml(allowed_origins=(ALLOWED_ORIGIN,), subprotocols=("chat.v2", "chat.v1")) -> str:
@@ -108,6 +109,9 @@ def wshd():
         doc_root = tmp / "www"
         doc_root.mkdir()
         (doc_root / "hello.txt").write_bytes(DOC_FILE_BODY)
+        (doc_root / "page.html").write_bytes(DOC_HTML_BODY)
+        (doc_root / "sub").mkdir()
+        (doc_root / "escape.toml").symlink_to(tmp / "wshd.toml")  # leaves the root
         config = tmp / "wshd.toml"
         config.write_text(config_toml())
         addr_file = tmp / "addr"

@@ -11,7 +11,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidStatus
 
-from conftest import ALLOWED_ORIGIN, DOC_FILE_BODY, MAX_MESSAGE_SIZE
+from conftest import ALLOWED_ORIGIN, DOC_FILE_BODY, DOC_HTML_BODY, MAX_MESSAGE_SIZE
 
 TIMEOUT = 30  # seconds for any single wait
 
@@ -227,12 +227,13 @@ async def test_unknown_route_404(wshd):
     assert await handshake_status(wshd, "/no-such-route") == 404
 
 
-def _http(wshd, method, path):
+def _http(wshd, method, path, with_headers=False):
     conn = http.client.HTTPConnection(wshd.host, wshd.port, timeout=TIMEOUT)
     try:
         conn.request(method, path)
         resp = conn.getresponse()
-        return resp.status, resp.read()
+        result = (resp.status, resp.read())
+        return result + (resp.headers,) if with_headers else result
     finally:
         conn.close()
 
@@ -246,3 +247,22 @@ def test_static_files(wshd):
     assert _http(wshd, "GET", "/hello.txt") == (200, DOC_FILE_BODY)
     assert _http(wshd, "HEAD", "/hello.txt") == (200, b"")
     assert _http(wshd, "GET", "/missing.txt")[0] == 404
+
+
+def test_static_html_content_type(wshd):
+    status, body, headers = _http(wshd, "GET", "/page.html", with_headers=True)
+    assert status == 200
+    assert body == DOC_HTML_BODY
+    assert headers.get("Content-Type", "").startswith("text/html")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/escape.toml", "/../wshd.toml", "/%2e%2e/wshd.toml", "/..%2fwshd.toml", "/sub/../../wshd.toml", "/%2E%2E%2Fwshd.toml"],
+)
+def test_static_paths_outside_the_root_are_404(wshd, path):
+    # wshd.toml sits in the parent of the doc root (see conftest).
+    assert (wshd.tmp / "wshd.toml").exists()
+    status, body = _http(wshd, "GET", path)
+    assert status == 404
+    assert b"max_message_size" not in body
