@@ -65,7 +65,11 @@ pub fn init(level: &str, file: Option<&Path>) -> anyhow::Result<LogHandle> {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     match file {
         None => {
-            builder.with_writer(std::io::stderr).init();
+            use std::io::IsTerminal;
+            builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .init();
             Ok(LogHandle::default())
         }
         Some(path) => {

@@ -154,6 +154,9 @@ pub async fn run(
                 settings = candidate;
                 settings.listen = listen;
             }
+            Err(e) if mode == Mode::Config => {
+                tracing::error!("config reload failed, keeping the running configuration: {e}")
+            }
             Err(e) => tracing::error!("reload refused, nothing changed: {e}"),
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);

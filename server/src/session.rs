@@ -263,7 +263,9 @@ async fn run_inner(
         inst.close(st, id, close.code, close.reason.clone()).await;
     }
     inst.live.fetch_sub(1, Ordering::Relaxed);
-    let _ = ws.close(None).await;
+    // Dropping `ws` closes the socket; tungstenite already sent or answered
+    // the close frame.
+    drop(ws);
     tracing::info!(
         duration_ms = started.elapsed().as_millis() as u64,
         msgs_in = stats.msgs_in,
@@ -291,6 +293,9 @@ fn protocol_close(e: &WsError) -> Option<(u16, &'static str)> {
         WsError::Capacity(CapacityError::MessageTooLong { .. }) => Some((1009, "message too big")),
         WsError::Capacity(_) => Some((1009, "frame too big")),
         WsError::Utf8(_) => Some((1007, "invalid UTF-8 in text message")),
+        // A peer that drops TCP without a close frame is not a protocol
+        // violation to answer; it is gone (1006).
+        WsError::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => None,
         WsError::Protocol(_) => Some((1002, "protocol error")),
         _ => None,
     }
