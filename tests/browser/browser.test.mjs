@@ -122,6 +122,11 @@ test('console: echo text and binary, then Goodbye closes with 1000', async () =>
 test('console: a client close with code 4000 and a reason', async () => {
   const page = await openConsole();
   await connectConsole(page);
+  // A code the browser may not send is refused by the page, and the connection stays open.
+  await page.fill('#close-code', '999');
+  await page.click('#close');
+  await page.locator('#log li.error').filter({ hasText: 'close refused by the browser' }).waitFor({ timeout: WAIT });
+  assert.match(await page.textContent('#ready-state'), /1 OPEN/);
   await page.fill('#close-code', '4000');
   await page.fill('#close-reason', 'done here');
   await page.click('#close');
@@ -175,6 +180,15 @@ test('console: /origin_check with an unsupported subprotocol shows error and clo
   assert.equal(await page.textContent('#close-was-clean'), 'false');
   await logEntries(page, 'event').filter({ hasText: /^error/ }).waitFor({ timeout: WAIT });
   await logEntries(page, 'event').filter({ hasText: 'close code=1006' }).waitFor({ timeout: WAIT });
+  assertNoPageErrors();
+  await page.close();
+});
+
+test('console: a malformed URL is reported, not thrown', async () => {
+  const page = await openConsole();
+  await page.fill('#url', 'ftp://127.0.0.1/echo');
+  await page.click('#connect');
+  await page.locator('#log li.error').filter({ hasText: 'cannot connect' }).waitFor({ timeout: WAIT });
   assertNoPageErrors();
   await page.close();
 });

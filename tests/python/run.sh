@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
+if ! .venv/bin/python -c 'import sys' >/dev/null 2>&1; then
+  rm -rf .venv
   "$PY" -m venv .venv
 fi
 if ! cmp -s requirements.txt .venv/.requirements.installed; then
