@@ -6,4 +6,4 @@ cd "$(dirname "$0")"
 if [ ! -d node_modules/ws ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi
-exec node --test --test-reporter=spec --test-timeout=120000 test/*.test.mjs
+exec node --test --test-reporter=spec test/*.test.mjs

@@ -10,6 +10,7 @@ import WebSocket from 'ws';
 import { startWshd, configToml, MAX_MESSAGE_SIZE } from '../lib/wshd.mjs';
 
 const ALLOWED = 'http://allowed.example';
+const T = { timeout: 120000 }; // per test, so no runner flag is needed
 let server;
 let docRoot;
 
@@ -21,10 +22,9 @@ before(async () => {
 
 after(async () => {
   if (server) {
-    const exit = await server.stop();
+    await server.stop();
     if (process.env.WSHD_TEST_VERBOSE) console.log(server.log());
     server = null;
-    void exit;
   }
   if (docRoot) fs.rmSync(docRoot, { recursive: true, force: true });
 });
@@ -107,7 +107,7 @@ async function closeQuietly(ws) {
 
 // --- /echo ---------------------------------------------------------------
 
-test('echo: text and binary round trip', async () => {
+test('echo: text and binary round trip', T, async () => {
   const ws = await connect('/echo');
   ws.send('héllo wörld ✓');
   let m = await nextMessage(ws);
@@ -127,7 +127,7 @@ test('echo: text and binary round trip', async () => {
   await closeQuietly(ws);
 });
 
-test('echo: a message of exactly the configured maximum is echoed', async () => {
+test('echo: a message of exactly the configured maximum is echoed', T, async () => {
   const ws = await connect('/echo');
   const big = Buffer.alloc(MAX_MESSAGE_SIZE);
   for (let i = 0; i < big.length; i++) big[i] = (i * 31 + 7) & 0xff;
@@ -145,14 +145,14 @@ test('echo: a message of exactly the configured maximum is echoed', async () => 
   await closeQuietly(ws);
 });
 
-test('echo: one byte over the maximum closes with 1009', async () => {
+test('echo: one byte over the maximum closes with 1009', T, async () => {
   const ws = await connect('/echo');
   ws.send(Buffer.alloc(MAX_MESSAGE_SIZE + 1, 0x61));
   const c = await closed(ws, 30000);
   assert.equal(c.code, 1009);
 });
 
-test('echo: a fragmented message is reassembled', async () => {
+test('echo: a fragmented message is reassembled', T, async () => {
   const ws = await connect('/echo');
   ws.send('Hel', { fin: false });
   ws.send('lo, ', { fin: false });
@@ -170,7 +170,7 @@ test('echo: a fragmented message is reassembled', async () => {
   await closeQuietly(ws);
 });
 
-test('echo: fragments adding up to more than the maximum close with 1009', async () => {
+test('echo: fragments adding up to more than the maximum close with 1009', T, async () => {
   const ws = await connect('/echo');
   const half = Buffer.alloc(MAX_MESSAGE_SIZE / 2, 0x62);
   ws.send(half, { binary: true, fin: false });
@@ -180,7 +180,7 @@ test('echo: fragments adding up to more than the maximum close with 1009', async
   assert.equal(c.code, 1009);
 });
 
-test('echo: ping is answered with a pong carrying the same payload', async () => {
+test('echo: ping is answered with a pong carrying the same payload', T, async () => {
   const ws = await connect('/echo');
   const pong = once(ws, 'pong');
   ws.ping(Buffer.from('ping-42'));
@@ -189,7 +189,7 @@ test('echo: ping is answered with a pong carrying the same payload', async () =>
   await closeQuietly(ws);
 });
 
-test('echo: "Goodbye" is echoed, then the server closes with 1000', async () => {
+test('echo: "Goodbye" is echoed, then the server closes with 1000', T, async () => {
   const ws = await connect('/echo');
   ws.send('Goodbye');
   const m = await nextMessage(ws);
@@ -198,7 +198,7 @@ test('echo: "Goodbye" is echoed, then the server closes with 1000', async () => 
   assert.equal(c.code, 1000);
 });
 
-test('echo: a client close 4000 with a reason gets the server\'s close reply', async () => {
+test('echo: a client close 4000 with a reason gets the server\'s close reply', T, async () => {
   const ws = await connect('/echo');
   ws.close(4000, 'client says bye');
   const c = await closed(ws);
@@ -208,7 +208,7 @@ test('echo: a client close 4000 with a reason gets the server\'s close reply', a
 
 // --- /chat ---------------------------------------------------------------
 
-test('chat: a message reaches every connection, sender included', async () => {
+test('chat: a message reaches every connection, sender included', T, async () => {
   const a = await connect('/chat');
   const b = await connect('/chat');
   a.send('hi from a');
@@ -220,7 +220,7 @@ test('chat: a message reaches every connection, sender included', async () => {
 
 // --- /origin_check -------------------------------------------------------
 
-test('origin_check: the server\'s preferred offered subprotocol is chosen', async () => {
+test('origin_check: the server\'s preferred offered subprotocol is chosen', T, async () => {
   let ws = await connect('/origin_check', ['chat.v1', 'chat.v2'], { origin: ALLOWED });
   assert.equal(ws.protocol, 'chat.v2');
   await closeQuietly(ws);
@@ -230,27 +230,27 @@ test('origin_check: the server\'s preferred offered subprotocol is chosen', asyn
   await closeQuietly(ws);
 });
 
-test('origin_check: an offer with no supported subprotocol is refused with 400', async () => {
+test('origin_check: an offer with no supported subprotocol is refused with 400', T, async () => {
   assert.equal(await handshakeStatus('/origin_check', ['chat.v3'], { origin: ALLOWED }), 400);
 });
 
-test('origin_check: a disallowed or missing Origin is refused with 403', async () => {
+test('origin_check: a disallowed or missing Origin is refused with 403', T, async () => {
   assert.equal(await handshakeStatus('/origin_check', ['chat.v1'], { origin: 'http://evil.example' }), 403);
   assert.equal(await handshakeStatus('/origin_check', ['chat.v1']), 403);
 });
 
 // --- HTTP side -----------------------------------------------------------
 
-test('http: unknown WebSocket path is 404', async () => {
+test('http: unknown WebSocket path is 404', T, async () => {
   assert.equal(await handshakeStatus('/no-such-route'), 404);
 });
 
-test('http: a plain GET on a handler path is 426', async () => {
+test('http: a plain GET on a handler path is 426', T, async () => {
   const r = await httpRequest('GET', '/echo');
   assert.equal(r.status, 426);
 });
 
-test('http: static files from the doc root; 404 for a missing one', async () => {
+test('http: static files from the doc root; 404 for a missing one', T, async () => {
   const r = await httpRequest('GET', '/hello.txt');
   assert.equal(r.status, 200);
   assert.equal(r.body, 'hello from the doc root\n');
