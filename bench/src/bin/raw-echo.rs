@@ -1,0 +1,83 @@
+//! raw-echo: the raw tokio-tungstenite peer (`/echo` and `/chat`).
+//!
+//! ```text
+//! raw-echo --port 0 --addr-file /tmp/raw.addr [--read-buffer-size 4096]
+//! ```
+//!
+//! Prints `listening on HOST:PORT` once bound and, with `--addr-file`, writes
+//! `HOST:PORT` to that file (atomically, via a rename) so a runner can wait
+//! for it instead of sleeping. Stops on SIGINT or SIGTERM.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use bench::limits;
+use bench::raw_server::{RawConfig, RawServer};
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Raw tokio-tungstenite echo and chat server, the floor for wshd's figures.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to bind.
+    #[arg(short = 'H', long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    host: IpAddr,
+    /// Port to bind; 0 picks a free one.
+    #[arg(short, long, default_value_t = 0)]
+    port: u16,
+    /// Write the bound `host:port` to this file once listening.
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+    /// tungstenite read buffer size per connection, in bytes (library
+    /// default: 128 KiB).
+    #[arg(long)]
+    read_buffer_size: Option<usize>,
+    /// Runtime worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    limits::raise_nofile();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = args.threads {
+        runtime.worker_threads(threads.max(1));
+    }
+    runtime.enable_all().build()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut websocket = WebSocketConfig::default();
+    if let Some(size) = args.read_buffer_size {
+        websocket = websocket.read_buffer_size(size);
+    }
+    let listener = TcpListener::bind(SocketAddr::new(args.host, args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+    let bound = listener.local_addr()?;
+    if let Some(path) = &args.addr_file {
+        let partial = path.with_extension("partial");
+        std::fs::write(&partial, bound.to_string())
+            .with_context(|| format!("writing {}", partial.display()))?;
+        std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("listening on {bound}");
+
+    let server = RawServer::new(RawConfig { websocket });
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        result = server.clone().serve(listener) => result.context("accepting")?,
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    let lagged = server.chat_lagged();
+    if lagged > 0 {
+        eprintln!("raw-echo: {lagged} chat broadcasts were dropped for lagging receivers");
+    }
+    Ok(())
+}

@@ -1,0 +1,441 @@
+//! The servers under test: how each is prepared, started, found and stopped.
+//!
+//! Every peer serves an echo route, and optionally a chat route, on its own
+//! loopback port. A started peer is a [`RunningPeer`], which owns the child
+//! process and stops it (SIGTERM, then SIGKILL) when dropped, so no server
+//! outlives the runner's error paths.
+
+use std::fs::{self, File};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rustix::process::{Pid, Signal, kill_process};
+
+/// How long a server may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The pinned pywebsocket3 release from PyPI.
+pub const PYWEBSOCKET_VERSION: &str = "4.0.2";
+
+/// Which server a peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    /// wshd with the echo and chat handlers loaded through the C ABI.
+    Wshd,
+    /// raw-echo with the library's default read buffer.
+    Raw,
+    /// raw-echo with a 4 KiB read buffer: the reference for wshd's targets.
+    Raw4k,
+    /// Node's `ws` package.
+    NodeWs,
+    /// pywebsocket3 standalone with its example echo handler.
+    Pywebsocket,
+}
+
+impl PeerKind {
+    /// Every peer, in table order.
+    pub const ALL: [PeerKind; 5] = [
+        PeerKind::Wshd,
+        PeerKind::Raw,
+        PeerKind::Raw4k,
+        PeerKind::NodeWs,
+        PeerKind::Pywebsocket,
+    ];
+
+    /// The short name used on the command line and in results.
+    pub fn key(self) -> &'static str {
+        match self {
+            PeerKind::Wshd => "wshd",
+            PeerKind::Raw => "raw",
+            PeerKind::Raw4k => "raw4k",
+            PeerKind::NodeWs => "ws",
+            PeerKind::Pywebsocket => "pyws",
+        }
+    }
+
+    /// The name shown in the report.
+    pub fn title(self) -> &'static str {
+        match self {
+            PeerKind::Wshd => "wshd (C ABI echo/chat)",
+            PeerKind::Raw => "raw tokio-tungstenite (default buffers)",
+            PeerKind::Raw4k => "raw tokio-tungstenite (4 KiB read buffer)",
+            PeerKind::NodeWs => "Node ws",
+            PeerKind::Pywebsocket => "pywebsocket3",
+        }
+    }
+
+    /// Parses a key.
+    pub fn from_key(key: &str) -> Option<PeerKind> {
+        PeerKind::ALL.into_iter().find(|peer| peer.key() == key)
+    }
+
+    /// The chat route, when the peer has one.
+    pub fn chat_path(self) -> Option<&'static str> {
+        match self {
+            PeerKind::Pywebsocket => None,
+            _ => Some("/chat"),
+        }
+    }
+}
+
+/// Paths the runner works with.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// The workspace root (holds Cargo.toml, BENCHMARKS.md, bench/).
+    pub repo: PathBuf,
+    /// The cargo target directory whose `release/` holds our binaries.
+    pub target_dir: PathBuf,
+    /// This run's scratch directory: logs, addr files, handler copies.
+    pub run_dir: PathBuf,
+}
+
+impl Layout {
+    /// `target/release`.
+    pub fn release_dir(&self) -> PathBuf {
+        self.target_dir.join("release")
+    }
+
+    /// Where peer installs (venv, sdist) are cached between runs.
+    pub fn peer_cache(&self) -> PathBuf {
+        self.target_dir.join("bench-peers")
+    }
+}
+
+/// How to start a peer and find its port.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Which peer this is.
+    pub kind: PeerKind,
+    program: PathBuf,
+    args: Vec<String>,
+    /// Working directory for the child.
+    cwd: PathBuf,
+    /// How the bound address becomes known.
+    announce: Announce,
+    /// Version string for the report.
+    pub version: String,
+}
+
+#[derive(Debug, Clone)]
+enum Announce {
+    /// The server writes `host:port` to this file once it listens.
+    AddrFile(PathBuf),
+    /// The port is chosen by us; readiness means it accepts TCP.
+    FixedPort,
+}
+
+/// A peer that is listening.
+#[derive(Debug)]
+pub struct RunningPeer {
+    /// Which peer this is.
+    pub kind: PeerKind,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl RunningPeer {
+    /// The server's process id, for `/proc` readings.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// True while the process has not exited.
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `ws://ADDR/PATH`.
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+}
+
+impl Drop for RunningPeer {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
+/// Asks a child to stop, then kills it if it is still there after 3 s.
+pub fn stop_child(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = kill_process(Pid::from_child(child), Signal::TERM);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Launch {
+    /// Starts the peer and waits until it listens.
+    pub fn start(&self, layout: &Layout, attempt: u32) -> anyhow::Result<RunningPeer> {
+        let log_path = layout
+            .run_dir
+            .join(format!("{}-{attempt}.log", self.kind.key()));
+        let log = File::create(&log_path)?;
+        let mut args = self.args.clone();
+        let port = match &self.announce {
+            Announce::AddrFile(path) => {
+                let _ = fs::remove_file(path);
+                None
+            }
+            Announce::FixedPort => {
+                let port = free_port()?;
+                args.extend(["-p".to_owned(), port.to_string()]);
+                Some(port)
+            }
+        };
+        let child = Command::new(&self.program)
+            .args(&args)
+            .current_dir(&self.cwd)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.program.display()))?;
+        let mut peer = RunningPeer {
+            kind: self.kind,
+            addr: SocketAddr::from(([127, 0, 0, 1], port.unwrap_or(0))),
+            child,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if !peer.is_alive() {
+                bail!(
+                    "{} exited during start-up; log {}:\n{}",
+                    self.kind.key(),
+                    log_path.display(),
+                    tail(&log_path)
+                );
+            }
+            let ready = match &self.announce {
+                Announce::AddrFile(path) => fs::read_to_string(path)
+                    .ok()
+                    .and_then(|text| text.trim().parse::<SocketAddr>().ok())
+                    .map(|addr| peer.addr = addr)
+                    .is_some(),
+                Announce::FixedPort => {
+                    TcpStream::connect_timeout(&peer.addr, Duration::from_millis(200)).is_ok()
+                }
+            };
+            if ready {
+                return Ok(peer);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not start listening within {START_TIMEOUT:?}; log {}",
+                    self.kind.key(),
+                    log_path.display()
+                );
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A port that was free a moment ago, for servers that cannot report theirs.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Last lines of a log, for error messages.
+pub fn tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Runs a set-up command, failing with its output when it fails.
+fn run_quiet(command: &mut Command, what: &str) -> anyhow::Result<String> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("{what}: could not run {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// Prepares a peer: builds nothing, but installs what the peer needs (venv,
+/// npm packages, handler copies) and returns how to launch it.
+pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
+    let addr_file = layout.run_dir.join(format!("{}.addr", kind.key()));
+    let release = layout.release_dir();
+    let addr_args = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        args.extend(["--addr-file".to_owned(), addr_file.display().to_string()]);
+        args
+    };
+    match kind {
+        PeerKind::Raw | PeerKind::Raw4k => {
+            let program = release.join("raw-echo");
+            if !program.exists() {
+                bail!("{} is missing; build the bench crate", program.display());
+            }
+            let mut args = addr_args(&["-H", "127.0.0.1", "-p", "0"]);
+            if kind == PeerKind::Raw4k {
+                args.extend(["--read-buffer-size".to_owned(), "4096".to_owned()]);
+            }
+            Ok(Launch {
+                kind,
+                program,
+                args,
+                cwd: layout.run_dir.clone(),
+                announce: Announce::AddrFile(addr_file),
+                version: String::new(),
+            })
+        }
+        PeerKind::Wshd => {
+            let program = release.join("wshd");
+            let handlers = layout.run_dir.join("wshd-handlers");
+            fs::create_dir_all(&handlers)?;
+            for library in ["libecho_wsh.so", "libchat_wsh.so"] {
+                let built = release.join(library);
+                fs::copy(&built, handlers.join(library))
+                    .with_context(|| format!("copying {}", built.display()))?;
+            }
+            if !program.exists() {
+                bail!("{} is missing", program.display());
+            }
+            let handlers = handlers.display().to_string();
+            let args = addr_args(&[
+                "-H",
+                "127.0.0.1",
+                "-p",
+                "0",
+                "-w",
+                &handlers,
+                "--log-level",
+                "warn",
+            ]);
+            Ok(Launch {
+                kind,
+                program,
+                args,
+                cwd: layout.run_dir.clone(),
+                announce: Announce::AddrFile(addr_file),
+                version: String::new(),
+            })
+        }
+        PeerKind::NodeWs => {
+            let peers = layout.repo.join("bench/peers");
+            if !peers.join("node_modules/ws/package.json").exists() {
+                run_quiet(
+                    Command::new("npm")
+                        .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+                        .arg(&peers),
+                    "npm ci in bench/peers",
+                )?;
+            }
+            let package = fs::read_to_string(peers.join("node_modules/ws/package.json"))?;
+            let package: serde_json::Value = serde_json::from_str(&package)?;
+            let version = package["version"].as_str().unwrap_or("?").to_owned();
+            let script = peers.join("ws-echo.mjs").display().to_string();
+            Ok(Launch {
+                kind,
+                program: PathBuf::from("node"),
+                args: addr_args(&[&script, "--host", "127.0.0.1", "--port", "0"]),
+                cwd: peers,
+                announce: Announce::AddrFile(addr_file),
+                version,
+            })
+        }
+        PeerKind::Pywebsocket => {
+            let cache = layout.peer_cache().join("pywebsocket3");
+            let python = cache.join("venv/bin/python");
+            if !python.exists() {
+                fs::create_dir_all(&cache)?;
+                run_quiet(
+                    Command::new("python3")
+                        .args(["-m", "venv"])
+                        .arg(cache.join("venv")),
+                    "creating the pywebsocket3 venv",
+                )?;
+            }
+            let pinned = format!("pywebsocket3=={PYWEBSOCKET_VERSION}");
+            if run_quiet(
+                Command::new(&python).args(["-c", "import pywebsocket3"]),
+                "import",
+            )
+            .is_err()
+            {
+                run_quiet(
+                    Command::new(&python).args(["-m", "pip", "install", "-q", &pinned]),
+                    "pip install pywebsocket3",
+                )?;
+            }
+            // The wheel ships no example handlers; the sdist has echo_wsh.py.
+            let sdist = cache.join("sdist");
+            let example = sdist.join(format!("pywebsocket3-{PYWEBSOCKET_VERSION}/example"));
+            if !example.join("echo_wsh.py").exists() {
+                fs::create_dir_all(&sdist)?;
+                run_quiet(
+                    Command::new(&python)
+                        .args(["-m", "pip", "download", "-q", "--no-deps"])
+                        .args(["--no-binary", ":all:", &pinned, "-d"])
+                        .arg(&sdist),
+                    "pip download of the pywebsocket3 sdist",
+                )?;
+                let archive = sdist.join(format!("pywebsocket3-{PYWEBSOCKET_VERSION}.tar.gz"));
+                run_quiet(
+                    Command::new("tar")
+                        .arg("xzf")
+                        .arg(&archive)
+                        .arg("-C")
+                        .arg(&sdist),
+                    "unpacking the pywebsocket3 sdist",
+                )?;
+            }
+            let version = run_quiet(
+                Command::new(&python).args([
+                    "-c",
+                    "import importlib.metadata as m, sys; \
+                     print(m.version('pywebsocket3'), 'on Python', sys.version.split()[0])",
+                ]),
+                "reading the pywebsocket3 version",
+            )?;
+            let example = example.display().to_string();
+            Ok(Launch {
+                kind,
+                program: python,
+                args: [
+                    "-m",
+                    "pywebsocket3.standalone",
+                    "-H",
+                    "127.0.0.1",
+                    "-d",
+                    &example,
+                    "-w",
+                    &example,
+                    "-q",
+                    "1024",
+                    "--log-level",
+                    "warn",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+                cwd: layout.run_dir.clone(),
+                announce: Announce::FixedPort,
+                version,
+            })
+        }
+    }
+}

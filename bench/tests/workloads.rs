@@ -1,0 +1,142 @@
+//! Every workload against the in-process raw server, at toy sizes: the
+//! harness must report clean runs against a correct server and count what a
+//! broken one gets wrong.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bench::probe::Probe;
+use bench::raw_server::{RawConfig, RawServer};
+use bench::target::Target;
+use bench::workload::{connect, echo, fanout, handshake};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Starts the raw server on a free loopback port and returns its address.
+async fn raw_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = RawServer::new(RawConfig {
+        websocket: WebSocketConfig::default().read_buffer_size(4096),
+    });
+    tokio::spawn(server.serve(listener));
+    addr.to_string()
+}
+
+fn own_probe() -> Option<Probe> {
+    Some(Probe::new(std::process::id()).unwrap())
+}
+
+const SHORT: Duration = Duration::from_millis(300);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_text_and_binary_verify_cleanly() {
+    let addr = raw_server().await;
+    let target = Target::parse(&format!("ws://{addr}/echo")).unwrap();
+    for (size, binary, in_flight) in [(32, false, 1), (70_000, true, 3), (1, false, 2)] {
+        let params = echo::EchoParams {
+            connections: 3,
+            size,
+            binary,
+            in_flight,
+            warmup: Duration::from_millis(50),
+            duration: SHORT,
+            connect_concurrency: 4,
+        };
+        let record = echo::run(&target, &params, own_probe()).await;
+        assert!(record.is_ok(), "{record}");
+        assert!(record.get("msgs").unwrap() > 0.0, "{record}");
+        assert!(record.get("cpu_us_per_msg").is_some(), "{record}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_holds_connections_from_several_sources() {
+    let addr = raw_server().await;
+    let target = Target::parse(&format!("ws://{addr}/echo"))
+        .unwrap()
+        .with_sources(vec![
+            "127.0.0.1".parse().unwrap(),
+            "127.0.0.2".parse().unwrap(),
+        ])
+        .unwrap();
+    let params = connect::ConnectParams {
+        connections: 50,
+        concurrency: 8,
+        hold: Duration::from_millis(50),
+        check_alive: true,
+    };
+    let record = connect::run(&target, &params, own_probe()).await;
+    assert!(record.is_ok(), "{record}");
+    assert_eq!(record.get("connected"), Some(50.0));
+    assert!(record.get("rss_kib_per_conn").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_cycles_complete() {
+    let addr = raw_server().await;
+    let target = Arc::new(Target::parse(&format!("ws://{addr}/echo")).unwrap());
+    let params = handshake::HandshakeParams {
+        concurrency: 2,
+        warmup: Duration::ZERO,
+        duration: SHORT,
+    };
+    let record = handshake::run(target, &params, None).await;
+    assert!(record.is_ok(), "{record}");
+    assert!(record.get("handshakes").unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_delivers_every_message_to_every_receiver() {
+    let addr = raw_server().await;
+    let target = Arc::new(Target::parse(&format!("ws://{addr}/chat")).unwrap());
+    let params = fanout::FanoutParams {
+        subscribers: 5,
+        rate: 200.0,
+        size: 64,
+        warmup: Duration::from_millis(50),
+        duration: SHORT,
+        connect_concurrency: 4,
+    };
+    let record = fanout::run(target, &params, None).await;
+    assert!(record.is_ok(), "{record}");
+    assert_eq!(record.get("lost"), Some(0.0));
+    assert_eq!(record.get("receivers"), Some(6.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_against_an_echo_route_reports_loss() {
+    let addr = raw_server().await;
+    // /echo returns only the publisher's own messages: subscribers get nothing.
+    let target = Arc::new(Target::parse(&format!("ws://{addr}/echo")).unwrap());
+    let params = fanout::FanoutParams {
+        subscribers: 2,
+        rate: 100.0,
+        size: 64,
+        warmup: Duration::ZERO,
+        duration: Duration::from_millis(200),
+        connect_concurrency: 4,
+    };
+    let record = tokio::time::timeout(Duration::from_secs(30), fanout::run(target, &params, None))
+        .await
+        .unwrap();
+    assert!(!record.is_ok(), "{record}");
+}
+
+#[tokio::test]
+async fn unknown_routes_are_connection_errors() {
+    let addr = raw_server().await;
+    let target = Target::parse(&format!("ws://{addr}/nope")).unwrap();
+    let params = echo::EchoParams {
+        connections: 1,
+        size: 8,
+        binary: false,
+        in_flight: 1,
+        warmup: Duration::ZERO,
+        duration: Duration::from_millis(50),
+        connect_concurrency: 1,
+    };
+    let record = echo::run(&target, &params, None).await;
+    assert!(record.errors >= 1, "{record}");
+    assert!(record.error_samples[0].contains("404"), "{record}");
+}
