@@ -43,7 +43,10 @@ async fn check(settings: &Settings, list: bool, scratch: &std::path::Path) -> Ex
     let table = registry.table();
     let routes = table.primary_routes();
     if list || !report.problems.is_empty() {
-        println!("{:<24} {:<14} {:<10} {:<6} {:<13} FILE", "PATH", "HANDLER", "VERSION", "ABI", "HASH");
+        println!(
+            "{:<24} {:<14} {:<10} {:<6} {:<13} FILE",
+            "PATH", "HANDLER", "VERSION", "ABI", "HASH"
+        );
         for r in &routes {
             let lib = &r.instance.lib;
             let aliases: Vec<&str> = table
@@ -81,7 +84,10 @@ async fn check(settings: &Settings, list: bool, scratch: &std::path::Path) -> Ex
         );
         ExitCode::SUCCESS
     } else {
-        eprintln!("wshd: configuration test failed: {} problem(s)", report.problems.len());
+        eprintln!(
+            "wshd: configuration test failed: {} problem(s)",
+            report.problems.len()
+        );
         ExitCode::FAILURE
     }
 }

@@ -277,7 +277,12 @@ impl ConfigFile {
 }
 
 /// Builds a [`ConfigError::Invalid`] naming file, line and the key on that line.
-fn file_error(path: &Path, source: &str, span: std::ops::Range<usize>, message: String) -> ConfigError {
+fn file_error(
+    path: &Path,
+    source: &str,
+    span: std::ops::Range<usize>,
+    message: String,
+) -> ConfigError {
     let (line, column) = line_col(source, span.start);
     let text = source.lines().nth(line.saturating_sub(1)).unwrap_or("");
     ConfigError::Invalid {
@@ -302,7 +307,10 @@ pub(crate) fn line_col(source: &str, offset: usize) -> (usize, usize) {
 fn key_on_line(line: &str) -> String {
     let line = line.trim();
     if line.starts_with('[') {
-        return line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        return line
+            .trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_string();
     }
     match line.split_once('=') {
         Some((k, _)) => k.trim().to_string(),
@@ -345,9 +353,9 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: usize = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size; write a number of bytes or e.g. \"64KiB\", \"1MiB\""))?;
+    let n: usize = num.parse().map_err(|_| {
+        format!("`{s}` is not a size; write a number of bytes or e.g. \"64KiB\", \"1MiB\"")
+    })?;
     let mult: usize = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -356,7 +364,11 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "KB" | "kB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        other => return Err(format!("unknown size unit `{other}`; use B, KiB, MiB, GiB, KB, MB or GB")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}`; use B, KiB, MiB, GiB, KB, MB or GB"
+            ));
+        }
     };
     match n.checked_mul(mult) {
         Some(0) => Err("a size must be greater than 0".into()),
@@ -372,9 +384,11 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(Dur)
-            .map_err(|e| de::Error::custom(format!("`{s}` is not a duration ({e}); write e.g. \"10s\", \"250ms\", \"5m\"")))
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            de::Error::custom(format!(
+                "`{s}` is not a duration ({e}); write e.g. \"10s\", \"250ms\", \"5m\""
+            ))
+        })
     }
 }
 
@@ -402,7 +416,9 @@ impl<'de> Deserialize<'de> for Count {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = i64::deserialize(d)?;
         if v <= 0 {
-            return Err(de::Error::custom(format!("{v} is not allowed here; write a number greater than 0")));
+            return Err(de::Error::custom(format!(
+                "{v} is not allowed here; write a number greater than 0"
+            )));
         }
         Ok(Count(v as usize))
     }
@@ -416,7 +432,9 @@ impl<'de> Deserialize<'de> for QueueLen {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = i64::deserialize(d)?;
         if !(1..=1_000_000).contains(&v) {
-            return Err(de::Error::custom(format!("send_queue {v} is out of range; use 1 to 1000000 messages")));
+            return Err(de::Error::custom(format!(
+                "send_queue {v} is out of range; use 1 to 1000000 messages"
+            )));
         }
         Ok(QueueLen(v as usize))
     }
@@ -430,7 +448,9 @@ impl<'de> Deserialize<'de> for RoutePath {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         if !s.starts_with('/') {
-            return Err(de::Error::custom(format!("route path `{s}` must start with `/`")));
+            return Err(de::Error::custom(format!(
+                "route path `{s}` must start with `/`"
+            )));
         }
         if s.contains(['?', '#']) || s.contains(char::is_whitespace) {
             return Err(de::Error::custom(format!(
@@ -447,7 +467,11 @@ pub enum OriginRule {
     /// The literal `null` origin (file:// pages, sandboxed frames).
     Null,
     /// A tuple origin; the port is filled in from the scheme when omitted.
-    Tuple { scheme: String, host: String, port: u16 },
+    Tuple {
+        scheme: String,
+        host: String,
+        port: u16,
+    },
 }
 
 impl OriginRule {
@@ -461,17 +485,25 @@ impl OriginRule {
             .ok_or_else(|| format!("origin `{s}` must be `null` or `scheme://host[:port]`"))?;
         let scheme = scheme.to_ascii_lowercase();
         if rest.is_empty() || rest.contains(['/', '?', '#']) {
-            return Err(format!("origin `{s}` must be `scheme://host[:port]` with no path"));
+            return Err(format!(
+                "origin `{s}` must be `scheme://host[:port]` with no path"
+            ));
         }
         let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && !p.contains(']') => {
-                (h, p.parse::<u16>().map_err(|_| format!("origin `{s}` has a bad port"))?)
-            }
+            Some((h, p)) if !h.is_empty() && !p.contains(']') => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("origin `{s}` has a bad port"))?,
+            ),
             _ => {
                 let port = match scheme.as_str() {
                     "http" | "ws" => 80,
                     "https" | "wss" => 443,
-                    _ => return Err(format!("origin `{s}` needs an explicit port for scheme `{scheme}`")),
+                    _ => {
+                        return Err(format!(
+                            "origin `{s}` needs an explicit port for scheme `{scheme}`"
+                        ));
+                    }
                 };
                 (rest, port)
             }
@@ -515,9 +547,13 @@ mod tests {
         assert_eq!(parse_size("512"), Ok(512));
         assert!(parse_size("0").is_err());
         assert!(parse_size("12 parsecs").is_err());
-        let c = parse("[limits]\nmax_message_size = \"2MiB\"\nhandshake_timeout = \"3s\"\n").unwrap();
+        let c =
+            parse("[limits]\nmax_message_size = \"2MiB\"\nhandshake_timeout = \"3s\"\n").unwrap();
         assert_eq!(c.raw.limits.max_message_size, Some(ByteSize(2 << 20)));
-        assert_eq!(c.raw.limits.handshake_timeout, Some(Dur(Duration::from_secs(3))));
+        assert_eq!(
+            c.raw.limits.handshake_timeout,
+            Some(Dur(Duration::from_secs(3)))
+        );
     }
 
     #[test]
@@ -531,7 +567,9 @@ mod tests {
     #[test]
     fn bad_value_names_line_and_key() {
         let err = parse("[reload]\nwatch = true\ndrain_timeout = \"soon\"\n").unwrap_err();
-        let ConfigError::Invalid { line, key, .. } = &err else { panic!("{err}") };
+        let ConfigError::Invalid { line, key, .. } = &err else {
+            panic!("{err}")
+        };
         assert_eq!((*line, key.as_str()), (3, "drain_timeout"), "{err}");
     }
 
@@ -543,7 +581,9 @@ mod tests {
             "[[route]]\npath = \"/a\"\nhandler = \"echo\"\n[[route]]\npath = \"/b\"\nhandler = \"echo\"\naliases = [\"/a\"]\n",
         )
         .unwrap_err();
-        let ConfigError::Invalid { line, .. } = &err else { panic!("{err}") };
+        let ConfigError::Invalid { line, .. } = &err else {
+            panic!("{err}")
+        };
         assert_eq!(*line, 7, "{err}");
     }
 
@@ -568,7 +608,9 @@ mod tests {
 
     #[test]
     fn limits_overlay() {
-        let c = parse("[[route]]\npath = \"/x\"\nhandler = \"echo\"\n[route.limits]\nsend_queue = 7\n").unwrap();
+        let c =
+            parse("[[route]]\npath = \"/x\"\nhandler = \"echo\"\n[route.limits]\nsend_queue = 7\n")
+                .unwrap();
         let l = Limits::default().overlay(&c.raw.routes[0].limits);
         assert_eq!(l.send_queue, 7);
         assert_eq!(l.max_message_size, Limits::default().max_message_size);

@@ -16,7 +16,10 @@ pub fn check(bytes: &[u8]) -> Result<(), String> {
         return Err("no ELF magic (this is not a shared library; is it a script, an archive or an empty file?)".into());
     }
     if bytes.len() < EHDR_LEN {
-        return Err(format!("ELF header truncated: file is {} bytes", bytes.len()));
+        return Err(format!(
+            "ELF header truncated: file is {} bytes",
+            bytes.len()
+        ));
     }
     if bytes[4] != 2 {
         return Err("not a 64-bit ELF file".into());
@@ -29,7 +32,9 @@ pub fn check(bytes: &[u8]) -> Result<(), String> {
 
     let e_type = u16_at(16);
     if e_type != 3 {
-        return Err(format!("ELF type is {e_type}, not a shared object (3); build the handler as a cdylib"));
+        return Err(format!(
+            "ELF type is {e_type}, not a shared object (3); build the handler as a cdylib"
+        ));
     }
     let machine = u16_at(18);
     if let Some(expected) = host_machine()
@@ -115,7 +120,9 @@ mod tests {
         for cut in [40, 64, 200, bin.len() / 3, bin.len() - 1] {
             let mut t = bin[..cut].to_vec();
             t[16] = 3; // pretend it is a shared object so the bounds are checked
-            t.get_mut(17).map(|b| *b = 0);
+            if let Some(b) = t.get_mut(17) {
+                *b = 0;
+            }
             assert!(check(&t).is_err(), "a {cut}-byte prefix passed");
         }
     }

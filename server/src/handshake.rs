@@ -41,7 +41,11 @@ impl HandshakeInput {
                 value: wshd_str::from_bytes(v),
             })
             .collect();
-        let subprotocols: Vec<wshd_str> = self.subprotocols.iter().map(|s| wshd_str::from_str(s)).collect();
+        let subprotocols: Vec<wshd_str> = self
+            .subprotocols
+            .iter()
+            .map(|s| wshd_str::from_str(s))
+            .collect();
         let req = wshd_handshake_req {
             struct_size: std::mem::size_of::<wshd_handshake_req>() as u32,
             reserved: 0,
@@ -68,7 +72,13 @@ fn reserved_header(name: &HeaderName) -> bool {
     n.starts_with("sec-websocket-")
         || matches!(
             n,
-            "upgrade" | "connection" | "content-length" | "transfer-encoding" | "keep-alive" | "te" | "trailer"
+            "upgrade"
+                | "connection"
+                | "content-length"
+                | "transfer-encoding"
+                | "keep-alive"
+                | "te"
+                | "trailer"
         )
 }
 
@@ -80,7 +90,10 @@ unsafe fn builder<'a>(hs: *mut wshd_handshake) -> Option<&'a mut HandshakeBuilde
     unsafe { (hs as *mut HandshakeBuilder).as_mut() }
 }
 
-pub(crate) unsafe extern "C" fn hs_select_subprotocol(hs: *mut wshd_handshake, index: usize) -> i32 {
+pub(crate) unsafe extern "C" fn hs_select_subprotocol(
+    hs: *mut wshd_handshake,
+    index: usize,
+) -> i32 {
     // SAFETY: called by the handler during on_handshake with our pointer.
     let Some(b) = (unsafe { builder(hs) }) else {
         return WSHD_ERR_INVALID;
@@ -95,18 +108,24 @@ pub(crate) unsafe extern "C" fn hs_select_subprotocol(hs: *mut wshd_handshake, i
     WSHD_OK
 }
 
-pub(crate) unsafe extern "C" fn hs_add_header(hs: *mut wshd_handshake, name: wshd_str, value: wshd_str) -> i32 {
+pub(crate) unsafe extern "C" fn hs_add_header(
+    hs: *mut wshd_handshake,
+    name: wshd_str,
+    value: wshd_str,
+) -> i32 {
     // SAFETY: called by the handler during on_handshake with our pointer.
     let Some(b) = (unsafe { builder(hs) }) else {
         return WSHD_ERR_INVALID;
     };
     // SAFETY: the strings are borrowed for this call.
-    let (Some(name), Some(value)) = (unsafe { str_bytes(name) }, unsafe { str_bytes(value) }) else {
+    let (Some(name), Some(value)) = (unsafe { str_bytes(name) }, unsafe { str_bytes(value) })
+    else {
         return WSHD_ERR_INVALID;
     };
     // HeaderName/HeaderValue refuse CR, LF and other bytes that would let a
     // handler split the response.
-    let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) else {
+    let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+    else {
         return WSHD_ERR_INVALID;
     };
     if reserved_header(&name) {
@@ -119,7 +138,11 @@ pub(crate) unsafe extern "C" fn hs_add_header(hs: *mut wshd_handshake, name: wsh
     WSHD_OK
 }
 
-pub(crate) unsafe extern "C" fn hs_reject(hs: *mut wshd_handshake, status: u16, body: wshd_str) -> i32 {
+pub(crate) unsafe extern "C" fn hs_reject(
+    hs: *mut wshd_handshake,
+    status: u16,
+    body: wshd_str,
+) -> i32 {
     // SAFETY: called by the handler during on_handshake with our pointer.
     let Some(b) = (unsafe { builder(hs) }) else {
         return WSHD_ERR_INVALID;
@@ -159,8 +182,14 @@ mod tests {
             assert_eq!(hs_select_subprotocol(h, 0), WSHD_ERR_STATE);
             let s = wshd_str::from_str;
             assert_eq!(hs_add_header(h, s("X-Handler"), s("echo")), WSHD_OK);
-            assert_eq!(hs_add_header(h, s("Sec-WebSocket-Accept"), s("x")), WSHD_ERR_INVALID);
-            assert_eq!(hs_add_header(h, s("X-Bad"), s("a\r\nInjected: 1")), WSHD_ERR_INVALID);
+            assert_eq!(
+                hs_add_header(h, s("Sec-WebSocket-Accept"), s("x")),
+                WSHD_ERR_INVALID
+            );
+            assert_eq!(
+                hs_add_header(h, s("X-Bad"), s("a\r\nInjected: 1")),
+                WSHD_ERR_INVALID
+            );
             assert_eq!(hs_reject(h, 200, s("no")), WSHD_ERR_INVALID);
             assert_eq!(hs_reject(h, 403, s("go away")), WSHD_OK);
         }

@@ -54,7 +54,12 @@ impl HostCtx {
 }
 
 /// Builds the leaked context and function table for one handler instance.
-pub fn new_host_api(instance: u64, handler: Arc<str>, route: Arc<str>, conns: Arc<Connections>) -> &'static HostApiBox {
+pub fn new_host_api(
+    instance: u64,
+    handler: Arc<str>,
+    route: Arc<str>,
+    conns: Arc<Connections>,
+) -> &'static HostApiBox {
     let ctx: &'static HostCtx = Box::leak(Box::new(HostCtx {
         instance,
         revoked: AtomicBool::new(false),
@@ -242,7 +247,13 @@ unsafe fn ctx_ref<'a>(ctx: *mut c_void) -> Option<&'a HostCtx> {
     unsafe { (ctx as *const HostCtx).as_ref() }
 }
 
-unsafe extern "C" fn host_send(ctx: *mut c_void, conn: wshd_conn_id, kind: u32, data: *const u8, len: usize) -> i32 {
+unsafe extern "C" fn host_send(
+    ctx: *mut c_void,
+    conn: wshd_conn_id,
+    kind: u32,
+    data: *const u8,
+    len: usize,
+) -> i32 {
     // SAFETY: the handler passes back the host_ctx we gave it (ABI rule 4).
     let Some(ctx) = (unsafe { ctx_ref(ctx) }) else {
         return WSHD_ERR_INVALID;
@@ -262,7 +273,12 @@ unsafe extern "C" fn host_send(ctx: *mut c_void, conn: wshd_conn_id, kind: u32, 
     deliver(ctx, conn, msg)
 }
 
-unsafe extern "C" fn host_ping(ctx: *mut c_void, conn: wshd_conn_id, data: *const u8, len: usize) -> i32 {
+unsafe extern "C" fn host_ping(
+    ctx: *mut c_void,
+    conn: wshd_conn_id,
+    data: *const u8,
+    len: usize,
+) -> i32 {
     // SAFETY: as in host_send.
     let Some(ctx) = (unsafe { ctx_ref(ctx) }) else {
         return WSHD_ERR_INVALID;
@@ -274,7 +290,11 @@ unsafe extern "C" fn host_ping(ctx: *mut c_void, conn: wshd_conn_id, data: *cons
     if data.len() > 125 {
         return WSHD_ERR_INVALID;
     }
-    deliver(ctx, conn, Message::Ping(bytes::Bytes::copy_from_slice(data)))
+    deliver(
+        ctx,
+        conn,
+        Message::Ping(bytes::Bytes::copy_from_slice(data)),
+    )
 }
 
 /// Close codes a server may send (RFC 6455 §7.4): 1000-1003, 1007-1014 and
@@ -283,7 +303,12 @@ pub fn valid_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-unsafe extern "C" fn host_close(ctx: *mut c_void, conn: wshd_conn_id, code: u16, reason: wshd_str) -> i32 {
+unsafe extern "C" fn host_close(
+    ctx: *mut c_void,
+    conn: wshd_conn_id,
+    code: u16,
+    reason: wshd_str,
+) -> i32 {
     // SAFETY: as in host_send.
     let Some(ctx) = (unsafe { ctx_ref(ctx) }) else {
         return WSHD_ERR_INVALID;
@@ -311,17 +336,29 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, target: wshd_str, ms
         return;
     };
     // SAFETY: borrowed for this call.
-    let target = unsafe { str_bytes(target) }.map(String::from_utf8_lossy).unwrap_or_default();
+    let target = unsafe { str_bytes(target) }
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
     // SAFETY: borrowed for this call.
-    let msg = unsafe { str_bytes(msg) }.map(String::from_utf8_lossy).unwrap_or_default();
+    let msg = unsafe { str_bytes(msg) }
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
     let handler = &*ctx.handler;
     let route = &*ctx.route;
     // tracing needs the level at compile time, hence one macro per level.
     match level {
-        WSHD_LOG_ERROR => tracing::error!(target: "handler", handler, route, module = %target, "{msg}"),
-        WSHD_LOG_WARN => tracing::warn!(target: "handler", handler, route, module = %target, "{msg}"),
-        WSHD_LOG_INFO => tracing::info!(target: "handler", handler, route, module = %target, "{msg}"),
-        WSHD_LOG_DEBUG => tracing::debug!(target: "handler", handler, route, module = %target, "{msg}"),
+        WSHD_LOG_ERROR => {
+            tracing::error!(target: "handler", handler, route, module = %target, "{msg}")
+        }
+        WSHD_LOG_WARN => {
+            tracing::warn!(target: "handler", handler, route, module = %target, "{msg}")
+        }
+        WSHD_LOG_INFO => {
+            tracing::info!(target: "handler", handler, route, module = %target, "{msg}")
+        }
+        WSHD_LOG_DEBUG => {
+            tracing::debug!(target: "handler", handler, route, module = %target, "{msg}")
+        }
         _ => tracing::trace!(target: "handler", handler, route, module = %target, "{msg}"),
     }
 }
@@ -373,11 +410,20 @@ mod tests {
             },
         );
         // SAFETY: valid context and buffers.
-        let send = |data: &[u8], kind| unsafe { (a.api.send)(a.api.host_ctx, 5, kind, data.as_ptr(), data.len()) };
+        let send = |data: &[u8], kind| unsafe {
+            (a.api.send)(a.api.host_ctx, 5, kind, data.as_ptr(), data.len())
+        };
         assert_eq!(send(b"one", WSHD_MSG_TEXT), WSHD_OK);
         assert_eq!(send(b"two", WSHD_MSG_TEXT), WSHD_ERR_BACKPRESSURE);
-        assert!(control.token.is_cancelled(), "close policy asks the session to close");
-        assert_eq!(send(&[0xff, 0xfe], WSHD_MSG_TEXT), WSHD_ERR_INVALID, "text must be UTF-8");
+        assert!(
+            control.token.is_cancelled(),
+            "close policy asks the session to close"
+        );
+        assert_eq!(
+            send(&[0xff, 0xfe], WSHD_MSG_TEXT),
+            WSHD_ERR_INVALID,
+            "text must be UTF-8"
+        );
         a.ctx.revoke();
         assert_eq!(send(b"x", WSHD_MSG_BINARY), WSHD_ERR_REVOKED);
     }
@@ -403,12 +449,20 @@ mod tests {
         assert_eq!((r1, r2), (WSHD_OK, WSHD_ERR_BACKPRESSURE));
         assert_eq!(outbox.msgs, vec![Message::text("a")]);
         assert!(outbox.overflowed);
-        assert!(CURRENT.with(|c| c.get()).is_none(), "reset after the callback");
+        assert!(
+            CURRENT.with(|c| c.get()).is_none(),
+            "reset after the callback"
+        );
     }
 
     #[test]
     fn close_codes() {
         assert!(valid_close_code(1000) && valid_close_code(4999) && valid_close_code(1011));
-        assert!(!valid_close_code(1005) && !valid_close_code(1006) && !valid_close_code(1015) && !valid_close_code(999));
+        assert!(
+            !valid_close_code(1005)
+                && !valid_close_code(1006)
+                && !valid_close_code(1015)
+                && !valid_close_code(999)
+        );
     }
 }

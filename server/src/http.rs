@@ -34,10 +34,16 @@ pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
     let mut body: String = body.into();
     body.push('\n');
-    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -65,11 +71,15 @@ pub async fn handle(
         if let Some(files) = server.static_files() {
             return Ok(files.serve(req).await);
         }
-        return Ok(text(StatusCode::NOT_FOUND, format!("404 Not Found: no handler serves {path}")));
+        return Ok(text(
+            StatusCode::NOT_FOUND,
+            format!("404 Not Found: no handler serves {path}"),
+        ));
     };
 
     let headers = req.headers();
-    let is_upgrade = has_token(headers, header::CONNECTION, "upgrade") && has_token(headers, header::UPGRADE, "websocket");
+    let is_upgrade = has_token(headers, header::CONNECTION, "upgrade")
+        && has_token(headers, header::UPGRADE, "websocket");
     if !is_upgrade {
         let mut r = text(
             StatusCode::UPGRADE_REQUIRED,
@@ -79,32 +89,52 @@ pub async fn handle(
                  `Upgrade: websocket` / `Connection: Upgrade` headers."
             ),
         );
-        r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        r.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         return Ok(r);
     }
     if req.method() != Method::GET {
-        return Ok(text(StatusCode::BAD_REQUEST, "400 Bad Request: a WebSocket handshake must use GET"));
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: a WebSocket handshake must use GET",
+        ));
     }
     if req.version() != Version::HTTP_11 {
-        return Ok(text(StatusCode::BAD_REQUEST, "400 Bad Request: a WebSocket handshake needs HTTP/1.1"));
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: a WebSocket handshake needs HTTP/1.1",
+        ));
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
         let mut r = text(
             StatusCode::UPGRADE_REQUIRED,
             "426 Upgrade Required: this server speaks WebSocket version 13 (RFC 6455) only",
         );
-        r.headers_mut()
-            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         return Ok(r);
     }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned().filter(|k| valid_key(k.as_bytes())) else {
+    let Some(key) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .cloned()
+        .filter(|k| valid_key(k.as_bytes()))
+    else {
         return Ok(text(
             StatusCode::BAD_REQUEST,
             "400 Bad Request: Sec-WebSocket-Key must be 16 random bytes, base64-encoded",
         ));
     };
-    let origin = headers.get(header::ORIGIN).map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned());
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned());
     if !route.origin_allowed(origin.as_deref()) {
         let shown = origin.as_deref().unwrap_or("(none)");
         tracing::info!(%peer, path = %path, origin = %shown, "handshake refused: Origin not allowed");
@@ -146,16 +176,26 @@ pub async fn handle(
         return Ok(text(status, body));
     }
 
-    let mut resp = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed_unsync());
+    let mut resp = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
+    );
     let protocol = decision.selected.map(|i| subprotocols[i].clone());
     if let Some(p) = &protocol {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(p).expect("came from a header"));
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_str(p).expect("came from a header"),
+        );
     }
     for (name, value) in decision.headers {
         h.append(name, value);
@@ -171,7 +211,12 @@ pub async fn handle(
         };
         match upgraded {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(route.ws_config)).await;
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(route.ws_config),
+                )
+                .await;
                 session::run(ws, route, conn, peer, protocol, server, slot).await;
             }
             Err(e) => tracing::debug!(%peer, "upgrade failed: {e}"),
@@ -204,7 +249,10 @@ mod tests {
     #[test]
     fn tokens() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
         assert!(has_token(&h, header::CONNECTION, "upgrade"));
         assert!(!has_token(&h, header::CONNECTION, "close"));
     }

@@ -87,13 +87,20 @@ pub struct Instance {
 
 impl Instance {
     /// Calls the handler's `init`. Blocking: run it off the async workers.
-    pub fn init(lib: Arc<Library>, route: Arc<str>, config_text: String, conns: Arc<Connections>) -> Result<Instance, InitError> {
+    pub fn init(
+        lib: Arc<Library>,
+        route: Arc<str>,
+        config_text: String,
+        conns: Arc<Connections>,
+    ) -> Result<Instance, InitError> {
         let id = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
         let host = new_host_api(id, lib.desc.name.as_str().into(), route.clone(), conns);
         let mut out: *mut c_void = std::ptr::null_mut();
         // SAFETY: `init` comes from a validated descriptor; the host table is
         // leaked (valid forever) and the config text outlives the call.
-        let rc = unsafe { (lib.desc.callbacks.init)(&host.api, wshd_str::from_str(&config_text), &mut out) };
+        let rc = unsafe {
+            (lib.desc.callbacks.init)(&host.api, wshd_str::from_str(&config_text), &mut out)
+        };
         let handler = lib.desc.name.clone();
         if rc != WSHD_OK {
             host.ctx.revoke();
@@ -109,7 +116,9 @@ impl Instance {
         }
         Ok(Instance {
             id,
-            blocking: lib.may_block().then(|| Arc::new(Semaphore::new(BLOCKING_PER_INSTANCE))),
+            blocking: lib
+                .may_block()
+                .then(|| Arc::new(Semaphore::new(BLOCKING_PER_INSTANCE))),
             lib,
             route,
             config_text,
@@ -122,11 +131,18 @@ impl Instance {
     }
 
     /// Runs `f` inline, or on the blocking pool for MAY_BLOCK handlers.
-    async fn dispatch<R: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&Instance) -> R + Send + 'static) -> R {
+    async fn dispatch<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Instance) -> R + Send + 'static,
+    ) -> R {
         match &self.blocking {
             None => f(self),
             Some(sem) => {
-                let _permit = sem.clone().acquire_owned().await.expect("semaphore never closed");
+                let _permit = sem
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closed");
                 let this = self.clone();
                 tokio::task::spawn_blocking(move || f(&this))
                     .await
@@ -151,10 +167,19 @@ impl Instance {
                 // SAFETY: the request view and the builder outlive the call;
                 // the builder pointer is only used by the hs_* functions
                 // during it.
-                unsafe { cb(handler.get(), req, &mut b as *mut HandshakeBuilder as *mut wshd_handshake) }
+                unsafe {
+                    cb(
+                        handler.get(),
+                        req,
+                        &mut b as *mut HandshakeBuilder as *mut wshd_handshake,
+                    )
+                }
             });
             if rc != WSHD_OK && b.reject.is_none() {
-                b.reject = Some((500, format!("handler failed the handshake ({})", status_name(rc))));
+                b.reject = Some((
+                    500,
+                    format!("handler failed the handshake ({})", status_name(rc)),
+                ));
             }
             b
         })
@@ -162,7 +187,11 @@ impl Instance {
     }
 
     /// `on_open`. On error the connection must be closed with 1011.
-    pub async fn open(self: &Arc<Self>, conn: wshd_conn_id, mut outbox: Outbox) -> (Result<ConnState, i32>, Outbox) {
+    pub async fn open(
+        self: &Arc<Self>,
+        conn: wshd_conn_id,
+        mut outbox: Outbox,
+    ) -> (Result<ConnState, i32>, Outbox) {
         let Some(cb) = self.lib.desc.callbacks.on_open else {
             return (Ok(ConnState(std::ptr::null_mut())), outbox);
         };
@@ -171,15 +200,27 @@ impl Instance {
             let mut state: *mut c_void = std::ptr::null_mut();
             // SAFETY: callback from a validated descriptor; `state` is a
             // valid out-pointer for the call.
-            let rc = with_outbox(conn, &mut outbox, || unsafe { cb(handler.get(), conn, &mut state) });
-            let r = if rc == WSHD_OK { Ok(ConnState(state)) } else { Err(rc) };
+            let rc = with_outbox(conn, &mut outbox, || unsafe {
+                cb(handler.get(), conn, &mut state)
+            });
+            let r = if rc == WSHD_OK {
+                Ok(ConnState(state))
+            } else {
+                Err(rc)
+            };
             (r, outbox)
         })
         .await
     }
 
     /// `on_message` for a text or binary message, inline (the hot path).
-    pub fn message_inline(&self, state: &mut ConnState, conn: wshd_conn_id, msg: &Message, outbox: &mut Outbox) -> i32 {
+    pub fn message_inline(
+        &self,
+        state: &mut ConnState,
+        conn: wshd_conn_id,
+        msg: &Message,
+        outbox: &mut Outbox,
+    ) -> i32 {
         let (kind, data): (u32, &[u8]) = match msg {
             Message::Text(t) => (WSHD_MSG_TEXT, t.as_bytes()),
             Message::Binary(b) => (WSHD_MSG_BINARY, b),
@@ -188,7 +229,16 @@ impl Instance {
         let cb = self.lib.desc.callbacks.on_message;
         // SAFETY: callback from a validated descriptor; `data` is borrowed
         // for the call and text payloads were UTF-8-validated by tungstenite.
-        with_outbox(conn, outbox, || unsafe { cb(self.handler.get(), state.get(), conn, kind, data.as_ptr(), data.len()) })
+        with_outbox(conn, outbox, || unsafe {
+            cb(
+                self.handler.get(),
+                state.get(),
+                conn,
+                kind,
+                data.as_ptr(),
+                data.len(),
+            )
+        })
     }
 
     /// `on_message`, on whichever thread the handler's flags require.
@@ -208,7 +258,8 @@ impl Instance {
 
     /// Sets the window over which this retired instance's connections close.
     pub fn set_drain_window(&self, window: std::time::Duration) {
-        self.drain_window_ms.store(window.as_millis() as u64, Ordering::Relaxed);
+        self.drain_window_ms
+            .store(window.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// This connection's share of the drain window: closes are spread
@@ -236,7 +287,13 @@ impl Instance {
 
     /// `on_close`, exactly once per successful `on_open`. Sends made here go
     /// nowhere: the connection is already gone from the map.
-    pub async fn close(self: &Arc<Self>, state: ConnState, conn: wshd_conn_id, code: u16, reason: String) {
+    pub async fn close(
+        self: &Arc<Self>,
+        state: ConnState,
+        conn: wshd_conn_id,
+        code: u16,
+        reason: String,
+    ) {
         let Some(cb) = self.lib.desc.callbacks.on_close else {
             return;
         };
@@ -244,7 +301,15 @@ impl Instance {
         self.dispatch(move |_| {
             // SAFETY: callback from a validated descriptor; the handler takes
             // back ownership of `state`; the reason is borrowed for the call.
-            unsafe { cb(handler.get(), state.get(), conn, code, wshd_str::from_str(&reason)) }
+            unsafe {
+                cb(
+                    handler.get(),
+                    state.get(),
+                    conn,
+                    code,
+                    wshd_str::from_str(&reason),
+                )
+            }
         })
         .await
     }
@@ -279,7 +344,10 @@ impl Drop for Instance {
             tracing::info!(route = %route, "destroyed handler instance {what}");
         };
         // A MAY_BLOCK handler may take its time joining threads in destroy.
-        match (self.blocking.is_some(), tokio::runtime::Handle::try_current()) {
+        match (
+            self.blocking.is_some(),
+            tokio::runtime::Handle::try_current(),
+        ) {
             (true, Ok(rt)) => drop(rt.spawn_blocking(run)),
             _ => run(),
         }

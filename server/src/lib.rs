@@ -27,6 +27,7 @@
 //!
 //! `unsafe` lives only in `loader`, `instance`, `host_api` and `handshake`.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod elf;
@@ -45,4 +46,3 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod static_files;
-pub mod check;

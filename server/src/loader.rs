@@ -118,8 +118,13 @@ impl Loader {
             reason,
         })?;
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let stem = source.file_stem().and_then(|s| s.to_str()).unwrap_or("handler");
-        let copy = self.state_dir.join(format!("{stem}-{generation}-{}.so", &hash[..16]));
+        let stem = source
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("handler");
+        let copy = self
+            .state_dir
+            .join(format!("{stem}-{generation}-{}.so", &hash[..16]));
         write_copy(&copy, bytes).map_err(|e| LoadError::Io {
             path: copy.clone(),
             source: e,
@@ -164,12 +169,18 @@ impl Loader {
 /// while mapped, and syncs it so its pages are reclaimable clean page cache.
 fn write_copy(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }
 
-fn find_entry(lib: &libloading::os::unix::Library, source: &Path) -> Result<wshd_entry_fn, LoadError> {
+fn find_entry(
+    lib: &libloading::os::unix::Library,
+    source: &Path,
+) -> Result<wshd_entry_fn, LoadError> {
     // SAFETY: the symbol is looked up with the type the ABI gives it.
     if let Ok(sym) = unsafe { lib.get::<wshd_entry_fn>(WSHD_ENTRY_SYMBOL) } {
         return Ok(*sym);
@@ -285,13 +296,24 @@ fn read_descriptor(ptr: *const wshd_descriptor, source: &Path) -> Result<Descrip
             return Ok(String::new());
         }
         if s.len > 4096 {
-            return Err(abi(field, format!("{} bytes", s.len), "at most 4096 bytes".into(), "shorten the string"));
+            return Err(abi(
+                field,
+                format!("{} bytes", s.len),
+                "at most 4096 bytes".into(),
+                "shorten the string",
+            ));
         }
         // SAFETY: the descriptor's strings are static data of the stated
         // length (ABI ownership rule 6).
         let bytes = unsafe { std::slice::from_raw_parts(s.ptr, s.len) };
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| abi(field, "invalid UTF-8".into(), "UTF-8 text".into(), "use UTF-8 strings in the descriptor"))
+        String::from_utf8(bytes.to_vec()).map_err(|_| {
+            abi(
+                field,
+                "invalid UTF-8".into(),
+                "UTF-8 text".into(),
+                "use UTF-8 strings in the descriptor",
+            )
+        })
     };
     let name = text("name", d.name)?;
     if name.is_empty() {

@@ -48,7 +48,9 @@ pub struct LogHandle {
 impl LogHandle {
     /// Reopens the log file; `Ok(false)` when logging to stderr.
     pub fn reopen(&self) -> std::io::Result<bool> {
-        let Some(f) = &self.file else { return Ok(false) };
+        let Some(f) = &self.file else {
+            return Ok(false);
+        };
         let new = open_append(&f.path)?;
         *f.file.lock().unwrap_or_else(|p| p.into_inner()) = new;
         Ok(true)
@@ -60,9 +62,13 @@ impl LogHandle {
 pub fn init(level: &str, file: Option<&Path>) -> anyhow::Result<LogHandle> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(f) if !f.is_empty() => EnvFilter::try_new(f)?,
-        _ => EnvFilter::try_new(level).map_err(|e| anyhow::anyhow!("--log-level `{level}`: {e}"))?,
+        _ => {
+            EnvFilter::try_new(level).map_err(|e| anyhow::anyhow!("--log-level `{level}`: {e}"))?
+        }
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match file {
         None => {
             use std::io::IsTerminal;
@@ -75,9 +81,9 @@ pub fn init(level: &str, file: Option<&Path>) -> anyhow::Result<LogHandle> {
         Some(path) => {
             let f = LogFile {
                 path: path.to_owned(),
-                file: Arc::new(Mutex::new(
-                    open_append(path).map_err(|e| anyhow::anyhow!("cannot open log file {}: {e}", path.display()))?,
-                )),
+                file: Arc::new(Mutex::new(open_append(path).map_err(|e| {
+                    anyhow::anyhow!("cannot open log file {}: {e}", path.display())
+                })?)),
             };
             builder.with_ansi(false).with_writer(f.clone()).init();
             Ok(LogHandle { file: Some(f) })

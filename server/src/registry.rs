@@ -94,7 +94,11 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(loader: Loader, conns: Arc<Connections>, table: Arc<ArcSwap<RouteTable>>) -> Registry {
+    pub fn new(
+        loader: Loader,
+        conns: Arc<Connections>,
+        table: Arc<ArcSwap<RouteTable>>,
+    ) -> Registry {
         Registry {
             loader: Arc::new(loader),
             conns,
@@ -124,7 +128,9 @@ impl Registry {
             ))
         })?;
         for (path, why) in &scanned.skipped {
-            report.problems.push(format!("skipped {}: {why}", path.display()));
+            report
+                .problems
+                .push(format!("skipped {}: {why}", path.display()));
         }
         let conflicted: HashSet<&str> = scanned.conflicts.iter().map(|(n, _)| n.as_str()).collect();
         for (name, paths) in &scanned.conflicts {
@@ -136,7 +142,9 @@ impl Registry {
             if mode == Mode::Startup {
                 return Err(ConfigError::Other(msg));
             }
-            report.problems.push(format!("{msg} (keeping what served /{name} before)"));
+            report
+                .problems
+                .push(format!("{msg} (keeping what served /{name} before)"));
         }
         for r in &s.routes {
             if scanned.found.contains_key(&r.handler) || conflicted.contains(r.handler.as_str()) {
@@ -147,10 +155,16 @@ impl Registry {
                 "no handler named `{}` in {} (looked for {0}_wsh.so and lib{0}_wsh.so); handlers found: {}",
                 r.handler,
                 s.handler_dir.display(),
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
             );
             match (mode, &r.handler_at) {
-                (Mode::Files, _) => report.problems.push(format!("route {}: {msg}; not serving it", r.path)),
+                (Mode::Files, _) => report
+                    .problems
+                    .push(format!("route {}: {msg}; not serving it", r.path)),
                 (_, Some(at)) => return Err(at.error("handler", msg)),
                 (_, None) => return Err(ConfigError::Other(msg)),
             }
@@ -178,7 +192,9 @@ impl Registry {
                             by_name.insert(&found.name, old.clone());
                             libs.insert(found.path.clone(), old);
                         }
-                        None => report.problems.push(format!("{problem}; /{} is not served", found.name)),
+                        None => report
+                            .problems
+                            .push(format!("{problem}; /{} is not served", found.name)),
                     }
                 }
             }
@@ -196,7 +212,12 @@ impl Registry {
             spec: Option<&'a crate::settings::RouteSpec>,
         }
         let mut wants: BTreeMap<String, Want> = BTreeMap::new();
-        for name in scanned.found.keys().map(String::as_str).chain(conflicted.iter().copied()) {
+        for name in scanned
+            .found
+            .keys()
+            .map(String::as_str)
+            .chain(conflicted.iter().copied())
+        {
             let path = format!("/{name}");
             wants.insert(
                 path,
@@ -228,7 +249,11 @@ impl Registry {
                 old
             } else if let Some(lib) = by_name.get(want.handler) {
                 match &old {
-                    Some(o) if o.lib.generation == lib.generation && o.config_text == config_text => old.clone(),
+                    Some(o)
+                        if o.lib.generation == lib.generation && o.config_text == config_text =>
+                    {
+                        old.clone()
+                    }
                     _ => match self.init(lib.clone(), path.clone(), config_text).await {
                         Ok(i) => Some(i),
                         Err(e) => {
@@ -324,7 +349,10 @@ impl Registry {
             return Ok(lib.clone());
         }
         if self.failed.get(path) == Some(&hash) {
-            return Err(format!("{} is unchanged since it failed to load", path.display()));
+            return Err(format!(
+                "{} is unchanged since it failed to load",
+                path.display()
+            ));
         }
         let loader = self.loader.clone();
         let source = path.to_owned();
@@ -355,7 +383,12 @@ impl Registry {
         }
     }
 
-    async fn init(&self, lib: Arc<Library>, route: Arc<str>, config: &str) -> Result<Arc<Instance>, String> {
+    async fn init(
+        &self,
+        lib: Arc<Library>,
+        route: Arc<str>,
+        config: &str,
+    ) -> Result<Arc<Instance>, String> {
         let conns = self.conns.clone();
         let config = config.to_owned();
         let name = lib.desc.name.clone();
@@ -385,7 +418,9 @@ fn retire(inst: &Arc<Instance>, reload: &ReloadSettings) {
     let live = inst.live.load(Ordering::Relaxed);
     inst.set_drain_window(reload.drain_window);
     match reload.drain_timeout {
-        _ if live == 0 => tracing::info!(route = %inst.route, "retired {} (no open connections)", inst.describe()),
+        _ if live == 0 => {
+            tracing::info!(route = %inst.route, "retired {} (no open connections)", inst.describe())
+        }
         None => tracing::info!(
             route = %inst.route,
             "retired {}: {live} open connections stay until they close (drain_timeout = never)",
@@ -409,8 +444,10 @@ fn retire(inst: &Arc<Instance>, reload: &ReloadSettings) {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }

@@ -49,12 +49,18 @@ fn completed(kind: &EventKind) -> bool {
 /// Starts watching; events become [`Trigger`]s on `tx`. Keep the returned
 /// watcher alive.
 pub fn watch(settings: &Settings, tx: mpsc::Sender<Trigger>) -> notify::Result<RecommendedWatcher> {
-    let handler_dir = settings.handler_dir.canonicalize().unwrap_or_else(|_| settings.handler_dir.clone());
+    let handler_dir = settings
+        .handler_dir
+        .canonicalize()
+        .unwrap_or_else(|_| settings.handler_dir.clone());
     let config = settings
         .config_path
         .as_ref()
         .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()));
-    let config_name = config.as_ref().and_then(|p| p.file_name()).map(|n| n.to_owned());
+    let config_name = config
+        .as_ref()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_owned());
     let config_dir = config.as_ref().and_then(|p| p.parent()).map(Path::to_owned);
     let hdir = handler_dir.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -110,12 +116,10 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        let _ = sd_notify::notify(
-            &[
-                sd_notify::NotifyState::Reloading,
-                sd_notify::NotifyState::monotonic_usec_now().expect("monotonic clock"),
-            ],
-        );
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Reloading,
+            sd_notify::NotifyState::monotonic_usec_now().expect("monotonic clock"),
+        ]);
         let (candidate, mode) = if config {
             match Settings::load(&args) {
                 Ok(new) => (new, Mode::Config),
@@ -144,9 +148,16 @@ pub async fn run(
                 if mode == Mode::Config {
                     tracing::info!(changed = report.changed, "config reloaded");
                     if candidate.document_root != settings.document_root {
-                        match candidate.document_root.as_deref().map(StaticFiles::new).transpose() {
+                        match candidate
+                            .document_root
+                            .as_deref()
+                            .map(StaticFiles::new)
+                            .transpose()
+                        {
                             Ok(files) => server.files.store(Arc::new(files)),
-                            Err(e) => tracing::error!("document_root: {e}; keeping the previous one"),
+                            Err(e) => {
+                                tracing::error!("document_root: {e}; keeping the previous one")
+                            }
                         }
                     }
                 }

@@ -24,7 +24,12 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn new(path: Arc<str>, instance: Arc<Instance>, allowed_origins: Option<Vec<OriginRule>>, limits: Limits) -> Route {
+    pub fn new(
+        path: Arc<str>,
+        instance: Arc<Instance>,
+        allowed_origins: Option<Vec<OriginRule>>,
+        limits: Limits,
+    ) -> Route {
         let ws_config = ws_config(&limits);
         Route {
             path,
@@ -80,7 +85,12 @@ impl RouteTable {
 
     /// Distinct routes, sorted by primary path.
     pub fn primary_routes(&self) -> Vec<&Arc<Route>> {
-        let mut v: Vec<_> = self.routes.iter().filter(|(k, r)| **k == r.path).map(|(_, r)| r).collect();
+        let mut v: Vec<_> = self
+            .routes
+            .iter()
+            .filter(|(k, r)| **k == r.path)
+            .map(|(_, r)| r)
+            .collect();
         v.sort_by(|a, b| a.path.cmp(&b.path));
         v
     }

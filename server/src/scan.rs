@@ -31,7 +31,11 @@ const MAX_ENTRIES: usize = 100_000;
 /// The handler name a file name stands for, if it is a handler file.
 pub fn handler_stem(file_name: &str) -> Option<&str> {
     let stem = file_name.strip_suffix("_wsh.so")?;
-    Some(stem.strip_prefix("lib").filter(|s| !s.is_empty()).unwrap_or(stem))
+    Some(
+        stem.strip_prefix("lib")
+            .filter(|s| !s.is_empty())
+            .unwrap_or(stem),
+    )
 }
 
 /// Scans `root` recursively. Hidden entries (a leading `.`, such as the
@@ -48,7 +52,8 @@ pub fn scan(root: &Path, allow_outside: bool) -> std::io::Result<Scan> {
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if depth > 0 => {
-                scan.skipped.push((dir, format!("cannot read directory: {e}")));
+                scan.skipped
+                    .push((dir, format!("cannot read directory: {e}")));
                 continue;
             }
             Err(e) => return Err(e),
@@ -56,11 +61,16 @@ pub fn scan(root: &Path, allow_outside: bool) -> std::io::Result<Scan> {
         for entry in rd.flatten() {
             entries += 1;
             if entries > MAX_ENTRIES {
-                scan.skipped.push((dir.clone(), format!("more than {MAX_ENTRIES} entries; stopped scanning")));
+                scan.skipped.push((
+                    dir.clone(),
+                    format!("more than {MAX_ENTRIES} entries; stopped scanning"),
+                ));
                 break;
             }
             let file_name = entry.file_name();
-            let Some(file_name) = file_name.to_str() else { continue };
+            let Some(file_name) = file_name.to_str() else {
+                continue;
+            };
             if file_name.starts_with('.') {
                 continue;
             }
@@ -72,7 +82,9 @@ pub fn scan(root: &Path, allow_outside: bool) -> std::io::Result<Scan> {
                 }
                 continue;
             }
-            let Some(stem) = handler_stem(file_name) else { continue };
+            let Some(stem) = handler_stem(file_name) else {
+                continue;
+            };
             if ft.is_symlink() {
                 match path.canonicalize() {
                     // Path::starts_with compares whole components, so
@@ -94,7 +106,10 @@ pub fn scan(root: &Path, allow_outside: bool) -> std::io::Result<Scan> {
                     }
                 }
             }
-            claims.entry(format!("{prefix}{stem}")).or_default().push(path);
+            claims
+                .entry(format!("{prefix}{stem}"))
+                .or_default()
+                .push(path);
         }
     }
     for (name, mut paths) in claims {
@@ -128,7 +143,14 @@ mod tests {
         let root = tmp.path().join("handlers");
         std::fs::create_dir_all(root.join("chat")).unwrap();
         std::fs::create_dir_all(root.join(".hidden")).unwrap();
-        for f in ["echo_wsh.so", "chat/room_wsh.so", "dup_wsh.so", "libdup_wsh.so", ".x_wsh.so", "notes.txt"] {
+        for f in [
+            "echo_wsh.so",
+            "chat/room_wsh.so",
+            "dup_wsh.so",
+            "libdup_wsh.so",
+            ".x_wsh.so",
+            "notes.txt",
+        ] {
             std::fs::write(root.join(f), b"x").unwrap();
         }
         std::fs::write(root.join(".hidden/h_wsh.so"), b"x").unwrap();
@@ -144,7 +166,11 @@ mod tests {
         assert_eq!(names, ["alias", "chat/room", "echo"]);
         assert_eq!(s.conflicts.len(), 1);
         assert_eq!(s.conflicts[0].0, "dup");
-        assert!(s.skipped.iter().any(|(p, why)| p.ends_with("evil_wsh.so") && why.contains("outside")));
+        assert!(
+            s.skipped
+                .iter()
+                .any(|(p, why)| p.ends_with("evil_wsh.so") && why.contains("outside"))
+        );
 
         let s = scan(&root, true).unwrap();
         assert!(s.found.contains_key("evil"));

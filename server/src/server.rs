@@ -53,7 +53,12 @@ impl Server {
 /// Accept errors (EMFILE when out of file descriptors, ECONNABORTED) back off
 /// and retry: the server neither exits nor spins, and open connections are
 /// unaffected.
-pub async fn listen(listener: TcpListener, server: Arc<Server>, max_connections: usize, handshake_timeout: Duration) {
+pub async fn listen(
+    listener: TcpListener,
+    server: Arc<Server>,
+    max_connections: usize,
+    handshake_timeout: Duration,
+) {
     let slots = Arc::new(Semaphore::new(max_connections));
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -82,7 +87,8 @@ pub async fn listen(listener: TcpListener, server: Arc<Server>, max_connections:
         let srv = server.clone();
         server.tracker.spawn(async move {
             let shutdown = srv.shutdown.clone();
-            let svc = service_fn(move |req| crate::http::handle(srv.clone(), peer, slot.clone(), req));
+            let svc =
+                service_fn(move |req| crate::http::handle(srv.clone(), peer, slot.clone(), req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(handshake_timeout)
@@ -116,7 +122,9 @@ fn state_dir(settings: &Settings) -> std::io::Result<PathBuf> {
     if let Ok(rd) = std::fs::read_dir(&tmp) {
         for e in rd.flatten() {
             let name = e.file_name();
-            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("wshd-")) else { continue };
+            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("wshd-")) else {
+                continue;
+            };
             if let Ok(pid) = pid.parse::<u32>()
                 && !std::path::Path::new(&format!("/proc/{pid}")).exists()
             {
@@ -140,7 +148,11 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
     for p in &report.problems {
         tracing::error!("{p}");
     }
-    let files = settings.document_root.as_deref().map(StaticFiles::new).transpose()?;
+    let files = settings
+        .document_root
+        .as_deref()
+        .map(StaticFiles::new)
+        .transpose()?;
 
     let listener = TcpListener::bind(settings.listen)
         .await
@@ -157,7 +169,9 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
     let routes = registry.table().primary_routes().len();
     tracing::info!(%addr, routes, handler_dir = %settings.handler_dir.display(), "listening");
     if is_root() {
-        tracing::warn!("running as root: handler libraries run with full privileges; prefer a dedicated user");
+        tracing::warn!(
+            "running as root: handler libraries run with full privileges; prefer a dedicated user"
+        );
     }
     if let Some(p) = &settings.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))?;
@@ -176,7 +190,13 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
     } else {
         None
     };
-    let reloader = tokio::spawn(reload::run(registry, settings.clone(), args.clone(), trigger_rx, server.clone()));
+    let reloader = tokio::spawn(reload::run(
+        registry,
+        settings.clone(),
+        args.clone(),
+        trigger_rx,
+        server.clone(),
+    ));
     let accept = tokio::spawn(listen(
         listener,
         server.clone(),
@@ -210,7 +230,10 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
     // (their on_close still runs), wait up to the deadline.
     let deadline = settings.shutdown_timeout;
     let open = server.conns.len();
-    tracing::info!(open, "shutting down: closing connections with 1001, waiting up to {deadline:?}");
+    tracing::info!(
+        open,
+        "shutting down: closing connections with 1001, waiting up to {deadline:?}"
+    );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     server.shutdown.cancel();
     server.tracker.close();

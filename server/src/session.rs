@@ -82,7 +82,9 @@ pub async fn run(
         version = %inst.lib.desc.version,
         generation = inst.lib.generation,
     );
-    run_inner(ws, route, id, protocol, server, slot).instrument(span).await
+    run_inner(ws, route, id, protocol, server, slot)
+        .instrument(span)
+        .await
 }
 
 async fn run_inner(
@@ -126,16 +128,31 @@ async fn run_inner(
     match opened {
         Ok(s) => {
             state = Some(s);
-            if write_outbox(&mut ws, &mut outbox, &mut stats, &mut close).await.is_err() {
+            if write_outbox(&mut ws, &mut outbox, &mut stats, &mut close)
+                .await
+                .is_err()
+            {
                 close.get_or_insert(dropped());
             }
         }
         Err(rc) => {
-            tracing::warn!("on_open failed ({}); closing with 1011", crate::error::status_name(rc));
-            start_close(&mut ws, 1011, "handler failed to open the connection", &mut close).await;
+            tracing::warn!(
+                "on_open failed ({}); closing with 1011",
+                crate::error::status_name(rc)
+            );
+            start_close(
+                &mut ws,
+                1011,
+                "handler failed to open the connection",
+                &mut close,
+            )
+            .await;
         }
     }
-    if close.as_ref().is_some_and(|c| matches!(c.by, Closer::Server)) {
+    if close
+        .as_ref()
+        .is_some_and(|c| matches!(c.by, Closer::Server))
+    {
         closing = Some(tokio::time::Instant::now() + route.limits.close_timeout);
     }
 
@@ -145,7 +162,13 @@ async fn run_inner(
     };
     tokio::pin!(drain);
 
-    while !matches!(close, Some(Close { by: Closer::Dropped, .. })) {
+    while !matches!(
+        close,
+        Some(Close {
+            by: Closer::Dropped,
+            ..
+        })
+    ) {
         let open = closing.is_none();
         tokio::select! {
             frame = ws.next() => match frame {
@@ -191,14 +214,14 @@ async fn run_inner(
                 }
                 Some(Ok(_)) => {} // ping (auto-answered), pong, raw frame
                 Some(Err(e)) => {
-                    if close.is_none() {
-                        if let Some((code, reason)) = protocol_close(&e) {
-                            tracing::info!("closing with {code}: {e}");
-                            start_close(&mut ws, code, reason, &mut close).await;
-                            // Fail the connection (RFC 6455 §7.1.7): don't
-                            // wait for a reply from a misbehaving peer.
-                            break;
-                        }
+                    if close.is_none()
+                        && let Some((code, reason)) = protocol_close(&e)
+                    {
+                        tracing::info!("closing with {code}: {e}");
+                        start_close(&mut ws, code, reason, &mut close).await;
+                        // Fail the connection (RFC 6455 §7.1.7): don't
+                        // wait for a reply from a misbehaving peer.
+                        break;
                     }
                     if !matches!(e, WsError::ConnectionClosed | WsError::AlreadyClosed) {
                         tracing::debug!("connection error: {e}");
@@ -249,7 +272,11 @@ async fn run_inner(
                 break;
             }
         }
-        if closing.is_none() && close.as_ref().is_some_and(|c| matches!(c.by, Closer::Server)) {
+        if closing.is_none()
+            && close
+                .as_ref()
+                .is_some_and(|c| matches!(c.by, Closer::Server))
+        {
             closing = Some(tokio::time::Instant::now() + route.limits.close_timeout);
         }
     }
@@ -319,14 +346,19 @@ async fn start_close(ws: &mut Ws, code: u16, reason: &str, close: &mut Option<Cl
 }
 
 /// Feeds one queued message; a close frame starts our close handshake.
-async fn write_one(ws: &mut Ws, m: Message, stats: &mut Stats, close: &mut Option<Close>) -> Result<(), ()> {
+async fn write_one(
+    ws: &mut Ws,
+    m: Message,
+    stats: &mut Stats,
+    close: &mut Option<Close>,
+) -> Result<(), ()> {
     if close.is_some() {
         return Ok(()); // nothing may follow a close frame
     }
     if let Message::Close(frame) = &m {
-        let (code, reason) = frame
-            .as_ref()
-            .map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+        let (code, reason) = frame.as_ref().map_or((1005, String::new()), |f| {
+            (u16::from(f.code), f.reason.to_string())
+        });
         *close = Some(Close {
             code,
             reason,
@@ -340,7 +372,12 @@ async fn write_one(ws: &mut Ws, m: Message, stats: &mut Stats, close: &mut Optio
 }
 
 /// Writes what a callback queued for its own connection, with one flush.
-async fn write_outbox(ws: &mut Ws, outbox: &mut Outbox, stats: &mut Stats, close: &mut Option<Close>) -> Result<(), ()> {
+async fn write_outbox(
+    ws: &mut Ws,
+    outbox: &mut Outbox,
+    stats: &mut Stats,
+    close: &mut Option<Close>,
+) -> Result<(), ()> {
     if outbox.msgs.is_empty() {
         return Ok(());
     }

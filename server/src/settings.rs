@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cli::Args;
-use crate::config::{line_col, ConfigFile, DEFAULT_HOST, DEFAULT_PORT, Limits, OriginRule, ReloadSettings};
+use crate::config::{
+    ConfigFile, DEFAULT_HOST, DEFAULT_PORT, Limits, OriginRule, ReloadSettings, line_col,
+};
 use crate::error::ConfigError;
 
 /// Everything the server needs to know, validated.
@@ -75,7 +77,13 @@ impl Settings {
     /// Combines flags and file; flags override the file.
     pub fn resolve(args: &Args, file: Option<&ConfigFile>) -> Result<Settings, ConfigError> {
         let base = file.map(ConfigFile::base_dir).unwrap_or_default();
-        let rel = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
+        let rel = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
         let raw = file.map(|f| &f.raw);
 
         let file_listen: Option<SocketAddr> = raw
@@ -83,9 +91,14 @@ impl Settings {
             .map(|l| l.get_ref().parse().expect("checked when parsing"));
         let host = match &args.host {
             Some(h) => h.clone(),
-            None => file_listen.map(|a| a.ip().to_string()).unwrap_or_else(|| DEFAULT_HOST.into()),
+            None => file_listen
+                .map(|a| a.ip().to_string())
+                .unwrap_or_else(|| DEFAULT_HOST.into()),
         };
-        let port = args.port.or(file_listen.map(|a| a.port())).unwrap_or(DEFAULT_PORT);
+        let port = args
+            .port
+            .or(file_listen.map(|a| a.port()))
+            .unwrap_or(DEFAULT_PORT);
         let listen = resolve_listen(&host, port)?;
 
         let handler_dir = match (&args.handlers, raw.and_then(|r| r.handler_dir.as_deref())) {
@@ -93,7 +106,8 @@ impl Settings {
             (None, Some(d)) => rel(d),
             (None, None) => {
                 return Err(ConfigError::Other(
-                    "no handler directory: pass -w DIR or set handler_dir in the config file".into(),
+                    "no handler directory: pass -w DIR or set handler_dir in the config file"
+                        .into(),
                 ));
             }
         };
@@ -102,7 +116,8 @@ impl Settings {
             .clone()
             .or_else(|| raw.and_then(|r| r.document_root.as_deref()).map(rel));
 
-        let limits = Limits::default().overlay(raw.map(|r| &r.limits).unwrap_or(&Default::default()));
+        let limits =
+            Limits::default().overlay(raw.map(|r| &r.limits).unwrap_or(&Default::default()));
         let mut reload = ReloadSettings::default();
         if let Some(r) = raw.map(|r| &r.reload) {
             reload.watch = r.watch.unwrap_or(reload.watch);
@@ -115,7 +130,9 @@ impl Settings {
                 None
             } else {
                 Some(humantime::parse_duration(d).map_err(|e| {
-                    ConfigError::Other(format!("--drain-timeout `{d}`: {e}; write e.g. 30s or never"))
+                    ConfigError::Other(format!(
+                        "--drain-timeout `{d}`: {e}; write e.g. 30s or never"
+                    ))
                 })?)
             };
         }
@@ -154,7 +171,8 @@ impl Settings {
             listen,
             handler_dir,
             document_root,
-            allow_outside: args.allow_handlers_outside_root_dir || raw.is_some_and(|r| r.allow_handlers_outside_root_dir),
+            allow_outside: args.allow_handlers_outside_root_dir
+                || raw.is_some_and(|r| r.allow_handlers_outside_root_dir),
             limits,
             reload,
             shutdown_timeout,
@@ -164,8 +182,14 @@ impl Settings {
                 .clone()
                 .or_else(|| raw.and_then(|r| r.log_level.clone()))
                 .unwrap_or_else(|| "info".into()),
-            log_file: args.log_file.clone().or_else(|| raw.and_then(|r| r.log_file.as_deref()).map(rel)),
-            pid_file: args.pid_file.clone().or_else(|| raw.and_then(|r| r.pid_file.as_deref()).map(rel)),
+            log_file: args
+                .log_file
+                .clone()
+                .or_else(|| raw.and_then(|r| r.log_file.as_deref()).map(rel)),
+            pid_file: args
+                .pid_file
+                .clone()
+                .or_else(|| raw.and_then(|r| r.pid_file.as_deref()).map(rel)),
             state_dir: raw.and_then(|r| r.state_dir.as_deref()).map(rel),
             config_path: args.config.clone(),
         })
@@ -179,5 +203,9 @@ fn resolve_listen(host: &str, port: u16) -> Result<SocketAddr, ConfigError> {
         .to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next())
-        .ok_or_else(|| ConfigError::Other(format!("cannot resolve listen address `{host}` (port {port})")))
+        .ok_or_else(|| {
+            ConfigError::Other(format!(
+                "cannot resolve listen address `{host}` (port {port})"
+            ))
+        })
 }

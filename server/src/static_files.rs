@@ -54,7 +54,9 @@ impl StaticFiles {
     /// Whether the real path of the requested file (after symlinks) is inside
     /// the root. Missing files pass: ServeDir answers 404 for them.
     fn contained(&self, uri_path: &str) -> bool {
-        let decoded = match percent_encoding::percent_decode_str(uri_path.trim_start_matches('/')).decode_utf8() {
+        let decoded = match percent_encoding::percent_decode_str(uri_path.trim_start_matches('/'))
+            .decode_utf8()
+        {
             Ok(d) => d,
             Err(_) => return false,
         };

@@ -21,17 +21,34 @@ fn every_example_config_parses() {
             config: Some(path.clone()),
             ..Default::default()
         };
-        let s = Settings::resolve(&args, Some(&file)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert!(s.handler_dir.ends_with("target/handlers"), "{}", path.display());
+        let s = Settings::resolve(&args, Some(&file))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            s.handler_dir.ends_with("target/handlers"),
+            "{}",
+            path.display()
+        );
         seen += 1;
     }
-    assert!(seen >= 2, "expected the example configs in {}", dir.display());
+    assert!(
+        seen >= 2,
+        "expected the example configs in {}",
+        dir.display()
+    );
 }
 
 #[test]
 fn systemd_unit_has_the_essentials() {
-    let unit = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/wshd.service")).unwrap();
-    for line in ["Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure", "NoNewPrivileges=yes"] {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/wshd.service"),
+    )
+    .unwrap();
+    for line in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+    ] {
         assert!(unit.lines().any(|l| l == line), "missing {line}");
     }
 }

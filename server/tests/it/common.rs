@@ -11,10 +11,14 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-pub type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub type Client =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// Builds every example handler once per test run, with the same cargo and
@@ -27,7 +31,14 @@ pub fn built_handlers() -> &'static Path {
         let status = Command::new(cargo)
             .current_dir(repo_root())
             .args(["build", "-q"])
-            .args(["-p", "echo-handler", "-p", "chat-handler", "-p", "origin-check-handler"])
+            .args([
+                "-p",
+                "echo-handler",
+                "-p",
+                "chat-handler",
+                "-p",
+                "origin-check-handler",
+            ])
             .args(["-p", "testkit-handler", "-p", "blocking-handler"])
             .status()
             .expect("run cargo build for the handlers");
@@ -53,7 +64,9 @@ pub fn install(dir: &Path, name: &str, as_name: &str) -> PathBuf {
 pub fn build_c(out: &Path, defines: &[&str]) {
     let root = repo_root();
     let status = Command::new("gcc")
-        .args(["-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-I"])
+        .args([
+            "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-I",
+        ])
         .arg(root.join("handler-api/include"))
         .args(defines)
         .arg(root.join("handlers/c/echo_wsh.c"))
@@ -108,7 +121,10 @@ impl Wshd {
                 });
             }
             if let Some(status) = child.try_wait().unwrap() {
-                return Err(format!("exit {status}\n{}", std::fs::read_to_string(&log_path).unwrap_or_default()));
+                return Err(format!(
+                    "exit {status}\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                ));
             }
             assert!(Instant::now() < deadline, "wshd not listening after 30 s");
             std::thread::sleep(Duration::from_millis(10));
@@ -136,7 +152,10 @@ impl Wshd {
             if log.matches(needle).count() >= n {
                 return log;
             }
-            assert!(Instant::now() < deadline, "log never showed {n}x {needle:?}:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "log never showed {n}x {needle:?}:\n{log}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -158,7 +177,11 @@ impl Wshd {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s.code();
             }
-            assert!(Instant::now() < deadline, "wshd did not exit within {limit:?}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "wshd did not exit within {limit:?}:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -41,7 +41,10 @@ async fn blocking_handler_does_not_stall_other_connections() {
     srv.wait_log_count("sleeping", 2).await;
     let mut echo = connect(&srv.url("/echo")).await;
     for i in 0..20 {
-        assert_eq!(echo_once(&mut echo, &format!("m{i}")).await, format!("m{i}"));
+        assert_eq!(
+            echo_once(&mut echo, &format!("m{i}")).await,
+            format!("m{i}")
+        );
     }
     // The echoes finished while every sleeper is still asleep.
     for s in sleepers.iter_mut() {
@@ -61,7 +64,10 @@ async fn send_from_own_thread_after_close_gets_clean_error() {
     assert_eq!(echo_once(&mut ws, "spawn-late-send").await, "spawned");
     ws.close(None).await.unwrap();
     let log = srv.wait_log("late send after close").await;
-    assert!(log.contains("late send after close -> Err(Closed)"), "{log}");
+    assert!(
+        log.contains("late send after close -> Err(Closed)"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -75,7 +81,11 @@ async fn broken_handler_files_are_refused_with_the_field_named() {
     build_c(&dir.path().join("badsize_wsh.so"), &["-DWSHD_BREAK_SIZE"]);
     build_c(&dir.path().join("nomsg_wsh.so"), &["-DWSHD_BREAK_MISSING"]);
     build_c(&dir.path().join("noentry_wsh.so"), &["-DWSHD_NO_ENTRY"]);
-    std::fs::write(dir.path().join("text_wsh.so"), "#!/bin/sh\necho not a library\n").unwrap();
+    std::fs::write(
+        dir.path().join("text_wsh.so"),
+        "#!/bin/sh\necho not a library\n",
+    )
+    .unwrap();
     build_c(&dir.path().join("c_echo_wsh.so"), &[]);
 
     let srv = Wshd::start(dir.path(), &[]);
@@ -98,7 +108,11 @@ async fn broken_handler_files_are_refused_with_the_field_named() {
     assert_eq!(echo_once(&mut c, "from C").await, "from C");
     assert_eq!(echo_once(&mut c, "Goodbye").await, "Goodbye");
     assert_eq!(recv_close(&mut c).await.0, 1000);
-    let r = raw_http(&srv.addr, &upgrade_request("/trunc", "Sec-WebSocket-Version: 13\r\n")).await;
+    let r = raw_http(
+        &srv.addr,
+        &upgrade_request("/trunc", "Sec-WebSocket-Version: 13\r\n"),
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
 }
 
@@ -107,9 +121,17 @@ async fn config_errors_name_file_line_and_key() {
     let dir = standard_dir();
     let cfg_dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("[limits]\nmax_message_size = \"lots\"\n", 2, "max_message_size"),
+        (
+            "[limits]\nmax_message_size = \"lots\"\n",
+            2,
+            "max_message_size",
+        ),
         ("listen = \"127.0.0.1:1\"\nbogus_key = 1\n", 2, "bogus_key"),
-        ("\n\n[[route]]\npath = \"/x\"\nhandler = \"nosuch\"\n", 5, "handler"),
+        (
+            "\n\n[[route]]\npath = \"/x\"\nhandler = \"nosuch\"\n",
+            5,
+            "handler",
+        ),
         ("[reload]\ndrain_timeout = \"soon\"\n", 2, "drain_timeout"),
     ];
     for (body, line, key) in cases {
@@ -119,7 +141,10 @@ async fn config_errors_name_file_line_and_key() {
             .unwrap_or_else(|| panic!("config {body:?} was accepted"));
         let want = format!("{}:{line}:", cfg.display());
         assert!(err.contains(&want), "expected {want} in:\n{err}");
-        assert!(err.contains(&format!("key `{key}`")), "expected key {key} in:\n{err}");
+        assert!(
+            err.contains(&format!("key `{key}`")),
+            "expected key {key} in:\n{err}"
+        );
     }
 }
 
@@ -128,8 +153,13 @@ async fn two_files_claiming_one_path_is_a_startup_error() {
     let dir = tempfile::tempdir().unwrap();
     install(dir.path(), "echo", "libecho_wsh.so");
     install(dir.path(), "echo", "echo_wsh.so");
-    let err = Wshd::try_start(dir.path(), &[]).err().expect("conflict accepted");
-    assert!(err.contains("path /echo is claimed by more than one handler file"), "{err}");
+    let err = Wshd::try_start(dir.path(), &[])
+        .err()
+        .expect("conflict accepted");
+    assert!(
+        err.contains("path /echo is claimed by more than one handler file"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -141,10 +171,17 @@ async fn symlinks_out_of_the_root_are_refused_unless_allowed() {
     std::os::unix::fs::symlink(&real, root.path().join("out_wsh.so")).unwrap();
 
     let srv = Wshd::start(root.path(), &[]);
-    assert!(srv.log().contains("symlink points outside the handler directory"));
+    assert!(
+        srv.log()
+            .contains("symlink points outside the handler directory")
+    );
     let mut ws = connect(&srv.url("/nested/room")).await;
     assert_eq!(echo_once(&mut ws, "deep").await, "deep");
-    let r = raw_http(&srv.addr, &upgrade_request("/out", "Sec-WebSocket-Version: 13\r\n")).await;
+    let r = raw_http(
+        &srv.addr,
+        &upgrade_request("/out", "Sec-WebSocket-Version: 13\r\n"),
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
     drop(srv);
 

@@ -29,7 +29,10 @@ async fn sigterm_closes_with_1001_and_exits_zero() {
 }
 
 fn wshd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_wshd")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_wshd"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -38,16 +41,29 @@ fn check_config_and_list() {
     let d = dir.path().to_str().unwrap();
     let out = wshd(&["-t", "-w", d]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("configuration test successful: 5 route(s)"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("configuration test successful: 5 route(s)"),
+        "{stdout}"
+    );
 
     let out = wshd(&["--list", "-w", d]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("/echo") && stdout.contains("/blocking") && stdout.contains("[may block]"), "{stdout}");
+    assert!(
+        stdout.contains("/echo") && stdout.contains("/blocking") && stdout.contains("[may block]"),
+        "{stdout}"
+    );
 
     std::fs::write(dir.path().join("junk_wsh.so"), b"junk").unwrap();
     let out = wshd(&["-t", "-w", d]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("junk_wsh.so") && stderr.contains("configuration test failed"), "{stderr}");
+    assert!(
+        stderr.contains("junk_wsh.so") && stderr.contains("configuration test failed"),
+        "{stderr}"
+    );
 }

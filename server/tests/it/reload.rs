@@ -22,7 +22,9 @@ fn c_versions() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
 fn reload_config(dir: &std::path::Path, drain: &str) -> std::path::PathBuf {
     write_config(
         dir,
-        &format!("[reload]\ndebounce = \"50ms\"\ndrain_timeout = \"{drain}\"\ndrain_window = \"500ms\"\n"),
+        &format!(
+            "[reload]\ndebounce = \"50ms\"\ndrain_timeout = \"{drain}\"\ndrain_window = \"500ms\"\n"
+        ),
     )
 }
 
@@ -43,7 +45,12 @@ async fn cp_over_a_loaded_handler_under_load() {
     let finished = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
-        let (url, swapped, warmed, finished) = (url.clone(), swapped.clone(), warmed.clone(), finished.clone());
+        let (url, swapped, warmed, finished) = (
+            url.clone(),
+            swapped.clone(),
+            warmed.clone(),
+            finished.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             // Per connection: the answers it got, as "old" or "new".
             let mut first = connect(&url).await;
@@ -51,10 +58,17 @@ async fn cp_over_a_loaded_handler_under_load() {
             let mut n = 0;
             let close = loop {
                 let msg = format!("c{c}-{n}");
-                first.send(Message::text(msg.clone())).await.expect("send on the first connection");
+                first
+                    .send(Message::text(msg.clone()))
+                    .await
+                    .expect("send on the first connection");
                 match recv(&mut first).await {
                     Message::Text(t) => {
-                        assert_eq!(t.as_str(), msg, "the first connection must keep the old version");
+                        assert_eq!(
+                            t.as_str(),
+                            msg,
+                            "the first connection must keep the old version"
+                        );
                         if swapped.load(Ordering::SeqCst) {
                             old_after_swap += 1;
                         }
@@ -93,7 +107,10 @@ async fn cp_over_a_loaded_handler_under_load() {
         old_after_swap += t.await.expect("client task failed");
     }
     assert_eq!(finished.load(Ordering::SeqCst), CLIENTS);
-    assert!(old_after_swap > 0, "old connections kept answering on the old version after the swap");
+    assert!(
+        old_after_swap > 0,
+        "old connections kept answering on the old version after the swap"
+    );
     let log = srv.log();
     assert!(!log.contains("upgrade failed"), "{log}");
     // The old version was destroyed once its last connection closed.
@@ -132,7 +149,11 @@ async fn adding_and_removing_a_handler_file() {
     let dir = tempfile::tempdir().unwrap();
     install(dir.path(), "echo", "libecho_wsh.so");
     let srv = Wshd::start(dir.path(), &[]);
-    let r = raw_http(&srv.addr, &upgrade_request("/late", "Sec-WebSocket-Version: 13\r\n")).await;
+    let r = raw_http(
+        &srv.addr,
+        &upgrade_request("/late", "Sec-WebSocket-Version: 13\r\n"),
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
 
     // Atomic deploy: write a hidden temporary, then rename into place.
@@ -146,10 +167,19 @@ async fn adding_and_removing_a_handler_file() {
 
     std::fs::remove_file(dir.path().join("late_wsh.so")).unwrap();
     srv.wait_log("route removed").await;
-    let r = raw_http(&srv.addr, &upgrade_request("/late", "Sec-WebSocket-Version: 13\r\n")).await;
+    let r = raw_http(
+        &srv.addr,
+        &upgrade_request("/late", "Sec-WebSocket-Version: 13\r\n"),
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
     // /echo was never touched.
-    assert_eq!(srv.log().matches("serving echo").count(), 2, "{}", srv.log());
+    assert_eq!(
+        srv.log().matches("serving echo").count(),
+        2,
+        "{}",
+        srv.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -157,7 +187,10 @@ async fn touch_and_identical_copies_do_not_reload() {
     let dir = tempfile::tempdir().unwrap();
     let echo = install(dir.path(), "echo", "libecho_wsh.so");
     let srv = Wshd::start(dir.path(), &[]);
-    let status = std::process::Command::new("touch").arg(&echo).status().unwrap();
+    let status = std::process::Command::new("touch")
+        .arg(&echo)
+        .status()
+        .unwrap();
     assert!(status.success());
     std::fs::copy(built_handlers().join("libecho_wsh.so"), &echo).unwrap();
     // A real change afterwards: once it is served, the earlier events have
@@ -186,16 +219,28 @@ async fn config_reload_valid_then_invalid() {
     let mut ws = connect(&srv.url("/e2")).await;
     assert_eq!(echo_once(&mut ws, "new route").await, "new route");
 
-    std::fs::write(&cfg, "[reload]\ndebounce = \"50ms\"\n[[route]]\npath = \"/e3\"\nhandler = \"nosuch\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[reload]\ndebounce = \"50ms\"\n[[route]]\npath = \"/e3\"\nhandler = \"nosuch\"\n",
+    )
+    .unwrap();
     let log = srv.wait_log("config reload failed").await;
     assert!(log.contains("key `handler`"), "{log}");
     let mut ws = connect(&srv.url("/e2")).await;
     assert_eq!(echo_once(&mut ws, "unchanged").await, "unchanged");
-    let r = raw_http(&srv.addr, &upgrade_request("/e3", "Sec-WebSocket-Version: 13\r\n")).await;
+    let r = raw_http(
+        &srv.addr,
+        &upgrade_request("/e3", "Sec-WebSocket-Version: 13\r\n"),
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
 
     // SIGHUP re-reads the file: fix it and signal.
-    std::fs::write(&cfg, "[reload]\nwatch = false\n[[route]]\npath = \"/e4\"\nhandler = \"echo\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[reload]\nwatch = false\n[[route]]\npath = \"/e4\"\nhandler = \"echo\"\n",
+    )
+    .unwrap();
     srv.signal("HUP");
     srv.wait_log_count("config reloaded", 2).await;
     let mut ws = connect(&srv.url("/e4")).await;

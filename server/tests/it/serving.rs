@@ -26,14 +26,29 @@ async fn echo_text_binary_and_goodbye() {
 async fn http_errors_are_clear() {
     let dir = standard_dir();
     let srv = Wshd::start(dir.path(), &[]);
-    let r = raw_http(&srv.addr, "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let r = raw_http(
+        &srv.addr,
+        "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
-    let r = raw_http(&srv.addr, "GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let r = raw_http(
+        &srv.addr,
+        "GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 426"), "{r}");
     assert!(r.contains("WebSocket endpoint"), "{r}");
-    let r = raw_http(&srv.addr, &upgrade_request("/echo", "Sec-WebSocket-Version: 8\r\n")).await;
+    let r = raw_http(
+        &srv.addr,
+        &upgrade_request("/echo", "Sec-WebSocket-Version: 8\r\n"),
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 426"), "{r}");
-    assert!(r.to_ascii_lowercase().contains("sec-websocket-version: 13"), "{r}");
+    assert!(
+        r.to_ascii_lowercase().contains("sec-websocket-version: 13"),
+        "{r}"
+    );
     let r = raw_http(
         &srv.addr,
         "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -41,9 +56,16 @@ async fn http_errors_are_clear() {
     )
     .await;
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
-    let r = raw_http(&srv.addr, &upgrade_request("/echo", "Sec-WebSocket-Version: 13\r\n")).await;
+    let r = raw_http(
+        &srv.addr,
+        &upgrade_request("/echo", "Sec-WebSocket-Version: 13\r\n"),
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 101"), "{r}");
-    assert!(r.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "RFC 6455 sample accept key: {r}");
+    assert!(
+        r.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "RFC 6455 sample accept key: {r}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -85,28 +107,43 @@ async fn subprotocol_choice_and_origin_rejection() {
     let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
 
     let mut req = srv.url("/oc").into_client_request().unwrap();
-    req.headers_mut().insert("Origin", HeaderValue::from_static("http://good.example"));
     req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("chat.v1, chat.v2"));
+        .insert("Origin", HeaderValue::from_static("http://good.example"));
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static("chat.v1, chat.v2"),
+    );
     let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
-    assert_eq!(resp.headers()["sec-websocket-protocol"], "chat.v2", "server preference wins");
+    assert_eq!(
+        resp.headers()["sec-websocket-protocol"],
+        "chat.v2",
+        "server preference wins"
+    );
     assert_eq!(echo_once(&mut ws, "x").await, "x");
 
     // `null` is what a page opened from file:// sends.
     let mut req = srv.url("/oc").into_client_request().unwrap();
-    req.headers_mut().insert("Origin", HeaderValue::from_static("null"));
+    req.headers_mut()
+        .insert("Origin", HeaderValue::from_static("null"));
     assert!(tokio_tungstenite::connect_async(req).await.is_ok());
 
     let r = raw_http(
         &srv.addr,
-        &upgrade_request("/oc", "Sec-WebSocket-Version: 13\r\nOrigin: http://evil.example\r\n"),
+        &upgrade_request(
+            "/oc",
+            "Sec-WebSocket-Version: 13\r\nOrigin: http://evil.example\r\n",
+        ),
     )
     .await;
     assert!(r.starts_with("HTTP/1.1 403"), "{r}");
     srv.wait_log("Origin not allowed").await;
 
     // Unconfigured routes accept any Origin, including null.
-    let r = raw_http(&srv.addr, &upgrade_request("/echo", "Sec-WebSocket-Version: 13\r\nOrigin: null\r\n")).await;
+    let r = raw_http(
+        &srv.addr,
+        &upgrade_request("/echo", "Sec-WebSocket-Version: 13\r\nOrigin: null\r\n"),
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 101"), "{r}");
 }
 
@@ -133,8 +170,10 @@ subprotocols = ["beta"]
     let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
     for (path, proto) in [("/a", "alpha"), ("/a2", "alpha"), ("/b", "beta")] {
         let mut req = srv.url(path).into_client_request().unwrap();
-        req.headers_mut()
-            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("alpha, beta"));
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static("alpha, beta"),
+        );
         let (_ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
         assert_eq!(resp.headers()["sec-websocket-protocol"], proto, "{path}");
     }
@@ -144,7 +183,10 @@ subprotocols = ["beta"]
 async fn over_limit_message_gets_1009() {
     let dir = standard_dir();
     let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(cfg_dir.path(), "[limits]\nmax_message_size = \"4KiB\"\nmax_frame_size = \"4KiB\"\n");
+    let cfg = write_config(
+        cfg_dir.path(),
+        "[limits]\nmax_message_size = \"4KiB\"\nmax_frame_size = \"4KiB\"\n",
+    );
     let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
     let mut ws = connect(&srv.url("/echo")).await;
     let exact = "x".repeat(4096);
