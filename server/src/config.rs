@@ -196,7 +196,7 @@ impl Default for ReloadSettings {
     fn default() -> Self {
         ReloadSettings {
             watch: true,
-            debounce: Duration::from_millis(100),
+            debounce: Duration::from_millis(50),
             drain_timeout: Some(Duration::from_secs(60)),
             drain_window: Duration::from_secs(10),
         }
