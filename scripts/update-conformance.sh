@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs the Autobahn|Testsuite against wshd and rewrites the per-group results
+# table in README.md (between the autobahn-results markers).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build -q -p wshd -p echo-handler
+table=$(mktemp)
+AUTOBAHN_MARKDOWN="$table" tests/autobahn/run.sh
+python3 - "$table" <<'PY'
+import re, sys, datetime
+table = open(sys.argv[1]).read().strip()
+readme = open("README.md").read()
+stamp = datetime.date.today().isoformat()
+block = (f"<!-- autobahn-results:start -->\nResults of `scripts/update-conformance.sh` on {stamp} "
+         f"(wshd `/echo`, debug build, through the C ABI and the Rust SDK):\n\n{table}\n<!-- autobahn-results:end -->")
+new = re.sub(r"<!-- autobahn-results:start -->.*?<!-- autobahn-results:end -->", block, readme, flags=re.S)
+open("README.md", "w").write(new)
+PY
+rm -f "$table"
+echo "README.md conformance table updated"
