@@ -70,6 +70,7 @@ pub struct RawLimits {
     pub handshake_timeout: Option<Dur>,
     pub max_connections: Option<Count>,
     pub close_timeout: Option<Dur>,
+    pub write_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,6 +123,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long to wait for the peer's reply to our close frame.
     pub close_timeout: Duration,
+    /// How long one write may wait for a peer that does not read; then the
+    /// connection is dropped, so a stalled reader cannot pin a session.
+    pub write_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -134,6 +138,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             close_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -162,6 +167,9 @@ impl Limits {
         }
         if let Some(v) = raw.close_timeout {
             l.close_timeout = v.0;
+        }
+        if let Some(v) = raw.write_timeout {
+            l.write_timeout = v.0;
         }
         l
     }

@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
@@ -97,6 +97,7 @@ async fn run_inner(
 ) {
     let inst = route.instance.clone();
     let started = Instant::now();
+    let wt = route.limits.write_timeout;
     let (tx, mut rx) = mpsc::channel::<Message>(route.limits.send_queue);
     let control = Arc::new(ConnControl::default());
     server.conns.insert(
@@ -128,7 +129,7 @@ async fn run_inner(
     match opened {
         Ok(s) => {
             state = Some(s);
-            if write_outbox(&mut ws, &mut outbox, &mut stats, &mut close)
+            if write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close)
                 .await
                 .is_err()
             {
@@ -142,6 +143,7 @@ async fn run_inner(
             );
             start_close(
                 &mut ws,
+                wt,
                 1011,
                 "handler failed to open the connection",
                 &mut close,
@@ -188,17 +190,17 @@ async fn run_inner(
                         outbox = ob;
                         rc
                     };
-                    if write_outbox(&mut ws, &mut outbox, &mut stats, &mut close).await.is_err() {
+                    if write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close).await.is_err() {
                         close.get_or_insert(dropped());
                         break;
                     }
                     if rc != WSHD_OK && close.is_none() {
                         let reason = if rc == WSHD_ERR_PANIC { "handler panicked" } else { "handler error" };
                         tracing::warn!("on_message failed ({}); closing with 1011", crate::error::status_name(rc));
-                        start_close(&mut ws, 1011, reason, &mut close).await;
+                        start_close(&mut ws, wt, 1011, reason, &mut close).await;
                     } else if std::mem::take(&mut outbox.overflowed) && close.is_none() {
                         tracing::info!("send queue full: closing slow consumer with 1008");
-                        start_close(&mut ws, 1008, "slow consumer", &mut close).await;
+                        start_close(&mut ws, wt, 1008, "slow consumer", &mut close).await;
                     }
                 }
                 Some(Ok(Message::Close(frame))) => {
@@ -218,7 +220,7 @@ async fn run_inner(
                         && let Some((code, reason)) = protocol_close(&e)
                     {
                         tracing::info!("closing with {code}: {e}");
-                        start_close(&mut ws, code, reason, &mut close).await;
+                        start_close(&mut ws, wt, code, reason, &mut close).await;
                         // Fail the connection (RFC 6455 §7.1.7): don't
                         // wait for a reply from a misbehaving peer.
                         break;
@@ -238,13 +240,13 @@ async fn run_inner(
                 let mut batch = 0;
                 let mut next = Some(first);
                 while let Some(m) = next {
-                    if let Err(()) = write_one(&mut ws, m, &mut stats, &mut close).await {
+                    if let Err(()) = write_one(&mut ws, wt, m, &mut stats, &mut close).await {
                         break;
                     }
                     batch += 1;
                     next = if batch < WRITE_BATCH && close.is_none() { rx.try_recv().ok() } else { None };
                 }
-                if ws.flush().await.is_err() {
+                if timed(route.limits.write_timeout, ws.flush()).await.is_err() {
                     close.get_or_insert(dropped());
                     break;
                 }
@@ -252,20 +254,20 @@ async fn run_inner(
             _ = control.token.cancelled(), if open => {
                 // Deliver what is already queued, then close as asked.
                 while let Ok(m) = rx.try_recv() {
-                    if write_one(&mut ws, m, &mut stats, &mut close).await.is_err() || close.is_some() {
+                    if write_one(&mut ws, wt, m, &mut stats, &mut close).await.is_err() || close.is_some() {
                         break;
                     }
                 }
                 let frame = control.close_frame.lock().unwrap_or_else(|p| p.into_inner()).take();
                 let (code, reason) = frame.map_or((1000, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
-                start_close(&mut ws, code, &reason, &mut close).await;
+                start_close(&mut ws, wt, code, &reason, &mut close).await;
             }
             _ = &mut drain, if open => {
                 tracing::info!("handler version retired: closing with 1012 (service restart)");
-                start_close(&mut ws, 1012, "service restart", &mut close).await;
+                start_close(&mut ws, wt, 1012, "service restart", &mut close).await;
             }
             _ = server.shutdown.cancelled(), if open => {
-                start_close(&mut ws, 1001, "server shutting down", &mut close).await;
+                start_close(&mut ws, wt, 1001, "server shutting down", &mut close).await;
             }
             _ = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now)), if !open => {
                 tracing::debug!("peer did not answer our close in time; dropping the connection");
@@ -306,6 +308,22 @@ async fn run_inner(
     );
 }
 
+/// Runs one socket write with a time limit. A peer that stops reading fills
+/// its TCP window and would otherwise park the session here forever, out of
+/// reach of shutdown, drain and close requests.
+async fn timed<T>(
+    limit: Duration,
+    write: impl std::future::Future<Output = Result<T, WsError>>,
+) -> Result<T, ()> {
+    match tokio::time::timeout(limit, write).await {
+        Ok(r) => r.map_err(|_| ()),
+        Err(_) => {
+            tracing::info!("peer has not read for {limit:?}; dropping the connection");
+            Err(())
+        }
+    }
+}
+
 fn dropped() -> Close {
     Close {
         code: 1006,
@@ -329,7 +347,13 @@ fn protocol_close(e: &WsError) -> Option<(u16, &'static str)> {
 }
 
 /// Sends our close frame and records it, unless a close already happened.
-async fn start_close(ws: &mut Ws, code: u16, reason: &str, close: &mut Option<Close>) {
+async fn start_close(
+    ws: &mut Ws,
+    limit: Duration,
+    code: u16,
+    reason: &str,
+    close: &mut Option<Close>,
+) {
     if close.is_some() {
         return;
     }
@@ -342,12 +366,13 @@ async fn start_close(ws: &mut Ws, code: u16, reason: &str, close: &mut Option<Cl
         reason: reason.to_owned(),
         by: Closer::Server,
     });
-    let _ = ws.send(Message::Close(Some(frame))).await;
+    let _ = timed(limit, ws.send(Message::Close(Some(frame)))).await;
 }
 
 /// Feeds one queued message; a close frame starts our close handshake.
 async fn write_one(
     ws: &mut Ws,
+    limit: Duration,
     m: Message,
     stats: &mut Stats,
     close: &mut Option<Close>,
@@ -368,12 +393,13 @@ async fn write_one(
         stats.msgs_out += 1;
         stats.bytes_out += m.len() as u64;
     }
-    ws.feed(m).await.map_err(|_| ())
+    timed(limit, ws.feed(m)).await
 }
 
 /// Writes what a callback queued for its own connection, with one flush.
 async fn write_outbox(
     ws: &mut Ws,
+    limit: Duration,
     outbox: &mut Outbox,
     stats: &mut Stats,
     close: &mut Option<Close>,
@@ -385,7 +411,7 @@ async fn write_outbox(
         if close.is_some() {
             continue;
         }
-        write_one(ws, m, stats, close).await?;
+        write_one(ws, limit, m, stats, close).await?;
     }
-    ws.flush().await.map_err(|_| ())
+    timed(limit, ws.flush()).await
 }

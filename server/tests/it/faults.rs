@@ -189,3 +189,37 @@ async fn symlinks_out_of_the_root_are_refused_unless_allowed() {
     let mut ws = connect(&srv.url("/out")).await;
     assert_eq!(echo_once(&mut ws, "out").await, "out");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_that_never_reads_is_dropped_and_others_are_fine() {
+    use tokio::io::AsyncWriteExt;
+    let dir = standard_dir();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        cfg_dir.path(),
+        "[limits]\nwrite_timeout = \"1s\"\nsend_queue = 4\nslow_consumer = \"close\"\n",
+    );
+    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    // A raw client that upgrades, then only writes: big echoes pile up in the
+    // server's socket buffer until the write blocks.
+    let mut s = tokio::net::TcpStream::connect(&srv.addr).await.unwrap();
+    s.write_all(upgrade_request("/echo", "Sec-WebSocket-Version: 13\r\n").as_bytes())
+        .await
+        .unwrap();
+    let payload = vec![b'x'; 60_000];
+    let mut frame = vec![0x82, 0xFF];
+    frame.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]); // zero mask: payload as is
+    frame.extend_from_slice(&payload);
+    for _ in 0..200 {
+        if tokio::time::timeout(Duration::from_millis(200), s.write_all(&frame))
+            .await
+            .is_err()
+        {
+            break; // the server stopped reading: it is stuck writing to us
+        }
+    }
+    srv.wait_log("has not read for").await;
+    let mut ws = connect(&srv.url("/echo")).await;
+    assert_eq!(echo_once(&mut ws, "unaffected").await, "unaffected");
+}
