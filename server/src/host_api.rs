@@ -21,8 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use dashmap::DashMap;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -92,44 +90,104 @@ pub struct HostApiBox {
     pub ctx: &'static HostCtx,
 }
 
-/// What the host keeps per open connection, for sends from outside the
-/// connection's own callbacks.
+/// What the host shares with one open connection's session: the queue that
+/// sends from outside the connection's own callbacks go through, and
+/// out-of-band close requests.
+///
+/// The queue is a `VecDeque` that allocates only when something is queued,
+/// so an idle connection costs a few hundred bytes here (a channel would
+/// allocate its first block of slots up front, for every connection).
 #[derive(Debug)]
-pub struct ConnHandle {
+pub struct ConnShared {
     /// The instance that owns the connection.
     pub owner: u64,
-    /// The connection's bounded send queue.
-    pub tx: mpsc::Sender<Message>,
-    /// Shared with the session: out-of-band close requests.
-    pub control: Arc<ConnControl>,
     pub slow_consumer: SlowConsumer,
+    /// Queue capacity in messages.
+    limit: usize,
+    queue: std::sync::Mutex<std::collections::VecDeque<Message>>,
+    /// Wakes the session when the queue or the close request changes.
+    pub notify: tokio::sync::Notify,
+    /// A close the session should perform after draining the queue.
+    close_request: std::sync::Mutex<Option<CloseFrame>>,
 }
 
-/// Out-of-band requests to a session, for when the queue cannot take them.
-#[derive(Debug, Default)]
-pub struct ConnControl {
-    /// Cancelled to ask the session to close with `close_frame`.
-    pub token: CancellationToken,
-    pub close_frame: std::sync::Mutex<Option<CloseFrame>>,
+/// Why a message could not be queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum QueueError {
+    Full,
 }
 
-impl ConnControl {
-    /// Ask the session to drain its queue and close with `code`.
+impl ConnShared {
+    pub fn new(owner: u64, limit: usize, slow_consumer: SlowConsumer) -> ConnShared {
+        ConnShared {
+            owner,
+            slow_consumer,
+            limit,
+            queue: Default::default(),
+            notify: Default::default(),
+            close_request: Default::default(),
+        }
+    }
+
+    /// Queues a message for the session to write.
+    pub fn push(&self, msg: Message) -> Result<(), QueueError> {
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if q.len() >= self.limit {
+                return Err(QueueError::Full);
+            }
+            q.push_back(msg);
+        }
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Moves up to `max` queued messages into `out`.
+    pub fn take(&self, out: &mut Vec<Message>, max: usize) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let n = q.len().min(max);
+        out.extend(q.drain(..n));
+        if q.is_empty() && q.capacity() > 64 {
+            // Give back the memory a burst needed.
+            *q = Default::default();
+        }
+    }
+
+    /// Whether messages are waiting.
+    pub fn has_queued(&self) -> bool {
+        !self
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// Asks the session to drain its queue and close with `code`. The first
+    /// request wins.
     pub fn request_close(&self, code: u16, reason: &str) {
-        let mut slot = self.close_frame.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.close_request.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(CloseFrame {
                 code: CloseCode::from(code),
                 reason: reason.to_owned().into(),
             });
         }
-        self.token.cancel();
+        drop(slot);
+        self.notify.notify_one();
+    }
+
+    /// The pending close request, if any.
+    pub fn take_close_request(&self) -> Option<CloseFrame> {
+        self.close_request
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 }
 
 /// Every open connection by id. Sharded, so sends from many threads rarely
 /// contend.
-pub type Connections = DashMap<wshd_conn_id, ConnHandle>;
+pub type Connections = DashMap<wshd_conn_id, Arc<ConnShared>>;
 
 /// Messages a callback queued for its own connection (the fast path).
 #[derive(Debug, Default)]
@@ -146,6 +204,9 @@ pub struct Outbox {
 struct Current {
     conn: wshd_conn_id,
     outbox: *mut Outbox,
+    /// The payload of the message being handled (null if none), so a send
+    /// of bytes inside it (an echo) can share the buffer instead of copying.
+    inbound: *const bytes::Bytes,
 }
 
 thread_local! {
@@ -153,8 +214,14 @@ thread_local! {
 }
 
 /// Runs `f` (a handler callback for `conn`) with `outbox` as the fast path for
-/// sends to `conn` made on this thread.
-pub fn with_outbox<R>(conn: wshd_conn_id, outbox: &mut Outbox, f: impl FnOnce() -> R) -> R {
+/// sends to `conn` made on this thread; `inbound` is the payload `f` is
+/// handling, if any.
+pub fn with_outbox<R>(
+    conn: wshd_conn_id,
+    outbox: &mut Outbox,
+    inbound: Option<&bytes::Bytes>,
+    f: impl FnOnce() -> R,
+) -> R {
     struct Reset(Option<Current>);
     impl Drop for Reset {
         fn drop(&mut self) {
@@ -165,6 +232,7 @@ pub fn with_outbox<R>(conn: wshd_conn_id, outbox: &mut Outbox, f: impl FnOnce() 
         c.replace(Some(Current {
             conn,
             outbox: outbox as *mut Outbox,
+            inbound: inbound.map_or(std::ptr::null(), |b| b as *const bytes::Bytes),
         }))
     });
     let _reset = Reset(prev);
@@ -192,23 +260,24 @@ fn deliver(ctx: &HostCtx, conn: wshd_conn_id, msg: Message) -> i32 {
         outbox.msgs.push(msg);
         return WSHD_OK;
     }
-    let Some(handle) = ctx.conns.get(&conn) else {
+    let Some(shared) = ctx.conns.get(&conn).map(|e| e.value().clone()) else {
         return WSHD_ERR_CLOSED;
     };
-    if handle.owner != ctx.instance {
+    if shared.owner != ctx.instance {
         return WSHD_ERR_CLOSED;
     }
-    match handle.tx.try_send(msg) {
+    if let Message::Close(Some(f)) = msg {
+        // A close always gets through, even with a full queue; the session
+        // sends what is queued first.
+        shared.request_close(f.code.into(), &f.reason);
+        return WSHD_OK;
+    }
+    match shared.push(msg) {
         Ok(()) => WSHD_OK,
-        Err(mpsc::error::TrySendError::Closed(_)) => WSHD_ERR_CLOSED,
-        Err(mpsc::error::TrySendError::Full(msg)) => {
-            if let Message::Close(Some(f)) = msg {
-                handle.control.request_close(f.code.into(), &f.reason);
-                return WSHD_OK;
-            }
-            if handle.slow_consumer == SlowConsumer::Close {
+        Err(QueueError::Full) => {
+            if shared.slow_consumer == SlowConsumer::Close {
                 tracing::info!(conn, route = %ctx.route, "send queue full: closing slow consumer with 1008");
-                handle.control.request_close(1008, "slow consumer");
+                shared.request_close(1008, "slow consumer");
             }
             WSHD_ERR_BACKPRESSURE
         }
@@ -262,12 +331,16 @@ unsafe extern "C" fn host_send(
     let Some(data) = (unsafe { bytes(data, len) }) else {
         return WSHD_ERR_INVALID;
     };
+    if kind == WSHD_MSG_TEXT && std::str::from_utf8(data).is_err() {
+        return WSHD_ERR_INVALID;
+    }
+    let payload = shared_slice(conn, data).unwrap_or_else(|| bytes::Bytes::copy_from_slice(data));
     let msg = match kind {
-        WSHD_MSG_TEXT => match std::str::from_utf8(data) {
-            Ok(s) => Message::text(s),
-            Err(_) => return WSHD_ERR_INVALID,
-        },
-        WSHD_MSG_BINARY => Message::binary(bytes::Bytes::copy_from_slice(data)),
+        // SAFETY: `data`, which `payload` holds, was checked to be UTF-8 above.
+        WSHD_MSG_TEXT => {
+            Message::Text(unsafe { tungstenite::Utf8Bytes::from_bytes_unchecked(payload) })
+        }
+        WSHD_MSG_BINARY => Message::Binary(payload),
         _ => return WSHD_ERR_INVALID,
     };
     deliver(ctx, conn, msg)
@@ -295,6 +368,20 @@ unsafe extern "C" fn host_ping(
         conn,
         Message::Ping(bytes::Bytes::copy_from_slice(data)),
     )
+}
+
+/// If `data` lies inside the payload of the message being handled for
+/// `conn` on this thread, the same bytes as a shared slice (no copy).
+fn shared_slice(conn: wshd_conn_id, data: &[u8]) -> Option<bytes::Bytes> {
+    let cur = CURRENT
+        .with(|c| c.get())
+        .filter(|c| c.conn == conn && !c.inbound.is_null())?;
+    // SAFETY: `with_outbox` set `inbound` from a reference that outlives the
+    // running callback, and clears it when the callback returns.
+    let inbound = unsafe { &*cur.inbound };
+    let start = (data.as_ptr() as usize).checked_sub(inbound.as_ptr() as usize)?;
+    let end = start.checked_add(data.len())?;
+    (end <= inbound.len() && !data.is_empty()).then(|| inbound.slice(start..end))
 }
 
 /// Close codes a server may send (RFC 6455 §7.4): 1000-1003, 1007-1014 and
@@ -375,50 +462,33 @@ mod tests {
     fn send_to_unknown_or_foreign_conn_is_closed() {
         let conns = Arc::new(Connections::default());
         let a = api(&conns);
-        let (tx, mut rx) = mpsc::channel(2);
-        conns.insert(
-            5,
-            ConnHandle {
-                owner: 99,
-                tx,
-                control: Default::default(),
-                slow_consumer: SlowConsumer::Error,
-            },
-        );
+        let shared = Arc::new(ConnShared::new(99, 2, SlowConsumer::Error));
+        conns.insert(5, shared.clone());
         // SAFETY: a valid context and a valid (ptr, len).
         let rc = unsafe { (a.api.send)(a.api.host_ctx, 5, WSHD_MSG_TEXT, b"hi".as_ptr(), 2) };
         assert_eq!(rc, WSHD_ERR_CLOSED, "another instance's connection");
         // SAFETY: as above.
         let rc = unsafe { (a.api.send)(a.api.host_ctx, 6, WSHD_MSG_TEXT, b"hi".as_ptr(), 2) };
         assert_eq!(rc, WSHD_ERR_CLOSED, "unknown connection");
-        assert!(rx.try_recv().is_err());
+        assert!(!shared.has_queued());
     }
 
     #[test]
     fn queue_full_and_revoked() {
         let conns = Arc::new(Connections::default());
         let a = api(&conns);
-        let (tx, _rx) = mpsc::channel(1);
-        let control = Arc::new(ConnControl::default());
-        conns.insert(
-            5,
-            ConnHandle {
-                owner: 7,
-                tx,
-                control: control.clone(),
-                slow_consumer: SlowConsumer::Close,
-            },
-        );
+        let shared = Arc::new(ConnShared::new(7, 1, SlowConsumer::Close));
+        conns.insert(5, shared.clone());
         // SAFETY: valid context and buffers.
         let send = |data: &[u8], kind| unsafe {
             (a.api.send)(a.api.host_ctx, 5, kind, data.as_ptr(), data.len())
         };
         assert_eq!(send(b"one", WSHD_MSG_TEXT), WSHD_OK);
         assert_eq!(send(b"two", WSHD_MSG_TEXT), WSHD_ERR_BACKPRESSURE);
-        assert!(
-            control.token.is_cancelled(),
-            "close policy asks the session to close"
-        );
+        let close = shared
+            .take_close_request()
+            .expect("close policy asks the session to close");
+        assert_eq!(u16::from(close.code), 1008);
         assert_eq!(
             send(&[0xff, 0xfe], WSHD_MSG_TEXT),
             WSHD_ERR_INVALID,
@@ -437,7 +507,7 @@ mod tests {
             slow_consumer: Some(SlowConsumer::Close),
             ..Default::default()
         };
-        let (r1, r2) = with_outbox(42, &mut outbox, || {
+        let (r1, r2) = with_outbox(42, &mut outbox, None, || {
             // SAFETY: valid context and buffers.
             unsafe {
                 (
@@ -453,6 +523,43 @@ mod tests {
             CURRENT.with(|c| c.get()).is_none(),
             "reset after the callback"
         );
+    }
+
+    #[test]
+    fn echo_of_the_inbound_payload_shares_its_buffer() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        let inbound = bytes::Bytes::from_static(b"hello world");
+        let mut outbox = Outbox {
+            limit: 8,
+            ..Default::default()
+        };
+        with_outbox(9, &mut outbox, Some(&inbound), || {
+            // SAFETY: valid context; the slices point into `inbound` and a
+            // local array.
+            unsafe {
+                assert_eq!(
+                    (a.api.send)(a.api.host_ctx, 9, WSHD_MSG_TEXT, inbound.as_ptr().add(6), 5),
+                    WSHD_OK
+                );
+                let other = *b"copy";
+                assert_eq!(
+                    (a.api.send)(a.api.host_ctx, 9, WSHD_MSG_BINARY, other.as_ptr(), 4),
+                    WSHD_OK
+                );
+            }
+        });
+        let Message::Text(t) = &outbox.msgs[0] else {
+            panic!()
+        };
+        assert_eq!(t.as_str(), "world");
+        let shared: &bytes::Bytes = t.as_ref();
+        assert_eq!(
+            shared.as_ptr(),
+            inbound[6..].as_ptr(),
+            "no copy for a slice of the inbound message"
+        );
+        assert_eq!(outbox.msgs[1], Message::binary(&b"copy"[..]));
     }
 
     #[test]

@@ -200,7 +200,7 @@ impl Instance {
             let mut state: *mut c_void = std::ptr::null_mut();
             // SAFETY: callback from a validated descriptor; `state` is a
             // valid out-pointer for the call.
-            let rc = with_outbox(conn, &mut outbox, || unsafe {
+            let rc = with_outbox(conn, &mut outbox, None, || unsafe {
                 cb(handler.get(), conn, &mut state)
             });
             let r = if rc == WSHD_OK {
@@ -221,15 +221,16 @@ impl Instance {
         msg: &Message,
         outbox: &mut Outbox,
     ) -> i32 {
-        let (kind, data): (u32, &[u8]) = match msg {
-            Message::Text(t) => (WSHD_MSG_TEXT, t.as_bytes()),
+        let (kind, payload): (u32, &bytes::Bytes) = match msg {
+            Message::Text(t) => (WSHD_MSG_TEXT, t.as_ref()),
             Message::Binary(b) => (WSHD_MSG_BINARY, b),
             _ => return WSHD_OK,
         };
+        let data: &[u8] = payload;
         let cb = self.lib.desc.callbacks.on_message;
         // SAFETY: callback from a validated descriptor; `data` is borrowed
         // for the call and text payloads were UTF-8-validated by tungstenite.
-        with_outbox(conn, outbox, || unsafe {
+        with_outbox(conn, outbox, Some(payload), || unsafe {
             cb(
                 self.handler.get(),
                 state.get(),

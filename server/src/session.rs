@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 use tungstenite::protocol::CloseFrame;
@@ -25,7 +25,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message, error::CapacityError};
 use wshd_handler_api::abi::{WSHD_ERR_PANIC, WSHD_OK};
 
-use crate::host_api::{ConnControl, ConnHandle, Outbox};
+use crate::host_api::{ConnShared, Outbox};
 use crate::instance::ConnState;
 use crate::routing::Route;
 use crate::server::Server;
@@ -98,17 +98,12 @@ async fn run_inner(
     let inst = route.instance.clone();
     let started = Instant::now();
     let wt = route.limits.write_timeout;
-    let (tx, mut rx) = mpsc::channel::<Message>(route.limits.send_queue);
-    let control = Arc::new(ConnControl::default());
-    server.conns.insert(
-        id,
-        ConnHandle {
-            owner: inst.id,
-            tx,
-            control: control.clone(),
-            slow_consumer: route.limits.slow_consumer,
-        },
-    );
+    let shared = Arc::new(ConnShared::new(
+        inst.id,
+        route.limits.send_queue,
+        route.limits.slow_consumer,
+    ));
+    server.conns.insert(id, shared.clone());
     inst.live.fetch_add(1, Ordering::Relaxed);
     tracing::info!(subprotocol = protocol.as_deref().unwrap_or(""), "open");
 
@@ -158,11 +153,25 @@ async fn run_inner(
         closing = Some(tokio::time::Instant::now() + route.limits.close_timeout);
     }
 
+    // The long-lived futures the loop waits on are built once, not per
+    // message: rebuilding a cancellation future registers (and on drop
+    // unregisters) a waiter under the token's lock every time.
     let drain = async {
         inst.drain.cancelled().await;
         tokio::time::sleep(inst.drain_delay(id)).await;
     };
     tokio::pin!(drain);
+    let shutdown = server.shutdown.cancelled();
+    tokio::pin!(shutdown);
+    let woken = shared.notify.notified();
+    tokio::pin!(woken);
+    // Armed when we send our close frame: how long we wait for the reply.
+    let close_deadline = tokio::time::sleep(Duration::from_secs(86_400 * 365));
+    tokio::pin!(close_deadline);
+    if let Some(deadline) = closing {
+        close_deadline.as_mut().reset(deadline); // on_open failed: we already sent 1011
+    }
+    let mut batch: Vec<Message> = Vec::new();
 
     while !matches!(
         close,
@@ -236,40 +245,39 @@ async fn run_inner(
                     break;
                 }
             },
-            Some(first) = rx.recv(), if open => {
-                let mut batch = 0;
-                let mut next = Some(first);
-                while let Some(m) = next {
-                    if let Err(()) = write_one(&mut ws, wt, m, &mut stats, &mut close).await {
+            _ = &mut woken, if open => {
+                woken.set(shared.notify.notified());
+                // A close request drains the whole queue first; otherwise
+                // one batch per wake, so a busy sender cannot starve reads.
+                let close_request = shared.take_close_request();
+                let max = if close_request.is_some() { usize::MAX } else { WRITE_BATCH };
+                shared.take(&mut batch, max);
+                let mut failed = false;
+                for m in batch.drain(..) {
+                    if write_one(&mut ws, wt, m, &mut stats, &mut close).await.is_err() {
+                        failed = true;
                         break;
                     }
-                    batch += 1;
-                    next = if batch < WRITE_BATCH && close.is_none() { rx.try_recv().ok() } else { None };
                 }
-                if timed(route.limits.write_timeout, ws.flush()).await.is_err() {
+                batch.clear();
+                if failed || timed(wt, ws.flush()).await.is_err() {
                     close.get_or_insert(dropped());
                     break;
                 }
-            }
-            _ = control.token.cancelled(), if open => {
-                // Deliver what is already queued, then close as asked.
-                while let Ok(m) = rx.try_recv() {
-                    if write_one(&mut ws, wt, m, &mut stats, &mut close).await.is_err() || close.is_some() {
-                        break;
-                    }
+                if let Some(f) = close_request {
+                    start_close(&mut ws, wt, f.code.into(), &f.reason, &mut close).await;
+                } else if shared.has_queued() {
+                    shared.notify.notify_one();
                 }
-                let frame = control.close_frame.lock().unwrap_or_else(|p| p.into_inner()).take();
-                let (code, reason) = frame.map_or((1000, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
-                start_close(&mut ws, wt, code, &reason, &mut close).await;
             }
             _ = &mut drain, if open => {
                 tracing::info!("handler version retired: closing with 1012 (service restart)");
                 start_close(&mut ws, wt, 1012, "service restart", &mut close).await;
             }
-            _ = server.shutdown.cancelled(), if open => {
+            _ = &mut shutdown, if open => {
                 start_close(&mut ws, wt, 1001, "server shutting down", &mut close).await;
             }
-            _ = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now)), if !open => {
+            _ = &mut close_deadline, if !open => {
                 tracing::debug!("peer did not answer our close in time; dropping the connection");
                 break;
             }
@@ -279,14 +287,15 @@ async fn run_inner(
                 .as_ref()
                 .is_some_and(|c| matches!(c.by, Closer::Server))
         {
-            closing = Some(tokio::time::Instant::now() + route.limits.close_timeout);
+            let deadline = tokio::time::Instant::now() + route.limits.close_timeout;
+            closing = Some(deadline);
+            close_deadline.as_mut().reset(deadline);
         }
     }
 
     // Unregister first, so sends from handler threads from now on get
     // WSHD_ERR_CLOSED; then on_close, exactly once per successful on_open.
     server.conns.remove(&id);
-    drop(rx);
     let close = close.unwrap_or_else(dropped);
     if let Some(st) = state {
         inst.close(st, id, close.code, close.reason.clone()).await;
