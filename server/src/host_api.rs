@@ -336,8 +336,8 @@ unsafe extern "C" fn host_send(
     }
     let payload = shared_slice(conn, data).unwrap_or_else(|| bytes::Bytes::copy_from_slice(data));
     let msg = match kind {
-        // SAFETY: `data`, which `payload` holds, was checked to be UTF-8 above.
         WSHD_MSG_TEXT => {
+            // SAFETY: `payload` holds the bytes of `data`, checked to be UTF-8 above.
             Message::Text(unsafe { tungstenite::Utf8Bytes::from_bytes_unchecked(payload) })
         }
         WSHD_MSG_BINARY => Message::Binary(payload),
