@@ -67,3 +67,113 @@ fn check_config_and_list() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigusr1_reopens_the_log_file() {
+    let dir = standard_dir();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("wshd.log");
+    let srv = Wshd::start(dir.path(), &["--log-file", log.to_str().unwrap()]);
+    let rotated = logs.path().join("wshd.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    srv.signal("USR1");
+    // The reopen itself is logged, into the new file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("log file reopened")
+    {
+        assert!(std::time::Instant::now() < deadline, "no new log file");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        std::fs::read_to_string(&rotated)
+            .unwrap()
+            .contains("listening")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_file_descriptors_accept_backs_off_and_recovers() {
+    let dir = standard_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let addr_file = tmp.path().join("addr");
+    let log_path = tmp.path().join("log");
+    // A tiny descriptor limit: the server runs out after a few dozen sockets.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 48 && exec {} -H 127.0.0.1 -p 0 -w {} --addr-file {} 2>{}",
+            env!("CARGO_BIN_EXE_wshd"),
+            dir.path().display(),
+            addr_file.display(),
+            log_path.display()
+        ))
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file)
+            && a.ends_with('\n')
+        {
+            break a.trim().to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let url = format!("ws://{addr}/echo");
+    let mut first = connect(&url).await;
+    // Keep opening until the server cannot accept any more.
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio_tungstenite::connect_async(&url),
+        )
+        .await
+        {
+            Ok(Ok((ws, _))) => held.push(ws),
+            _ => break,
+        }
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("accept failed") && log.contains("retrying in"),
+        "{log}"
+    );
+    // Existing connections keep working, and the process is not spinning.
+    assert_eq!(echo_once(&mut first, "alive").await, "alive");
+    let cpu = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let before = cpu(child.id());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu(child.id()) - before;
+    assert!(used < 50, "accept loop used {used} ticks in 1 s: spinning");
+    // Free descriptors: new connections are accepted again.
+    held.clear();
+    drop(first);
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(Ok((ws, _))) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio_tungstenite::connect_async(&url),
+        )
+        .await
+        {
+            again = Some(ws);
+            break;
+        }
+    }
+    let mut again = again.expect("the server accepts again once descriptors are free");
+    assert_eq!(echo_once(&mut again, "back").await, "back");
+    let _ = child.kill();
+    let _ = child.wait();
+}

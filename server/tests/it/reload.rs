@@ -249,3 +249,31 @@ async fn config_reload_valid_then_invalid() {
     chat.send(Message::text("still")).await.unwrap();
     assert!(recv_text(&mut chat).await.contains("still"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changing_one_routes_config_reinits_only_that_route() {
+    let dir = standard_dir();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let routes = |b_proto: &str| {
+        format!(
+            "[reload]\ndebounce = \"50ms\"\n\
+             [[route]]\npath = \"/a\"\nhandler = \"origin_check\"\n[route.config]\nsubprotocols = [\"alpha\"]\n\
+             [[route]]\npath = \"/b\"\nhandler = \"origin_check\"\n[route.config]\nsubprotocols = [\"{b_proto}\"]\n"
+        )
+    };
+    let cfg = write_config(cfg_dir.path(), &routes("beta"));
+    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let mut a = connect(&srv.url("/a")).await;
+    let mut chat = connect(&srv.url("/chat")).await;
+
+    std::fs::write(&cfg, routes("gamma")).unwrap();
+    let log = srv.wait_log("config reloaded").await;
+    let swaps: Vec<&str> = log.lines().filter(|l| l.contains("swapped")).collect();
+    assert_eq!(swaps.len(), 1, "{log}");
+    assert!(swaps[0].contains("route=/b"), "{log}");
+    assert!(log.contains("config reloaded changed=1"), "{log}");
+    // /a and /chat kept their instances and their connections.
+    assert_eq!(echo_once(&mut a, "a").await, "a");
+    chat.send(Message::text("c")).await.unwrap();
+    assert!(recv_text(&mut chat).await.contains('c'));
+}

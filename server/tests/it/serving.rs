@@ -194,3 +194,23 @@ async fn over_limit_message_gets_1009() {
     ws.send(Message::text("y".repeat(4097))).await.unwrap();
     assert_eq!(recv_close(&mut ws).await.0, 1009);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_close_code_and_reason_reach_the_handler_and_come_back() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let dir = standard_dir();
+    let srv = Wshd::start(dir.path(), &[]);
+    let mut ws = connect(&srv.url("/chat")).await;
+    srv.wait_log("joined").await;
+    ws.close(Some(CloseFrame {
+        code: 4000.into(),
+        reason: "bye now".into(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(recv_close(&mut ws).await, (4000, "bye now".to_string()));
+    // The chat handler logs the code its on_close received.
+    srv.wait_log("left with code 4000").await;
+    let log = srv.wait_log("close_reason=bye now").await;
+    assert!(log.contains("closed_by=Peer"), "{log}");
+}
