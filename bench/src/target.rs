@@ -26,7 +26,7 @@ pub type Client = WebSocketStream<TcpStream>;
 const SOURCE_PORTS: std::ops::Range<u32> = 10_000..32_768;
 
 /// How many ports to try per connection before giving up.
-const PORT_ATTEMPTS: usize = 256;
+const PORT_ATTEMPTS: usize = 4096;
 
 /// A loopback source address and the next port to try on it.
 #[derive(Debug)]

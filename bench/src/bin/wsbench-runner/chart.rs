@@ -115,7 +115,8 @@ where
     if values.is_empty() {
         return Ok(());
     }
-    let top = values.iter().copied().fold(f64::MIN, f64::max) * 3.0;
+    // Headroom above the tallest bar for its label and the legend.
+    let top = values.iter().copied().fold(f64::MIN, f64::max) * 12.0;
     let bottom = values.iter().copied().fold(f64::MAX, f64::min) / 3.0;
     let groups = panel.groups.len();
     let labels: Vec<&str> = panel.groups.iter().map(|(_, label)| *label).collect();
@@ -167,7 +168,7 @@ where
             .map_err(|e| anyhow!("{e:?}"))?
             .label(peer.key())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], style));
-        let font = ("sans-serif", 11).into_font().color(&BLACK);
+        let font = ("sans-serif", 10).into_font().color(&BLACK);
         chart
             .draw_series(
                 bars.iter().map(|&(x, value)| {

@@ -198,6 +198,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 );
                 writeln!(results_file, "{}", record.to_json_line())?;
                 results.push(workload.key, kind, record);
+                if workload.fresh_server {
+                    *slot = None;
+                }
                 progress.inc(1);
             }
         }

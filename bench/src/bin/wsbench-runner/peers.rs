@@ -18,6 +18,9 @@ use rustix::process::{Pid, Signal, kill_process};
 /// How long a server may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// wshd's config for the runs: defaults except the connection cap.
+const WSHD_CONFIG: &str = "[limits]\nmax_connections = 20000\n";
+
 /// The pinned pywebsocket3 release from PyPI.
 pub const PYWEBSOCKET_VERSION: &str = "4.0.2";
 
@@ -315,7 +318,12 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
             if !program.exists() {
                 bail!("{} is missing", program.display());
             }
+            // The default cap of 10,000 sockets would stall the 19,000
+            // connection workload; the other peers have no cap at all.
+            let config = layout.run_dir.join("wshd.toml");
+            fs::write(&config, WSHD_CONFIG)?;
             let handlers = handlers.display().to_string();
+            let config = config.display().to_string();
             let args = addr_args(&[
                 "-H",
                 "127.0.0.1",
@@ -323,6 +331,8 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
                 "0",
                 "-w",
                 &handlers,
+                "--config",
+                &config,
                 "--log-level",
                 "warn",
             ]);

@@ -66,7 +66,9 @@ pub struct Workload {
     pub args: Vec<&'static str>,
     /// Which route the load goes to.
     pub route: Route,
-    /// Restart the server first, so memory readings start from a clean heap.
+    /// Run on a server started just for this workload and stopped after it:
+    /// memory readings start from a clean heap, and a thread-per-connection
+    /// peer does not carry thousands of threads into the next workload.
     pub fresh_server: bool,
     /// Table columns; the first is the headline figure that gets ratios.
     pub columns: &'static [Column],
@@ -129,9 +131,9 @@ fn fanout(key: &'static str, title: &'static str, args: Vec<&'static str>) -> Wo
     }
 }
 
-/// The full run: about 45 s per peer per round.
+/// The full run: about 40 s per peer per round.
 pub fn full() -> Vec<Workload> {
-    let window = ["-d", "3", "-w", "1"];
+    let window = ["-d", "2", "-w", "0.5"];
     let with = |mut args: Vec<&'static str>| {
         args.extend(window);
         args
@@ -160,7 +162,7 @@ pub fn full() -> Vec<Workload> {
         idle(
             "idle-10k",
             "10,000 idle connections",
-            vec!["connect", "-n", "10000", "--hold", "1"],
+            vec!["connect", "-n", "10000", "--hold", "0.5"],
         ),
         idle(
             "idle-19k",
@@ -170,7 +172,7 @@ pub fn full() -> Vec<Workload> {
                 "-n",
                 "19000",
                 "--hold",
-                "1",
+                "0.5",
                 "--sources",
                 FOUR_SOURCES,
             ],
@@ -178,8 +180,8 @@ pub fn full() -> Vec<Workload> {
         handshake(with(vec!["handshake", "--concurrency", "16"])),
         fanout(
             "fanout-1000",
-            "Fan-out: 1 publisher at 100 msg/s to 1,000 subscribers",
-            with(vec!["fanout", "-n", "1000", "--rate", "100", "-s", "64"]),
+            "Fan-out: 1 publisher at 20 msg/s to 1,000 subscribers",
+            with(vec!["fanout", "-n", "1000", "--rate", "20", "-s", "64"]),
         ),
     ]
 }

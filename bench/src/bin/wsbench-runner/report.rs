@@ -176,8 +176,8 @@ pub fn render(input: &ReportInput<'_>, previous: Option<&str>) -> String {
          by pywebsocket3's. For columns marked ↓ lower is better, for ↑ higher is better.\n\
          - **Server CPU per message** = the server's `utime + stime` from `/proc/PID/stat` over the \
          measured window (clock ticks of 10 ms) ÷ messages echoed in the window. **Memory per \
-         connection** = growth of the server's `VmRSS` while N connections are opened and held 1 s, \
-         ÷ N; those workloads restart the server first.\n\
+         connection** = growth of the server's `VmRSS` while N connections are opened and held 0.5 s, \
+         ÷ N; those workloads run on a freshly started server.\n\
          - The load generator (`wsbench`) runs on one tokio worker thread, leaving the other core to \
          the server, and checks every echo byte for byte; any mismatch fails the round. No \
          compression is negotiated with any peer.\n"
