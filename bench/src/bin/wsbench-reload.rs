@@ -225,7 +225,11 @@ async fn run(args: &Args, work: &Path, handlers: &Path) -> Result<()> {
     // 1. Latency, alternating versions, default settings, no other load.
     let mut lat = Vec::new();
     for i in 0..args.samples {
-        let (src, prefix) = if i.is_multiple_of(2) { (&b, "B:") } else { (&a, "A:") };
+        let (src, prefix) = if i.is_multiple_of(2) {
+            (&b, "B:")
+        } else {
+            (&a, "A:")
+        };
         let t0 = cp_over(src, &target)?;
         let t1 = wait_for_version(&url, prefix).await?;
         lat.push((t1 - t0).as_secs_f64() * 1000.0);
@@ -260,7 +264,11 @@ async fn run(args: &Args, work: &Path, handlers: &Path) -> Result<()> {
         )));
     }
     let started = Instant::now();
-    let mut current = if args.samples.is_multiple_of(2) { "A:" } else { "B:" };
+    let mut current = if args.samples.is_multiple_of(2) {
+        "A:"
+    } else {
+        "B:"
+    };
     for _ in 0..args.reloads {
         let (src, prefix) = if current == "A:" {
             (&b, "B:")
