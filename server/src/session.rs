@@ -9,9 +9,12 @@
 //! handler makes during its own callback come back in the [`Outbox`] and are
 //! written as one batch with one flush.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -114,7 +117,9 @@ async fn run_inner(
         overflowed: false,
         slow_consumer: Some(route.limits.slow_consumer),
     };
-    let (opened, ob) = inst.open(id, outbox).await;
+    // Rare or one-off awaits are boxed: the session future is allocated per
+    // connection for its whole life, so every byte in it counts ×10,000.
+    let (opened, ob) = Box::pin(inst.open(id, outbox)).await;
     outbox = ob;
     let mut state: Option<ConnState> = None;
     // Set once we have sent a close frame; we then only wait for the reply.
@@ -156,21 +161,21 @@ async fn run_inner(
     // The long-lived futures the loop waits on are built once, not per
     // message: rebuilding a cancellation future registers (and on drop
     // unregisters) a waiter under the token's lock every time.
-    let drain = async {
-        inst.drain.cancelled().await;
-        tokio::time::sleep(inst.drain_delay(id)).await;
-    };
-    tokio::pin!(drain);
+    let retired = inst.drain.cancelled();
+    tokio::pin!(retired);
+    let mut draining = false;
     let shutdown = server.shutdown.cancelled();
     tokio::pin!(shutdown);
     let woken = shared.notify.notified();
     tokio::pin!(woken);
-    // Armed when we send our close frame: how long we wait for the reply.
-    let close_deadline = tokio::time::sleep(Duration::from_secs(86_400 * 365));
-    tokio::pin!(close_deadline);
-    if let Some(deadline) = closing {
-        close_deadline.as_mut().reset(deadline); // on_open failed: we already sent 1011
-    }
+    // One timer, allocated only when needed: the drain jitter, then the
+    // wait for the peer's close reply.
+    let mut timer: Option<(Timer, Pin<Box<tokio::time::Sleep>>)> = closing.map(|deadline| {
+        (
+            Timer::CloseReply,
+            Box::pin(tokio::time::sleep_until(deadline)),
+        )
+    });
     let mut batch: Vec<Message> = Vec::new();
 
     while !matches!(
@@ -194,7 +199,7 @@ async fn run_inner(
                         inst.message_inline(st, id, &msg, &mut outbox)
                     } else {
                         let st = state.take().expect("state present");
-                        let (rc, st, ob) = inst.message(st, id, msg, std::mem::take(&mut outbox)).await;
+                        let (rc, st, ob) = Box::pin(inst.message(st, id, msg, std::mem::take(&mut outbox))).await;
                         state = Some(st);
                         outbox = ob;
                         rc
@@ -270,16 +275,26 @@ async fn run_inner(
                     shared.notify.notify_one();
                 }
             }
-            _ = &mut drain, if open => {
-                tracing::info!("handler version retired: closing with 1012 (service restart)");
-                start_close(&mut ws, wt, 1012, "service restart", &mut close).await;
+            _ = &mut retired, if open && !draining => {
+                draining = true;
+                let delay = inst.drain_delay(id);
+                tracing::debug!("handler version retired: closing with 1012 in {delay:?}");
+                timer = Some((Timer::DrainJitter, Box::pin(tokio::time::sleep(delay))));
             }
             _ = &mut shutdown, if open => {
                 start_close(&mut ws, wt, 1001, "server shutting down", &mut close).await;
             }
-            _ = &mut close_deadline, if !open => {
-                tracing::debug!("peer did not answer our close in time; dropping the connection");
-                break;
+            _ = async { timer.as_mut().expect("armed").1.as_mut().await }, if timer.is_some() => {
+                match timer.take().expect("armed").0 {
+                    Timer::DrainJitter => {
+                        tracing::info!("handler version retired: closing with 1012 (service restart)");
+                        start_close(&mut ws, wt, 1012, "service restart", &mut close).await;
+                    }
+                    Timer::CloseReply => {
+                        tracing::debug!("peer did not answer our close in time; dropping the connection");
+                        break;
+                    }
+                }
             }
         }
         if closing.is_none()
@@ -289,7 +304,10 @@ async fn run_inner(
         {
             let deadline = tokio::time::Instant::now() + route.limits.close_timeout;
             closing = Some(deadline);
-            close_deadline.as_mut().reset(deadline);
+            timer = Some((
+                Timer::CloseReply,
+                Box::pin(tokio::time::sleep_until(deadline)),
+            ));
         }
     }
 
@@ -298,7 +316,7 @@ async fn run_inner(
     server.conns.remove(&id);
     let close = close.unwrap_or_else(dropped);
     if let Some(st) = state {
-        inst.close(st, id, close.code, close.reason.clone()).await;
+        Box::pin(inst.close(st, id, close.code, close.reason.clone())).await;
     }
     inst.live.fetch_sub(1, Ordering::Relaxed);
     // Dropping `ws` closes the socket; tungstenite already sent or answered
@@ -322,8 +340,15 @@ async fn run_inner(
 /// reach of shutdown, drain and close requests.
 async fn timed<T>(
     limit: Duration,
-    write: impl std::future::Future<Output = Result<T, WsError>>,
+    write: impl Future<Output = Result<T, WsError>>,
 ) -> Result<T, ()> {
+    let mut write = std::pin::pin!(write);
+    // Most writes complete on the first poll; only one that has to wait
+    // pays for a timer.
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    if let Poll::Ready(r) = first {
+        return r.map_err(|_| ());
+    }
     match tokio::time::timeout(limit, write).await {
         Ok(r) => r.map_err(|_| ()),
         Err(_) => {
@@ -355,8 +380,29 @@ fn protocol_close(e: &WsError) -> Option<(u16, &'static str)> {
     }
 }
 
+/// What the session's one timer is for.
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    /// The handler version was retired; close with 1012 when it fires.
+    DrainJitter,
+    /// We sent a close frame; drop the connection if no reply by then.
+    CloseReply,
+}
+
 /// Sends our close frame and records it, unless a close already happened.
-async fn start_close(
+/// Boxed: a close happens once, so its state need not sit in every idle
+/// session.
+fn start_close<'a>(
+    ws: &'a mut Ws,
+    limit: Duration,
+    code: u16,
+    reason: &'a str,
+    close: &'a mut Option<Close>,
+) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
+    Box::pin(start_close_now(ws, limit, code, reason, close))
+}
+
+async fn start_close_now(
     ws: &mut Ws,
     limit: Duration,
     code: u16,
