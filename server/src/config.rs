@@ -65,6 +65,7 @@ pub struct RawConfig {
 pub struct RawLimits {
     pub max_message_size: Option<ByteSize>,
     pub max_frame_size: Option<ByteSize>,
+    pub read_buffer_size: Option<ByteSize>,
     pub send_queue: Option<QueueLen>,
     pub slow_consumer: Option<SlowConsumer>,
     pub handshake_timeout: Option<Dur>,
@@ -113,6 +114,11 @@ pub struct Limits {
     pub max_message_size: usize,
     /// Largest single frame accepted from a peer.
     pub max_frame_size: usize,
+    /// tungstenite's per-connection read buffer, allocated for the whole
+    /// life of every connection: it is most of an idle connection's memory.
+    /// Larger messages still arrive whole; a bigger buffer only means fewer
+    /// read calls for them.
+    pub read_buffer_size: usize,
     /// Messages that may wait in one connection's send queue.
     pub send_queue: usize,
     /// What happens when the send queue is full.
@@ -133,6 +139,7 @@ impl Default for Limits {
         Limits {
             max_message_size: 1 << 20,
             max_frame_size: 1 << 20,
+            read_buffer_size: 2048,
             send_queue: 1024,
             slow_consumer: SlowConsumer::Close,
             handshake_timeout: Duration::from_secs(10),
@@ -152,6 +159,9 @@ impl Limits {
         }
         if let Some(v) = raw.max_frame_size {
             l.max_frame_size = v.0;
+        }
+        if let Some(v) = raw.read_buffer_size {
+            l.read_buffer_size = v.0;
         }
         if let Some(v) = raw.send_queue {
             l.send_queue = v.0;

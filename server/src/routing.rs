@@ -57,12 +57,13 @@ impl Route {
     }
 }
 
-/// tungstenite settings for a route. The 4 KiB read buffer keeps idle
-/// connections small (the 128 KiB default costs ~20x the memory); the write
-/// buffer limit bounds what a slow reader can make us hold.
+/// tungstenite settings for a route. The read buffer is allocated for the
+/// life of every connection, so it is kept small (2 KiB by default; the
+/// library's 128 KiB default costs ~20x the memory per idle connection); the
+/// write buffer limit bounds what a slow reader can make us hold.
 pub fn ws_config(limits: &Limits) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(limits.read_buffer_size)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(limits.max_message_size.saturating_mul(2).max(1 << 20))
         .max_message_size(Some(limits.max_message_size))
