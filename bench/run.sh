@@ -2,7 +2,13 @@
 # Full benchmark run (about 15 minutes on 2 cores): builds in release, measures
 # wshd, raw tokio-tungstenite (default and 4 KiB read buffer), Node ws and
 # pywebsocket3, and regenerates BENCHMARKS.md and bench/chart.svg.
+# Then measures hot reload (latency, drops during 100 reloads under load) and
+# writes that section of BENCHMARKS.md.
 # Extra arguments go to wsbench-runner (e.g. --rounds 5, --peers raw4k,wshd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec cargo run --release -p bench --bin wsbench-runner -- "$@"
+cargo run --release -p bench --bin wsbench-runner -- "$@"
+ulimit -n 20000 2>/dev/null || true
+target=${CARGO_TARGET_DIR:-target}
+cargo build --release -p wshd -p bench --bin wshd --bin wsbench-reload
+"$target/release/wsbench-reload" --wshd "$target/release/wshd" --update BENCHMARKS.md

@@ -44,6 +44,10 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Rewrite the reload section (between the reload-bench markers) of this
+    /// report, e.g. BENCHMARKS.md.
+    #[arg(long)]
+    update: Option<PathBuf>,
 }
 
 struct Server {
@@ -311,6 +315,35 @@ async fn run(args: &Args, work: &Path, handlers: &Path) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     }
     drop(server);
+    if let Some(path) = &args.update {
+        let section = format!(
+            "### Hot reload\n\n\
+             `wsbench-reload` (wshd release build, C echo handler replaced with `cp` over the loaded file, \
+             default reload settings):\n\n\
+             | figure | measured | target |\n|---|---:|---|\n\
+             | reload latency: file complete → first new connection served by the new version, p50 | {p50:.1} ms | < 250 ms |\n\
+             | reload latency, p90 / max over {} reloads | {p90:.1} ms / {max:.1} ms | < 250 ms |\n\
+             | failed handshakes during {} consecutive reloads under load | {failed} | 0 |\n\
+             | dropped connections during those reloads | {dropped} | 0 |\n\n\
+             Load during the reloads: {} connections echoing in a loop ({} echoes in {:.1} s) plus 2 loops of \
+             connect-echo-close ({} handshakes). Open connections stay on the version they started with; \
+             the default 60 s drain timeout is longer than the run, so none of them was closed.\n",
+            lat.len(),
+            args.reloads,
+            args.clients,
+            stats.echoes.load(Ordering::Relaxed),
+            elapsed.as_secs_f64(),
+            stats.handshakes.load(Ordering::Relaxed),
+        );
+        let report =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let (begin, end) = ("<!-- reload-bench:begin -->", "<!-- reload-bench:end -->");
+        let (Some(b), Some(e)) = (report.find(begin), report.find(end)) else {
+            bail!("{} has no reload-bench markers", path.display());
+        };
+        let updated = format!("{}{begin}\n{section}{}", &report[..b], &report[e..]);
+        std::fs::write(path, updated)?;
+    }
     if failed > 0 || dropped > 0 {
         bail!("reloads under load: {failed} failed handshakes, {dropped} dropped connections");
     }
