@@ -6,7 +6,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::fmt::MakeWriter;
 
 /// A log file that can be reopened at the same path.
@@ -57,17 +59,22 @@ impl LogHandle {
     }
 }
 
-/// Installs the global subscriber. `level` is a level name or a full
-/// tracing filter (`info,handler=debug`); `RUST_LOG` wins if set.
+/// Installs the global subscriber. `level` is a level name or a list of
+/// `target=level` directives (`info,handler=debug`); `RUST_LOG` wins if set.
+///
+/// The filter is a `Targets` filter rather than an `EnvFilter`: the latter
+/// takes a lock on every span enter and exit (to support span-field
+/// directives), and every connection's span is entered on every poll.
 pub fn init(level: &str, file: Option<&Path>) -> anyhow::Result<LogHandle> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(f) if !f.is_empty() => EnvFilter::try_new(f)?,
-        _ => {
-            EnvFilter::try_new(level).map_err(|e| anyhow::anyhow!("--log-level `{level}`: {e}"))?
-        }
+    let spec = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => f,
+        _ => level.to_owned(),
     };
+    let filter: Targets = spec.parse().map_err(|e| {
+        anyhow::anyhow!("log level `{spec}`: {e}; use error, warn, info, debug, trace or target=level")
+    })?;
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(tracing::Level::TRACE)
         .with_target(false);
     match file {
         None => {
@@ -75,6 +82,8 @@ pub fn init(level: &str, file: Option<&Path>) -> anyhow::Result<LogHandle> {
             builder
                 .with_ansi(std::io::stderr().is_terminal())
                 .with_writer(std::io::stderr)
+                .finish()
+                .with(filter)
                 .init();
             Ok(LogHandle::default())
         }
@@ -85,7 +94,12 @@ pub fn init(level: &str, file: Option<&Path>) -> anyhow::Result<LogHandle> {
                     anyhow::anyhow!("cannot open log file {}: {e}", path.display())
                 })?)),
             };
-            builder.with_ansi(false).with_writer(f.clone()).init();
+            builder
+                .with_ansi(false)
+                .with_writer(f.clone())
+                .finish()
+                .with(filter)
+                .init();
             Ok(LogHandle { file: Some(f) })
         }
     }
