@@ -73,9 +73,16 @@ pub fn init(level: &str, file: Option<&Path>) -> anyhow::Result<LogHandle> {
     let filter: Targets = spec.parse().map_err(|e| {
         anyhow::anyhow!("log level `{spec}`: {e}; use error, warn, info, debug, trace or target=level")
     })?;
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_target(false);
+    // The most verbose level any directive asks for. It also caps the `log`
+    // crate's max level (bridged into tracing), so the `log::trace!` calls in
+    // tungstenite's frame path stay a single comparison when not wanted.
+    let max = filter
+        .iter()
+        .map(|(_, level)| level)
+        .chain(filter.default_level())
+        .max()
+        .unwrap_or(tracing::level_filters::LevelFilter::OFF);
+    let builder = tracing_subscriber::fmt().with_max_level(max).with_target(false);
     match file {
         None => {
             use std::io::IsTerminal;
