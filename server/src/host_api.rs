@@ -197,7 +197,13 @@ pub struct Outbox {
     pub limit: usize,
     /// Set when the limit was hit under the `close` policy.
     pub overflowed: bool,
+    /// The connection is gone (during `on_close`): sends to it get
+    /// `WSHD_ERR_CLOSED`.
+    pub closed: bool,
     pub slow_consumer: Option<SlowConsumer>,
+    /// The connection's span: handler log lines made during a callback are
+    /// attached to it (the session does not enter it on every poll).
+    pub span: Option<tracing::Span>,
 }
 
 #[derive(Clone, Copy)]
@@ -251,6 +257,9 @@ fn deliver(ctx: &HostCtx, conn: wshd_conn_id, msg: Message) -> i32 {
         // host functions never re-enter the handler, so no other reference
         // to the outbox is live while we push.
         let outbox = unsafe { &mut *cur.outbox };
+        if outbox.closed {
+            return WSHD_ERR_CLOSED;
+        }
         if outbox.msgs.len() >= outbox.limit && !matches!(msg, Message::Close(_)) {
             if outbox.slow_consumer == Some(SlowConsumer::Close) {
                 outbox.overflowed = true;
@@ -432,21 +441,28 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, target: wshd_str, ms
         .unwrap_or_default();
     let handler = &*ctx.handler;
     let route = &*ctx.route;
+    let parent: Option<tracing::Id> = CURRENT.with(|c| c.get()).and_then(|cur| {
+        // SAFETY: set by `with_outbox` for the running callback on this
+        // thread; only read here, while no other reference is in use.
+        unsafe { (*cur.outbox).span.as_ref().and_then(|s| s.id()) }
+    });
     // tracing needs the level at compile time, hence one macro per level.
     match level {
         WSHD_LOG_ERROR => {
-            tracing::error!(target: "handler", handler, route, module = %target, "{msg}")
+            tracing::error!(target: "handler", parent: parent.clone(), handler, route, module = %target, "{msg}")
         }
         WSHD_LOG_WARN => {
-            tracing::warn!(target: "handler", handler, route, module = %target, "{msg}")
+            tracing::warn!(target: "handler", parent: parent.clone(), handler, route, module = %target, "{msg}")
         }
         WSHD_LOG_INFO => {
-            tracing::info!(target: "handler", handler, route, module = %target, "{msg}")
+            tracing::info!(target: "handler", parent: parent.clone(), handler, route, module = %target, "{msg}")
         }
         WSHD_LOG_DEBUG => {
-            tracing::debug!(target: "handler", handler, route, module = %target, "{msg}")
+            tracing::debug!(target: "handler", parent: parent.clone(), handler, route, module = %target, "{msg}")
         }
-        _ => tracing::trace!(target: "handler", handler, route, module = %target, "{msg}"),
+        _ => {
+            tracing::trace!(target: "handler", parent: parent.clone(), handler, route, module = %target, "{msg}")
+        }
     }
 }
 

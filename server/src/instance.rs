@@ -286,23 +286,31 @@ impl Instance {
         self.blocking.is_none()
     }
 
-    /// `on_close`, exactly once per successful `on_open`. Sends made here go
-    /// nowhere: the connection is already gone from the map.
+    /// `on_close`, exactly once per successful `on_open`. The connection is
+    /// already gone from the map: sends to it get `WSHD_ERR_CLOSED`.
     pub async fn close(
         self: &Arc<Self>,
         state: ConnState,
         conn: wshd_conn_id,
         code: u16,
         reason: String,
+        span: Option<tracing::Span>,
     ) {
         let Some(cb) = self.lib.desc.callbacks.on_close else {
             return;
         };
         let handler = self.handler;
         self.dispatch(move |_| {
+            // The outbox only carries the span for handler log lines; the
+            // connection is gone, so sends to it get WSHD_ERR_CLOSED.
+            let mut gone = Outbox {
+                closed: true,
+                span,
+                ..Default::default()
+            };
             // SAFETY: callback from a validated descriptor; the handler takes
             // back ownership of `state`; the reason is borrowed for the call.
-            unsafe {
+            with_outbox(conn, &mut gone, None, || unsafe {
                 cb(
                     handler.get(),
                     state.get(),
@@ -310,7 +318,7 @@ impl Instance {
                     code,
                     wshd_str::from_str(&reason),
                 )
-            }
+            })
         })
         .await
     }

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::fmt::MakeWriter;
 
 /// A log file that can be reopened at the same path.
 #[derive(Debug, Clone)]
@@ -71,7 +71,9 @@ pub fn init(level: &str, file: Option<&Path>) -> anyhow::Result<LogHandle> {
         _ => level.to_owned(),
     };
     let filter: Targets = spec.parse().map_err(|e| {
-        anyhow::anyhow!("log level `{spec}`: {e}; use error, warn, info, debug, trace or target=level")
+        anyhow::anyhow!(
+            "log level `{spec}`: {e}; use error, warn, info, debug, trace or target=level"
+        )
     })?;
     // The most verbose level any directive asks for. It also caps the `log`
     // crate's max level (bridged into tracing), so the `log::trace!` calls in
@@ -82,7 +84,9 @@ pub fn init(level: &str, file: Option<&Path>) -> anyhow::Result<LogHandle> {
         .chain(filter.default_level())
         .max()
         .unwrap_or(tracing::level_filters::LevelFilter::OFF);
-    let builder = tracing_subscriber::fmt().with_max_level(max).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(max)
+        .with_target(false);
     match file {
         None => {
             use std::io::IsTerminal;

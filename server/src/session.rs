@@ -22,7 +22,6 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
-use tracing::Instrument;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message, error::CapacityError};
@@ -85,9 +84,10 @@ pub async fn run(
         version = %inst.lib.desc.version,
         generation = inst.lib.generation,
     );
-    run_inner(ws, route, id, protocol, server, slot)
-        .instrument(span)
-        .await
+    // The span is not entered around every poll (that costs two refcount
+    // updates per poll, per connection); events name it as their parent, and
+    // handler log calls made inside a callback find it through the outbox.
+    run_inner(ws, route, id, protocol, server, slot, span).await
 }
 
 async fn run_inner(
@@ -97,6 +97,7 @@ async fn run_inner(
     protocol: Option<String>,
     server: Arc<Server>,
     _slot: Arc<OwnedSemaphorePermit>,
+    span: tracing::Span,
 ) {
     let inst = route.instance.clone();
     let started = Instant::now();
@@ -108,7 +109,7 @@ async fn run_inner(
     ));
     server.conns.insert(id, shared.clone());
     inst.live.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(subprotocol = protocol.as_deref().unwrap_or(""), "open");
+    tracing::info!(parent: &span, subprotocol = protocol.as_deref().unwrap_or(""), "open");
 
     let mut stats = Stats::default();
     let mut outbox = Outbox {
@@ -116,6 +117,8 @@ async fn run_inner(
         limit: route.limits.send_queue,
         overflowed: false,
         slow_consumer: Some(route.limits.slow_consumer),
+        span: Some(span.clone()),
+        closed: false,
     };
     // Rare or one-off awaits are boxed: the session future is allocated per
     // connection for its whole life, so every byte in it counts ×10,000.
@@ -129,15 +132,14 @@ async fn run_inner(
     match opened {
         Ok(s) => {
             state = Some(s);
-            if write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close)
-                .await
-                .is_err()
-            {
+            if let Err(e) = write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close).await {
+                e.log(&span);
                 close.get_or_insert(dropped());
             }
         }
         Err(rc) => {
             tracing::warn!(
+                parent: &span,
                 "on_open failed ({}); closing with 1011",
                 crate::error::status_name(rc)
             );
@@ -204,16 +206,17 @@ async fn run_inner(
                         outbox = ob;
                         rc
                     };
-                    if write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close).await.is_err() {
+                    if let Err(e) = write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close).await {
+                        e.log(&span);
                         close.get_or_insert(dropped());
                         break;
                     }
                     if rc != WSHD_OK && close.is_none() {
                         let reason = if rc == WSHD_ERR_PANIC { "handler panicked" } else { "handler error" };
-                        tracing::warn!("on_message failed ({}); closing with 1011", crate::error::status_name(rc));
+                        tracing::warn!(parent: &span, "on_message failed ({}); closing with 1011", crate::error::status_name(rc));
                         start_close(&mut ws, wt, 1011, reason, &mut close).await;
                     } else if std::mem::take(&mut outbox.overflowed) && close.is_none() {
-                        tracing::info!("send queue full: closing slow consumer with 1008");
+                        tracing::info!(parent: &span, "send queue full: closing slow consumer with 1008");
                         start_close(&mut ws, wt, 1008, "slow consumer", &mut close).await;
                     }
                 }
@@ -233,14 +236,14 @@ async fn run_inner(
                     if close.is_none()
                         && let Some((code, reason)) = protocol_close(&e)
                     {
-                        tracing::info!("closing with {code}: {e}");
+                        tracing::info!(parent: &span, "closing with {code}: {e}");
                         start_close(&mut ws, wt, code, reason, &mut close).await;
                         // Fail the connection (RFC 6455 §7.1.7): don't
                         // wait for a reply from a misbehaving peer.
                         break;
                     }
                     if !matches!(e, WsError::ConnectionClosed | WsError::AlreadyClosed) {
-                        tracing::debug!("connection error: {e}");
+                        tracing::debug!(parent: &span, "connection error: {e}");
                     }
                     close.get_or_insert(dropped());
                     break;
@@ -257,15 +260,19 @@ async fn run_inner(
                 let close_request = shared.take_close_request();
                 let max = if close_request.is_some() { usize::MAX } else { WRITE_BATCH };
                 shared.take(&mut batch, max);
-                let mut failed = false;
+                let mut result = Ok(());
                 for m in batch.drain(..) {
-                    if write_one(&mut ws, wt, m, &mut stats, &mut close).await.is_err() {
-                        failed = true;
+                    result = write_one(&mut ws, wt, m, &mut stats, &mut close).await;
+                    if result.is_err() {
                         break;
                     }
                 }
                 batch.clear();
-                if failed || timed(wt, ws.flush()).await.is_err() {
+                if result.is_ok() {
+                    result = timed(wt, ws.flush()).await;
+                }
+                if let Err(e) = result {
+                    e.log(&span);
                     close.get_or_insert(dropped());
                     break;
                 }
@@ -278,7 +285,7 @@ async fn run_inner(
             _ = &mut retired, if open && !draining => {
                 draining = true;
                 let delay = inst.drain_delay(id);
-                tracing::debug!("handler version retired: closing with 1012 in {delay:?}");
+                tracing::debug!(parent: &span, "handler version retired: closing with 1012 in {delay:?}");
                 timer = Some((Timer::DrainJitter, Box::pin(tokio::time::sleep(delay))));
             }
             _ = &mut shutdown, if open => {
@@ -287,11 +294,11 @@ async fn run_inner(
             _ = async { timer.as_mut().expect("armed").1.as_mut().await }, if timer.is_some() => {
                 match timer.take().expect("armed").0 {
                     Timer::DrainJitter => {
-                        tracing::info!("handler version retired: closing with 1012 (service restart)");
+                        tracing::info!(parent: &span, "handler version retired: closing with 1012 (service restart)");
                         start_close(&mut ws, wt, 1012, "service restart", &mut close).await;
                     }
                     Timer::CloseReply => {
-                        tracing::debug!("peer did not answer our close in time; dropping the connection");
+                        tracing::debug!(parent: &span, "peer did not answer our close in time; dropping the connection");
                         break;
                     }
                 }
@@ -316,13 +323,14 @@ async fn run_inner(
     server.conns.remove(&id);
     let close = close.unwrap_or_else(dropped);
     if let Some(st) = state {
-        Box::pin(inst.close(st, id, close.code, close.reason.clone())).await;
+        Box::pin(inst.close(st, id, close.code, close.reason.clone(), Some(span.clone()))).await;
     }
     inst.live.fetch_sub(1, Ordering::Relaxed);
     // Dropping `ws` closes the socket; tungstenite already sent or answered
     // the close frame.
     drop(ws);
     tracing::info!(
+        parent: &span,
         duration_ms = started.elapsed().as_millis() as u64,
         msgs_in = stats.msgs_in,
         msgs_out = stats.msgs_out,
@@ -341,19 +349,33 @@ async fn run_inner(
 async fn timed<T>(
     limit: Duration,
     write: impl Future<Output = Result<T, WsError>>,
-) -> Result<T, ()> {
+) -> Result<T, WriteError> {
     let mut write = std::pin::pin!(write);
     // Most writes complete on the first poll; only one that has to wait
     // pays for a timer.
     let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
     if let Poll::Ready(r) = first {
-        return r.map_err(|_| ());
+        return r.map_err(|_| WriteError::Failed);
     }
     match tokio::time::timeout(limit, write).await {
-        Ok(r) => r.map_err(|_| ()),
-        Err(_) => {
-            tracing::info!("peer has not read for {limit:?}; dropping the connection");
-            Err(())
+        Ok(r) => r.map_err(|_| WriteError::Failed),
+        Err(_) => Err(WriteError::Stalled(limit)),
+    }
+}
+
+/// Why a write to the peer did not happen.
+#[derive(Debug, Clone, Copy)]
+enum WriteError {
+    /// The connection is broken or closed.
+    Failed,
+    /// The peer did not read for this long.
+    Stalled(Duration),
+}
+
+impl WriteError {
+    fn log(self, span: &tracing::Span) {
+        if let WriteError::Stalled(limit) = self {
+            tracing::info!(parent: span, "peer has not read for {limit:?}; dropping the connection");
         }
     }
 }
@@ -431,7 +453,7 @@ async fn write_one(
     m: Message,
     stats: &mut Stats,
     close: &mut Option<Close>,
-) -> Result<(), ()> {
+) -> Result<(), WriteError> {
     if close.is_some() {
         return Ok(()); // nothing may follow a close frame
     }
@@ -458,7 +480,7 @@ async fn write_outbox(
     outbox: &mut Outbox,
     stats: &mut Stats,
     close: &mut Option<Close>,
-) -> Result<(), ()> {
+) -> Result<(), WriteError> {
     if outbox.msgs.is_empty() {
         return Ok(());
     }
