@@ -12,7 +12,11 @@
 //!   with no lock and no channel; the session writes the outbox to the socket
 //!   as one batch when the callback returns.
 //! * Any other send (another connection, another thread) looks the id up in
-//!   [`Connections`] and `try_send`s on that connection's bounded queue.
+//!   [`Connections`] and pushes onto that connection's bounded queue
+//!   ([`ConnShared`]), waking its session.
+//!
+//! A send of bytes that lie inside the message being handled (an echo)
+//! shares that message's buffer instead of copying it.
 #![allow(unsafe_code)]
 
 use std::cell::Cell;
