@@ -126,7 +126,7 @@ async fn run_inner(
     outbox = ob;
     let mut state: Option<ConnState> = None;
     // Set once we have sent a close frame; we then only wait for the reply.
-    let mut closing: Option<tokio::time::Instant> = None;
+    let mut closing = false;
     let mut close: Option<Close> = None;
 
     match opened {
@@ -153,12 +153,6 @@ async fn run_inner(
             .await;
         }
     }
-    if close
-        .as_ref()
-        .is_some_and(|c| matches!(c.by, Closer::Server))
-    {
-        closing = Some(tokio::time::Instant::now() + route.limits.close_timeout);
-    }
 
     // The long-lived futures the loop waits on are built once, not per
     // message: rebuilding a cancellation future registers (and on drop
@@ -172,12 +166,7 @@ async fn run_inner(
     tokio::pin!(woken);
     // One timer, allocated only when needed: the drain jitter, then the
     // wait for the peer's close reply.
-    let mut timer: Option<(Timer, Pin<Box<tokio::time::Sleep>>)> = closing.map(|deadline| {
-        (
-            Timer::CloseReply,
-            Box::pin(tokio::time::sleep_until(deadline)),
-        )
-    });
+    let mut timer: Option<(Timer, Pin<Box<tokio::time::Sleep>>)> = None;
     let mut batch: Vec<Message> = Vec::new();
 
     while !matches!(
@@ -187,7 +176,18 @@ async fn run_inner(
             ..
         })
     ) {
-        let open = closing.is_none();
+        // Once our close frame is out (here, or before the loop when on_open
+        // failed), only the reply is awaited, for at most close_timeout.
+        if !closing
+            && close
+                .as_ref()
+                .is_some_and(|c| matches!(c.by, Closer::Server))
+        {
+            closing = true;
+            let reply = tokio::time::sleep(route.limits.close_timeout);
+            timer = Some((Timer::CloseReply, Box::pin(reply)));
+        }
+        let open = !closing;
         tokio::select! {
             frame = ws.next() => match frame {
                 Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
@@ -303,18 +303,6 @@ async fn run_inner(
                     }
                 }
             }
-        }
-        if closing.is_none()
-            && close
-                .as_ref()
-                .is_some_and(|c| matches!(c.by, Closer::Server))
-        {
-            let deadline = tokio::time::Instant::now() + route.limits.close_timeout;
-            closing = Some(deadline);
-            timer = Some((
-                Timer::CloseReply,
-                Box::pin(tokio::time::sleep_until(deadline)),
-            ));
         }
     }
 
