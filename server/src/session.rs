@@ -239,7 +239,9 @@ async fn run_inner(
                         tracing::info!(parent: &span, "closing with {code}: {e}");
                         start_close(&mut ws, wt, code, reason, &mut close).await;
                         // Fail the connection (RFC 6455 §7.1.7): don't
-                        // wait for a reply from a misbehaving peer.
+                        // wait for a reply from a misbehaving peer, but
+                        // don't reset it either, or it never sees why.
+                        Box::pin(linger(&mut ws, &route.limits)).await;
                         break;
                     }
                     if !matches!(e, WsError::ConnectionClosed | WsError::AlreadyClosed) {
@@ -329,6 +331,42 @@ async fn run_inner(
         closed_by = ?close.by,
         "close"
     );
+}
+
+/// Lingering close after we failed the connection: half-close our side and
+/// discard what the peer is still sending, until it closes too or a limit
+/// is hit.
+///
+/// Closing a socket whose receive buffer holds unread data makes the kernel
+/// send RST instead of FIN, and a peer that gets the RST drops everything it
+/// had not read yet, our close frame included: it would see 1006 instead of
+/// the 1009 or 1002 we sent. The case is common, not exotic: a message over
+/// `max_message_size` is refused from its header, with the rest of its
+/// payload still in flight. nginx and Apache do the same for HTTP
+/// (`lingering_close`).
+async fn linger(ws: &mut Ws, limits: &crate::config::Limits) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let io = ws.get_mut();
+    // FIN after our close frame: the peer's read side ends cleanly.
+    if io.shutdown().await.is_err() {
+        return;
+    }
+    // Bounded in time and bytes, so a hostile peer that never stops sending
+    // cannot hold the connection: the rest of one oversized message is
+    // what an honest peer still has in flight.
+    let budget = limits.max_message_size.max(limits.max_frame_size) as u64 + 64 * 1024;
+    let discard = async {
+        let mut buf = [0u8; 4096];
+        let mut left = budget;
+        while left > 0 {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n as u64),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limits.close_timeout, discard).await;
 }
 
 /// Runs one socket write with a time limit. A peer that stops reading fills

@@ -1,6 +1,9 @@
 //! Serving: routing, the handshake, the example handlers.
 
+use std::time::Duration;
+
 use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -193,6 +196,54 @@ async fn over_limit_message_gets_1009() {
     assert_eq!(echo_once(&mut ws, &exact).await, exact);
     ws.send(Message::text("y".repeat(4097))).await.unwrap();
     assert_eq!(recv_close(&mut ws).await.0, 1009);
+}
+
+/// A peer still sending the rest of an oversized message when we refuse it
+/// must see our 1009 and a clean end of stream, not a reset: a socket closed
+/// with unread data sends RST, and a peer that gets it drops the close frame
+/// it had not read yet (Node `ws` then reports 1006).
+#[tokio::test(flavor = "multi_thread")]
+async fn over_limit_message_in_flight_gets_1009_then_fin_not_reset() {
+    let dir = standard_dir();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        cfg_dir.path(),
+        "[limits]\nmax_message_size = \"4KiB\"\nmax_frame_size = \"4KiB\"\n",
+    );
+    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let mut s = tokio::net::TcpStream::connect(&srv.addr).await.unwrap();
+    s.write_all(upgrade_request("/echo", "Sec-WebSocket-Version: 13\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "handshake cut short");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+
+    // One masked binary frame of 64 KiB: the header alone exceeds the limit,
+    // so the server refuses it with the payload still unread.
+    const LEN: usize = 64 * 1024;
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&(LEN as u64).to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.resize(frame.len() + LEN, b'a');
+    s.write_all(&frame).await.unwrap();
+
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("server neither closed nor reset");
+    assert!(end.is_ok(), "connection reset instead of closed: {end:?}");
+    // An unmasked close frame carrying 1009.
+    assert!(got.len() >= 4 && got[0] == 0x88, "no close frame: {got:?}");
+    assert_eq!(u16::from_be_bytes([got[2], got[3]]), 1009);
 }
 
 #[tokio::test(flavor = "multi_thread")]
