@@ -22,7 +22,7 @@
 use std::cell::Cell;
 use std::ffi::c_void;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use dashmap::DashMap;
 use tungstenite::Message;
@@ -95,8 +95,15 @@ pub struct HostApiBox {
 }
 
 /// What the host shares with one open connection's session: the queue that
-/// sends from outside the connection's own callbacks go through, and
-/// out-of-band close requests.
+/// sends from outside the connection's own callbacks go through, out-of-band
+/// close requests, and server events (shutdown, drain).
+///
+/// Everything reaches the session through this one per-connection `Notify`.
+/// Server-wide events are delivered by walking [`Connections`] rather than by
+/// having every session wait on a shared `CancellationToken`: a pending
+/// `Notified` takes its `Notify`'s lock each time it is polled, and a
+/// session is polled at least once per message, so a shared token made every
+/// message of every connection take the same two locks.
 ///
 /// The queue is a `VecDeque` that allocates only when something is queued,
 /// so an idle connection costs a few hundred bytes here (a channel would
@@ -113,6 +120,9 @@ pub struct ConnShared {
     pub notify: tokio::sync::Notify,
     /// A close the session should perform after draining the queue.
     close_request: std::sync::Mutex<Option<CloseFrame>>,
+    /// [`ConnShared::SHUTDOWN`] and [`ConnShared::RETIRED`] bits not yet seen
+    /// by the session.
+    events: AtomicU8,
 }
 
 /// Why a message could not be queued.
@@ -130,7 +140,30 @@ impl ConnShared {
             queue: Default::default(),
             notify: Default::default(),
             close_request: Default::default(),
+            events: AtomicU8::new(0),
         }
+    }
+
+    /// Event: the server is shutting down; close with 1001.
+    pub const SHUTDOWN: u8 = 1;
+    /// Event: the connection's handler version was retired and its drain
+    /// timeout passed; close with 1012.
+    pub const RETIRED: u8 = 2;
+
+    /// Tells the session about a server event and wakes it.
+    pub fn signal(&self, event: u8) {
+        self.events.fetch_or(event, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// The events signalled since the last call.
+    pub fn take_events(&self) -> u8 {
+        // A plain load first: on the common wake-up (a queued message) no
+        // event is pending and the cache line stays shared.
+        if self.events.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.events.swap(0, Ordering::Acquire)
     }
 
     /// Queues a message for the session to write.

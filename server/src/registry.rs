@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::ReloadSettings;
 use crate::error::ConfigError;
-use crate::host_api::Connections;
+use crate::host_api::{ConnShared, Connections};
 use crate::instance::Instance;
 use crate::loader::{Library, Loader};
 use crate::routing::{Route, RouteTable};
@@ -314,7 +314,7 @@ impl Registry {
                 report.changed += 1;
                 tracing::info!(route = %old.route, "route removed: new handshakes get 404");
             }
-            retire(&old, &s.reload);
+            retire(&old, &s.reload, &self.conns);
         }
         self.instances = instances;
         self.libs = libs;
@@ -414,7 +414,7 @@ impl Registry {
 }
 
 /// Schedules the drain of an instance that no longer takes new connections.
-fn retire(inst: &Arc<Instance>, reload: &ReloadSettings) {
+fn retire(inst: &Arc<Instance>, reload: &ReloadSettings, conns: &Arc<Connections>) {
     let live = inst.live.load(Ordering::Relaxed);
     inst.set_drain_window(reload.drain_window);
     match reload.drain_timeout {
@@ -433,10 +433,16 @@ fn retire(inst: &Arc<Instance>, reload: &ReloadSettings) {
                 inst.describe(),
                 reload.drain_window
             );
-            let token = inst.drain.clone();
+            let inst = inst.clone();
+            let conns = conns.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(t).await;
-                token.cancel();
+                // Cancel first: a session registering during the walk below
+                // checks the token after it is in `conns` (session.rs).
+                inst.drain.cancel();
+                for c in conns.iter().filter(|c| c.owner == inst.id) {
+                    c.signal(ConnShared::RETIRED);
+                }
             });
         }
     }

@@ -236,6 +236,11 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     server.shutdown.cancel();
+    // After the cancel: a session registering during this walk checks the
+    // token itself once it is in `conns` (session.rs).
+    for c in server.conns.iter() {
+        c.signal(crate::host_api::ConnShared::SHUTDOWN);
+    }
     server.tracker.close();
     reloader.abort();
     let _ = accept.await;

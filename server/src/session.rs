@@ -108,6 +108,15 @@ async fn run_inner(
         route.limits.slow_consumer,
     ));
     server.conns.insert(id, shared.clone());
+    // Shutdown and drain are signalled by walking `server.conns` after the
+    // token is cancelled; a session registering concurrently may have been
+    // missed by that walk, but then it sees the token here.
+    if server.shutdown.is_cancelled() {
+        shared.signal(ConnShared::SHUTDOWN);
+    }
+    if inst.drain.is_cancelled() {
+        shared.signal(ConnShared::RETIRED);
+    }
     inst.live.fetch_add(1, Ordering::Relaxed);
     tracing::info!(parent: &span, subprotocol = protocol.as_deref().unwrap_or(""), "open");
 
@@ -154,14 +163,10 @@ async fn run_inner(
         }
     }
 
-    // The long-lived futures the loop waits on are built once, not per
-    // message: rebuilding a cancellation future registers (and on drop
-    // unregisters) a waiter under the token's lock every time.
-    let retired = inst.drain.cancelled();
-    tokio::pin!(retired);
+    // The wake-up future is built once, not per message: rebuilding it
+    // registers (and on drop unregisters) a waiter under the Notify's lock.
+    // Shutdown and drain arrive through it too (see `ConnShared`).
     let mut draining = false;
-    let shutdown = server.shutdown.cancelled();
-    tokio::pin!(shutdown);
     let woken = shared.notify.notified();
     tokio::pin!(woken);
     // One timer, allocated only when needed: the drain jitter, then the
@@ -257,10 +262,12 @@ async fn run_inner(
             },
             _ = &mut woken, if open => {
                 woken.set(shared.notify.notified());
-                // A close request drains the whole queue first; otherwise
+                // A close request or shutdown drains the whole queue first; otherwise
                 // one batch per wake, so a busy sender cannot starve reads.
                 let close_request = shared.take_close_request();
-                let max = if close_request.is_some() { usize::MAX } else { WRITE_BATCH };
+                let events = shared.take_events();
+                let closing_now = close_request.is_some() || events & ConnShared::SHUTDOWN != 0;
+                let max = if closing_now { usize::MAX } else { WRITE_BATCH };
                 shared.take(&mut batch, max);
                 let mut result = Ok(());
                 for m in batch.drain(..) {
@@ -280,18 +287,17 @@ async fn run_inner(
                 }
                 if let Some(f) = close_request {
                     start_close(&mut ws, wt, f.code.into(), &f.reason, &mut close).await;
+                } else if events & ConnShared::SHUTDOWN != 0 {
+                    start_close(&mut ws, wt, 1001, "server shutting down", &mut close).await;
                 } else if shared.has_queued() {
                     shared.notify.notify_one();
                 }
-            }
-            _ = &mut retired, if open && !draining => {
-                draining = true;
-                let delay = inst.drain_delay(id);
-                tracing::debug!(parent: &span, "handler version retired: closing with 1012 in {delay:?}");
-                timer = Some((Timer::DrainJitter, Box::pin(tokio::time::sleep(delay))));
-            }
-            _ = &mut shutdown, if open => {
-                start_close(&mut ws, wt, 1001, "server shutting down", &mut close).await;
+                if events & ConnShared::RETIRED != 0 && close.is_none() && !draining {
+                    draining = true;
+                    let delay = inst.drain_delay(id);
+                    tracing::debug!(parent: &span, "handler version retired: closing with 1012 in {delay:?}");
+                    timer = Some((Timer::DrainJitter, Box::pin(tokio::time::sleep(delay))));
+                }
             }
             _ = async { timer.as_mut().expect("armed").1.as_mut().await }, if timer.is_some() => {
                 match timer.take().expect("armed").0 {
