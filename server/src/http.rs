@@ -20,7 +20,6 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Versio
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::Role;
 
@@ -62,7 +61,7 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
 pub async fn handle(
     server: Arc<Server>,
     peer: SocketAddr,
-    slot: Arc<OwnedSemaphorePermit>,
+    slot: Arc<crate::server::Slot>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
@@ -211,12 +210,26 @@ pub async fn handle(
         };
         match upgraded {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(route.ws_config),
-                )
-                .await;
+                // Take the TCP stream back out of hyper: the session then
+                // reads and writes the socket directly, not through the
+                // boxed `dyn Io` and two adapters of `Upgraded` (measurable
+                // per message, and heap per connection). Bytes the client
+                // sent after its request are handed to tungstenite.
+                let parts = match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        tracing::error!(%peer, "upgraded connection is not a TCP stream; dropping it");
+                        return;
+                    }
+                };
+                let stream = parts.io.into_inner();
+                let config = Some(route.ws_config);
+                let ws = if parts.read_buf.is_empty() {
+                    WebSocketStream::from_raw_socket(stream, Role::Server, config).await
+                } else {
+                    let early = parts.read_buf.to_vec();
+                    WebSocketStream::from_partially_read(stream, early, Role::Server, config).await
+                };
                 session::run(ws, route, conn, peer, protocol, server, slot).await;
             }
             Err(e) => tracing::debug!(%peer, "upgrade failed: {e}"),

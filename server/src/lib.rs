@@ -8,6 +8,7 @@
 //! * [`cli`], [`config`], [`settings`]: flags, the TOML file, and the
 //!   resolved settings (flags override the file).
 //! * [`server`]: shared state, the accept loop, startup, signals, shutdown.
+//! * [`workers`]: the per-thread event loops connections run on.
 //! * [`http`]: hyper service: 404/426, RFC 6455 handshake checks, Origin,
 //!   the handler's handshake hook, the 101 and the upgrade.
 //! * [`static_files`]: the document root (`-d`).
@@ -46,3 +47,4 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod static_files;
+pub mod workers;

@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -25,6 +25,7 @@ use crate::reload::{self, Trigger};
 use crate::routing::RouteTable;
 use crate::settings::Settings;
 use crate::static_files::StaticFiles;
+use crate::workers::{LoadGuard, Workers};
 
 /// State shared by every connection.
 pub struct Server {
@@ -48,6 +49,14 @@ impl Server {
     }
 }
 
+/// What an open connection holds until its last task ends: its place under
+/// `max_connections` and its count on its worker.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _load: LoadGuard,
+}
+
 /// Accepts connections until shutdown. At most `max_connections` sockets are
 /// open at once; beyond that, new clients wait in the kernel's backlog.
 /// Accept errors (EMFILE when out of file descriptors, ECONNABORTED) back off
@@ -56,6 +65,7 @@ impl Server {
 pub async fn listen(
     listener: TcpListener,
     server: Arc<Server>,
+    workers: Arc<Workers>,
     max_connections: usize,
     handshake_timeout: Duration,
 ) {
@@ -83,9 +93,29 @@ pub async fn listen(
             }
         };
         let _ = stream.set_nodelay(true);
-        let slot = Arc::new(permit);
+        // Accepted here, served there: the socket moves to its worker's
+        // event loop (deregistered from ours, registered with its).
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, "cannot hand the connection to a worker: {e}");
+                continue;
+            }
+        };
+        let (worker, load) = workers.assign();
+        let slot = Arc::new(Slot {
+            _permit: permit,
+            _load: load,
+        });
         let srv = server.clone();
-        server.tracker.spawn(async move {
+        worker.spawn(server.tracker.track_future(async move {
+            let stream = match tokio::net::TcpStream::from_std(stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, "cannot register the connection: {e}");
+                    return;
+                }
+            };
             let shutdown = srv.shutdown.clone();
             let svc =
                 service_fn(move |req| crate::http::handle(srv.clone(), peer, slot.clone(), req));
@@ -105,7 +135,7 @@ pub async fn listen(
                     let _ = conn.await;
                 }
             }
-        });
+        }));
     }
 }
 
@@ -166,8 +196,12 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
         next_conn: AtomicU64::new(1),
         files: ArcSwap::from_pointee(files),
     });
+    let workers = Arc::new(
+        Workers::start(settings.workers)
+            .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))?,
+    );
     let routes = registry.table().primary_routes().len();
-    tracing::info!(%addr, routes, handler_dir = %settings.handler_dir.display(), "listening");
+    tracing::info!(%addr, routes, workers = workers.len(), handler_dir = %settings.handler_dir.display(), "listening");
     if is_root() {
         tracing::warn!(
             "running as root: handler libraries run with full privileges; prefer a dedicated user"
@@ -200,6 +234,7 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
     let accept = tokio::spawn(listen(
         listener,
         server.clone(),
+        workers.clone(),
         settings.limits.max_connections,
         settings.limits.handshake_timeout,
     ));

@@ -18,9 +18,6 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -32,7 +29,7 @@ use crate::instance::ConnState;
 use crate::routing::Route;
 use crate::server::Server;
 
-type Ws = WebSocketStream<TokioIo<Upgraded>>;
+type Ws = WebSocketStream<tokio::net::TcpStream>;
 
 /// Queued messages written per flush, so one busy connection cannot starve
 /// its own reads.
@@ -72,7 +69,7 @@ pub async fn run(
     peer: SocketAddr,
     protocol: Option<String>,
     server: Arc<Server>,
-    slot: Arc<OwnedSemaphorePermit>,
+    slot: Arc<crate::server::Slot>,
 ) {
     let inst = route.instance.clone();
     let span = tracing::info_span!(
@@ -96,7 +93,7 @@ async fn run_inner(
     id: u64,
     protocol: Option<String>,
     server: Arc<Server>,
-    _slot: Arc<OwnedSemaphorePermit>,
+    _slot: Arc<crate::server::Slot>,
     span: tracing::Span,
 ) {
     let inst = route.instance.clone();

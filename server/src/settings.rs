@@ -21,6 +21,8 @@ pub struct Settings {
     pub limits: Limits,
     pub reload: ReloadSettings,
     pub shutdown_timeout: Duration,
+    /// Event-loop threads for connections (`--workers`, `workers`).
+    pub workers: usize,
     /// Routes from the config file, in file order.
     pub routes: Vec<RouteSpec>,
     pub log_level: String,
@@ -176,6 +178,11 @@ impl Settings {
             limits,
             reload,
             shutdown_timeout,
+            workers: args
+                .workers
+                .map(usize::from)
+                .or_else(|| raw.and_then(|r| r.workers).map(|c| c.0))
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             routes,
             log_level: args
                 .log_level

@@ -198,6 +198,39 @@ async fn over_limit_message_gets_1009() {
     assert_eq!(recv_close(&mut ws).await.0, 1009);
 }
 
+/// A client may send its first frame in the same packet as the upgrade
+/// request; those bytes reach the session even though hyper read them.
+#[tokio::test(flavor = "multi_thread")]
+async fn frame_sent_with_the_upgrade_request_is_echoed() {
+    let dir = standard_dir();
+    let srv = Wshd::start(dir.path(), &["--workers", "3"]);
+    let mut s = tokio::net::TcpStream::connect(&srv.addr).await.unwrap();
+    let mut bytes = upgrade_request("/echo", "Sec-WebSocket-Version: 13\r\n").into_bytes();
+    // A masked text frame "hi" (mask 1,2,3,4), written in the same call.
+    let mask = [1u8, 2, 3, 4];
+    bytes.extend_from_slice(&[0x81, 0x80 | 2]);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(b"hi".iter().zip(mask).map(|(b, m)| b ^ m));
+    s.write_all(&bytes).await.unwrap();
+
+    let mut got = Vec::new();
+    let want_tail = [0x81u8, 2, b'h', b'i'];
+    while !got.ends_with(&want_tail) {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("no echo")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
 /// A peer still sending the rest of an oversized message when we refuse it
 /// must see our 1009 and a clean end of stream, not a reset: a socket closed
 /// with unread data sends RST, and a peer that gets it drops the close frame
