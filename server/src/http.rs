@@ -223,12 +223,18 @@ pub async fn handle(
                     }
                 };
                 let stream = parts.io.into_inner();
+                // Copy out and drop at once: `read_buf` is a view of hyper's
+                // whole read buffer, which would otherwise stay allocated
+                // for the connection's life.
+                let early = (!parts.read_buf.is_empty()).then(|| parts.read_buf.to_vec());
+                drop(parts.read_buf);
                 let config = Some(route.ws_config);
-                let ws = if parts.read_buf.is_empty() {
-                    WebSocketStream::from_raw_socket(stream, Role::Server, config).await
-                } else {
-                    let early = parts.read_buf.to_vec();
-                    WebSocketStream::from_partially_read(stream, early, Role::Server, config).await
+                let ws = match early {
+                    None => WebSocketStream::from_raw_socket(stream, Role::Server, config).await,
+                    Some(early) => {
+                        WebSocketStream::from_partially_read(stream, early, Role::Server, config)
+                            .await
+                    }
                 };
                 session::run(ws, route, conn, peer, protocol, server, slot).await;
             }
