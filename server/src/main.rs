@@ -15,7 +15,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The control runtime: accept, signals, reloads, handler init. It needs
+    // one thread; connections run on the worker event loops (workers.rs),
+    // and blocking work (file reads, dlopen, init) goes to its blocking pool.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
