@@ -4,8 +4,9 @@
 //! access line.
 //!
 //! The loop is a single task that owns the socket: a `select!` over the
-//! peer's next frame, the connection's send queue, out-of-band close
-//! requests, the handler version's drain and server shutdown. Sends a
+//! peer's next frame, the connection's one wake-up (its send queue,
+//! out-of-band close requests, the handler version's drain and server
+//! shutdown all arrive through [`ConnShared`]) and one timer. Sends a
 //! handler makes during its own callback come back in the [`Outbox`] and are
 //! written as one batch with one flush.
 
@@ -259,8 +260,9 @@ async fn run_inner(
             },
             _ = &mut woken, if open => {
                 woken.set(shared.notify.notified());
-                // A close request or shutdown drains the whole queue first; otherwise
-                // one batch per wake, so a busy sender cannot starve reads.
+                // A close request or shutdown drains the whole queue first;
+                // otherwise one batch per wake, so a busy sender cannot
+                // starve reads.
                 let close_request = shared.take_close_request();
                 let events = shared.take_events();
                 let closing_now = close_request.is_some() || events & ConnShared::SHUTDOWN != 0;
