@@ -254,6 +254,27 @@ pub fn upgrade_request(path: &str, extra: &str) -> String {
     )
 }
 
+/// One client frame with FIN set (RFC 6455 §5.2): `opcode` 0x1 text, 0x2
+/// binary. The payload is masked, as a client's must be.
+pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    const MASK: [u8; 4] = [1, 2, 3, 4];
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n @ 0..=125 => f.push(0x80 | n as u8),
+        n @ 126..=0xFFFF => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&MASK);
+    f.extend(payload.iter().zip(MASK.iter().cycle()).map(|(b, m)| b ^ m));
+    f
+}
+
 /// A handler directory with the standard example handlers installed.
 pub fn standard_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

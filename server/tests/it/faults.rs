@@ -206,11 +206,7 @@ async fn a_peer_that_never_reads_is_dropped_and_others_are_fine() {
     s.write_all(upgrade_request("/echo", "Sec-WebSocket-Version: 13\r\n").as_bytes())
         .await
         .unwrap();
-    let payload = vec![b'x'; 60_000];
-    let mut frame = vec![0x82, 0xFF];
-    frame.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-    frame.extend_from_slice(&[0, 0, 0, 0]); // zero mask: payload as is
-    frame.extend_from_slice(&payload);
+    let frame = client_frame(0x2, &[b'x'; 60_000]);
     for _ in 0..200 {
         if tokio::time::timeout(Duration::from_millis(200), s.write_all(&frame))
             .await

@@ -206,11 +206,8 @@ async fn frame_sent_with_the_upgrade_request_is_echoed() {
     let srv = Wshd::start(dir.path(), &["--workers", "3"]);
     let mut s = tokio::net::TcpStream::connect(&srv.addr).await.unwrap();
     let mut bytes = upgrade_request("/echo", "Sec-WebSocket-Version: 13\r\n").into_bytes();
-    // A masked text frame "hi" (mask 1,2,3,4), written in the same call.
-    let mask = [1u8, 2, 3, 4];
-    bytes.extend_from_slice(&[0x81, 0x80 | 2]);
-    bytes.extend_from_slice(&mask);
-    bytes.extend(b"hi".iter().zip(mask).map(|(b, m)| b ^ m));
+    // A text frame "hi", written in the same call.
+    bytes.extend(client_frame(0x1, b"hi"));
     s.write_all(&bytes).await.unwrap();
 
     let mut got = Vec::new();
@@ -262,11 +259,7 @@ async fn over_limit_message_in_flight_gets_1009_then_fin_not_reset() {
 
     // One masked binary frame of 64 KiB: the header alone exceeds the limit,
     // so the server refuses it with the payload still unread.
-    const LEN: usize = 64 * 1024;
-    let mut frame = vec![0x82, 0x80 | 127];
-    frame.extend_from_slice(&(LEN as u64).to_be_bytes());
-    frame.extend_from_slice(&[1, 2, 3, 4]);
-    frame.resize(frame.len() + LEN, b'a');
+    let frame = client_frame(0x2, &[b'a'; 64 * 1024]);
     s.write_all(&frame).await.unwrap();
 
     let mut got = Vec::new();
