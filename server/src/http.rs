@@ -201,12 +201,22 @@ pub async fn handle(
     }
 
     let on_upgrade = hyper::upgrade::on(&mut req);
+    // on_open before the 101 goes out: see `session::Opening`.
+    let opening = session::open(
+        route.clone(),
+        conn,
+        peer,
+        protocol.as_deref(),
+        server.clone(),
+        slot,
+    )
+    .await;
     let shutdown = server.shutdown.clone();
     let tracker = server.tracker.clone();
     tracker.spawn(async move {
         let upgraded = tokio::select! {
             u = on_upgrade => u,
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return opening.abandon().await,
         };
         match upgraded {
             Ok(upgraded) => {
@@ -219,7 +229,7 @@ pub async fn handle(
                     Ok(p) => p,
                     Err(_) => {
                         tracing::error!(%peer, "upgraded connection is not a TCP stream; dropping it");
-                        return;
+                        return opening.abandon().await;
                     }
                 };
                 let stream = parts.io.into_inner();
@@ -236,9 +246,12 @@ pub async fn handle(
                             .await
                     }
                 };
-                session::run(ws, route, conn, peer, protocol, server, slot).await;
+                opening.run(ws).await;
             }
-            Err(e) => tracing::debug!(%peer, "upgrade failed: {e}"),
+            Err(e) => {
+                tracing::debug!(%peer, "upgrade failed: {e}");
+                opening.abandon().await;
+            }
         }
     });
     Ok(resp)

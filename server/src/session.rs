@@ -1,5 +1,5 @@
-//! One WebSocket connection, from the 101 to the last byte: registers the
-//! connection, calls `on_open`, loops over peer messages and queued sends,
+//! One WebSocket connection: registers it and calls `on_open` before the 101
+//! is sent ([`open`]), then loops over peer messages and queued sends,
 //! runs the close handshake, calls `on_close` exactly once and writes the
 //! access line.
 //!
@@ -61,18 +61,41 @@ struct Close {
     by: Closer,
 }
 
-/// Runs a session to completion.
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
-    ws: Ws,
+/// A connection the handler has opened (`on_open` ran) whose socket is not
+/// the session's yet.
+///
+/// `on_open` runs before the 101 response is sent, so a client never sees
+/// its connection open before the handler does: a chat client that gets its
+/// 101 and then a broadcast sent by another client must find itself already
+/// in the room. (With `on_open` after the upgrade, a message another client
+/// sends right after our 101 could reach the handler first, on another
+/// event loop, and this connection missed it.)
+pub struct Opening {
+    route: Arc<Route>,
+    id: u64,
+    server: Arc<Server>,
+    _slot: Arc<crate::server::Slot>,
+    span: tracing::Span,
+    started: Instant,
+    shared: Arc<ConnShared>,
+    outbox: Outbox,
+    opened: Result<ConnState, i32>,
+}
+
+/// Registers the connection and calls `on_open`. Call [`Opening::run`] once
+/// upgraded, or [`Opening::abandon`] if the upgrade never happens.
+pub async fn open(
     route: Arc<Route>,
     id: u64,
     peer: SocketAddr,
-    protocol: Option<String>,
+    protocol: Option<&str>,
     server: Arc<Server>,
     slot: Arc<crate::server::Slot>,
-) {
+) -> Opening {
     let inst = route.instance.clone();
+    // The span is not entered around every poll (that costs two refcount
+    // updates per poll, per connection); events name it as their parent, and
+    // handler log calls made inside a callback find it through the outbox.
     let span = tracing::info_span!(
         "conn",
         id,
@@ -82,24 +105,6 @@ pub async fn run(
         version = %inst.lib.desc.version,
         generation = inst.lib.generation,
     );
-    // The span is not entered around every poll (that costs two refcount
-    // updates per poll, per connection); events name it as their parent, and
-    // handler log calls made inside a callback find it through the outbox.
-    run_inner(ws, route, id, protocol, server, slot, span).await
-}
-
-async fn run_inner(
-    mut ws: Ws,
-    route: Arc<Route>,
-    id: u64,
-    protocol: Option<String>,
-    server: Arc<Server>,
-    _slot: Arc<crate::server::Slot>,
-    span: tracing::Span,
-) {
-    let inst = route.instance.clone();
-    let started = Instant::now();
-    let wt = route.limits.write_timeout;
     let shared = Arc::new(ConnShared::new(
         inst.id,
         route.limits.send_queue,
@@ -116,10 +121,8 @@ async fn run_inner(
         shared.signal(ConnShared::RETIRED);
     }
     inst.live.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(parent: &span, subprotocol = protocol.as_deref().unwrap_or(""), "open");
-
-    let mut stats = Stats::default();
-    let mut outbox = Outbox {
+    tracing::info!(parent: &span, subprotocol = protocol.unwrap_or(""), "open");
+    let outbox = Outbox {
         msgs: Vec::new(),
         limit: route.limits.send_queue,
         overflowed: false,
@@ -127,10 +130,63 @@ async fn run_inner(
         span: Some(span.clone()),
         closed: false,
     };
-    // Rare or one-off awaits are boxed: the session future is allocated per
-    // connection for its whole life, so every byte in it counts ×10,000.
-    let (opened, ob) = Box::pin(inst.open(id, outbox)).await;
-    outbox = ob;
+    let (opened, outbox) = inst.open(id, outbox).await;
+    Opening {
+        route,
+        id,
+        server,
+        _slot: slot,
+        span,
+        started: Instant::now(),
+        shared,
+        outbox,
+        opened,
+    }
+}
+
+impl Opening {
+    /// Runs the session on the upgraded socket to completion.
+    pub async fn run(self, ws: Ws) {
+        run_inner(ws, self).await
+    }
+
+    /// The upgrade did not happen (the client left, or shutdown came first):
+    /// unregisters the connection and gives the handler its `on_close`.
+    pub async fn abandon(self) {
+        let Opening {
+            route,
+            id,
+            server,
+            span,
+            opened,
+            ..
+        } = self;
+        server.conns.remove(&id);
+        let inst = &route.instance;
+        if let Ok(st) = opened {
+            inst.close(st, id, 1006, String::new(), Some(span.clone()))
+                .await;
+        }
+        inst.live.fetch_sub(1, Ordering::Relaxed);
+        tracing::info!(parent: &span, close_code = 1006, "close before the upgrade completed");
+    }
+}
+
+async fn run_inner(mut ws: Ws, opening: Opening) {
+    let Opening {
+        route,
+        id,
+        server,
+        _slot,
+        span,
+        started,
+        shared,
+        mut outbox,
+        opened,
+    } = opening;
+    let inst = route.instance.clone();
+    let wt = route.limits.write_timeout;
+    let mut stats = Stats::default();
     let mut state: Option<ConnState> = None;
     // Set once we have sent a close frame; we then only wait for the reply.
     let mut closing = false;
