@@ -200,6 +200,13 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
         Workers::start(settings.workers)
             .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))?,
     );
+    // Handlers go in before readiness is announced (addr file, pid file,
+    // systemd): a SIGHUP or SIGUSR1 sent the moment we look ready must not
+    // meet the default action, which kills the process.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
     let routes = registry.table().primary_routes().len();
     tracing::info!(%addr, routes, workers = workers.len(), handler_dir = %settings.handler_dir.display(), "listening");
     if is_root() {
@@ -239,10 +246,6 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
         settings.limits.handshake_timeout,
     ));
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
     loop {
         tokio::select! {
             _ = term.recv() => break,

@@ -3,6 +3,8 @@
 use std::process::Command;
 use std::time::Duration;
 
+use rustix::process::{Pid, Signal, kill_process};
+
 use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -66,6 +68,43 @@ fn check_config_and_list() {
         stderr.contains("junk_wsh.so") && stderr.contains("configuration test failed"),
         "{stderr}"
     );
+}
+
+/// The addr file, like systemd's READY=1, says "ready for signals too": an
+/// init system may send SIGHUP or SIGUSR1 the moment it appears, and the
+/// default action of both is to kill the process. The signal goes out within
+/// microseconds of the file appearing, to hit any window between the two.
+#[test]
+fn a_signal_sent_the_moment_it_is_ready_is_handled() {
+    let dir = standard_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    for i in 0..5 {
+        let addr_file = tmp.path().join(format!("addr{i}"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wshd"))
+            .args(["-H", "127.0.0.1", "-p", "0", "--log-level", "warn", "-w"])
+            .arg(dir.path())
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !addr_file.exists() {
+            assert!(std::time::Instant::now() < deadline, "never ready");
+            std::hint::spin_loop();
+        }
+        let pid = Pid::from_child(&child);
+        kill_process(pid, Signal::USR1).unwrap();
+        // The process must still be there to take SIGTERM and exit cleanly.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run {i}: SIGUSR1 right after readiness killed wshd"
+        );
+        kill_process(pid, Signal::TERM).unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(0), "run {i}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
