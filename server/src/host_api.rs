@@ -250,6 +250,16 @@ struct Current {
     /// The payload of the message being handled (null if none), so a send
     /// of bytes inside it (an echo) can share the buffer instead of copying.
     inbound: *const bytes::Bytes,
+    /// `inbound` is a text payload, already checked to be UTF-8.
+    inbound_text: bool,
+}
+
+/// The message a callback is handling, as `with_outbox` needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Inbound<'a> {
+    pub payload: &'a bytes::Bytes,
+    /// A text message: tungstenite has checked that it is UTF-8.
+    pub text: bool,
 }
 
 thread_local! {
@@ -257,12 +267,12 @@ thread_local! {
 }
 
 /// Runs `f` (a handler callback for `conn`) with `outbox` as the fast path for
-/// sends to `conn` made on this thread; `inbound` is the payload `f` is
+/// sends to `conn` made on this thread; `inbound` is the message `f` is
 /// handling, if any.
 pub fn with_outbox<R>(
     conn: wshd_conn_id,
     outbox: &mut Outbox,
-    inbound: Option<&bytes::Bytes>,
+    inbound: Option<Inbound<'_>>,
     f: impl FnOnce() -> R,
 ) -> R {
     struct Reset(Option<Current>);
@@ -275,7 +285,8 @@ pub fn with_outbox<R>(
         c.replace(Some(Current {
             conn,
             outbox: outbox as *mut Outbox,
-            inbound: inbound.map_or(std::ptr::null(), |b| b as *const bytes::Bytes),
+            inbound: inbound.map_or(std::ptr::null(), |m| m.payload as *const bytes::Bytes),
+            inbound_text: inbound.is_some_and(|m| m.text),
         }))
     });
     let _reset = Reset(prev);
@@ -377,10 +388,13 @@ unsafe extern "C" fn host_send(
     let Some(data) = (unsafe { bytes(data, len) }) else {
         return WSHD_ERR_INVALID;
     };
-    if kind == WSHD_MSG_TEXT && std::str::from_utf8(data).is_err() {
+    let shared = shared_slice(conn, data);
+    // An echo of (part of) a text message was validated when it arrived.
+    let known_utf8 = shared.as_ref().is_some_and(|s| s.utf8);
+    if kind == WSHD_MSG_TEXT && !known_utf8 && std::str::from_utf8(data).is_err() {
         return WSHD_ERR_INVALID;
     }
-    let payload = shared_slice(conn, data).unwrap_or_else(|| bytes::Bytes::copy_from_slice(data));
+    let payload = shared.map_or_else(|| bytes::Bytes::copy_from_slice(data), |s| s.bytes);
     let msg = match kind {
         WSHD_MSG_TEXT => {
             // SAFETY: `payload` holds the bytes of `data`, checked to be UTF-8 above.
@@ -416,9 +430,16 @@ unsafe extern "C" fn host_ping(
     )
 }
 
+/// Bytes of the inbound message, shared rather than copied.
+struct Shared {
+    bytes: bytes::Bytes,
+    /// Known to be UTF-8 without checking again.
+    utf8: bool,
+}
+
 /// If `data` lies inside the payload of the message being handled for
 /// `conn` on this thread, the same bytes as a shared slice (no copy).
-fn shared_slice(conn: wshd_conn_id, data: &[u8]) -> Option<bytes::Bytes> {
+fn shared_slice(conn: wshd_conn_id, data: &[u8]) -> Option<Shared> {
     let cur = CURRENT
         .with(|c| c.get())
         .filter(|c| c.conn == conn && !c.inbound.is_null())?;
@@ -427,7 +448,16 @@ fn shared_slice(conn: wshd_conn_id, data: &[u8]) -> Option<bytes::Bytes> {
     let inbound = unsafe { &*cur.inbound };
     let start = (data.as_ptr() as usize).checked_sub(inbound.as_ptr() as usize)?;
     let end = start.checked_add(data.len())?;
-    (end <= inbound.len() && !data.is_empty()).then(|| inbound.slice(start..end))
+    if end > inbound.len() || data.is_empty() {
+        return None;
+    }
+    // A slice of UTF-8 text is UTF-8 when both its ends fall on character
+    // boundaries, i.e. not on a continuation byte (0b10xx_xxxx).
+    let boundary = |i: usize| i == inbound.len() || (inbound[i] as i8) >= -0x40;
+    Some(Shared {
+        bytes: inbound.slice(start..end),
+        utf8: cur.inbound_text && boundary(start) && boundary(end),
+    })
 }
 
 /// Close codes a server may send (RFC 6455 §7.4): 1000-1003, 1007-1014 and
@@ -587,7 +617,11 @@ mod tests {
             limit: 8,
             ..Default::default()
         };
-        with_outbox(9, &mut outbox, Some(&inbound), || {
+        let text = Inbound {
+            payload: &inbound,
+            text: true,
+        };
+        with_outbox(9, &mut outbox, Some(text), || {
             // SAFETY: valid context; the slices point into `inbound` and a
             // local array.
             unsafe {
@@ -613,6 +647,55 @@ mod tests {
             "no copy for a slice of the inbound message"
         );
         assert_eq!(outbox.msgs[1], Message::binary(&b"copy"[..]));
+    }
+
+    #[test]
+    fn text_slices_of_the_inbound_message_must_keep_whole_characters() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        // "é" is 0xC3 0xA9: offsets 1..3 hold it whole, 2 is inside it.
+        let inbound = bytes::Bytes::from("hé!");
+        let mut outbox = Outbox {
+            limit: 8,
+            ..Default::default()
+        };
+        let send = |off: usize, len: usize| {
+            // SAFETY: valid context; the slice lies inside `inbound`.
+            unsafe {
+                (a.api.send)(
+                    a.api.host_ctx,
+                    5,
+                    WSHD_MSG_TEXT,
+                    inbound.as_ptr().add(off),
+                    len,
+                )
+            }
+        };
+        let text = Inbound {
+            payload: &inbound,
+            text: true,
+        };
+        let rcs = with_outbox(5, &mut outbox, Some(text), || {
+            [send(0, 4), send(1, 2), send(2, 2), send(0, 2)]
+        });
+        assert_eq!(
+            rcs,
+            [WSHD_OK, WSHD_OK, WSHD_ERR_INVALID, WSHD_ERR_INVALID],
+            "whole message, whole character, then two slices that cut \"é\""
+        );
+        assert_eq!(outbox.msgs, vec![Message::text("hé!"), Message::text("é")]);
+
+        // The same bytes as a binary message prove nothing about UTF-8.
+        let invalid = bytes::Bytes::from_static(&[0xff, b'a']);
+        let binary = Inbound {
+            payload: &invalid,
+            text: false,
+        };
+        let rc = with_outbox(5, &mut outbox, Some(binary), || unsafe {
+            // SAFETY: valid context; the slice is `invalid` itself.
+            (a.api.send)(a.api.host_ctx, 5, WSHD_MSG_TEXT, invalid.as_ptr(), 2)
+        });
+        assert_eq!(rc, WSHD_ERR_INVALID);
     }
 
     #[test]

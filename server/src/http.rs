@@ -20,8 +20,6 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Versio
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio_tungstenite::WebSocketStream;
-use tungstenite::protocol::Role;
 
 use crate::handshake::HandshakeInput;
 use crate::server::Server;
@@ -238,14 +236,7 @@ pub async fn handle(
                 // for the connection's life.
                 let early = (!parts.read_buf.is_empty()).then(|| parts.read_buf.to_vec());
                 drop(parts.read_buf);
-                let config = Some(route.ws_config);
-                let ws = match early {
-                    None => WebSocketStream::from_raw_socket(stream, Role::Server, config).await,
-                    Some(early) => {
-                        WebSocketStream::from_partially_read(stream, early, Role::Server, config)
-                            .await
-                    }
-                };
+                let ws = crate::ws::WsConn::new(stream, early, route.ws_config);
                 opening.run(ws).await;
             }
             Err(e) => {

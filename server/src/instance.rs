@@ -228,9 +228,13 @@ impl Instance {
         };
         let data: &[u8] = payload;
         let cb = self.lib.desc.callbacks.on_message;
+        let inbound = crate::host_api::Inbound {
+            payload,
+            text: kind == WSHD_MSG_TEXT,
+        };
         // SAFETY: callback from a validated descriptor; `data` is borrowed
         // for the call and text payloads were UTF-8-validated by tungstenite.
-        with_outbox(conn, outbox, Some(payload), || unsafe {
+        with_outbox(conn, outbox, Some(inbound), || unsafe {
             cb(
                 self.handler.get(),
                 state.get(),

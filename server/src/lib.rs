@@ -48,3 +48,4 @@ pub mod session;
 pub mod settings;
 pub mod static_files;
 pub mod workers;
+pub mod ws;

@@ -18,8 +18,6 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message, error::CapacityError};
@@ -30,7 +28,7 @@ use crate::instance::ConnState;
 use crate::routing::Route;
 use crate::server::Server;
 
-type Ws = WebSocketStream<tokio::net::TcpStream>;
+type Ws = crate::ws::WsConn;
 
 /// Queued messages written per flush, so one busy connection cannot starve
 /// its own reads.
