@@ -7,7 +7,8 @@
 //! task that owns its socket, so none of that is needed: [`WsConn`] hands
 //! tungstenite's `WebSocketContext` the socket together with the session's
 //! own `Context`, and a readiness event wakes the session directly. On the
-//! 32-byte echo benchmark the proxies cost about 3% of server CPU.
+//! 32-byte echo benchmark the proxies cost about 7% of wshd's user-space
+//! instructions per message (callgrind: 5510 before, 5146 after).
 //!
 //! The semantics are tokio-tungstenite's: `next` ends with `None` after a
 //! clean close, `feed` queues a message (writing what the socket takes now),
