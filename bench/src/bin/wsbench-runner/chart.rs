@@ -19,8 +19,10 @@ const HEIGHT: u32 = 460;
 fn colour(peer: PeerKind) -> RGBColor {
     match peer {
         PeerKind::Wshd => RGBColor(0xd6, 0x27, 0x28),
+        PeerKind::Wshd1 => RGBColor(0xff, 0x98, 0x96),
         PeerKind::Raw => RGBColor(0x99, 0x99, 0x99),
         PeerKind::Raw4k => RGBColor(0x44, 0x44, 0x44),
+        PeerKind::Raw4k1 => RGBColor(0x8c, 0x56, 0x4b),
         PeerKind::NodeWs => RGBColor(0x2c, 0xa0, 0x2c),
         PeerKind::Pywebsocket => RGBColor(0x1f, 0x77, 0xb4),
     }

@@ -106,10 +106,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if !args.no_build {
         build(&layout, &["-p", "bench", "--bins"]).context("building the bench crate")?;
         let wshd = ["-p", "wshd", "-p", "echo-handler", "-p", "chat-handler"];
-        if requested.contains(&PeerKind::Wshd)
+        if requested.iter().any(|p| p.is_wshd())
             && let Err(error) = build(&layout, &wshd)
         {
-            unavailable.push((PeerKind::Wshd, format!("build failed: {error:#}")));
+            for &peer in requested.iter().filter(|p| p.is_wshd()) {
+                unavailable.push((peer, format!("build failed: {error:#}")));
+            }
         }
     }
 

@@ -27,12 +27,18 @@ pub const PYWEBSOCKET_VERSION: &str = "4.0.2";
 /// Which server a peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerKind {
-    /// wshd with the echo and chat handlers loaded through the C ABI.
+    /// wshd with the echo and chat handlers loaded through the C ABI, with
+    /// its default of one event loop per core.
     Wshd,
+    /// The same with `--workers 1`: one event loop, matching the one core
+    /// the load generator leaves to the server.
+    Wshd1,
     /// raw-echo with the library's default read buffer.
     Raw,
     /// raw-echo with a 4 KiB read buffer: the reference for wshd's targets.
     Raw4k,
+    /// The same on one tokio worker thread: the reference for `Wshd1`.
+    Raw4k1,
     /// Node's `ws` package.
     NodeWs,
     /// pywebsocket3 standalone with its example echo handler.
@@ -41,10 +47,12 @@ pub enum PeerKind {
 
 impl PeerKind {
     /// Every peer, in table order.
-    pub const ALL: [PeerKind; 5] = [
+    pub const ALL: [PeerKind; 7] = [
         PeerKind::Wshd,
+        PeerKind::Wshd1,
         PeerKind::Raw,
         PeerKind::Raw4k,
+        PeerKind::Raw4k1,
         PeerKind::NodeWs,
         PeerKind::Pywebsocket,
     ];
@@ -53,8 +61,10 @@ impl PeerKind {
     pub fn key(self) -> &'static str {
         match self {
             PeerKind::Wshd => "wshd",
+            PeerKind::Wshd1 => "wshd1",
             PeerKind::Raw => "raw",
             PeerKind::Raw4k => "raw4k",
+            PeerKind::Raw4k1 => "raw4k1",
             PeerKind::NodeWs => "ws",
             PeerKind::Pywebsocket => "pyws",
         }
@@ -64,8 +74,10 @@ impl PeerKind {
     pub fn title(self) -> &'static str {
         match self {
             PeerKind::Wshd => "wshd (C ABI echo/chat)",
+            PeerKind::Wshd1 => "wshd, 1 event loop (`workers = 1`)",
             PeerKind::Raw => "raw tokio-tungstenite (default buffers)",
             PeerKind::Raw4k => "raw tokio-tungstenite (4 KiB read buffer)",
+            PeerKind::Raw4k1 => "raw tokio-tungstenite (4 KiB, 1 worker thread)",
             PeerKind::NodeWs => "Node ws",
             PeerKind::Pywebsocket => "pywebsocket3",
         }
@@ -74,6 +86,21 @@ impl PeerKind {
     /// Parses a key.
     pub fn from_key(key: &str) -> Option<PeerKind> {
         PeerKind::ALL.into_iter().find(|peer| peer.key() == key)
+    }
+
+    /// The raw floor this peer is compared with: the one with the same
+    /// number of event-loop threads, so a ratio measures the server and not
+    /// its thread count.
+    pub fn floor(self) -> PeerKind {
+        match self {
+            PeerKind::Wshd1 | PeerKind::Raw4k1 => PeerKind::Raw4k1,
+            _ => PeerKind::Raw4k,
+        }
+    }
+
+    /// True for the wshd peers.
+    pub fn is_wshd(self) -> bool {
+        matches!(self, PeerKind::Wshd | PeerKind::Wshd1)
     }
 
     /// The chat route, when the peer has one.
@@ -288,14 +315,17 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
         args
     };
     match kind {
-        PeerKind::Raw | PeerKind::Raw4k => {
+        PeerKind::Raw | PeerKind::Raw4k | PeerKind::Raw4k1 => {
             let program = release.join("raw-echo");
             if !program.exists() {
                 bail!("{} is missing; build the bench crate", program.display());
             }
             let mut args = addr_args(&["-H", "127.0.0.1", "-p", "0"]);
-            if kind == PeerKind::Raw4k {
+            if kind != PeerKind::Raw {
                 args.extend(["--read-buffer-size".to_owned(), "4096".to_owned()]);
+            }
+            if kind == PeerKind::Raw4k1 {
+                args.extend(["--threads".to_owned(), "1".to_owned()]);
             }
             Ok(Launch {
                 kind,
@@ -306,9 +336,10 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
                 version: String::new(),
             })
         }
-        PeerKind::Wshd => {
+        PeerKind::Wshd | PeerKind::Wshd1 => {
             let program = release.join("wshd");
-            let handlers = layout.run_dir.join("wshd-handlers");
+            // Each peer its own copies: never overwrite a loaded library.
+            let handlers = layout.run_dir.join(format!("{}-handlers", kind.key()));
             fs::create_dir_all(&handlers)?;
             for library in ["libecho_wsh.so", "libchat_wsh.so"] {
                 let built = release.join(library);
@@ -320,11 +351,11 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
             }
             // The default cap of 10,000 sockets would stall the 19,000
             // connection workload; the other peers have no cap at all.
-            let config = layout.run_dir.join("wshd.toml");
+            let config = layout.run_dir.join(format!("{}.toml", kind.key()));
             fs::write(&config, WSHD_CONFIG)?;
             let handlers = handlers.display().to_string();
             let config = config.display().to_string();
-            let args = addr_args(&[
+            let mut args = addr_args(&[
                 "-H",
                 "127.0.0.1",
                 "-p",
@@ -336,6 +367,9 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
                 "--log-level",
                 "warn",
             ]);
+            if kind == PeerKind::Wshd1 {
+                args.extend(["--workers".to_owned(), "1".to_owned()]);
+            }
             Ok(Launch {
                 kind,
                 program,
