@@ -5,7 +5,7 @@
 //! The example in `config/wshd.toml` documents every key; a test parses every
 //! file in `config/` so the examples cannot rot.
 //!
-//! Command-line flags override the file: see [`crate::cli::Args::apply`].
+//! Command-line flags override the file: see [`crate::settings::Settings::resolve`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};

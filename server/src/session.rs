@@ -143,9 +143,10 @@ pub async fn open(
 }
 
 impl Opening {
-    /// Runs the session on the upgraded socket to completion.
-    pub async fn run(self, ws: Ws) {
-        run_inner(ws, self).await
+    /// Runs the session on the upgraded socket to completion. Not an
+    /// `async fn`, for the reason given at `run_inner`.
+    pub fn run(self, ws: Ws) -> impl Future<Output = ()> + Send {
+        run_inner(ws, self)
     }
 
     /// The upgrade did not happen (the client left, or shutdown came first):
@@ -170,7 +171,11 @@ impl Opening {
     }
 }
 
-async fn run_inner(mut ws: Ws, opening: Opening) {
+// A plain fn returning an async block, not an `async fn`: the task is
+// allocated at its largest state for the connection's whole life, and an
+// `async fn` keeps its arguments (`ws`, `opening`: 488 bytes) stored beside
+// the locals they were moved into. The block captures each field once.
+fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
     let Opening {
         route,
         id,
@@ -182,214 +187,218 @@ async fn run_inner(mut ws: Ws, opening: Opening) {
         mut outbox,
         opened,
     } = opening;
-    let inst = route.instance.clone();
-    let wt = route.limits.write_timeout;
-    let mut stats = Stats::default();
-    let mut state: Option<ConnState> = None;
-    // Set once we have sent a close frame; we then only wait for the reply.
-    let mut closing = false;
-    let mut close: Option<Close> = None;
+    async move {
+        let inst = route.instance.clone();
+        let wt = route.limits.write_timeout;
+        let mut stats = Stats::default();
+        let mut state: Option<ConnState> = None;
+        // Set once we have sent a close frame; we then only wait for the reply.
+        let mut closing = false;
+        let mut close: Option<Close> = None;
 
-    match opened {
-        Ok(s) => {
-            state = Some(s);
-            if let Err(e) = write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close).await {
-                e.log(&span);
-                close.get_or_insert(dropped());
+        match opened {
+            Ok(s) => {
+                state = Some(s);
+                if let Err(e) = write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close).await
+                {
+                    e.log(&span);
+                    close.get_or_insert(dropped());
+                }
+            }
+            Err(rc) => {
+                tracing::warn!(
+                    parent: &span,
+                    "on_open failed ({}); closing with 1011",
+                    crate::error::status_name(rc)
+                );
+                start_close(
+                    &mut ws,
+                    wt,
+                    1011,
+                    "handler failed to open the connection",
+                    &mut close,
+                )
+                .await;
             }
         }
-        Err(rc) => {
-            tracing::warn!(
-                parent: &span,
-                "on_open failed ({}); closing with 1011",
-                crate::error::status_name(rc)
-            );
-            start_close(
-                &mut ws,
-                wt,
-                1011,
-                "handler failed to open the connection",
-                &mut close,
-            )
-            .await;
-        }
-    }
 
-    // The wake-up future is built once, not per message: rebuilding it
-    // registers (and on drop unregisters) a waiter under the Notify's lock.
-    // Shutdown and drain arrive through it too (see `ConnShared`).
-    let mut draining = false;
-    let woken = shared.notify.notified();
-    tokio::pin!(woken);
-    // One timer, allocated only when needed: the drain jitter, then the
-    // wait for the peer's close reply.
-    let mut timer: Option<(Timer, Pin<Box<tokio::time::Sleep>>)> = None;
-    let mut batch: Vec<Message> = Vec::new();
+        // The wake-up future is built once, not per message: rebuilding it
+        // registers (and on drop unregisters) a waiter under the Notify's lock.
+        // Shutdown and drain arrive through it too (see `ConnShared`).
+        let mut draining = false;
+        let woken = shared.notify.notified();
+        tokio::pin!(woken);
+        // One timer, allocated only when needed: the drain jitter, then the
+        // wait for the peer's close reply.
+        let mut timer: Option<(Timer, Pin<Box<tokio::time::Sleep>>)> = None;
+        let mut batch: Vec<Message> = Vec::new();
 
-    while !matches!(
-        close,
-        Some(Close {
-            by: Closer::Dropped,
-            ..
-        })
-    ) {
-        // Once our close frame is out (here, or before the loop when on_open
-        // failed), only the reply is awaited, for at most close_timeout.
-        if !closing
-            && close
-                .as_ref()
-                .is_some_and(|c| matches!(c.by, Closer::Server))
-        {
-            closing = true;
-            let reply = tokio::time::sleep(route.limits.close_timeout);
-            timer = Some((Timer::CloseReply, Box::pin(reply)));
-        }
-        let open = !closing;
-        tokio::select! {
-            frame = ws.next() => match frame {
-                Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                    stats.msgs_in += 1;
-                    stats.bytes_in += msg.len() as u64;
-                    if !open {
-                        continue; // RFC 6455 §1.4: data after our close is discarded
+        while !matches!(
+            close,
+            Some(Close {
+                by: Closer::Dropped,
+                ..
+            })
+        ) {
+            // Once our close frame is out (here, or before the loop when on_open
+            // failed), only the reply is awaited, for at most close_timeout.
+            if !closing
+                && close
+                    .as_ref()
+                    .is_some_and(|c| matches!(c.by, Closer::Server))
+            {
+                closing = true;
+                let reply = tokio::time::sleep(route.limits.close_timeout);
+                timer = Some((Timer::CloseReply, Box::pin(reply)));
+            }
+            let open = !closing;
+            tokio::select! {
+                frame = ws.next() => match frame {
+                    Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                        stats.msgs_in += 1;
+                        stats.bytes_in += msg.len() as u64;
+                        if !open {
+                            continue; // RFC 6455 §1.4: data after our close is discarded
+                        }
+                        let Some(st) = state.as_mut() else { continue };
+                        let rc = if inst.is_inline() {
+                            inst.message_inline(st, id, &msg, &mut outbox)
+                        } else {
+                            let st = state.take().expect("state present");
+                            let (rc, st, ob) = Box::pin(inst.message(st, id, msg, std::mem::take(&mut outbox))).await;
+                            state = Some(st);
+                            outbox = ob;
+                            rc
+                        };
+                        if let Err(e) = write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close).await {
+                            e.log(&span);
+                            close.get_or_insert(dropped());
+                            break;
+                        }
+                        if rc != WSHD_OK && close.is_none() {
+                            let reason = if rc == WSHD_ERR_PANIC { "handler panicked" } else { "handler error" };
+                            tracing::warn!(parent: &span, "on_message failed ({}); closing with 1011", crate::error::status_name(rc));
+                            start_close(&mut ws, wt, 1011, reason, &mut close).await;
+                        } else if std::mem::take(&mut outbox.overflowed) && close.is_none() {
+                            tracing::info!(parent: &span, "send queue full: closing slow consumer with 1008");
+                            start_close(&mut ws, wt, 1008, "slow consumer", &mut close).await;
+                        }
                     }
-                    let Some(st) = state.as_mut() else { continue };
-                    let rc = if inst.is_inline() {
-                        inst.message_inline(st, id, &msg, &mut outbox)
-                    } else {
-                        let st = state.take().expect("state present");
-                        let (rc, st, ob) = Box::pin(inst.message(st, id, msg, std::mem::take(&mut outbox))).await;
-                        state = Some(st);
-                        outbox = ob;
-                        rc
-                    };
-                    if let Err(e) = write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close).await {
+                    Some(Ok(Message::Close(frame))) => {
+                        // tungstenite queues the reply; the next read flushes it
+                        // and then reports the end of the stream.
+                        if close.is_none() {
+                            let (code, reason) = match frame {
+                                Some(f) => (u16::from(f.code), f.reason.to_string()),
+                                None => (1005, String::new()),
+                            };
+                            close = Some(Close { code, reason, by: Closer::Peer });
+                        }
+                    }
+                    Some(Ok(_)) => {} // ping (auto-answered), pong, raw frame
+                    Some(Err(e)) => {
+                        if close.is_none()
+                            && let Some((code, reason)) = protocol_close(&e)
+                        {
+                            tracing::info!(parent: &span, "closing with {code}: {e}");
+                            start_close(&mut ws, wt, code, reason, &mut close).await;
+                            // Fail the connection (RFC 6455 §7.1.7): don't
+                            // wait for a reply from a misbehaving peer, but
+                            // don't reset it either, or it never sees why.
+                            Box::pin(linger(&mut ws, &route.limits)).await;
+                            break;
+                        }
+                        if !matches!(e, WsError::ConnectionClosed | WsError::AlreadyClosed) {
+                            tracing::debug!(parent: &span, "connection error: {e}");
+                        }
+                        close.get_or_insert(dropped());
+                        break;
+                    }
+                    None => {
+                        close.get_or_insert(dropped());
+                        break;
+                    }
+                },
+                _ = &mut woken, if open => {
+                    woken.set(shared.notify.notified());
+                    // A close request or shutdown drains the whole queue first;
+                    // otherwise one batch per wake, so a busy sender cannot
+                    // starve reads.
+                    let close_request = shared.take_close_request();
+                    let events = shared.take_events();
+                    let closing_now = close_request.is_some() || events & ConnShared::SHUTDOWN != 0;
+                    let max = if closing_now { usize::MAX } else { WRITE_BATCH };
+                    shared.take(&mut batch, max);
+                    let mut result = Ok(());
+                    for m in batch.drain(..) {
+                        result = write_one(&mut ws, wt, m, &mut stats, &mut close).await;
+                        if result.is_err() {
+                            break;
+                        }
+                    }
+                    batch.clear();
+                    if result.is_ok() {
+                        result = timed(wt, ws.flush()).await;
+                    }
+                    if let Err(e) = result {
                         e.log(&span);
                         close.get_or_insert(dropped());
                         break;
                     }
-                    if rc != WSHD_OK && close.is_none() {
-                        let reason = if rc == WSHD_ERR_PANIC { "handler panicked" } else { "handler error" };
-                        tracing::warn!(parent: &span, "on_message failed ({}); closing with 1011", crate::error::status_name(rc));
-                        start_close(&mut ws, wt, 1011, reason, &mut close).await;
-                    } else if std::mem::take(&mut outbox.overflowed) && close.is_none() {
-                        tracing::info!(parent: &span, "send queue full: closing slow consumer with 1008");
-                        start_close(&mut ws, wt, 1008, "slow consumer", &mut close).await;
+                    if let Some(f) = close_request {
+                        start_close(&mut ws, wt, f.code.into(), &f.reason, &mut close).await;
+                    } else if events & ConnShared::SHUTDOWN != 0 {
+                        start_close(&mut ws, wt, 1001, "server shutting down", &mut close).await;
+                    } else if shared.has_queued() {
+                        shared.notify.notify_one();
+                    }
+                    if events & ConnShared::RETIRED != 0 && close.is_none() && !draining {
+                        draining = true;
+                        let delay = inst.drain_delay(id);
+                        tracing::debug!(parent: &span, "handler version retired: closing with 1012 in {delay:?}");
+                        timer = Some((Timer::DrainJitter, Box::pin(tokio::time::sleep(delay))));
                     }
                 }
-                Some(Ok(Message::Close(frame))) => {
-                    // tungstenite queues the reply; the next read flushes it
-                    // and then reports the end of the stream.
-                    if close.is_none() {
-                        let (code, reason) = match frame {
-                            Some(f) => (u16::from(f.code), f.reason.to_string()),
-                            None => (1005, String::new()),
-                        };
-                        close = Some(Close { code, reason, by: Closer::Peer });
-                    }
-                }
-                Some(Ok(_)) => {} // ping (auto-answered), pong, raw frame
-                Some(Err(e)) => {
-                    if close.is_none()
-                        && let Some((code, reason)) = protocol_close(&e)
-                    {
-                        tracing::info!(parent: &span, "closing with {code}: {e}");
-                        start_close(&mut ws, wt, code, reason, &mut close).await;
-                        // Fail the connection (RFC 6455 §7.1.7): don't
-                        // wait for a reply from a misbehaving peer, but
-                        // don't reset it either, or it never sees why.
-                        Box::pin(linger(&mut ws, &route.limits)).await;
-                        break;
-                    }
-                    if !matches!(e, WsError::ConnectionClosed | WsError::AlreadyClosed) {
-                        tracing::debug!(parent: &span, "connection error: {e}");
-                    }
-                    close.get_or_insert(dropped());
-                    break;
-                }
-                None => {
-                    close.get_or_insert(dropped());
-                    break;
-                }
-            },
-            _ = &mut woken, if open => {
-                woken.set(shared.notify.notified());
-                // A close request or shutdown drains the whole queue first;
-                // otherwise one batch per wake, so a busy sender cannot
-                // starve reads.
-                let close_request = shared.take_close_request();
-                let events = shared.take_events();
-                let closing_now = close_request.is_some() || events & ConnShared::SHUTDOWN != 0;
-                let max = if closing_now { usize::MAX } else { WRITE_BATCH };
-                shared.take(&mut batch, max);
-                let mut result = Ok(());
-                for m in batch.drain(..) {
-                    result = write_one(&mut ws, wt, m, &mut stats, &mut close).await;
-                    if result.is_err() {
-                        break;
-                    }
-                }
-                batch.clear();
-                if result.is_ok() {
-                    result = timed(wt, ws.flush()).await;
-                }
-                if let Err(e) = result {
-                    e.log(&span);
-                    close.get_or_insert(dropped());
-                    break;
-                }
-                if let Some(f) = close_request {
-                    start_close(&mut ws, wt, f.code.into(), &f.reason, &mut close).await;
-                } else if events & ConnShared::SHUTDOWN != 0 {
-                    start_close(&mut ws, wt, 1001, "server shutting down", &mut close).await;
-                } else if shared.has_queued() {
-                    shared.notify.notify_one();
-                }
-                if events & ConnShared::RETIRED != 0 && close.is_none() && !draining {
-                    draining = true;
-                    let delay = inst.drain_delay(id);
-                    tracing::debug!(parent: &span, "handler version retired: closing with 1012 in {delay:?}");
-                    timer = Some((Timer::DrainJitter, Box::pin(tokio::time::sleep(delay))));
-                }
-            }
-            _ = async { timer.as_mut().expect("armed").1.as_mut().await }, if timer.is_some() => {
-                match timer.take().expect("armed").0 {
-                    Timer::DrainJitter => {
-                        tracing::info!(parent: &span, "handler version retired: closing with 1012 (service restart)");
-                        start_close(&mut ws, wt, 1012, "service restart", &mut close).await;
-                    }
-                    Timer::CloseReply => {
-                        tracing::debug!(parent: &span, "peer did not answer our close in time; dropping the connection");
-                        break;
+                _ = async { timer.as_mut().expect("armed").1.as_mut().await }, if timer.is_some() => {
+                    match timer.take().expect("armed").0 {
+                        Timer::DrainJitter => {
+                            tracing::info!(parent: &span, "handler version retired: closing with 1012 (service restart)");
+                            start_close(&mut ws, wt, 1012, "service restart", &mut close).await;
+                        }
+                        Timer::CloseReply => {
+                            tracing::debug!(parent: &span, "peer did not answer our close in time; dropping the connection");
+                            break;
+                        }
                     }
                 }
             }
         }
-    }
 
-    // Unregister first, so sends from handler threads from now on get
-    // WSHD_ERR_CLOSED; then on_close, exactly once per successful on_open.
-    server.conns.remove(&id);
-    let close = close.unwrap_or_else(dropped);
-    if let Some(st) = state {
-        Box::pin(inst.close(st, id, close.code, close.reason.clone(), Some(span.clone()))).await;
+        // Unregister first, so sends from handler threads from now on get
+        // WSHD_ERR_CLOSED; then on_close, exactly once per successful on_open.
+        server.conns.remove(&id);
+        let close = close.unwrap_or_else(dropped);
+        if let Some(st) = state {
+            Box::pin(inst.close(st, id, close.code, close.reason.clone(), Some(span.clone())))
+                .await;
+        }
+        inst.live.fetch_sub(1, Ordering::Relaxed);
+        // Dropping `ws` closes the socket; tungstenite already sent or answered
+        // the close frame.
+        drop(ws);
+        tracing::info!(
+            parent: &span,
+            duration_ms = started.elapsed().as_millis() as u64,
+            msgs_in = stats.msgs_in,
+            msgs_out = stats.msgs_out,
+            bytes_in = stats.bytes_in,
+            bytes_out = stats.bytes_out,
+            close_code = close.code,
+            close_reason = %close.reason,
+            closed_by = ?close.by,
+            "close"
+        );
     }
-    inst.live.fetch_sub(1, Ordering::Relaxed);
-    // Dropping `ws` closes the socket; tungstenite already sent or answered
-    // the close frame.
-    drop(ws);
-    tracing::info!(
-        parent: &span,
-        duration_ms = started.elapsed().as_millis() as u64,
-        msgs_in = stats.msgs_in,
-        msgs_out = stats.msgs_out,
-        bytes_in = stats.bytes_in,
-        bytes_out = stats.bytes_out,
-        close_code = close.code,
-        close_reason = %close.reason,
-        closed_by = ?close.by,
-        "close"
-    );
 }
 
 /// Lingering close after we failed the connection: half-close our side and
