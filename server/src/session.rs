@@ -72,7 +72,9 @@ pub struct Opening {
     route: Arc<Route>,
     id: u64,
     server: Arc<Server>,
-    _slot: Arc<crate::server::Slot>,
+    /// The connection's place under `max_connections` and on its worker:
+    /// held until the session ends.
+    slot: Arc<crate::server::Slot>,
     span: tracing::Span,
     started: Instant,
     shared: Arc<ConnShared>,
@@ -133,7 +135,7 @@ pub async fn open(
         route,
         id,
         server,
-        _slot: slot,
+        slot,
         span,
         started: Instant::now(),
         shared,
@@ -180,7 +182,7 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
         route,
         id,
         server,
-        _slot,
+        slot,
         span,
         started,
         shared,
@@ -398,6 +400,9 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
             closed_by = ?close.by,
             "close"
         );
+        // Only now: the block must own the slot, or it would be dropped when
+        // this fn returns, long before the connection closes.
+        drop(slot);
     }
 }
 

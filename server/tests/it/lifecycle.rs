@@ -133,6 +133,38 @@ async fn sigusr1_reopens_the_log_file() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn max_connections_holds_a_new_client_until_an_open_one_leaves() {
+    let dir = standard_dir();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(cfg_dir.path(), "[limits]\nmax_connections = 2\n");
+    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let mut first = connect(&srv.url("/echo")).await;
+    let mut second = connect(&srv.url("/echo")).await;
+    // Both sessions are running, past their handshakes.
+    assert_eq!(echo_once(&mut first, "1").await, "1");
+    assert_eq!(echo_once(&mut second, "2").await, "2");
+    let url = srv.url("/echo");
+    let mut third = tokio::spawn(async move { connect(&url).await });
+    // Correct behaviour is that it never completes while two are open; the
+    // wait only bounds how long we look for a wrong completion.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut third)
+            .await
+            .is_err(),
+        "a third connection was served with max_connections = 2"
+    );
+    assert_eq!(echo_once(&mut second, "still").await, "still");
+    first.close(None).await.unwrap();
+    // The server's answer: the session is ending and gives its slot back.
+    recv_close(&mut first).await;
+    let mut third = tokio::time::timeout(Duration::from_secs(20), third)
+        .await
+        .expect("the waiting client is served once a slot is free")
+        .unwrap();
+    assert_eq!(echo_once(&mut third, "3").await, "3");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn out_of_file_descriptors_accept_backs_off_and_recovers() {
     let dir = standard_dir();
     let tmp = tempfile::tempdir().unwrap();
