@@ -25,7 +25,7 @@ use crate::reload::{self, Trigger};
 use crate::routing::RouteTable;
 use crate::settings::Settings;
 use crate::static_files::StaticFiles;
-use crate::workers::{LoadGuard, Workers};
+use crate::workers::{Balance, LoadGuard, Workers};
 
 /// State shared by every connection.
 pub struct Server {
@@ -57,25 +57,63 @@ pub struct Slot {
     _load: LoadGuard,
 }
 
-/// Accepts connections until shutdown. At most `max_connections` sockets are
-/// open at once; beyond that, new clients wait in the kernel's backlog.
-/// Accept errors (EMFILE when out of file descriptors, ECONNABORTED) back off
-/// and retry: the server neither exits nor spins, and open connections are
-/// unaffected.
-pub async fn listen(
-    listener: TcpListener,
-    server: Arc<Server>,
-    workers: Arc<Workers>,
+/// Starts one accept loop per worker, all on the same listening socket
+/// (workers.rs explains why). At most `max_connections` sockets are open at
+/// once, across all workers; beyond that, new clients wait in the kernel's
+/// backlog. The returned tasks end at shutdown.
+pub fn listen(
+    listener: std::net::TcpListener,
+    server: &Arc<Server>,
+    workers: &Workers,
     max_connections: usize,
     handshake_timeout: Duration,
-) {
+) -> std::io::Result<Vec<tokio::task::JoinHandle<()>>> {
     let slots = Arc::new(Semaphore::new(max_connections));
+    (0..workers.len())
+        .map(|me| {
+            let listener = listener.try_clone()?;
+            Ok(workers.handle(me).spawn(accept_loop(
+                me,
+                listener,
+                server.clone(),
+                workers.balance().clone(),
+                slots.clone(),
+                handshake_timeout,
+            )))
+        })
+        .collect()
+}
+
+/// Worker `me`'s accept loop. Accept errors (EMFILE when out of file
+/// descriptors, ECONNABORTED) back off and retry: the server neither exits
+/// nor spins, and open connections are unaffected.
+async fn accept_loop(
+    me: usize,
+    listener: std::net::TcpListener,
+    server: Arc<Server>,
+    balance: Arc<Balance>,
+    slots: Arc<Semaphore>,
+    handshake_timeout: Duration,
+) {
+    // Registered with this worker's event loop: whatever it accepts is
+    // already where it will be served.
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(worker = me, "cannot watch the listening socket: {e}");
+            return;
+        }
+    };
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = server.shutdown.cancelled() => break,
         };
+        tokio::select! {
+            _ = balance.wait_turn(me) => {}
+            _ = server.shutdown.cancelled() => break,
+        }
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = server.shutdown.cancelled() => break,
@@ -86,56 +124,51 @@ pub async fn listen(
                 a
             }
             Err(e) => {
-                tracing::warn!("accept failed: {e}; retrying in {backoff:?}");
+                tracing::warn!(worker = me, "accept failed: {e}; retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
-        // Accepted here, served there: the socket moves to its worker's
-        // event loop (deregistered from ours, registered with its).
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(%peer, "cannot hand the connection to a worker: {e}");
-                continue;
-            }
-        };
-        let (worker, load) = workers.assign();
+        tracing::debug!(worker = me, %peer, "accepted");
         let slot = Arc::new(Slot {
             _permit: permit,
-            _load: load,
+            _load: balance.count(me),
         });
-        let srv = server.clone();
-        worker.spawn(server.tracker.track_future(async move {
-            let stream = match tokio::net::TcpStream::from_std(stream) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%peer, "cannot register the connection: {e}");
-                    return;
-                }
-            };
-            let shutdown = srv.shutdown.clone();
-            let svc =
-                service_fn(move |req| crate::http::handle(srv.clone(), peer, slot.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(handshake_timeout)
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r { tracing::debug!(%peer, "http connection: {e}"); }
-                }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+        let task = serve_http(stream, peer, server.clone(), slot, handshake_timeout);
+        tokio::spawn(server.tracker.track_future(task));
+    }
+}
+
+/// One accepted connection: HTTP/1.1 until it upgrades to a WebSocket
+/// session (http.rs) or closes.
+fn serve_http(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    srv: Arc<Server>,
+    slot: Arc<Slot>,
+    handshake_timeout: Duration,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let shutdown = srv.shutdown.clone();
+    let svc = service_fn(move |req| crate::http::handle(srv.clone(), peer, slot.clone(), req));
+    async move {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(handshake_timeout)
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(stream), svc)
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r { tracing::debug!(%peer, "http connection: {e}"); }
             }
-        }));
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
     }
 }
 
@@ -188,6 +221,8 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
+    // The workers accept from it, each on its own event loop.
+    let listener = listener.into_std()?;
     let server = Arc::new(Server {
         table,
         conns,
@@ -196,10 +231,8 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
         next_conn: AtomicU64::new(1),
         files: ArcSwap::from_pointee(files),
     });
-    let workers = Arc::new(
-        Workers::start(settings.workers)
-            .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))?,
-    );
+    let workers = Workers::start(settings.workers)
+        .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))?;
     // Handlers go in before readiness is announced (addr file, pid file,
     // systemd): a SIGHUP or SIGUSR1 sent the moment we look ready must not
     // meet the default action, which kills the process.
@@ -238,13 +271,14 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
         trigger_rx,
         server.clone(),
     ));
-    let accept = tokio::spawn(listen(
+    let accept = listen(
         listener,
-        server.clone(),
-        workers.clone(),
+        &server,
+        &workers,
         settings.limits.max_connections,
         settings.limits.handshake_timeout,
-    ));
+    )
+    .map_err(|e| anyhow::anyhow!("cannot share the listening socket with the workers: {e}"))?;
 
     loop {
         tokio::select! {
@@ -281,7 +315,9 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
     }
     server.tracker.close();
     reloader.abort();
-    let _ = accept.await;
+    for a in accept {
+        let _ = a.await;
+    }
     tokio::select! {
         _ = server.tracker.wait() => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(deadline) => tracing::warn!("shutdown deadline passed with {} connections open; exiting", server.conns.len()),

@@ -1,10 +1,18 @@
 //! The event loops that run connections: one single-threaded tokio runtime
 //! per worker thread, the way nginx runs one event loop per worker process.
 //!
-//! The accept loop runs on the control runtime (with signals, reloads and
-//! the registry) and hands each accepted socket to the least busy worker,
-//! where it stays for its whole life: its HTTP handshake, its session and
-//! every wake-up of it happen on that one thread.
+//! Every worker accepts from the same listening socket and serves what it
+//! accepted on its own thread for the connection's whole life: its HTTP
+//! handshake, its session and every wake-up of it. Nothing is handed from
+//! one thread to another, so a handshake costs no socket re-registration and
+//! no cross-thread wake-up, and a worker stalled by a slow callback simply
+//! stops taking new clients while the others go on.
+//!
+//! Accepting from a shared socket alone balances badly: epoll tends to wake
+//! the same waiter, and one worker ends up with most connections. So a
+//! worker that holds clearly more connections than the least loaded one
+//! ([`Balance::wait_turn`]) stops accepting until the others catch up or
+//! its own connections close; nginx's `accept_disabled` does the same.
 //!
 //! Why not tokio's work-stealing runtime: with it, a message's wake-up often
 //! lands on the other thread, and idle workers are woken to look for work to
@@ -22,36 +30,103 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 /// The worker threads and their runtimes.
 pub struct Workers {
     workers: Vec<Worker>,
+    balance: Arc<Balance>,
 }
 
 struct Worker {
     handle: Handle,
-    /// Connections assigned to this worker and not finished yet.
-    load: Arc<AtomicUsize>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// Open connections per worker, which decides who accepts next.
+#[derive(Debug)]
+pub struct Balance {
+    loads: Box<[AtomicUsize]>,
+    /// Woken whenever a load changes, for workers waiting their turn.
+    changed: Notify,
+}
+
 /// Counts one connection against its worker until dropped.
 #[derive(Debug)]
-pub struct LoadGuard(Arc<AtomicUsize>);
+pub struct LoadGuard {
+    balance: Arc<Balance>,
+    worker: usize,
+}
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.balance.loads[self.worker].fetch_sub(1, Ordering::Relaxed);
+        self.balance.changed.notify_waiters();
+    }
+}
+
+impl Balance {
+    /// How far a worker may run ahead of the least loaded one before it
+    /// stops accepting: a few connections, or an eighth more. Some slack lets
+    /// whichever worker is idle take a burst of clients at once; the bound
+    /// keeps long-lived connections spread over all the loops.
+    fn slack(min: usize) -> usize {
+        4 + min / 8
+    }
+
+    fn may_accept(&self, me: usize) -> bool {
+        let mine = self.loads[me].load(Ordering::Relaxed);
+        let min = self
+            .loads
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        mine <= min + Self::slack(min)
+    }
+
+    /// Returns once worker `me` may accept the next connection. The least
+    /// loaded worker always may, so some worker is always accepting.
+    pub async fn wait_turn(&self, me: usize) {
+        if self.loads.len() == 1 {
+            return;
+        }
+        loop {
+            // Register before checking, so a change between the check and
+            // the wait is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.may_accept(me) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Counts one more connection on worker `me` until the guard drops.
+    pub fn count(self: &Arc<Self>, me: usize) -> LoadGuard {
+        self.loads[me].fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
+        LoadGuard {
+            balance: self.clone(),
+            worker: me,
+        }
+    }
+
+    /// Open connections on worker `i`.
+    pub fn load(&self, i: usize) -> usize {
+        self.loads[i].load(Ordering::Relaxed)
     }
 }
 
 impl Workers {
     /// Starts `n` worker threads (at least one), named `wshd-worker-<i>`.
     pub fn start(n: usize) -> std::io::Result<Workers> {
-        let mut workers = Vec::with_capacity(n.max(1));
-        for i in 0..n.max(1) {
+        let n = n.max(1);
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .thread_name(format!("wshd-worker-{i}-blocking"))
@@ -70,12 +145,15 @@ impl Workers {
                 })?;
             workers.push(Worker {
                 handle,
-                load: Arc::new(AtomicUsize::new(0)),
                 stop: Some(stop),
                 thread: Some(thread),
             });
         }
-        Ok(Workers { workers })
+        let balance = Arc::new(Balance {
+            loads: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            changed: Notify::new(),
+        });
+        Ok(Workers { workers, balance })
     }
 
     /// How many workers run.
@@ -88,17 +166,14 @@ impl Workers {
         self.workers.is_empty()
     }
 
-    /// Picks the worker with the fewest open connections and counts one more
-    /// on it. Connections are long-lived, so balancing by what is open now
-    /// beats round-robin: a worker whose clients left gets the next ones.
-    pub fn assign(&self) -> (&Handle, LoadGuard) {
-        let w = self
-            .workers
-            .iter()
-            .min_by_key(|w| w.load.load(Ordering::Relaxed))
-            .expect("at least one worker");
-        w.load.fetch_add(1, Ordering::Relaxed);
-        (&w.handle, LoadGuard(w.load.clone()))
+    /// The runtime of worker `i`.
+    pub fn handle(&self, i: usize) -> &Handle {
+        &self.workers[i].handle
+    }
+
+    /// The connection counts the workers share.
+    pub fn balance(&self) -> &Arc<Balance> {
+        &self.balance
     }
 
     /// Stops the event loops and joins their threads. Tasks still running on
@@ -120,5 +195,65 @@ impl Workers {
 impl Drop for Workers {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn balance(n: usize) -> Arc<Balance> {
+        Arc::new(Balance {
+            loads: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            changed: Notify::new(),
+        })
+    }
+
+    #[test]
+    fn a_worker_far_ahead_stops_accepting_until_the_others_catch_up() {
+        let b = balance(2);
+        let mut held: Vec<LoadGuard> = (0..4).map(|_| b.count(0)).collect();
+        assert!(b.may_accept(0), "within the slack of 4");
+        held.push(b.count(0));
+        assert!(!b.may_accept(0), "5 ahead of an empty worker");
+        assert!(b.may_accept(1), "the least loaded worker always may");
+        let other = b.count(1);
+        assert!(b.may_accept(0), "caught up to within the slack");
+        drop(other);
+        assert!(!b.may_accept(0));
+        held.pop();
+        assert!(
+            b.may_accept(0),
+            "its own connections closing lets it accept again"
+        );
+        assert_eq!(b.load(0), 4);
+    }
+
+    #[test]
+    fn the_slack_grows_with_the_load() {
+        let b = balance(2);
+        let _a: Vec<LoadGuard> = (0..1000).map(|_| b.count(1)).collect();
+        let _b: Vec<LoadGuard> = (0..1129).map(|_| b.count(0)).collect();
+        assert!(b.may_accept(0), "1129 <= 1000 + 4 + 125");
+        let _c = b.count(0);
+        assert!(!b.may_accept(0), "1130 > 1129");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_worker_is_woken_when_its_turn_comes() {
+        let b = balance(2);
+        let held: Vec<LoadGuard> = (0..5).map(|_| b.count(0)).collect();
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            async move { b.wait_turn(0).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "worker 0 is 5 ahead and must wait");
+        let _other = b.count(1);
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("woken by the other worker's new connection")
+            .unwrap();
+        drop(held);
     }
 }
