@@ -33,9 +33,17 @@
  *   -DWSHD_BREAK_MISSING  the required on_message callback is NULL
  *   -DWSHD_NO_ENTRY       no wshd_entry_v1 symbol at all (the descriptor is
  *                         exported as c_echo_descriptor instead)
+ *
+ * For the server's reload-budget test:
+ *
+ *   -DWSHD_TAKE_KEYS=N    init takes N pthread keys and never frees them, as
+ *                         N versions of a Rust handler would
  */
 #include <stdlib.h>
 #include <string.h>
+#if defined(WSHD_TAKE_KEYS)
+#include <pthread.h>
+#endif
 
 #include "wshd_handler.h"
 
@@ -91,6 +99,18 @@ static int32_t echo_init(const wshd_host_api *host, wshd_str config, void **out_
     return WSHD_ERR_HANDLER;
   }
   h->host = host;
+#if defined(WSHD_TAKE_KEYS)
+  {
+    int i;
+    pthread_key_t key;
+    for (i = 0; i < (WSHD_TAKE_KEYS); i++) {
+      if (pthread_key_create(&key, NULL) != 0) {
+        log_line(host, WSHD_LOG_WARN, LIT("c_echo: out of pthread keys"));
+        break;
+      }
+    }
+  }
+#endif
   *out_handler = h;
   log_line(host, WSHD_LOG_INFO, LIT("c_echo " ECHO_VERSION " ready (text prefix \"" ECHO_PREFIX "\")"));
   return WSHD_OK;

@@ -51,6 +51,20 @@ pub enum LoadError {
     /// The library exports no `wshd_entry_v1`.
     #[error("{}: {message}", path.display())]
     NoEntry { path: PathBuf, message: String },
+    /// Too few pthread keys are left to load another version safely: every
+    /// version loaded since start stays mapped and keeps its keys. Restart
+    /// the server; the versions loaded now keep serving until then.
+    #[error(
+        "{} not loaded: only {free} of {max} pthread keys are free, and each handler version \
+         loaded since start keeps the ones it took (a Rust handler's std takes one); loading \
+         more could abort the server. The current version keeps serving: restart wshd \
+         (systemctl restart wshd) to load new versions", path.display()
+    )]
+    OutOfKeys {
+        path: PathBuf,
+        free: usize,
+        max: usize,
+    },
     /// The descriptor does not match this server's ABI: the message names the
     /// field, the value found, the value expected and the fix.
     #[error("{}: ABI mismatch in field `{field}`: found {found}, expected {expected}. {fix}", path.display())]

@@ -16,6 +16,12 @@
 //!   cdylib either does nothing or crashes later on an unrelated thread exit,
 //!   so "unloading" a version means calling its `destroy` and revoking its
 //!   host context; the mapping stays until the process exits.
+//! * It refuses a load that could abort the process later. Each version's
+//!   copy of Rust's std takes a pthread key the first time it meets a thread
+//!   and never gives it back, and glibc has 1024; when they run out, std
+//!   aborts the whole server ("out of TLS keys", after about 1000 reloads).
+//!   So a load needs [`KEY_RESERVE`] keys still free, and fewer than
+//!   [`KEY_WARNING`] left after a load is logged as a warning to restart.
 #![allow(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -90,7 +96,17 @@ impl Library {
 pub struct Loader {
     state_dir: PathBuf,
     next_generation: AtomicU64,
+    /// Libraries opened since start; all stay mapped until exit.
+    mapped: AtomicU64,
 }
+
+/// Free pthread keys a load needs: a version may take several (its std, and
+/// any thread-local storage of its own), and the ones it takes come lazily,
+/// when its code first runs on each thread.
+pub const KEY_RESERVE: usize = 32;
+
+/// Below this many free keys after a load, every reload logs a warning.
+pub const KEY_WARNING: usize = 128;
 
 /// `dlerror` is not thread-safe on every libc, and loads are rare: serialise.
 static DLOPEN_LOCK: Mutex<()> = Mutex::new(());
@@ -102,6 +118,7 @@ impl Loader {
         Ok(Loader {
             state_dir,
             next_generation: AtomicU64::new(1),
+            mapped: AtomicU64::new(0),
         })
     }
 
@@ -117,6 +134,15 @@ impl Loader {
             path: source.to_owned(),
             reason,
         })?;
+        if let Some(keys) = PthreadKeys::now()
+            && keys.free < KEY_RESERVE
+        {
+            return Err(LoadError::OutOfKeys {
+                path: source.to_owned(),
+                free: keys.free,
+                max: keys.max,
+            });
+        }
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let stem = source
             .file_stem()
@@ -149,6 +175,19 @@ impl Loader {
             })?
         };
 
+        let mapped = self.mapped.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(keys) = PthreadKeys::now()
+            && keys.free < KEY_WARNING
+        {
+            tracing::warn!(
+                "{} of {} pthread keys left after loading {} ({mapped} handler versions loaded \
+                 since start, each kept until exit): restart wshd soon; loads stop at {KEY_RESERVE} left",
+                keys.free,
+                keys.max,
+                source.display()
+            );
+        }
+
         let entry = find_entry(&lib, source)?;
         // SAFETY: `wshd_entry_v1` is declared by the ABI as a side-effect-free
         // function returning a pointer to static data.
@@ -161,6 +200,40 @@ impl Loader {
             hash: hash.to_owned(),
             desc,
             _lib: lib,
+        })
+    }
+}
+
+/// How many pthread keys the process has left.
+#[derive(Debug, Clone, Copy)]
+pub struct PthreadKeys {
+    pub free: usize,
+    pub max: usize,
+}
+
+impl PthreadKeys {
+    /// Measures without ever holding more than one key: glibc hands out the
+    /// lowest free slot, and keys are rarely deleted (std never deletes its
+    /// own), so a fresh key's number is the count in use. Counting by taking
+    /// keys until none are left would make a handler's std abort if it
+    /// needed one at that moment. `None` where the count cannot be read.
+    pub fn now() -> Option<PthreadKeys> {
+        // SAFETY: sysconf only reads a constant.
+        let max = unsafe { libc::sysconf(libc::_SC_THREAD_KEYS_MAX) };
+        let max = usize::try_from(max).ok().filter(|&m| m > 0)?;
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: `key` is a valid out-pointer; no destructor is registered,
+        // and the key is deleted at once, before anyone else can know it.
+        let used = unsafe {
+            if libc::pthread_key_create(&mut key, None) != 0 {
+                return Some(PthreadKeys { free: 0, max });
+            }
+            libc::pthread_key_delete(key);
+            key as usize
+        };
+        Some(PthreadKeys {
+            free: max.saturating_sub(used),
+            max,
         })
     }
 }

@@ -277,3 +277,69 @@ async fn changing_one_routes_config_reinits_only_that_route() {
     chat.send(Message::text("c")).await.unwrap();
     assert!(recv_text(&mut chat).await.contains('c'));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reloads_stop_before_pthread_keys_run_out_and_the_last_version_keeps_serving() {
+    // Each version's init takes 100 pthread keys and keeps them, as 100
+    // reloads of a Rust handler would: glibc's 1024 run short in ~10 loads.
+    let builds = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("c_echo_wsh.so");
+    let build = |k: usize| {
+        let out = builds.path().join(format!("v{k}.so"));
+        let prefix = format!("-DECHO_PREFIX=\"v{k}:\"");
+        build_c(&out, &["-DWSHD_TAKE_KEYS=100", &prefix]);
+        out
+    };
+    std::fs::copy(build(1), &target).unwrap();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = reload_config(cfg_dir.path(), "never");
+    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let mut open = connect(&srv.url("/c_echo")).await;
+    assert_eq!(echo_once(&mut open, "a").await, "v1:a");
+
+    let mut loaded = 1;
+    let refused = loop {
+        let k = loaded + 1;
+        assert!(k <= 15, "still loading after 1500 keys:\n{}", srv.log());
+        // Atomic deploy, so the server never reads a half-written file.
+        let tmp = dir.path().join(".c_echo_wsh.so.tmp");
+        std::fs::copy(build(k), &tmp).unwrap();
+        std::fs::rename(&tmp, &target).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let log = loop {
+            let log = srv.log();
+            // Swapped in (one line per reload since v1), or refused.
+            let swapped = log.matches("swapped: new connections get c_echo").count();
+            if swapped >= k - 1 || log.contains("pthread keys are free") {
+                break log;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no outcome for v{k}:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if log.contains("pthread keys are free") {
+            break log;
+        }
+        loaded = k;
+        let mut c = connect(&srv.url("/c_echo")).await;
+        assert_eq!(echo_once(&mut c, "b").await, format!("v{k}:b"));
+    };
+    assert!(
+        loaded >= 5,
+        "refused after only {loaded} versions:\n{refused}"
+    );
+    assert!(
+        refused.contains("pthread keys left after loading"),
+        "no warning before the refusal:\n{refused}"
+    );
+    assert!(refused.contains("restart wshd"), "{refused}");
+    assert!(refused.contains("keeps serving /c_echo"), "{refused}");
+    // The refused version replaced nothing: new clients get the last one
+    // loaded, the first connection still has v1, and the process lives.
+    let mut c = connect(&srv.url("/c_echo")).await;
+    assert_eq!(echo_once(&mut c, "c").await, format!("v{loaded}:c"));
+    assert_eq!(echo_once(&mut open, "d").await, "v1:d");
+}
