@@ -91,9 +91,25 @@ impl Wshd {
         Self::try_start(handlers, extra).unwrap_or_else(|log| panic!("wshd did not start:\n{log}"))
     }
 
+    /// Starts wshd with a config file holding `toml` (kept with the process,
+    /// for tests that never change it).
+    pub fn with_config(handlers: &Path, toml: &str, extra: &[&str]) -> Wshd {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(dir.path(), toml);
+        let mut args = vec!["--config", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Self::launch(dir, handlers, &args)
+            .unwrap_or_else(|log| panic!("wshd did not start:\n{log}"))
+    }
+
     /// Like `start`, but returns the log if the process exits first.
     pub fn try_start(handlers: &Path, extra: &[&str]) -> Result<Wshd, String> {
-        let dir = tempfile::tempdir().unwrap();
+        Self::launch(tempfile::tempdir().unwrap(), handlers, extra)
+    }
+
+    /// Runs wshd with its addr file and log in `dir`, and waits until it
+    /// listens (the addr file appears) or exits.
+    fn launch(dir: tempfile::TempDir, handlers: &Path, extra: &[&str]) -> Result<Wshd, String> {
         let addr_file = dir.path().join("addr");
         let log_path = dir.path().join("wshd.log");
         let log = std::fs::File::create(&log_path).unwrap();

@@ -194,12 +194,11 @@ async fn symlinks_out_of_the_root_are_refused_unless_allowed() {
 async fn a_peer_that_never_reads_is_dropped_and_others_are_fine() {
     use tokio::io::AsyncWriteExt;
     let dir = standard_dir();
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        cfg_dir.path(),
+    let srv = Wshd::with_config(
+        dir.path(),
         "[limits]\nwrite_timeout = \"1s\"\nsend_queue = 4\nslow_consumer = \"close\"\n",
+        &[],
     );
-    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
     // A raw client that upgrades, then only writes: big echoes pile up in the
     // server's socket buffer until the write blocks.
     let mut s = tokio::net::TcpStream::connect(&srv.addr).await.unwrap();

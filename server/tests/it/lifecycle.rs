@@ -174,9 +174,7 @@ async fn every_worker_accepts_and_connections_stay_balanced() {
 #[tokio::test(flavor = "multi_thread")]
 async fn max_connections_holds_a_new_client_until_an_open_one_leaves() {
     let dir = standard_dir();
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(cfg_dir.path(), "[limits]\nmax_connections = 2\n");
-    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let srv = Wshd::with_config(dir.path(), "[limits]\nmax_connections = 2\n", &[]);
     let mut first = connect(&srv.url("/echo")).await;
     let mut second = connect(&srv.url("/echo")).await;
     // Both sessions are running, past their handshakes.

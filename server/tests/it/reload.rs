@@ -19,12 +19,10 @@ fn c_versions() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     (d, v1, v2)
 }
 
-fn reload_config(dir: &std::path::Path, drain: &str) -> std::path::PathBuf {
-    write_config(
-        dir,
-        &format!(
-            "[reload]\ndebounce = \"50ms\"\ndrain_timeout = \"{drain}\"\ndrain_window = \"500ms\"\n"
-        ),
+/// Fast reloads, and the given drain timeout.
+fn reload_config(drain: &str) -> String {
+    format!(
+        "[reload]\ndebounce = \"50ms\"\ndrain_timeout = \"{drain}\"\ndrain_window = \"500ms\"\n"
     )
 }
 
@@ -34,9 +32,7 @@ async fn cp_over_a_loaded_handler_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("c_echo_wsh.so");
     std::fs::copy(&v1, &target).unwrap();
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = reload_config(cfg_dir.path(), "2s");
-    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let srv = Wshd::with_config(dir.path(), &reload_config("2s"), &[]);
     let url = srv.url("/c_echo");
 
     const CLIENTS: usize = 50;
@@ -123,9 +119,7 @@ async fn broken_replacements_keep_the_old_version() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("c_echo_wsh.so");
     std::fs::copy(&v1, &target).unwrap();
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = reload_config(cfg_dir.path(), "never");
-    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let srv = Wshd::with_config(dir.path(), &reload_config("never"), &[]);
     let mut open = connect(&srv.url("/c_echo")).await;
 
     let bytes = std::fs::read(&v1).unwrap();
@@ -292,9 +286,7 @@ async fn reloads_stop_before_pthread_keys_run_out_and_the_last_version_keeps_ser
         out
     };
     std::fs::copy(build(1), &target).unwrap();
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = reload_config(cfg_dir.path(), "never");
-    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let srv = Wshd::with_config(dir.path(), &reload_config("never"), &[]);
     let mut open = connect(&srv.url("/c_echo")).await;
     assert_eq!(echo_once(&mut open, "a").await, "v1:a");
 

@@ -182,15 +182,13 @@ subprotocols = ["beta"]
     }
 }
 
+/// Messages and frames up to 4 KiB.
+const LIMITS_4K: &str = "[limits]\nmax_message_size = \"4KiB\"\nmax_frame_size = \"4KiB\"\n";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn over_limit_message_gets_1009() {
     let dir = standard_dir();
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        cfg_dir.path(),
-        "[limits]\nmax_message_size = \"4KiB\"\nmax_frame_size = \"4KiB\"\n",
-    );
-    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let srv = Wshd::with_config(dir.path(), LIMITS_4K, &[]);
     let mut ws = connect(&srv.url("/echo")).await;
     let exact = "x".repeat(4096);
     assert_eq!(echo_once(&mut ws, &exact).await, exact);
@@ -235,12 +233,7 @@ async fn frame_sent_with_the_upgrade_request_is_echoed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn over_limit_message_in_flight_gets_1009_then_fin_not_reset() {
     let dir = standard_dir();
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        cfg_dir.path(),
-        "[limits]\nmax_message_size = \"4KiB\"\nmax_frame_size = \"4KiB\"\n",
-    );
-    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let srv = Wshd::with_config(dir.path(), LIMITS_4K, &[]);
     let mut s = tokio::net::TcpStream::connect(&srv.addr).await.unwrap();
     s.write_all(upgrade_request("/echo", "Sec-WebSocket-Version: 13\r\n").as_bytes())
         .await
