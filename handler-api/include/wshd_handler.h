@@ -96,7 +96,7 @@ extern "C" {
 /* The bytes "WSHD" read as a little-endian u32. */
 #define WSHD_MAGIC 0x44485357u
 #define WSHD_ABI_MAJOR 1u
-#define WSHD_ABI_MINOR 0u
+#define WSHD_ABI_MINOR 1u
 #define WSHD_ENTRY_SYMBOL "wshd_entry_v1"
 
 typedef uint64_t wshd_conn_id;
@@ -182,7 +182,17 @@ typedef struct wshd_host_api {
   int32_t (*hs_add_header)(wshd_handshake *hs, wshd_str name, wshd_str value);
   /* Refuse the upgrade with an HTTP status in 400..599 and a text body. */
   int32_t (*hs_reject)(wshd_handshake *hs, uint16_t http_status, wshd_str body);
+
+  /* ABI 1.1.  The most verbose level the host writes to its log right now
+   * (WSHD_LOG_ERROR .. WSHD_LOG_TRACE), or 0 if it writes none.  Lines above
+   * it are dropped, so a handler can skip building them.  The answer can
+   * change when the server's config is reloaded.  A host of ABI 1.0 has no
+   * such field: call it only if host->struct_size >= WSHD_HOST_API_SIZE_1_1. */
+  uint32_t (*log_level)(void *ctx);
 } wshd_host_api;
+
+/* struct_size of a host table that has log_level (ABI 1.1 and later). */
+#define WSHD_HOST_API_SIZE_1_1 (offsetof(wshd_host_api, log_level) + sizeof(uint32_t (*)(void *)))
 
 typedef struct wshd_descriptor {
   uint32_t magic;      /* WSHD_MAGIC */

@@ -16,7 +16,7 @@ pub const WSHD_MAGIC: u32 = 0x4448_5357;
 /// Incompatible changes bump the major version and rename the entry symbol.
 pub const WSHD_ABI_MAJOR: u16 = 1;
 /// Fields appended to the end of a struct bump the minor version.
-pub const WSHD_ABI_MINOR: u16 = 0;
+pub const WSHD_ABI_MINOR: u16 = 1;
 /// The exported entry point, NUL-terminated for `dlsym`.
 pub const WSHD_ENTRY_SYMBOL: &[u8] = b"wshd_entry_v1\0";
 /// The entry point name without the NUL, for messages.
@@ -172,6 +172,9 @@ pub type wshd_close_fn =
 /// Host function: write a log line.
 pub type wshd_log_fn =
     unsafe extern "C" fn(ctx: *mut c_void, level: u32, target: wshd_str, msg: wshd_str);
+/// Host function (ABI 1.1): the most verbose `WSHD_LOG_*` level the host
+/// writes right now, 0 for none.
+pub type wshd_log_level_fn = unsafe extern "C" fn(ctx: *mut c_void) -> u32;
 /// Host function: choose the offered subprotocol at `index`.
 pub type wshd_hs_select_subprotocol_fn =
     unsafe extern "C" fn(hs: *mut wshd_handshake, index: usize) -> i32;
@@ -208,7 +211,17 @@ pub struct wshd_host_api {
     pub hs_add_header: wshd_hs_add_header_fn,
     /// Refuse the upgrade (inside `on_handshake` only).
     pub hs_reject: wshd_hs_reject_fn,
+    /// ABI 1.1: the level the host logs at now. A host of ABI 1.0 ends
+    /// before this field: read it only when `struct_size` is at least
+    /// [`WSHD_HOST_API_SIZE_1_1`].
+    pub log_level: wshd_log_level_fn,
 }
+
+/// `struct_size` of an ABI 1.0 host table: everything before `log_level`.
+pub const WSHD_HOST_API_SIZE_1_0: usize = std::mem::offset_of!(wshd_host_api, log_level);
+/// `struct_size` of a host table that has `log_level` (ABI 1.1 and later).
+pub const WSHD_HOST_API_SIZE_1_1: usize =
+    WSHD_HOST_API_SIZE_1_0 + std::mem::size_of::<wshd_log_level_fn>();
 
 // SAFETY: the host API table is immutable after creation and every function in
 // it is documented as thread-safe; host_ctx is only ever passed back to those
@@ -302,6 +315,8 @@ const _: () = {
     assert!(std::mem::size_of::<wshd_str>() == 16);
     assert!(std::mem::size_of::<wshd_header>() == 32);
     assert!(std::mem::size_of::<wshd_handshake_req>() == 112);
-    assert!(std::mem::size_of::<wshd_host_api>() == 72);
+    assert!(std::mem::size_of::<wshd_host_api>() == 80);
+    // ABI 1.0 hosts (wshd before log_level) built 72-byte tables.
+    assert!(WSHD_HOST_API_SIZE_1_0 == 72);
     assert!(std::mem::size_of::<wshd_descriptor>() == 112);
 };

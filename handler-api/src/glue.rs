@@ -26,9 +26,10 @@ use std::str::Utf8Error;
 
 use crate::abi::{
     WSHD_ABI_MAJOR, WSHD_ABI_MINOR, WSHD_ERR_HANDLER, WSHD_ERR_INVALID, WSHD_ERR_PANIC,
-    WSHD_ERR_UNSUPPORTED, WSHD_F_MAY_BLOCK, WSHD_F_PANIC_UNWIND, WSHD_F_RUST_SDK, WSHD_MAGIC,
-    WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id, wshd_descriptor, wshd_handshake,
-    wshd_handshake_req, wshd_header, wshd_host_api, wshd_str,
+    WSHD_ERR_UNSUPPORTED, WSHD_F_MAY_BLOCK, WSHD_F_PANIC_UNWIND, WSHD_F_RUST_SDK,
+    WSHD_HOST_API_SIZE_1_0, WSHD_HOST_API_SIZE_1_1, WSHD_MAGIC, WSHD_MSG_BINARY, WSHD_MSG_TEXT,
+    WSHD_OK, wshd_conn_id, wshd_descriptor, wshd_handshake, wshd_handshake_req, wshd_header,
+    wshd_host_api, wshd_str,
 };
 use crate::handler::{Handler, HandshakeRequest, HandshakeResponse, Message};
 use crate::host::Host;
@@ -154,51 +155,99 @@ impl<'a> RawHeaders<'a> {
 
 /// A host function table that is valid for the rest of the process (ABI
 /// ownership rule 4), so it can be copied into `Conn`s that other threads keep.
+///
+/// Held as a pointer, not a `&wshd_host_api`: a host of an older minor
+/// version built a shorter table, and a reference would claim that all of
+/// the current struct is there. Fields are read one at a time, and a field
+/// added after ABI 1.0 only once `struct_size` shows the host has it.
 #[derive(Clone, Copy)]
-pub(crate) struct HostApi(&'static wshd_host_api);
+pub(crate) struct HostApi(NonNull<wshd_host_api>);
+
+// SAFETY: the table is immutable and outlives every thread (ownership rule
+// 4), and the host's functions are thread-safe by contract; `host_ctx` is only
+// passed back to them.
+unsafe impl Send for HostApi {}
+// SAFETY: as for Send: nothing in the table is ever written.
+unsafe impl Sync for HostApi {}
 
 impl HostApi {
     /// Wraps a host table; `None` if it is null or smaller than ABI 1.0's.
     ///
     /// # Safety
     /// A non-null `api` must point to a table that stays valid and unchanged
-    /// for the rest of the process, whose functions and `host_ctx` follow the
-    /// contract in `wshd_handler.h` (thread-safe, never re-entering).
+    /// for the rest of the process, at least `struct_size` bytes long, whose
+    /// functions and `host_ctx` follow the contract in `wshd_handler.h`
+    /// (thread-safe, never re-entering).
     pub(crate) unsafe fn from_raw(api: *const wshd_host_api) -> Option<HostApi> {
-        // SAFETY: the caller promises a non-null api is valid forever.
-        let api: &'static wshd_host_api = unsafe { api.as_ref() }?;
-        // Every v1.0 field must be there; a newer, larger table is fine.
-        if (api.struct_size as usize) < size_of::<wshd_host_api>() {
-            return None;
-        }
-        Some(HostApi(api))
+        let api = NonNull::new(api.cast_mut())?;
+        // SAFETY: the caller promises a valid table; struct_size comes first
+        // in every version.
+        let size = unsafe { (*api.as_ptr()).struct_size } as usize;
+        // Every ABI 1.0 field must be there; a newer, larger table is fine.
+        (size >= WSHD_HOST_API_SIZE_1_0).then_some(HostApi(api))
     }
 
-    pub(crate) fn raw(self) -> &'static wshd_host_api {
-        self.0
+    /// The table, for reading ABI 1.0 fields, which `from_raw` checked are
+    /// all there.
+    fn t(self) -> *const wshd_host_api {
+        self.0.as_ptr()
+    }
+
+    /// The host's ABI version, `(major, minor)`.
+    pub(crate) fn version(self) -> (u16, u16) {
+        // SAFETY: 1.0 fields of a table `from_raw` accepted.
+        unsafe { ((*self.t()).abi_major, (*self.t()).abi_minor) }
     }
 
     pub(crate) fn send(self, conn: wshd_conn_id, kind: u32, data: &[u8]) -> i32 {
+        let t = self.t();
         // SAFETY: `from_raw` guarantees a valid, thread-safe table; the payload
         // is borrowed only for the call (ownership rule 2).
-        unsafe { (self.0.send)(self.0.host_ctx, conn, kind, data.as_ptr(), data.len()) }
+        unsafe { ((*t).send)((*t).host_ctx, conn, kind, data.as_ptr(), data.len()) }
     }
 
     pub(crate) fn ping(self, conn: wshd_conn_id, data: &[u8]) -> i32 {
+        let t = self.t();
         // SAFETY: as in `send`.
-        unsafe { (self.0.ping)(self.0.host_ctx, conn, data.as_ptr(), data.len()) }
+        unsafe { ((*t).ping)((*t).host_ctx, conn, data.as_ptr(), data.len()) }
     }
 
     pub(crate) fn close(self, conn: wshd_conn_id, code: u16, reason: &str) -> i32 {
+        let t = self.t();
         // SAFETY: as in `send`.
-        unsafe { (self.0.close)(self.0.host_ctx, conn, code, wshd_str::from_str(reason)) }
+        unsafe { ((*t).close)((*t).host_ctx, conn, code, wshd_str::from_str(reason)) }
     }
 
     pub(crate) fn log(self, level: log::Level, target: &str, msg: &str) {
         let (target, msg) = (wshd_str::from_str(target), wshd_str::from_str(msg));
+        let t = self.t();
         // SAFETY: as in `send`. log::Level's numbering (Error = 1 .. Trace = 5)
         // is the ABI's WSHD_LOG_* numbering.
-        unsafe { (self.0.log)(self.0.host_ctx, level as u32, target, msg) }
+        unsafe { ((*t).log)((*t).host_ctx, level as u32, target, msg) }
+    }
+
+    /// The most verbose level the host writes now; `None` from a host of ABI
+    /// 1.0, which cannot say.
+    pub(crate) fn log_level(self) -> Option<log::LevelFilter> {
+        let t = self.t();
+        // SAFETY: `log_level` is read only when `struct_size` shows the table
+        // has it, through a raw place (no reference to the whole struct);
+        // calling it follows the same contract as `send`.
+        let level = unsafe {
+            if ((*t).struct_size as usize) < WSHD_HOST_API_SIZE_1_1 {
+                return None;
+            }
+            let f = std::ptr::addr_of!((*t).log_level).read();
+            f((*t).host_ctx)
+        };
+        Some(match level {
+            0 => log::LevelFilter::Off,
+            1 => log::LevelFilter::Error,
+            2 => log::LevelFilter::Warn,
+            3 => log::LevelFilter::Info,
+            4 => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Trace,
+        })
     }
 }
 
@@ -227,18 +276,18 @@ impl RawHandshake<'_> {
 
     pub(crate) fn select_subprotocol(&mut self, index: usize) -> i32 {
         // SAFETY: `new`'s contract: the handle is live for this call.
-        unsafe { (self.api.0.hs_select_subprotocol)(self.hs.as_ptr(), index) }
+        unsafe { ((*self.api.t()).hs_select_subprotocol)(self.hs.as_ptr(), index) }
     }
 
     pub(crate) fn add_header(&mut self, name: &str, value: &str) -> i32 {
         let (name, value) = (wshd_str::from_str(name), wshd_str::from_str(value));
         // SAFETY: as in `select_subprotocol`; the strings are borrowed.
-        unsafe { (self.api.0.hs_add_header)(self.hs.as_ptr(), name, value) }
+        unsafe { ((*self.api.t()).hs_add_header)(self.hs.as_ptr(), name, value) }
     }
 
     pub(crate) fn reject(&mut self, status: u16, body: &str) -> i32 {
         // SAFETY: as in `select_subprotocol`; the body is borrowed.
-        unsafe { (self.api.0.hs_reject)(self.hs.as_ptr(), status, wshd_str::from_str(body)) }
+        unsafe { ((*self.api.t()).hs_reject)(self.hs.as_ptr(), status, wshd_str::from_str(body)) }
     }
 }
 
@@ -694,6 +743,85 @@ pub trait Exported: Handler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::abi::*;
+
+    /// The host table as wshd built it before ABI 1.1: it ends at
+    /// `hs_reject`, so reading `log_level` would run past it.
+    #[repr(C)]
+    struct HostApiV10 {
+        struct_size: u32,
+        abi_major: u16,
+        abi_minor: u16,
+        host_ctx: *mut c_void,
+        send: wshd_send_fn,
+        ping: wshd_ping_fn,
+        close: wshd_close_fn,
+        log: wshd_log_fn,
+        hs_select_subprotocol: wshd_hs_select_subprotocol_fn,
+        hs_add_header: wshd_hs_add_header_fn,
+        hs_reject: wshd_hs_reject_fn,
+    }
+
+    unsafe extern "C" fn send(_: *mut c_void, _: u64, _: u32, _: *const u8, _: usize) -> i32 {
+        WSHD_OK
+    }
+    unsafe extern "C" fn ping(_: *mut c_void, _: u64, _: *const u8, _: usize) -> i32 {
+        WSHD_OK
+    }
+    unsafe extern "C" fn close(_: *mut c_void, _: u64, _: u16, _: wshd_str) -> i32 {
+        WSHD_OK
+    }
+    unsafe extern "C" fn log(ctx: *mut c_void, level: u32, _: wshd_str, _: wshd_str) {
+        // SAFETY: ctx is the test's AtomicU32, alive for the test.
+        unsafe { &*ctx.cast::<std::sync::atomic::AtomicU32>() }
+            .store(level, std::sync::atomic::Ordering::Relaxed);
+    }
+    unsafe extern "C" fn select(_: *mut wshd_handshake, _: usize) -> i32 {
+        WSHD_OK
+    }
+    unsafe extern "C" fn header(_: *mut wshd_handshake, _: wshd_str, _: wshd_str) -> i32 {
+        WSHD_OK
+    }
+    unsafe extern "C" fn reject(_: *mut wshd_handshake, _: u16, _: wshd_str) -> i32 {
+        WSHD_OK
+    }
+
+    #[test]
+    fn a_host_of_abi_1_0_is_used_without_reading_past_its_table() {
+        assert_eq!(size_of::<HostApiV10>(), WSHD_HOST_API_SIZE_1_0);
+        let last_level = std::sync::atomic::AtomicU32::new(0);
+        let mut old = HostApiV10 {
+            struct_size: WSHD_HOST_API_SIZE_1_0 as u32,
+            abi_major: 1,
+            abi_minor: 0,
+            host_ctx: (&last_level as *const std::sync::atomic::AtomicU32)
+                .cast_mut()
+                .cast(),
+            send,
+            ping,
+            close,
+            log,
+            hs_select_subprotocol: select,
+            hs_add_header: header,
+            hs_reject: reject,
+        };
+        let table = (&old as *const HostApiV10).cast::<wshd_host_api>();
+        // SAFETY: a live table of struct_size bytes; HostApi reads only
+        // the fields struct_size covers.
+        let api = unsafe { HostApi::from_raw(table) }.expect("a 1.0 table is accepted");
+        assert_eq!(api.version(), (1, 0));
+        assert_eq!(api.log_level(), None, "1.0 hosts cannot say");
+        api.log(log::Level::Warn, "t", "m");
+        assert_eq!(
+            last_level.load(std::sync::atomic::Ordering::Relaxed),
+            WSHD_LOG_WARN
+        );
+
+        old.struct_size -= 8;
+        let table = (&old as *const HostApiV10).cast::<wshd_host_api>();
+        // SAFETY: as above; a table missing 1.0 fields is refused unread.
+        assert!(unsafe { HostApi::from_raw(table) }.is_none());
+    }
 
     fn raw(s: &str) -> wshd_str {
         wshd_str::from_str(s)

@@ -43,8 +43,7 @@ impl Host {
 
     /// The ABI version of the running host, `(major, minor)`.
     pub fn abi_version(&self) -> (u16, u16) {
-        let raw = self.api.raw();
-        (raw.abi_major, raw.abi_minor)
+        self.api.version()
     }
 
     /// Starts a named thread whose `log`/`tracing` records and panics go to

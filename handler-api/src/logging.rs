@@ -20,17 +20,18 @@
 //! same server log, so only the per-instance context may be off.
 //!
 //! **Level.** Formatting a record costs time even if the server then drops
-//! it, so records above a maximum level are dropped before formatting. The
-//! default is `info`; the environment variable `WSHD_HANDLER_LOG` (`off`,
-//! `error`, `warn`, `info`, `debug`, `trace`) overrides it, and so does a
-//! `RUST_LOG` that mentions `debug` or `trace`. A handler can also call
-//! `log::set_max_level` itself.
+//! it, so records above a maximum level are dropped before formatting. That
+//! level is the one the server writes at (ABI 1.1 `log_level`, asked again at
+//! every `init`); the environment variable `WSHD_HANDLER_LOG` (`off`,
+//! `error`, `warn`, `info`, `debug`, `trace`) overrides it. A handler can
+//! also install its own logger, or call `log::set_max_level` itself.
 //!
 //! [`Host::spawn`]: crate::Host::spawn
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::panic::PanicHookInfo;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Once, RwLock};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -98,17 +99,34 @@ pub(crate) fn install(api: HostApi) {
     INSTALL.call_once(|| {
         // If the handler (or a crate it uses) set a logger first, keep it.
         if log::set_logger(&LOGGER).is_ok() {
-            log::set_max_level(default_level());
+            OURS.store(true, Ordering::Relaxed);
         }
         std::panic::set_hook(Box::new(panic_hook));
     });
+    // Every init asks again: the server's level may have changed with a
+    // config reload since the library's first instance.
+    if OURS.load(Ordering::Relaxed) {
+        log::set_max_level(level_for(api));
+    }
 }
 
-fn default_level() -> LevelFilter {
+/// Whether the SDK's logger is the library's `log` logger (a handler may
+/// have installed its own first, and then owns the level too).
+static OURS: AtomicBool = AtomicBool::new(false);
+
+/// The level the handler's `log` and `tracing` macros filter at:
+/// `WSHD_HANDLER_LOG` if set (to make one handler chattier than the server),
+/// else the level the server itself writes at, so `--log-level debug` shows
+/// a handler's debug lines too. A host of ABI 1.0 cannot say; then `RUST_LOG`
+/// is read as a hint, and the default is `info`.
+fn level_for(api: HostApi) -> LevelFilter {
     if let Some(level) = std::env::var("WSHD_HANDLER_LOG")
         .ok()
         .and_then(|v| v.trim().parse().ok())
     {
+        return level;
+    }
+    if let Some(level) = api.log_level() {
         return level;
     }
     let rust_log = std::env::var("RUST_LOG")

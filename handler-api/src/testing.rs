@@ -420,6 +420,11 @@ unsafe fn hs_call<'a>(hs: *mut wshd_handshake) -> &'a mut HsCall {
     unsafe { &mut *hs.cast::<HsCall>() }
 }
 
+/// The test host records every line, so handlers log at every level.
+unsafe extern "C" fn fake_log_level(_ctx: *mut c_void) -> u32 {
+    crate::abi::WSHD_LOG_TRACE
+}
+
 unsafe extern "C" fn fake_hs_select_subprotocol(hs: *mut wshd_handshake, index: usize) -> i32 {
     // SAFETY: hs is the HsCall of this handshake.
     let call = unsafe { hs_call(hs) };
@@ -619,6 +624,7 @@ impl<H: Handler> TestHost<H> {
             hs_select_subprotocol: fake_hs_select_subprotocol,
             hs_add_header: fake_hs_add_header,
             hs_reject: fake_hs_reject,
+            log_level: fake_log_level,
         }));
         // SAFETY: the table and its context are leaked, so valid forever, and
         // the fake functions are thread-safe.

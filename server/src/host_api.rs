@@ -82,6 +82,7 @@ pub fn new_host_api(
             hs_select_subprotocol: crate::handshake::hs_select_subprotocol,
             hs_add_header: crate::handshake::hs_add_header,
             hs_reject: crate::handshake::hs_reject,
+            log_level: host_log_level,
         },
         ctx,
     }))
@@ -491,6 +492,25 @@ unsafe extern "C" fn host_close(
         reason: reason.to_owned().into(),
     };
     deliver(ctx, conn, Message::Close(Some(frame)))
+}
+
+/// The most verbose level at which `host_log` lines are written now: the
+/// handler's SDK filters at it, so `--log-level debug` reaches handlers too.
+unsafe extern "C" fn host_log_level(_ctx: *mut c_void) -> u32 {
+    // `host_log` writes with target "handler"; ask the filter about it.
+    if tracing::enabled!(target: "handler", tracing::Level::TRACE) {
+        WSHD_LOG_TRACE
+    } else if tracing::enabled!(target: "handler", tracing::Level::DEBUG) {
+        WSHD_LOG_DEBUG
+    } else if tracing::enabled!(target: "handler", tracing::Level::INFO) {
+        WSHD_LOG_INFO
+    } else if tracing::enabled!(target: "handler", tracing::Level::WARN) {
+        WSHD_LOG_WARN
+    } else if tracing::enabled!(target: "handler", tracing::Level::ERROR) {
+        WSHD_LOG_ERROR
+    } else {
+        0
+    }
 }
 
 unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, target: wshd_str, msg: wshd_str) {

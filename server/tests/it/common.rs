@@ -120,6 +120,7 @@ impl Wshd {
             .arg(&addr_file)
             .args(extra)
             .env_remove("RUST_LOG")
+            .env_remove("WSHD_HANDLER_LOG")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

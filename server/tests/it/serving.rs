@@ -182,6 +182,19 @@ subprotocols = ["beta"]
     }
 }
 
+/// A Rust handler's `debug!` lines show when the server logs at debug, with
+/// no environment variable set (Wshd::start clears RUST_LOG and
+/// WSHD_HANDLER_LOG and passes `--log-level debug`): the SDK asks the host.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rust_handler_logs_at_the_servers_level() {
+    let dir = standard_dir();
+    let srv = Wshd::start(dir.path(), &[]);
+    let mut ws = connect(&srv.url("/echo")).await;
+    assert_eq!(echo_once(&mut ws, "x").await, "x");
+    let log = srv.wait_log("echo: open").await;
+    assert!(log.contains("DEBUG"), "{log}");
+}
+
 /// Messages and frames up to 4 KiB.
 const LIMITS_4K: &str = "[limits]\nmax_message_size = \"4KiB\"\nmax_frame_size = \"4KiB\"\n";
 
