@@ -106,14 +106,16 @@ async fn accept_loop(
     };
     let mut backoff = Duration::from_millis(5);
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = server.shutdown.cancelled() => break,
-        };
+        // Turn first, then a slot: a worker waiting its turn must not sit on
+        // one of the `max_connections` slots that another could use.
         tokio::select! {
             _ = balance.wait_turn(me) => {}
             _ = server.shutdown.cancelled() => break,
         }
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = server.shutdown.cancelled() => break,
+        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = server.shutdown.cancelled() => break,
