@@ -1,5 +1,5 @@
-//! The running server: shared state ([`Server`]), the accept loop
-//! ([`listen`]) and the lifecycle ([`run`]): startup, reloads, signals and
+//! The running server: shared state ([`Server`]), the accept loops, one per
+//! worker ([`listen`]), and the lifecycle ([`run`]): startup, reloads, signals and
 //! graceful shutdown.
 
 use std::net::SocketAddr;
