@@ -1,6 +1,6 @@
 //! Hot reload: watches the handler directory (recursively) and the config
 //! file with notify, debounces the events, and asks the
-//! [`Registry`](crate::registry::Registry) to reconcile. SIGHUP does the same
+//! [`Registry`] to reconcile. SIGHUP does the same
 //! for the config.
 //!
 //! Only completed writes count: close-after-write (`cp`), a rename into
