@@ -114,11 +114,6 @@ impl Balance {
             worker: me,
         }
     }
-
-    /// Open connections on worker `i`.
-    pub fn load(&self, i: usize) -> usize {
-        self.loads[i].load(Ordering::Relaxed)
-    }
 }
 
 impl Workers {
@@ -226,7 +221,7 @@ mod tests {
             b.may_accept(0),
             "its own connections closing lets it accept again"
         );
-        assert_eq!(b.load(0), 4);
+        assert_eq!(b.loads[0].load(Ordering::Relaxed), 4);
     }
 
     #[test]
