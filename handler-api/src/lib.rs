@@ -23,7 +23,7 @@
 //!   codes.
 //! * `logging.rs`: forwards `log` records, `tracing` events and panic
 //!   messages to the server's log.
-//! * [`testing`] (feature `testing`): a fake host to unit-test a handler
+//! * `testing` (with the `testing` feature): a fake host to unit-test a handler
 //!   through the real trampolines, without a server.
 //! * [`contract`]: the ownership, threading and versioning rules.
 //!
