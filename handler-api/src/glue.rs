@@ -240,14 +240,20 @@ impl HostApi {
             let f = std::ptr::addr_of!((*t).log_level).read();
             f((*t).host_ctx)
         };
-        Some(match level {
-            0 => log::LevelFilter::Off,
-            1 => log::LevelFilter::Error,
-            2 => log::LevelFilter::Warn,
-            3 => log::LevelFilter::Info,
-            4 => log::LevelFilter::Debug,
-            _ => log::LevelFilter::Trace,
-        })
+        Some(abi_level(level))
+    }
+}
+
+/// A `WSHD_LOG_*` number as a `log` filter: 0 is off, anything above
+/// `WSHD_LOG_TRACE` is trace.
+pub(crate) fn abi_level(level: u32) -> log::LevelFilter {
+    match level {
+        0 => log::LevelFilter::Off,
+        1 => log::LevelFilter::Error,
+        2 => log::LevelFilter::Warn,
+        3 => log::LevelFilter::Info,
+        4 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
     }
 }
 

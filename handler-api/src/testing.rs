@@ -385,13 +385,10 @@ unsafe extern "C" fn fake_log(ctx: *mut c_void, level: u32, target: wshd_str, ms
     // SAFETY: as in fake_send.
     let (rec, target, msg) =
         unsafe { (recorder(ctx), glue::str_bytes(target), glue::str_bytes(msg)) };
-    let level = match level {
-        1 => log::Level::Error,
-        2 => log::Level::Warn,
-        3 => log::Level::Info,
-        4 => log::Level::Debug,
-        _ => log::Level::Trace,
-    };
+    // A record always has a level: 0 (no ABI level) is kept as trace.
+    let level = glue::abi_level(level)
+        .to_level()
+        .unwrap_or(log::Level::Trace);
     let record = LogRecord {
         level,
         target: String::from_utf8_lossy(target).into_owned(),
