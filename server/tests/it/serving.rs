@@ -192,7 +192,8 @@ async fn a_rust_handler_logs_at_the_servers_level() {
     let mut ws = connect(&srv.url("/echo")).await;
     assert_eq!(echo_once(&mut ws, "x").await, "x");
     let log = srv.wait_log("echo: open").await;
-    assert!(log.contains("DEBUG"), "{log}");
+    let line = log.lines().find(|l| l.contains("echo: open")).unwrap();
+    assert!(line.contains("DEBUG"), "{line}");
 }
 
 /// Messages and frames up to 4 KiB.
