@@ -16,9 +16,8 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use super::{Timeline, dial_all, join_all, sample_window};
+use super::{Timeline, dial_all, echo_client_config, join_all, sample_window};
 use crate::latency::Latency;
 use crate::probe::Probe;
 use crate::record::{Failures, Record};
@@ -59,7 +58,7 @@ pub async fn run(target: &Target, params: &EchoParams, probe: Option<Probe>) -> 
         &target.url,
         params.connections,
         params.connect_concurrency,
-        WebSocketConfig::default(),
+        echo_client_config(params.size),
     )
     .await;
     record.metric("connected", clients.len() as f64);

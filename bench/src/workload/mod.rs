@@ -134,6 +134,22 @@ pub fn small_client_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(4096)
 }
 
+/// A client read buffer sized to the messages it will read: one message
+/// (with its largest header) per read, at least 4 KiB, at most tungstenite's
+/// default of 128 KiB.
+///
+/// tungstenite zeroes the free part of its read buffer before every read, so
+/// with the default 128 KiB a 32-byte echo cost the load generator a 128 KiB
+/// memset per message: a third of its CPU, which made it the bottleneck of
+/// the small-message workloads and the servers wait for it.
+pub fn echo_client_config(message_size: usize) -> WebSocketConfig {
+    const MAX_HEADER: usize = 14;
+    let chunk = (message_size + MAX_HEADER)
+        .next_power_of_two()
+        .clamp(4096, 128 * 1024);
+    WebSocketConfig::default().read_buffer_size(chunk)
+}
+
 /// Joins tasks, turning a panicked task into an error instead of a crash.
 pub async fn join_all<T: Default>(handles: Vec<JoinHandle<T>>, failures: &mut Failures) -> Vec<T> {
     let mut results = Vec::with_capacity(handles.len());
