@@ -164,3 +164,21 @@ pub async fn join_all<T: Default>(handles: Vec<JoinHandle<T>>, failures: &mut Fa
     }
     results
 }
+
+#[cfg(test)]
+mod tests {
+    use super::echo_client_config;
+
+    #[test]
+    fn echo_client_reads_one_message_per_chunk_within_bounds() {
+        let chunk = |size| echo_client_config(size).read_buffer_size;
+        assert_eq!(chunk(32), 4096, "small messages: the 4 KiB floor");
+        assert_eq!(chunk(4096), 8192, "a message and its header fit");
+        assert_eq!(
+            chunk(65536),
+            128 * 1024,
+            "64 KiB keeps tungstenite's default"
+        );
+        assert_eq!(chunk(1 << 20), 128 * 1024, "never above the default");
+    }
+}
