@@ -179,8 +179,10 @@ pub fn render(input: &ReportInput<'_>, previous: Option<&str>) -> String {
          connection** = growth of the server's `VmRSS` while N connections are opened and held 0.5 s, \
          ÷ N; those workloads run on a freshly started server.\n\
          - The load generator (`wsbench`) runs on one tokio worker thread, leaving the other core to \
-         the server, and checks every echo byte for byte; any mismatch fails the round. No \
-         compression is negotiated with any peer.\n\
+         the server, and checks every echo byte for byte; any mismatch fails the round. Its echo \
+         client reads in chunks sized to the messages (at least 4 KiB), not tungstenite's default \
+         128 KiB, which it would zero before every read. No compression is negotiated with any \
+         peer.\n\
          - The two servers whose thread count is a setting run twice: with their defaults (one \
          event loop or worker thread per core, two here) and with one, matching the one core the \
          load generator leaves them. On this machine a second loop competes with the load \
