@@ -129,24 +129,28 @@ impl CpuWindow {
     }
 }
 
+/// The client's smallest read chunk.
+const SMALL_CHUNK: usize = 4096;
+
 /// A small client read buffer, for workloads that hold many idle sockets.
 pub fn small_client_config() -> WebSocketConfig {
-    WebSocketConfig::default().read_buffer_size(4096)
+    WebSocketConfig::default().read_buffer_size(SMALL_CHUNK)
 }
 
 /// A client read buffer sized to the messages it will read: one message
-/// (with its largest header) per read, at least 4 KiB, at most tungstenite's
-/// default of 128 KiB.
+/// (with its largest header) per read, at least [`SMALL_CHUNK`], at most
+/// tungstenite's default of 128 KiB.
 ///
 /// tungstenite zeroes the free part of its read buffer before every read, so
 /// with the default 128 KiB a 32-byte echo cost the load generator a 128 KiB
-/// memset per message: a third of its CPU, which made it the bottleneck of
-/// the small-message workloads and the servers wait for it.
+/// memset per message: a third of its CPU. That made it the bottleneck of
+/// the small-message workloads, and the servers spent their time waiting
+/// for it.
 pub fn echo_client_config(message_size: usize) -> WebSocketConfig {
     const MAX_HEADER: usize = 14;
     let chunk = (message_size + MAX_HEADER)
         .next_power_of_two()
-        .clamp(4096, 128 * 1024);
+        .clamp(SMALL_CHUNK, 128 * 1024);
     WebSocketConfig::default().read_buffer_size(chunk)
 }
 
