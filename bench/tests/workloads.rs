@@ -42,12 +42,37 @@ async fn echo_text_and_binary_verify_cleanly() {
             warmup: Duration::from_millis(50),
             duration: SHORT,
             connect_concurrency: 4,
+            rate: None,
         };
         let record = echo::run(&target, &params, own_probe()).await;
         assert!(record.is_ok(), "{record}");
         assert!(record.get("msgs").unwrap() > 0.0, "{record}");
         assert!(record.get("cpu_us_per_msg").is_some(), "{record}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_echo_sends_no_faster_than_its_rate() {
+    let addr = raw_server().await;
+    let target = Target::parse(&format!("ws://{addr}/echo")).unwrap();
+    let params = echo::EchoParams {
+        connections: 4,
+        size: 32,
+        binary: false,
+        in_flight: 1,
+        warmup: Duration::from_millis(100),
+        duration: Duration::from_millis(500),
+        connect_concurrency: 4,
+        rate: Some(40.0),
+    };
+    let record = echo::run(&target, &params, None).await;
+    assert!(record.is_ok(), "{record}");
+    assert_eq!(record.params["rate_per_conn"], 40.0, "{record}");
+    // 4 connections at 40/s over half a second: 80, plus at most one
+    // early send each at the window's edges. Unpaced, loopback echoes
+    // thousands.
+    let msgs = record.get("msgs").unwrap();
+    assert!(msgs > 0.0 && msgs <= 88.0, "{record}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,6 +160,7 @@ async fn unknown_routes_are_connection_errors() {
         warmup: Duration::ZERO,
         duration: Duration::from_millis(50),
         connect_concurrency: 1,
+        rate: None,
     };
     let record = echo::run(&target, &params, None).await;
     assert!(record.errors >= 1, "{record}");

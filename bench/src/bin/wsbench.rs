@@ -63,6 +63,10 @@ enum Mode {
         /// Connections opened at once during set-up.
         #[arg(long, default_value_t = 64)]
         connect_concurrency: usize,
+        /// Pace each connection to this many messages per second (default:
+        /// send the next message as soon as the echo arrives).
+        #[arg(long, value_parser = per_conn_rate)]
+        rate: Option<f64>,
     },
     /// Open N connections and hold them idle; report conn/s and server RSS per connection.
     Connect {
@@ -142,6 +146,18 @@ impl WindowArgs {
     }
 }
 
+/// Parses a per-connection message rate: positive and at most 100,000/s.
+fn per_conn_rate(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if value > 0.0 && value <= 100_000.0 {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{value} is not a rate between 0 and 100000 messages per second"
+        ))
+    }
+}
+
 /// Parses seconds, bounded to ten minutes so no run can go on forever.
 fn seconds(text: &str) -> Result<f64, String> {
     let value: f64 = text.parse().map_err(|e| format!("{e}"))?;
@@ -191,6 +207,7 @@ async fn run(cli: Cli) -> anyhow::Result<Record> {
             in_flight,
             window,
             connect_concurrency,
+            rate,
         } => {
             let (warmup, duration) = window.durations();
             let params = echo::EchoParams {
@@ -201,6 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<Record> {
                 warmup,
                 duration,
                 connect_concurrency,
+                rate,
             };
             echo::run(&target.resolve()?, &params, probe).await
         }

@@ -5,6 +5,12 @@
 //! `rtt_p50_us`, `rtt_p99_us`, `rtt_max_us`, and with a server pid
 //! `server_cpu_s` and `cpu_us_per_msg`.
 //!
+//! With a `rate`, each connection sends at most that many messages per
+//! second, evenly spaced and out of phase with the other connections: the
+//! regime of a server that is not saturated, where every message may find
+//! its event loop asleep. Without one, every echo is answered at once and
+//! the client's speed sets the pace.
+//!
 //! Each message starts with its sequence number in hex and continues with a
 //! per-connection filler, so an echo can be checked without keeping a copy:
 //! the server must return messages in order, with the same type and bytes.
@@ -40,6 +46,9 @@ pub struct EchoParams {
     pub duration: Duration,
     /// Connections opened at once while setting up.
     pub connect_concurrency: usize,
+    /// Messages per second per connection; `None` sends as fast as echoes
+    /// come back.
+    pub rate: Option<f64>,
 }
 
 /// Runs the echo workload.
@@ -52,6 +61,9 @@ pub async fn run(target: &Target, params: &EchoParams, probe: Option<Probe>) -> 
         .param("in_flight", params.in_flight)
         .param("duration_s", params.duration.as_secs_f64())
         .param("warmup_s", params.warmup.as_secs_f64());
+    if let Some(rate) = params.rate {
+        record.param("rate_per_conn", rate);
+    }
 
     let (clients, mut failures) = dial_all(
         target,
@@ -69,11 +81,17 @@ pub async fn run(target: &Target, params: &EchoParams, probe: Option<Probe>) -> 
         size: params.size,
         binary: params.binary,
         in_flight: params.in_flight.max(1),
+        period: params.rate.map(|r| Duration::from_secs_f64(1.0 / r)),
     });
     let handles = clients
         .into_iter()
         .enumerate()
-        .map(|(id, client)| tokio::spawn(connection(client, id, shape.clone(), timeline)))
+        .map(|(id, client)| {
+            let pacer = shape
+                .period
+                .map(|period| Pacer::new(period, id, params.connections));
+            tokio::spawn(connection(client, id, shape.clone(), pacer, timeline))
+        })
         .collect();
     let results: Vec<ConnOutcome> = join_all(handles, &mut failures).await;
 
@@ -108,6 +126,39 @@ struct Shape {
     size: usize,
     binary: bool,
     in_flight: usize,
+    /// Time between a connection's sends, when paced.
+    period: Option<Duration>,
+}
+
+/// When a paced connection sends next.
+#[derive(Debug)]
+struct Pacer {
+    period: Duration,
+    next: Instant,
+}
+
+impl Pacer {
+    /// Connection `id` starts at its own fraction of the first period, so
+    /// the connections' sends spread evenly instead of arriving together.
+    fn new(period: Duration, id: usize, connections: usize) -> Pacer {
+        let phase = period.mul_f64((id % connections.max(1)) as f64 / connections.max(1) as f64);
+        Pacer {
+            period,
+            next: Instant::now() + phase,
+        }
+    }
+
+    /// Waits for the next send slot. A connection that fell behind (a slow
+    /// echo) sends at once but does not burst to catch up.
+    async fn wait(&mut self) {
+        let now = Instant::now();
+        if self.next > now {
+            tokio::time::sleep_until(self.next).await;
+            self.next += self.period;
+        } else {
+            self.next = now + self.period;
+        }
+    }
 }
 
 /// What one connection measured.
@@ -123,6 +174,7 @@ async fn connection(
     mut client: Client,
     id: usize,
     shape: Arc<Shape>,
+    mut pacer: Option<Pacer>,
     timeline: Timeline,
 ) -> ConnOutcome {
     let mut outcome = ConnOutcome::default();
@@ -131,6 +183,9 @@ async fn connection(
     let mut next_seq = 0u64;
 
     for _ in 0..shape.in_flight {
+        if let Some(pacer) = &mut pacer {
+            pacer.wait().await;
+        }
         if let Err(error) = client.feed(payload.message(next_seq, shape.binary)).await {
             outcome.failures.error(format!("send: {error}"));
             return outcome;
@@ -161,7 +216,10 @@ async fn connection(
         } else if timeline.in_window(now) {
             outcome.latency.record(now - sent_at);
         }
-        if now < timeline.measure_end {
+        if let Some(pacer) = &mut pacer {
+            pacer.wait().await;
+        }
+        if Instant::now() < timeline.measure_end {
             if let Err(error) = client.send(payload.message(next_seq, shape.binary)).await {
                 outcome.failures.error(format!("send: {error}"));
                 return outcome;
