@@ -62,7 +62,7 @@ pub struct Args {
     #[arg(long = "drain-timeout")]
     pub drain_timeout: Option<String>,
 
-    /// Event-loop threads that serve connections (default: one per CPU core).
+    /// Worker threads that serve connections (default: one per CPU core).
     #[arg(long = "workers", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
 

@@ -44,7 +44,7 @@ pub struct RawConfig {
     pub pid_file: Option<PathBuf>,
     /// Private directory for the loader's copies of handler files.
     pub state_dir: Option<PathBuf>,
-    /// Event-loop threads that serve connections (default: one per core).
+    /// Worker threads that serve connections (default: one per core).
     pub workers: Option<Count>,
     /// Server-wide limits; routes may override some of them.
     #[serde(default)]

@@ -7,8 +7,8 @@
 //!
 //! * [`cli`], [`config`], [`settings`]: flags, the TOML file, and the
 //!   resolved settings (flags override the file).
-//! * [`server`]: shared state, the per-worker accept loops, startup, signals, shutdown.
-//! * [`workers`]: the per-thread event loops connections run on.
+//! * [`server`]: shared state, the accept loop, startup, signals, shutdown.
+//! * [`workers`]: the work-stealing runtime connections run on.
 //! * [`http`]: hyper service: 404/426, RFC 6455 handshake checks, Origin,
 //!   the handler's handshake hook, the 101 and the upgrade.
 //! * [`static_files`]: the document root (`-d`).

@@ -15,8 +15,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // The control runtime: accept, signals, reloads, handler init. It needs
-    // one thread; connections run on the worker event loops (workers.rs),
+    // The control runtime: signals, reloads, handler init. It needs one
+    // thread; connections run on the worker runtime (workers.rs),
     // and blocking work (file reads, dlopen, init) goes to its blocking pool.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,5 +1,5 @@
-//! The running server: shared state ([`Server`]), the accept loops, one per
-//! worker ([`listen`]), and the lifecycle ([`run`]): startup, reloads, signals and
+//! The running server: shared state ([`Server`]), the accept loop
+//! ([`listen`]), and the lifecycle ([`run`]): startup, reloads, signals and
 //! graceful shutdown.
 
 use std::net::SocketAddr;
@@ -25,7 +25,7 @@ use crate::reload::{self, Trigger};
 use crate::routing::RouteTable;
 use crate::settings::Settings;
 use crate::static_files::StaticFiles;
-use crate::workers::{Balance, LoadGuard, Workers};
+use crate::workers::Workers;
 
 /// State shared by every connection.
 pub struct Server {
@@ -50,68 +50,50 @@ impl Server {
 }
 
 /// What an open connection holds until its last task ends: its place under
-/// `max_connections` and its count on its worker.
+/// `max_connections`.
 #[derive(Debug)]
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
-    _load: LoadGuard,
 }
 
-/// Starts one accept loop per worker, all on the same listening socket
-/// (workers.rs explains why). At most `max_connections` sockets are open at
-/// once, across all workers; beyond that, new clients wait in the kernel's
-/// backlog. The returned tasks end at shutdown.
+/// Starts the accept loop on the connection runtime, so what it accepts is
+/// registered there. At most `max_connections` sockets are open at once;
+/// beyond that, new clients wait in the kernel's backlog. The returned task
+/// ends at shutdown.
 pub fn listen(
     listener: std::net::TcpListener,
     server: &Arc<Server>,
     workers: &Workers,
     max_connections: usize,
     handshake_timeout: Duration,
-) -> std::io::Result<Vec<tokio::task::JoinHandle<()>>> {
+) -> tokio::task::JoinHandle<()> {
     let slots = Arc::new(Semaphore::new(max_connections));
-    (0..workers.len())
-        .map(|me| {
-            let listener = listener.try_clone()?;
-            Ok(workers.handle(me).spawn(accept_loop(
-                me,
-                listener,
-                server.clone(),
-                workers.balance().clone(),
-                slots.clone(),
-                handshake_timeout,
-            )))
-        })
-        .collect()
+    workers.handle().spawn(accept_loop(
+        listener,
+        server.clone(),
+        slots,
+        handshake_timeout,
+    ))
 }
 
-/// Worker `me`'s accept loop. Accept errors (EMFILE when out of file
-/// descriptors, ECONNABORTED) back off and retry: the server neither exits
-/// nor spins, and open connections are unaffected.
+/// The accept loop. Accept errors (EMFILE when out of file descriptors,
+/// ECONNABORTED) back off and retry: the server neither exits nor spins, and
+/// open connections are unaffected.
 async fn accept_loop(
-    me: usize,
     listener: std::net::TcpListener,
     server: Arc<Server>,
-    balance: Arc<Balance>,
     slots: Arc<Semaphore>,
     handshake_timeout: Duration,
 ) {
-    // Registered with this worker's event loop: whatever it accepts is
-    // already where it will be served.
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(worker = me, "cannot watch the listening socket: {e}");
+            tracing::error!("cannot watch the listening socket: {e}");
             return;
         }
     };
     let mut backoff = Duration::from_millis(5);
     loop {
-        // Turn first, then a slot: a worker waiting its turn must not sit on
-        // one of the `max_connections` slots that another could use.
-        tokio::select! {
-            _ = balance.wait_turn(me) => {}
-            _ = server.shutdown.cancelled() => break,
-        }
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = server.shutdown.cancelled() => break,
@@ -126,18 +108,15 @@ async fn accept_loop(
                 a
             }
             Err(e) => {
-                tracing::warn!(worker = me, "accept failed: {e}; retrying in {backoff:?}");
+                tracing::warn!("accept failed: {e}; retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
-        tracing::debug!(worker = me, %peer, "accepted");
-        let slot = Arc::new(Slot {
-            _permit: permit,
-            _load: balance.count(me),
-        });
+        tracing::debug!(%peer, "accepted");
+        let slot = Arc::new(Slot { _permit: permit });
         let task = serve_http(stream, peer, server.clone(), slot, handshake_timeout);
         tokio::spawn(server.tracker.track_future(task));
     }
@@ -223,7 +202,7 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
-    // The workers accept from it, each on its own event loop.
+    // Accepted on the connection runtime (workers.rs), not on this one.
     let listener = listener.into_std()?;
     let server = Arc::new(Server {
         table,
@@ -243,7 +222,7 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
     let mut hup = signal(SignalKind::hangup())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let routes = registry.table().primary_routes().len();
-    tracing::info!(%addr, routes, workers = workers.len(), handler_dir = %settings.handler_dir.display(), "listening");
+    tracing::info!(%addr, routes, workers = workers.threads(), handler_dir = %settings.handler_dir.display(), "listening");
     if is_root() {
         tracing::warn!(
             "running as root: handler libraries run with full privileges; prefer a dedicated user"
@@ -279,8 +258,7 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
         &workers,
         settings.limits.max_connections,
         settings.limits.handshake_timeout,
-    )
-    .map_err(|e| anyhow::anyhow!("cannot share the listening socket with the workers: {e}"))?;
+    );
 
     loop {
         tokio::select! {
@@ -317,9 +295,7 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
     }
     server.tracker.close();
     reloader.abort();
-    for a in accept {
-        let _ = a.await;
-    }
+    let _ = accept.await;
     tokio::select! {
         _ = server.tracker.wait() => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(deadline) => tracing::warn!("shutdown deadline passed with {} connections open; exiting", server.conns.len()),

@@ -67,12 +67,12 @@ struct Close {
 /// 101 and then a broadcast sent by another client must find itself already
 /// in the room. (With `on_open` after the upgrade, a message another client
 /// sends right after our 101 could reach the handler first, on another
-/// event loop, and this connection missed it.)
+/// worker thread, and this connection missed it.)
 pub struct Opening {
     route: Arc<Route>,
     id: u64,
     server: Arc<Server>,
-    /// The connection's place under `max_connections` and on its worker:
+    /// The connection's place under `max_connections`:
     /// held until the session ends.
     slot: Arc<crate::server::Slot>,
     span: tracing::Span,

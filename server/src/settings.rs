@@ -21,7 +21,7 @@ pub struct Settings {
     pub limits: Limits,
     pub reload: ReloadSettings,
     pub shutdown_timeout: Duration,
-    /// Event-loop threads for connections (`--workers`, `workers`).
+    /// Worker threads for connections (`--workers`, `workers`).
     pub workers: usize,
     /// Routes from the config file, in file order.
     pub routes: Vec<RouteSpec>,
