@@ -8,7 +8,7 @@
 //! With a `rate`, each connection sends at most that many messages per
 //! second, evenly spaced and out of phase with the other connections: the
 //! regime of a server that is not saturated, where every message may find
-//! its event loop asleep. Without one, every echo is answered at once and
+//! the server asleep. Without one, every echo is answered at once and
 //! the client's speed sets the pace.
 //!
 //! Each message starts with its sequence number in hex and continues with a

@@ -48,6 +48,7 @@ pub fn draw(
             "echo-32-c1" => "32 B, C=1",
             "echo-32-c100" => "32 B, C=100",
             "echo-32-c1000" => "32 B, C=1000",
+            "echo-32-c1000-paced" => "32 B, C=1000, 20/s each",
             "echo-64k-c10" => "64 KiB, C=10",
             "idle-10k" => "10,000 conns",
             "idle-19k" => "19,000 conns",

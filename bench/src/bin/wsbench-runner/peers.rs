@@ -28,9 +28,9 @@ pub const PYWEBSOCKET_VERSION: &str = "4.0.2";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerKind {
     /// wshd with the echo and chat handlers loaded through the C ABI, with
-    /// its default of one event loop per core.
+    /// its default of one worker thread per core.
     Wshd,
-    /// The same with `--workers 1`: one event loop, matching the one core
+    /// The same with `--workers 1`: one worker thread, matching the one core
     /// the load generator leaves to the server.
     Wshd1,
     /// raw-echo with the library's default read buffer.
@@ -74,7 +74,7 @@ impl PeerKind {
     pub fn title(self) -> &'static str {
         match self {
             PeerKind::Wshd => "wshd (C ABI echo/chat)",
-            PeerKind::Wshd1 => "wshd, 1 event loop (`workers = 1`)",
+            PeerKind::Wshd1 => "wshd, 1 worker thread (`workers = 1`)",
             PeerKind::Raw => "raw tokio-tungstenite (default buffers)",
             PeerKind::Raw4k => "raw tokio-tungstenite (4 KiB read buffer)",
             PeerKind::Raw4k1 => "raw tokio-tungstenite (4 KiB, 1 worker thread)",
@@ -89,7 +89,7 @@ impl PeerKind {
     }
 
     /// The raw floor this peer is compared with: the one with the same
-    /// number of event-loop threads, so a ratio measures the server and not
+    /// number of worker threads, so a ratio measures the server and not
     /// its thread count.
     pub fn floor(self) -> PeerKind {
         match self {

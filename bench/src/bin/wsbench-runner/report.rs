@@ -183,13 +183,16 @@ pub fn render(input: &ReportInput<'_>, previous: Option<&str>) -> String {
          client reads in chunks sized to the messages (at least 4 KiB), not tungstenite's default \
          128 KiB, which it would zero before every read. No compression is negotiated with any \
          peer.\n\
+         - The paced workload sends each connection's messages at a fixed rate, spread over the \
+         second, instead of as soon as the echo returns: the server is not saturated and often \
+         sleeps between messages, as most servers do most of the time.\n\
          - The two servers whose thread count is a setting run twice: with their defaults (one \
-         event loop or worker thread per core, two here) and with one, matching the one core the \
-         load generator leaves them. On this machine a second loop competes with the load \
-         generator for its core, and costs raw tokio-tungstenite and wshd alike more CPU per \
-         message. Rows marked 1 loop or 1 worker thread are compared with raw 4K on one worker \
-         thread in the `÷ raw 4K` column, the others with raw 4K on its default runtime. Node ws \
-         is single-threaded; pywebsocket3 runs a thread per connection and has no such setting.\n"
+         worker thread per core, two here) and with one, matching the one core the load \
+         generator leaves them. On this machine a second thread competes with the load generator \
+         for its core, and costs raw tokio-tungstenite and wshd alike more CPU per message. Rows \
+         marked 1 worker thread are compared with raw 4K on one worker thread in the `÷ raw 4K` \
+         column, the others with raw 4K on its default runtime. Node ws is single-threaded; \
+         pywebsocket3 runs a thread per connection and has no such setting.\n"
     );
 
     render_targets(&mut out, input);
@@ -263,7 +266,7 @@ fn render_targets(out: &mut String, input: &ReportInput<'_>) {
     let cpu = "cpu_us_per_msg";
     let memory = "rss_kib_per_conn";
     // Each target for one wshd peer, against the raw floor with the same
-    // number of event-loop threads.
+    // number of worker threads.
     let measure = |wshd: PeerKind| {
         let raw = wshd.floor();
         [
@@ -314,13 +317,13 @@ fn render_targets(out: &mut String, input: &ReportInput<'_>) {
     let _ = writeln!(
         out,
         "Each wshd configuration is compared with the raw floor that runs the same number of \
-         event-loop threads: wshd's default (one loop per core) with raw 4K on tokio's default \
+         worker threads: wshd's default (one per core) with raw 4K on tokio's default \
          runtime, and `workers = 1` with raw 4K on one worker thread. See the method for why \
          both are measured.\n"
     );
     let _ = writeln!(
         out,
-        "| target | default: one loop per core | status | `workers = 1` | status |\n|---|---|---|---|---|"
+        "| target | default: one worker thread per core | status | `workers = 1` | status |\n|---|---|---|---|---|"
     );
     let default = measure(PeerKind::Wshd);
     let single = measure(PeerKind::Wshd1);
