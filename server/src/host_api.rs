@@ -23,6 +23,7 @@ use std::cell::Cell;
 use std::ffi::c_void;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::task::{Context, Poll, Waker};
 
 use dashmap::DashMap;
 use tungstenite::Message;
@@ -99,12 +100,11 @@ pub struct HostApiBox {
 /// sends from outside the connection's own callbacks go through, out-of-band
 /// close requests, and server events (shutdown, drain).
 ///
-/// Everything reaches the session through this one per-connection `Notify`.
-/// Server-wide events are delivered by walking [`Connections`] rather than by
-/// having every session wait on a shared `CancellationToken`: a pending
-/// `Notified` takes its `Notify`'s lock each time it is polled, and a
-/// session is polled at least once per message, so a shared token made every
-/// message of every connection take the same two locks.
+/// Everything reaches the session through this one per-connection
+/// [`Wakeup`]. Server-wide events are delivered by walking [`Connections`]
+/// rather than by having every session wait on a shared `CancellationToken`,
+/// whose `Notified` takes a lock shared by every connection each time it is
+/// polled.
 ///
 /// The queue is a `VecDeque` that allocates only when something is queued,
 /// so an idle connection costs a few hundred bytes here (a channel would
@@ -118,12 +118,55 @@ pub struct ConnShared {
     limit: usize,
     queue: std::sync::Mutex<std::collections::VecDeque<Message>>,
     /// Wakes the session when the queue or the close request changes.
-    pub notify: tokio::sync::Notify,
+    pub wakeup: Wakeup,
     /// A close the session should perform after draining the queue.
     close_request: std::sync::Mutex<Option<CloseFrame>>,
     /// [`ConnShared::SHUTDOWN`] and [`ConnShared::RETIRED`] bits not yet seen
     /// by the session.
     events: AtomicU8,
+}
+
+/// Wakes one session task from any thread.
+///
+/// Not `tokio::sync::Notify`: a pending `Notified` takes its `Notify`'s lock
+/// each time it is polled, and a session is polled at least once per
+/// message. Here the session registers its task's waker once and keeps a
+/// copy, so a poll with the same waker is one load of `pending`; only
+/// [`Wakeup::wake`], which is rare next to messages, takes the lock.
+#[derive(Debug, Default)]
+pub struct Wakeup {
+    /// Set by `wake`, cleared by the poll that reports it.
+    pending: AtomicBool,
+    waker: std::sync::Mutex<Option<Waker>>,
+}
+
+impl Wakeup {
+    /// Makes the next (or current) poll ready and wakes the registered task.
+    /// Wakes that come before the session sees them count as one.
+    pub fn wake(&self) {
+        self.pending.store(true, Ordering::Release);
+        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = waker.as_ref() {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Ready once for any number of `wake` calls since it was last ready.
+    /// `registered` is the caller's copy of the waker it last registered.
+    pub fn poll(&self, cx: &mut Context<'_>, registered: &mut Option<Waker>) -> Poll<()> {
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let w = cx.waker().clone();
+            *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(w.clone());
+            *registered = Some(w);
+        }
+        // After registering: a `wake` that stored `pending` before we
+        // registered released the lock we then took, so we see it here; one
+        // that comes later finds the waker and wakes us again.
+        if self.pending.load(Ordering::Relaxed) && self.pending.swap(false, Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
 }
 
 /// Why a message could not be queued.
@@ -139,7 +182,7 @@ impl ConnShared {
             slow_consumer,
             limit,
             queue: Default::default(),
-            notify: Default::default(),
+            wakeup: Default::default(),
             close_request: Default::default(),
             events: AtomicU8::new(0),
         }
@@ -154,7 +197,7 @@ impl ConnShared {
     /// Tells the session about a server event and wakes it.
     pub fn signal(&self, event: u8) {
         self.events.fetch_or(event, Ordering::Release);
-        self.notify.notify_one();
+        self.wakeup.wake();
     }
 
     /// The events signalled since the last call.
@@ -176,7 +219,7 @@ impl ConnShared {
             }
             q.push_back(msg);
         }
-        self.notify.notify_one();
+        self.wakeup.wake();
         Ok(())
     }
 
@@ -211,7 +254,7 @@ impl ConnShared {
             });
         }
         drop(slot);
-        self.notify.notify_one();
+        self.wakeup.wake();
     }
 
     /// The pending close request, if any.
@@ -559,6 +602,72 @@ mod tests {
 
     fn api(conns: &Arc<Connections>) -> &'static HostApiBox {
         new_host_api(7, "t".into(), "/t".into(), conns.clone())
+    }
+
+    /// A waker that counts its wakes.
+    struct Counter(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    fn counter() -> (Arc<Counter>, Waker) {
+        let c = Arc::new(Counter(Default::default()));
+        (c.clone(), Waker::from(c))
+    }
+    fn wakes(c: &Counter) -> usize {
+        c.0.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn wakeups_before_a_poll_make_it_ready_once() {
+        let w = Wakeup::default();
+        let (_, waker) = counter();
+        let mut cx = Context::from_waker(&waker);
+        let mut registered = None;
+        assert!(w.poll(&mut cx, &mut registered).is_pending());
+        w.wake();
+        w.wake();
+        assert!(w.poll(&mut cx, &mut registered).is_ready());
+        assert!(
+            w.poll(&mut cx, &mut registered).is_pending(),
+            "two wakes before the poll are one"
+        );
+    }
+
+    #[test]
+    fn a_wake_from_another_thread_wakes_the_registered_task() {
+        let w = Arc::new(Wakeup::default());
+        let (count, waker) = counter();
+        let mut cx = Context::from_waker(&waker);
+        let mut registered = None;
+        assert!(w.poll(&mut cx, &mut registered).is_pending());
+        std::thread::spawn({
+            let w = w.clone();
+            move || w.wake()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(wakes(&count), 1);
+        assert!(w.poll(&mut cx, &mut registered).is_ready());
+    }
+
+    #[test]
+    fn a_poll_with_another_waker_moves_the_registration() {
+        let w = Wakeup::default();
+        let (old_count, old) = counter();
+        let (new_count, new) = counter();
+        let mut registered = None;
+        assert!(
+            w.poll(&mut Context::from_waker(&old), &mut registered)
+                .is_pending()
+        );
+        assert!(
+            w.poll(&mut Context::from_waker(&new), &mut registered)
+                .is_pending()
+        );
+        w.wake();
+        assert_eq!((wakes(&old_count), wakes(&new_count)), (0, 1));
     }
 
     #[test]

@@ -224,12 +224,10 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
             }
         }
 
-        // The wake-up future is built once, not per message: rebuilding it
-        // registers (and on drop unregisters) a waiter under the Notify's lock.
-        // Shutdown and drain arrive through it too (see `ConnShared`).
+        // Queued sends, close requests, shutdown and drain all arrive
+        // through `shared.wakeup`; `registered` is the waker it holds for us.
         let mut draining = false;
-        let woken = shared.notify.notified();
-        tokio::pin!(woken);
+        let mut registered: Option<std::task::Waker> = None;
         // One timer, allocated only when needed: the drain jitter, then the
         // wait for the peer's close reply.
         let mut timer: Option<(Timer, Pin<Box<tokio::time::Sleep>>)> = None;
@@ -321,8 +319,7 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                         break;
                     }
                 },
-                _ = &mut woken, if open => {
-                    woken.set(shared.notify.notified());
+                _ = std::future::poll_fn(|cx| shared.wakeup.poll(cx, &mut registered)), if open => {
                     // A close request or shutdown drains the whole queue first;
                     // otherwise one batch per wake, so a busy sender cannot
                     // starve reads.
@@ -352,7 +349,7 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                     } else if events & ConnShared::SHUTDOWN != 0 {
                         start_close(&mut ws, wt, 1001, "server shutting down", &mut close).await;
                     } else if shared.has_queued() {
-                        shared.notify.notify_one();
+                        shared.wakeup.wake();
                     }
                     if events & ConnShared::RETIRED != 0 && close.is_none() && !draining {
                         draining = true;
