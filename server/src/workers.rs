@@ -48,17 +48,30 @@ impl Workers {
     /// `wshd-worker`.
     pub fn start(n: usize) -> std::io::Result<Workers> {
         let threads = n.max(1);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .thread_name("wshd-worker")
-            .build()?;
+        // One thread has no one to share work with: tokio's single-threaded
+        // scheduler does the same job without the work-stealing bookkeeping,
+        // and runs on the owner thread below.
+        let mut builder = if threads == 1 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(threads);
+            b
+        };
+        let rt = builder.enable_all().thread_name("wshd-worker").build()?;
         let handle = rt.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         // A runtime cannot be dropped from inside another one (the control
         // runtime calls `stop`), so a plain thread owns it and shuts it down.
         let owner = std::thread::Builder::new()
-            .name("wshd-workers".into())
+            .name(
+                if threads == 1 {
+                    "wshd-worker"
+                } else {
+                    "wshd-workers"
+                }
+                .into(),
+            )
             .spawn(move || {
                 let _ = rt.block_on(stopped);
                 // Don't wait for handler threads still sleeping in a
