@@ -59,6 +59,9 @@
  *     different threads, so the handler object must be thread-safe.
  *   - init runs before any other callback of that handler instance, destroy
  *     after the last on_close returned; neither overlaps any other callback.
+ *   - Successive callbacks for one connection may run on different worker
+ *     threads (each sees what the previous one wrote): keep per-connection
+ *     state in *out_conn_state, not in thread-local storage.
  *   - Callbacks run on the server's async worker threads and must not block
  *     (no sleeping, no blocking I/O, no waiting on locks held for long).  A
  *     handler that needs to block sets WSHD_F_MAY_BLOCK; its callbacks then
