@@ -11,8 +11,8 @@
 //! each connection pinned to the loop that accepted it: wshd ran that way
 //! until it was measured against this design on the same machine, with the
 //! benchmark in `bench/` (bench/README.md has the figures). Pinned loops
-//! cost 5–8 % more CPU per message when the server is saturated and 10–45 %
-//! more when it is not:
+//! cost 5–9 % more CPU per message when the server is saturated and 2–40 %
+//! more when it is not, for raw tokio-tungstenite and for wshd alike:
 //! - Saturated, on a machine whose cores are shared (with a load generator,
 //!   or any other busy process), a pinned loop that the kernel preempts
 //!   holds up every connection on it, and the other loop runs dry, sleeps and
@@ -24,10 +24,9 @@
 //!   serves what is ready, and wakes a second only when there is more work
 //!   than it can take.
 //!
-//! The trade-off for handlers is the same as before: a callback that blocks
-//! holds a worker thread, and enough of them stall every connection. Handlers
-//! that block must say so (`WSHD_F_MAY_BLOCK`) and then run on the blocking
-//! pool.
+//! For handlers: a callback that blocks holds a worker thread, and enough of
+//! them stall every connection. Handlers that block must say so
+//! (`WSHD_F_MAY_BLOCK`) and then run on the blocking pool.
 
 use std::thread::JoinHandle;
 use std::time::Duration;
