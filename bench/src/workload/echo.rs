@@ -140,24 +140,31 @@ struct Pacer {
 impl Pacer {
     /// Connection `id` starts at its own fraction of the first period, so
     /// the connections' sends spread evenly instead of arriving together.
+    /// `id` is below `connections`.
     fn new(period: Duration, id: usize, connections: usize) -> Pacer {
-        let phase = period.mul_f64((id % connections.max(1)) as f64 / connections.max(1) as f64);
+        let phase = period.mul_f64(id as f64 / connections as f64);
         Pacer {
             period,
             next: Instant::now() + phase,
         }
     }
 
-    /// Waits for the next send slot. A connection that fell behind (a slow
-    /// echo) sends at once but does not burst to catch up.
-    async fn wait(&mut self) {
+    /// Waits for the next send slot and returns true, or returns false at
+    /// once if that slot is not before `end`, so a slow rate never waits
+    /// past the window. A connection that fell behind (a slow echo) sends at
+    /// once but does not burst to catch up.
+    async fn wait(&mut self, end: Instant) -> bool {
         let now = Instant::now();
         if self.next > now {
+            if self.next >= end {
+                return false;
+            }
             tokio::time::sleep_until(self.next).await;
             self.next += self.period;
         } else {
             self.next = now + self.period;
         }
+        true
     }
 }
 
@@ -183,10 +190,18 @@ async fn connection(
     let mut next_seq = 0u64;
 
     for _ in 0..shape.in_flight {
-        if let Some(pacer) = &mut pacer {
-            pacer.wait().await;
-        }
-        if let Err(error) = client.feed(payload.message(next_seq, shape.binary)).await {
+        let message = payload.message(next_seq, shape.binary);
+        let sent = match &mut pacer {
+            // Paced: each message leaves at its own slot, not with the flush.
+            Some(pacer) => {
+                if !pacer.wait(timeline.measure_end).await {
+                    break;
+                }
+                client.send(message).await
+            }
+            None => client.feed(message).await,
+        };
+        if let Err(error) = sent {
             outcome.failures.error(format!("send: {error}"));
             return outcome;
         }
@@ -216,10 +231,11 @@ async fn connection(
         } else if timeline.in_window(now) {
             outcome.latency.record(now - sent_at);
         }
-        if let Some(pacer) = &mut pacer {
-            pacer.wait().await;
-        }
-        if Instant::now() < timeline.measure_end {
+        let slot = match &mut pacer {
+            Some(pacer) => pacer.wait(timeline.measure_end).await,
+            None => true,
+        };
+        if slot && Instant::now() < timeline.measure_end {
             if let Err(error) = client.send(payload.message(next_seq, shape.binary)).await {
                 outcome.failures.error(format!("send: {error}"));
                 return outcome;
