@@ -24,7 +24,8 @@
 //!   handler callbacks.
 //! * [`host_api`] + [`handshake`]: the function table handlers call.
 //! * [`reload`]: notify watcher, debounce, SIGHUP.
-//! * [`logging`]: tracing setup and log reopening.
+//! * [`logging`]: tracing setup and log reopening; [`logsafe`]: escaping
+//!   client-controlled values before they are logged.
 //!
 //! `unsafe` lives only in `loader`, `instance`, `host_api` and `handshake`.
 
@@ -39,6 +40,7 @@ pub mod http;
 pub mod instance;
 pub mod loader;
 pub mod logging;
+pub mod logsafe;
 pub mod registry;
 pub mod reload;
 pub mod routing;
