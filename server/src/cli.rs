@@ -63,7 +63,7 @@ pub struct Args {
     pub drain_timeout: Option<String>,
 
     /// Worker threads that serve connections (default: one per CPU core).
-    #[arg(long = "workers", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long = "workers", value_parser = clap::value_parser!(u16).range(1..=crate::config::MAX_WORKERS as i64))]
     pub workers: Option<u16>,
 
     /// Do not watch the handler directory and config file (SIGHUP still reloads).

@@ -23,6 +23,23 @@ pub const DEFAULT_HOST: &str = "127.0.0.1";
 /// Default port, the one pywebsocket's examples use.
 pub const DEFAULT_PORT: u16 = 9998;
 
+/// The most `max_connections` may be. Each connection is a file descriptor,
+/// and Linux's `fs.nr_open` defaults to 1,048,576; a larger value can never
+/// be reached, and one near `usize::MAX` would overflow the slot semaphore.
+pub const MAX_CONNECTIONS_CAP: usize = 1 << 20;
+
+/// The most `read_buffer_size` may be: the buffer is allocated for the whole
+/// life of every connection, so a typo here (`"1GiB"`) multiplies by every
+/// client. It may also never exceed `max_frame_size`.
+pub const READ_BUFFER_CAP: usize = 1 << 20;
+
+/// The most worker threads: `--workers` takes at most this too.
+pub const MAX_WORKERS: usize = 1024;
+
+/// `[limits]` keys that only make sense for the whole server; in a
+/// `[route.limits]` they are refused rather than silently ignored.
+pub const SERVER_ONLY_LIMITS: &[&str] = &["max_connections", "handshake_timeout"];
+
 /// The whole file as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,8 +53,9 @@ pub struct RawConfig {
     /// Accept handler files whose real path leaves `handler_dir`.
     #[serde(default)]
     pub allow_handlers_outside_root_dir: bool,
-    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter.
-    pub log_level: Option<String>,
+    /// `error`, `warn`, `info`, `debug`, `trace`, `off`, or a list of
+    /// `target=level` directives; checked by [`check_log_level`].
+    pub log_level: Option<Spanned<String>>,
     /// Log to this file instead of stderr (reopened on SIGUSR1).
     pub log_file: Option<PathBuf>,
     /// Write the server's pid here.
@@ -45,7 +63,7 @@ pub struct RawConfig {
     /// Private directory for the loader's copies of handler files.
     pub state_dir: Option<PathBuf>,
     /// Worker threads that serve connections (default: one per core).
-    pub workers: Option<Count>,
+    pub workers: Option<Spanned<Count>>,
     /// Server-wide limits; routes may override some of them.
     #[serde(default)]
     pub limits: RawLimits,
@@ -67,11 +85,14 @@ pub struct RawConfig {
 pub struct RawLimits {
     pub max_message_size: Option<ByteSize>,
     pub max_frame_size: Option<ByteSize>,
-    pub read_buffer_size: Option<ByteSize>,
+    /// At most the effective `max_frame_size` and [`READ_BUFFER_CAP`].
+    pub read_buffer_size: Option<Spanned<ByteSize>>,
     pub send_queue: Option<QueueLen>,
     pub slow_consumer: Option<SlowConsumer>,
-    pub handshake_timeout: Option<Dur>,
-    pub max_connections: Option<Count>,
+    /// Server-wide only: a route may not set it (see [`SERVER_ONLY_LIMITS`]).
+    pub handshake_timeout: Option<Spanned<Dur>>,
+    /// Server-wide only, at most [`MAX_CONNECTIONS_CAP`].
+    pub max_connections: Option<Spanned<Count>>,
     pub close_timeout: Option<Dur>,
     pub write_timeout: Option<Dur>,
 }
@@ -80,9 +101,9 @@ pub struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub struct RawReload {
     pub watch: Option<bool>,
-    pub debounce: Option<Dur>,
+    pub debounce: Option<DurOrZero>,
     pub drain_timeout: Option<DrainTimeout>,
-    pub drain_window: Option<Dur>,
+    pub drain_window: Option<DurOrZero>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,8 +183,8 @@ impl Limits {
         if let Some(v) = raw.max_frame_size {
             l.max_frame_size = v.0;
         }
-        if let Some(v) = raw.read_buffer_size {
-            l.read_buffer_size = v.0;
+        if let Some(v) = &raw.read_buffer_size {
+            l.read_buffer_size = v.get_ref().0;
         }
         if let Some(v) = raw.send_queue {
             l.send_queue = v.0;
@@ -171,11 +192,11 @@ impl Limits {
         if let Some(v) = raw.slow_consumer {
             l.slow_consumer = v;
         }
-        if let Some(v) = raw.handshake_timeout {
-            l.handshake_timeout = v.0;
+        if let Some(v) = &raw.handshake_timeout {
+            l.handshake_timeout = v.get_ref().0;
         }
-        if let Some(v) = raw.max_connections {
-            l.max_connections = v.0;
+        if let Some(v) = &raw.max_connections {
+            l.max_connections = v.get_ref().0;
         }
         if let Some(v) = raw.close_timeout {
             l.close_timeout = v.0;
@@ -270,6 +291,49 @@ impl ConfigFile {
                 format!("`{}` is not a socket address; write it as \"127.0.0.1:9998\" or \"[::1]:9998\"", listen.get_ref()),
             ));
         }
+        if let Some(level) = &self.raw.log_level
+            && let Err(e) = check_log_level(level.get_ref())
+        {
+            return Err(self.error_at(level.span(), e));
+        }
+        if let Some(mc) = &self.raw.limits.max_connections
+            && mc.get_ref().0 > MAX_CONNECTIONS_CAP
+        {
+            return Err(self.error_at(
+                mc.span(),
+                format!(
+                    "max_connections {} is more than this server can ever hold; use at most {MAX_CONNECTIONS_CAP} \
+                     (and raise LimitNOFILE to match)",
+                    mc.get_ref().0
+                ),
+            ));
+        }
+        if let Some(w) = &self.raw.workers
+            && w.get_ref().0 > MAX_WORKERS
+        {
+            return Err(self.error_at(
+                w.span(),
+                format!("workers {} is too many; use at most {MAX_WORKERS} (one per core is the default)", w.get_ref().0),
+            ));
+        }
+        let server_limits = Limits::default().overlay(&self.raw.limits);
+        self.check_read_buffer(&[&self.raw.limits], &server_limits)?;
+        for route in &self.raw.routes {
+            let l = &route.limits;
+            let server_only = [
+                l.max_connections.as_ref().map(|v| v.span()),
+                l.handshake_timeout.as_ref().map(|v| v.span()),
+            ];
+            for (key, span) in SERVER_ONLY_LIMITS.iter().zip(server_only) {
+                if let Some(span) = span {
+                    return Err(self.error_at(
+                        span,
+                        format!("`{key}` is only allowed in [limits]: it applies to the whole server, not to one route; move it there"),
+                    ));
+                }
+            }
+            self.check_read_buffer(&[l, &self.raw.limits], &server_limits.overlay(l))?;
+        }
         let mut seen: std::collections::HashMap<&str, std::ops::Range<usize>> = Default::default();
         for route in &self.raw.routes {
             for p in std::iter::once(&route.path).chain(route.aliases.iter()) {
@@ -281,6 +345,33 @@ impl ConfigFile {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The effective `read_buffer_size` of a table must fit in
+    /// [`READ_BUFFER_CAP`] and in that table's effective `max_frame_size`.
+    /// The error points at whichever `read_buffer_size` line set the value
+    /// (the route's, or the inherited one from `[limits]`); the 2 KiB default
+    /// needs no line, and with a smaller frame limit it costs nothing extra.
+    fn check_read_buffer(
+        &self,
+        raws: &[&RawLimits],
+        effective: &Limits,
+    ) -> Result<(), ConfigError> {
+        let Some(rb) = raws.iter().find_map(|r| r.read_buffer_size.as_ref()) else {
+            return Ok(());
+        };
+        let size = effective.read_buffer_size;
+        if size > READ_BUFFER_CAP.min(effective.max_frame_size) {
+            return Err(self.error_at(
+                rb.span(),
+                format!(
+                    "read_buffer_size {size} is too large: it is allocated for every connection's whole life, \
+                     so it may be at most max_frame_size ({}) and at most {READ_BUFFER_CAP}; the default is 2KiB",
+                    effective.max_frame_size
+                ),
+            ));
         }
         Ok(())
     }
@@ -403,13 +494,58 @@ pub struct Dur(pub Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let DurOrZero(v) = DurOrZero::deserialize(d)?;
+        if v.is_zero() {
+            // A zero timeout or interval would fire at once, every time: it
+            // is always a mistake for the keys that use `Dur`.
+            return Err(de::Error::custom(
+                "a zero duration is not allowed here; write a positive duration such as \"10s\"",
+            ));
+        }
+        Ok(Dur(v))
+    }
+}
+
+/// A duration where zero is meaningful (`debounce`, `drain_window`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurOrZero(pub Duration);
+
+impl<'de> Deserialize<'de> for DurOrZero {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+        humantime::parse_duration(&s).map(DurOrZero).map_err(|e| {
             de::Error::custom(format!(
                 "`{s}` is not a duration ({e}); write e.g. \"10s\", \"250ms\", \"5m\""
             ))
         })
     }
+}
+
+/// Checks a log level as `--log-level` and `log_level` take it: `off`,
+/// `error`, `warn`, `info`, `debug`, `trace`, or comma-separated
+/// `target=level` directives. A bare word that is not a level is refused:
+/// tracing would read `"loud"` as "everything from target `loud`", and the
+/// server would then log nothing at all, errors included.
+pub fn check_log_level(spec: &str) -> Result<(), String> {
+    const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+    let is_level = |s: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(s.trim()));
+    if spec.trim().is_empty() {
+        return Err("the log level is empty; use error, warn, info, debug or trace".into());
+    }
+    for directive in spec.split(',') {
+        let directive = directive.trim();
+        let ok = match directive.split_once('=') {
+            Some((target, level)) => !target.trim().is_empty() && is_level(level),
+            None => is_level(directive),
+        };
+        if !ok {
+            return Err(format!(
+                "`{directive}` is not a log level; use off, error, warn, info, debug or trace, \
+                 or target=level directives such as \"info,handler=debug\""
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `drain_timeout`: a duration or `"never"`.
@@ -571,7 +707,7 @@ mod tests {
             parse("[limits]\nmax_message_size = \"2MiB\"\nhandshake_timeout = \"3s\"\n").unwrap();
         assert_eq!(c.raw.limits.max_message_size, Some(ByteSize(2 << 20)));
         assert_eq!(
-            c.raw.limits.handshake_timeout,
+            c.raw.limits.handshake_timeout.map(|d| d.into_inner()),
             Some(Dur(Duration::from_secs(3)))
         );
     }
@@ -624,6 +760,81 @@ mod tests {
             OriginRule::parse("http://[::1]:8080").unwrap().to_string(),
             "http://[::1]:8080"
         );
+    }
+
+    /// The key an error names, or a panic showing the whole error.
+    fn refused(src: &str) -> (usize, String, String) {
+        match parse(src) {
+            Err(ConfigError::Invalid {
+                line, key, message, ..
+            }) => (line, key, message),
+            other => panic!("expected an Invalid error for {src:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn log_level_must_be_a_level() {
+        let (line, key, msg) = refused("listen = \"127.0.0.1:1\"\nlog_level = \"loud\"\n");
+        assert_eq!((line, key.as_str()), (2, "log_level"));
+        assert!(msg.contains("`loud` is not a log level"), "{msg}");
+        assert!(
+            refused("log_level = \"info,handler=shouty\"\n")
+                .2
+                .contains("handler=shouty")
+        );
+        assert!(refused("log_level = \"\"\n").2.contains("empty"));
+        for ok in ["info", "OFF", "warn,handler=debug", " debug , wshd=trace "] {
+            parse(&format!("log_level = \"{ok}\"\n")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn absurd_counts_and_sizes_are_refused() {
+        let (line, key, msg) = refused("[limits]\nmax_connections = 9223372036854775807\n");
+        assert_eq!((line, key.as_str()), (2, "max_connections"));
+        assert!(msg.contains("at most 1048576"), "{msg}");
+        assert!(parse("[limits]\nmax_connections = 1048576\n").is_ok());
+        let (_, key, msg) = refused("workers = 100000\n");
+        assert_eq!(key, "workers");
+        assert!(msg.contains("at most 1024"), "{msg}");
+        let (line, key, msg) = refused("[limits]\nread_buffer_size = \"1GiB\"\n");
+        assert_eq!((line, key.as_str()), (2, "read_buffer_size"));
+        assert!(msg.contains("at most max_frame_size"), "{msg}");
+        // Bounded by the frame size of its own table, the route's included.
+        let (line, ..) = refused(
+            "[limits]\nread_buffer_size = \"8KiB\"\n[[route]]\npath = \"/x\"\nhandler = \"echo\"\n\
+             [route.limits]\nmax_frame_size = \"4KiB\"\n",
+        );
+        assert_eq!(line, 2);
+        assert!(parse("[limits]\nread_buffer_size = \"64KiB\"\n").is_ok());
+    }
+
+    #[test]
+    fn zero_durations_only_where_zero_means_something() {
+        for key in ["handshake_timeout", "close_timeout", "write_timeout"] {
+            let (line, k, msg) = refused(&format!("[limits]\n{key} = \"0s\"\n"));
+            assert_eq!((line, k.as_str()), (2, key));
+            assert!(msg.contains("zero duration"), "{msg}");
+        }
+        assert!(
+            refused("[shutdown]\ntimeout = \"0ms\"\n")
+                .2
+                .contains("zero")
+        );
+        parse("[reload]\ndebounce = \"0s\"\ndrain_window = \"0s\"\ndrain_timeout = \"0s\"\n")
+            .unwrap();
+    }
+
+    #[test]
+    fn server_wide_limits_are_refused_in_a_route() {
+        for (key, value) in [("max_connections", "5"), ("handshake_timeout", "\"1s\"")] {
+            let src = format!(
+                "[[route]]\npath = \"/x\"\nhandler = \"echo\"\n[route.limits]\n{key} = {value}\n"
+            );
+            let (line, k, msg) = refused(&src);
+            assert_eq!((line, k.as_str()), (5, key));
+            assert!(msg.contains("only allowed in [limits]"), "{msg}");
+        }
     }
 
     #[test]

@@ -118,6 +118,10 @@ impl Settings {
             .clone()
             .or_else(|| raw.and_then(|r| r.document_root.as_deref()).map(rel));
 
+        if let Some(level) = &args.log_level {
+            crate::config::check_log_level(level)
+                .map_err(|e| ConfigError::Other(format!("--log-level: {e}")))?;
+        }
         let limits =
             Limits::default().overlay(raw.map(|r| &r.limits).unwrap_or(&Default::default()));
         let mut reload = ReloadSettings::default();
@@ -181,13 +185,16 @@ impl Settings {
             workers: args
                 .workers
                 .map(usize::from)
-                .or_else(|| raw.and_then(|r| r.workers).map(|c| c.0))
+                .or_else(|| raw.and_then(|r| r.workers.as_ref()).map(|c| c.get_ref().0))
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             routes,
             log_level: args
                 .log_level
                 .clone()
-                .or_else(|| raw.and_then(|r| r.log_level.clone()))
+                .or_else(|| {
+                    raw.and_then(|r| r.log_level.as_ref())
+                        .map(|l| l.get_ref().clone())
+                })
                 .unwrap_or_else(|| "info".into()),
             log_file: args
                 .log_file
