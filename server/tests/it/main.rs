@@ -3,6 +3,7 @@
 
 mod common;
 mod faults;
+mod fuzz;
 mod lifecycle;
 mod reload;
 mod security_config;
