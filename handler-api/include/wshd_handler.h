@@ -66,7 +66,7 @@
  *     (no sleeping, no blocking I/O, no waiting on locks held for long).  A
  *     handler that needs to block sets WSHD_F_MAY_BLOCK; its callbacks then
  *     run on a separate thread pool and cannot stall other connections.
- *   - Host functions (send, ping, close, log) are thread-safe, never block and
+ *   - Host functions (send, ping, close, log, broadcast) are thread-safe, never block and
  *     never call back into the handler, so they may be called from inside a
  *     callback or from any thread the handler created.
  *   - destroy must stop and join every thread the handler started.
@@ -76,6 +76,12 @@
  *   never reused (0 is never a valid id).  Sending to a connection that has
  *   closed returns WSHD_ERR_CLOSED.  A handler may only address connections
  *   of its own instance.
+ *   Each connection's outgoing queue is bounded in messages (send_queue) and
+ *   in bytes (send_queue_bytes); an empty queue always takes one message,
+ *   however large.  A send past either bound returns WSHD_ERR_BACKPRESSURE;
+ *   under the default slow_consumer = "close" policy the host also drops
+ *   everything queued for that connection and closes it with 1008, and
+ *   later sends to it return WSHD_ERR_CLOSED.
  *
  * ERRORS AND PANICS
  *   Callbacks return WSHD_OK or a negative code.  A non-OK return from
@@ -99,7 +105,7 @@ extern "C" {
 /* The bytes "WSHD" read as a little-endian u32. */
 #define WSHD_MAGIC 0x44485357u
 #define WSHD_ABI_MAJOR 1u
-#define WSHD_ABI_MINOR 1u
+#define WSHD_ABI_MINOR 2u
 #define WSHD_ENTRY_SYMBOL "wshd_entry_v1"
 
 typedef uint64_t wshd_conn_id;
@@ -192,10 +198,32 @@ typedef struct wshd_host_api {
    * change when the server's config is reloaded.  A host of ABI 1.0 has no
    * such field: call it only if host->struct_size >= WSHD_HOST_API_SIZE_1_1. */
   uint32_t (*log_level)(void *ctx);
+
+  /* ABI 1.2.  Queue one text or binary message to each of the n connections
+   * in conns, storing the payload once: every recipient's queue holds a
+   * reference to the same bytes.  Each listed id gets what send would give
+   * it: unknown, closed or foreign ids are skipped, and each delivery obeys
+   * that connection's own queue bounds and slow-consumer policy, so one slow
+   * recipient never holds up the others.  An id listed twice gets the
+   * message twice.  The calling connection, inside its own callback, gets
+   * it in order with its other sends of that callback, as with send.
+   * Returns WSHD_OK (even if nothing was delivered), WSHD_ERR_INVALID (bad
+   * kind, text that is not UTF-8, NULL conns or data with a nonzero count)
+   * or WSHD_ERR_REVOKED; if delivered is not NULL it receives the number of
+   * connections the message was queued to.  A host of ABI 1.0 or 1.1 has no
+   * such field: call it only if host->struct_size >= WSHD_HOST_API_SIZE_1_2,
+   * and otherwise fall back to one send per connection. */
+  int32_t (*broadcast)(void *ctx, const wshd_conn_id *conns, size_t n, uint32_t kind,
+                       const uint8_t *data, size_t len, size_t *delivered);
 } wshd_host_api;
 
 /* struct_size of a host table that has log_level (ABI 1.1 and later). */
 #define WSHD_HOST_API_SIZE_1_1 (offsetof(wshd_host_api, log_level) + sizeof(uint32_t (*)(void *)))
+/* struct_size of a host table that has broadcast (ABI 1.2 and later). */
+#define WSHD_HOST_API_SIZE_1_2                                                                     \
+  (offsetof(wshd_host_api, broadcast) +                                                            \
+   sizeof(int32_t (*)(void *, const wshd_conn_id *, size_t, uint32_t, const uint8_t *, size_t,     \
+                      size_t *)))
 
 typedef struct wshd_descriptor {
   uint32_t magic;      /* WSHD_MAGIC */

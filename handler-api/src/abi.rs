@@ -16,7 +16,7 @@ pub const WSHD_MAGIC: u32 = 0x4448_5357;
 /// Incompatible changes bump the major version and rename the entry symbol.
 pub const WSHD_ABI_MAJOR: u16 = 1;
 /// Fields appended to the end of a struct bump the minor version.
-pub const WSHD_ABI_MINOR: u16 = 1;
+pub const WSHD_ABI_MINOR: u16 = 2;
 /// The exported entry point, NUL-terminated for `dlsym`.
 pub const WSHD_ENTRY_SYMBOL: &[u8] = b"wshd_entry_v1\0";
 /// The entry point name without the NUL, for messages.
@@ -175,6 +175,18 @@ pub type wshd_log_fn =
 /// Host function (ABI 1.1): the most verbose `WSHD_LOG_*` level the host
 /// writes right now, 0 for none.
 pub type wshd_log_level_fn = unsafe extern "C" fn(ctx: *mut c_void) -> u32;
+/// Host function (ABI 1.2): queue one message to many connections, storing
+/// the payload once. `*delivered` (if not null) receives how many of the
+/// listed connections it was queued to.
+pub type wshd_broadcast_fn = unsafe extern "C" fn(
+    ctx: *mut c_void,
+    conns: *const wshd_conn_id,
+    n: usize,
+    kind: u32,
+    data: *const u8,
+    len: usize,
+    delivered: *mut usize,
+) -> i32;
 /// Host function: choose the offered subprotocol at `index`.
 pub type wshd_hs_select_subprotocol_fn =
     unsafe extern "C" fn(hs: *mut wshd_handshake, index: usize) -> i32;
@@ -215,6 +227,10 @@ pub struct wshd_host_api {
     /// before this field: read it only when `struct_size` is at least
     /// [`WSHD_HOST_API_SIZE_1_1`].
     pub log_level: wshd_log_level_fn,
+    /// ABI 1.2: queue one message to many connections with one shared copy
+    /// of the payload. Hosts of ABI 1.0 and 1.1 end before this field: read
+    /// it only when `struct_size` is at least [`WSHD_HOST_API_SIZE_1_2`].
+    pub broadcast: wshd_broadcast_fn,
 }
 
 /// `struct_size` of an ABI 1.0 host table: everything before `log_level`.
@@ -222,6 +238,9 @@ pub const WSHD_HOST_API_SIZE_1_0: usize = std::mem::offset_of!(wshd_host_api, lo
 /// `struct_size` of a host table that has `log_level` (ABI 1.1 and later).
 pub const WSHD_HOST_API_SIZE_1_1: usize =
     WSHD_HOST_API_SIZE_1_0 + std::mem::size_of::<wshd_log_level_fn>();
+/// `struct_size` of a host table that has `broadcast` (ABI 1.2 and later).
+pub const WSHD_HOST_API_SIZE_1_2: usize =
+    std::mem::offset_of!(wshd_host_api, broadcast) + std::mem::size_of::<wshd_broadcast_fn>();
 
 // SAFETY: the host API table is immutable after creation and every function in
 // it is documented as thread-safe; host_ctx is only ever passed back to those
@@ -315,8 +334,11 @@ const _: () = {
     assert!(std::mem::size_of::<wshd_str>() == 16);
     assert!(std::mem::size_of::<wshd_header>() == 32);
     assert!(std::mem::size_of::<wshd_handshake_req>() == 112);
-    assert!(std::mem::size_of::<wshd_host_api>() == 80);
-    // ABI 1.0 hosts (wshd before log_level) built 72-byte tables.
+    assert!(std::mem::size_of::<wshd_host_api>() == 88);
+    // ABI 1.0 hosts (wshd before log_level) built 72-byte tables, 1.1 hosts
+    // (before broadcast) 80-byte ones.
     assert!(WSHD_HOST_API_SIZE_1_0 == 72);
+    assert!(WSHD_HOST_API_SIZE_1_1 == 80);
+    assert!(WSHD_HOST_API_SIZE_1_2 == 88);
     assert!(std::mem::size_of::<wshd_descriptor>() == 112);
 };

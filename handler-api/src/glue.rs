@@ -26,10 +26,10 @@ use std::str::Utf8Error;
 
 use crate::abi::{
     WSHD_ABI_MAJOR, WSHD_ABI_MINOR, WSHD_ERR_HANDLER, WSHD_ERR_INVALID, WSHD_ERR_PANIC,
-    WSHD_ERR_UNSUPPORTED, WSHD_F_MAY_BLOCK, WSHD_F_PANIC_UNWIND, WSHD_F_RUST_SDK,
-    WSHD_HOST_API_SIZE_1_0, WSHD_HOST_API_SIZE_1_1, WSHD_MAGIC, WSHD_MSG_BINARY, WSHD_MSG_TEXT,
-    WSHD_OK, wshd_conn_id, wshd_descriptor, wshd_handshake, wshd_handshake_req, wshd_header,
-    wshd_host_api, wshd_str,
+    WSHD_ERR_REVOKED, WSHD_ERR_UNSUPPORTED, WSHD_F_MAY_BLOCK, WSHD_F_PANIC_UNWIND, WSHD_F_RUST_SDK,
+    WSHD_HOST_API_SIZE_1_0, WSHD_HOST_API_SIZE_1_1, WSHD_HOST_API_SIZE_1_2, WSHD_MAGIC,
+    WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id, wshd_descriptor, wshd_handshake,
+    wshd_handshake_req, wshd_header, wshd_host_api, wshd_str,
 };
 use crate::handler::{Handler, HandshakeRequest, HandshakeResponse, Message};
 use crate::host::Host;
@@ -241,6 +241,55 @@ impl HostApi {
             f((*t).host_ctx)
         };
         Some(abi_level(level))
+    }
+
+    /// Queues one message to every connection in `conns` with one shared
+    /// copy of the payload: `Ok(delivered)`, or `Err(status)` when the host
+    /// refused the whole call. A host of ABI 1.0 or 1.1 has no `broadcast`:
+    /// then the message goes out with one `send` per connection (one copy
+    /// each), with the same result.
+    pub(crate) fn broadcast(
+        self,
+        conns: &[wshd_conn_id],
+        kind: u32,
+        data: &[u8],
+    ) -> Result<usize, i32> {
+        let t = self.t();
+        // SAFETY: `broadcast` is read only when `struct_size` shows the table
+        // has it, through a raw place; the id list and the payload are
+        // borrowed for the call (ownership rule 2) and `delivered` is a
+        // live local.
+        unsafe {
+            if ((*t).struct_size as usize) >= WSHD_HOST_API_SIZE_1_2 {
+                let f = std::ptr::addr_of!((*t).broadcast).read();
+                let mut delivered = 0usize;
+                let status = f(
+                    (*t).host_ctx,
+                    conns.as_ptr(),
+                    conns.len(),
+                    kind,
+                    data.as_ptr(),
+                    data.len(),
+                    &mut delivered,
+                );
+                return if status == WSHD_OK {
+                    Ok(delivered)
+                } else {
+                    Err(status)
+                };
+            }
+        }
+        let mut delivered = 0;
+        for &conn in conns {
+            match self.send(conn, kind, data) {
+                WSHD_OK => delivered += 1,
+                // The whole call is refused, as the host's broadcast would.
+                status @ (WSHD_ERR_INVALID | WSHD_ERR_REVOKED) => return Err(status),
+                // Closed, full queue: that recipient is skipped.
+                _ => {}
+            }
+        }
+        Ok(delivered)
     }
 }
 
@@ -827,6 +876,44 @@ mod tests {
         let table = (&old as *const HostApiV10).cast::<wshd_host_api>();
         // SAFETY: as above; a table missing 1.0 fields is refused unread.
         assert!(unsafe { HostApi::from_raw(table) }.is_none());
+    }
+
+    #[test]
+    fn broadcast_on_a_host_without_it_falls_back_to_one_send_each() {
+        unsafe extern "C" fn counting_send(
+            ctx: *mut c_void,
+            conn: u64,
+            _: u32,
+            _: *const u8,
+            _: usize,
+        ) -> i32 {
+            // SAFETY: ctx is the test's AtomicU32, alive for the test.
+            unsafe { &*ctx.cast::<std::sync::atomic::AtomicU32>() }
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if conn == 2 { WSHD_ERR_CLOSED } else { WSHD_OK }
+        }
+        let sends = std::sync::atomic::AtomicU32::new(0);
+        let old = HostApiV10 {
+            struct_size: WSHD_HOST_API_SIZE_1_0 as u32,
+            abi_major: 1,
+            abi_minor: 0,
+            host_ctx: (&sends as *const std::sync::atomic::AtomicU32)
+                .cast_mut()
+                .cast(),
+            send: counting_send,
+            ping,
+            close,
+            log,
+            hs_select_subprotocol: select,
+            hs_add_header: header,
+            hs_reject: reject,
+        };
+        let table = (&old as *const HostApiV10).cast::<wshd_host_api>();
+        // SAFETY: a live table of struct_size bytes; `broadcast` lies past
+        // it and must not be read.
+        let api = unsafe { HostApi::from_raw(table) }.unwrap();
+        assert_eq!(api.broadcast(&[1, 2, 3], WSHD_MSG_TEXT, b"hi"), Ok(2));
+        assert_eq!(sends.load(std::sync::atomic::Ordering::Relaxed), 3);
     }
 
     fn raw(s: &str) -> wshd_str {

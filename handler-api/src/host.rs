@@ -35,6 +35,36 @@ impl Host {
         Conn { id, api: self.api }
     }
 
+    /// Queues `msg` to each of `conns` and returns how many it was queued
+    /// to. The payload is stored once and shared by every recipient's queue
+    /// (ABI 1.2; an older host gets one send per connection instead).
+    ///
+    /// Each recipient is treated as [`Conn::send`] would treat it: closed or
+    /// foreign connections are skipped, and each delivery obeys that
+    /// connection's own queue bounds and slow-consumer policy, so one slow
+    /// recipient never holds up the others. Inside a callback, the
+    /// connection the callback is for gets the message in order with the
+    /// callback's other sends to it. `Err` means nothing was sent:
+    /// [`SendError::Revoked`], or [`SendError::Invalid`].
+    pub fn broadcast(&self, conns: &[Conn], msg: Message<'_>) -> Result<usize, SendError> {
+        let ids: Vec<u64> = conns.iter().map(Conn::id).collect();
+        self.broadcast_ids(&ids, msg)
+    }
+
+    /// [`Host::broadcast`] to connections named by id, e.g. a room's member
+    /// list, without building [`Conn`]s.
+    pub fn broadcast_ids(&self, ids: &[u64], msg: Message<'_>) -> Result<usize, SendError> {
+        let (kind, data) = match msg {
+            Message::Text(text) => (WSHD_MSG_TEXT, text.as_bytes()),
+            Message::Binary(data) => (WSHD_MSG_BINARY, data),
+        };
+        self.api.broadcast(ids, kind, data).map_err(|status| {
+            SendError::check(status)
+                .err()
+                .unwrap_or(SendError::Other(status))
+        })
+    }
+
     /// Writes a line to the server's log. Usually you would rather use the
     /// `log` or `tracing` macros, which end up here.
     pub fn log(&self, level: log::Level, target: &str, message: &str) {
@@ -151,8 +181,11 @@ pub enum SendError {
     /// The connection is closed (or is not one of this instance's). Usually
     /// ignore it: the handler's `close` runs, or has run, for it.
     Closed,
-    /// The connection's send queue is full: the peer reads slower than you
-    /// send. Drop the message, or close the connection.
+    /// The connection's send queue is full (in messages or in bytes): the
+    /// peer reads slower than you send. Drop the message, or close the
+    /// connection. Under the server's default `slow_consumer = "close"`
+    /// policy the server has already dropped what was queued and is closing
+    /// the connection with 1008; later sends get [`SendError::Closed`].
     Backpressure,
     /// A bad argument: close code, ping too long, a refused header name, an
     /// out-of-range subprotocol index or HTTP status.

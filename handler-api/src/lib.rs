@@ -16,7 +16,7 @@
 //! * [`Handler`] (`handler.rs`): the trait, with [`Message`] and the
 //!   handshake views [`HandshakeRequest`] and [`HandshakeResponse`].
 //! * [`Host`], [`Conn`], [`SendError`] (`host.rs`): thread-safe handles for
-//!   talking back to the server: send, ping, close, log.
+//!   talking back to the server: send, broadcast, ping, close, log.
 //! * [`export_handler!`] (`export.rs`): writes the exported entry point.
 //! * `glue.rs` (hidden): the generic `extern "C"` trampolines, the only code
 //!   that touches raw pointers. They catch panics and map results to status

@@ -274,6 +274,7 @@ struct Records {
     close_requests: HashMap<u64, (u16, String)>,
     logs: Vec<LogRecord>,
     fail_with: Option<i32>,
+    broadcasts: usize,
 }
 
 /// The fake host's `host_ctx`. Leaked: the contract says it lives for the
@@ -337,6 +338,38 @@ unsafe extern "C" fn fake_send(
         r.sent.entry(conn).or_default().push(msg);
         Ok(())
     }))
+}
+
+/// One `send` per listed id, after the checks `broadcast` makes once.
+unsafe extern "C" fn fake_broadcast(
+    ctx: *mut c_void,
+    conns: *const wshd_conn_id,
+    n: usize,
+    kind: u32,
+    data: *const u8,
+    len: usize,
+    delivered: *mut usize,
+) -> i32 {
+    // SAFETY: ctx is this host's Recorder; ids and payload are borrowed.
+    let (rec, ids, payload) =
+        unsafe { (recorder(ctx), glue::items(conns, n), glue::bytes(data, len)) };
+    if rec.revoked.load(Ordering::Acquire) {
+        return WSHD_ERR_REVOKED;
+    }
+    let text = kind == WSHD_MSG_TEXT && std::str::from_utf8(payload).is_ok();
+    if !text && kind != WSHD_MSG_BINARY {
+        return WSHD_ERR_INVALID;
+    }
+    rec.lock().broadcasts += 1;
+    // SAFETY: the same borrowed payload, for each call.
+    let count =
+        (ids.iter()).filter(|&&id| unsafe { fake_send(ctx, id, kind, data, len) } == WSHD_OK);
+    let count = count.count();
+    if !delivered.is_null() {
+        // SAFETY: a non-null out-pointer the caller lends for the call.
+        unsafe { delivered.write(count) };
+    }
+    WSHD_OK
 }
 
 unsafe extern "C" fn fake_ping(
@@ -622,6 +655,7 @@ impl<H: Handler> TestHost<H> {
             hs_add_header: fake_hs_add_header,
             hs_reject: fake_hs_reject,
             log_level: fake_log_level,
+            broadcast: fake_broadcast,
         }));
         // SAFETY: the table and its context are leaked, so valid forever, and
         // the fake functions are thread-safe.
@@ -836,6 +870,12 @@ impl<H: Handler> TestHost<H> {
     /// Takes the messages sent to `conn` so far.
     pub fn take_sent(&mut self, conn: Conn) -> Vec<Sent> {
         self.rec.lock().sent.remove(&conn.id()).unwrap_or_default()
+    }
+
+    /// How many `broadcast` calls the handler made (each also shows in
+    /// [`TestHost::sent`] of every connection it reached).
+    pub fn broadcasts(&self) -> usize {
+        self.rec.lock().broadcasts
     }
 
     /// Ping payloads sent to `conn`.

@@ -199,7 +199,7 @@ fn rust_facts() -> BTreeMap<String, String> {
         }
         wshd_host_api {
             struct_size, abi_major, abi_minor, host_ctx, send, ping, close, log,
-            hs_select_subprotocol, hs_add_header, hs_reject, log_level,
+            hs_select_subprotocol, hs_add_header, hs_reject, log_level, broadcast,
         }
         wshd_descriptor {
             magic, abi_major, abi_minor, struct_size, flags, name, version, build_info,
@@ -213,7 +213,7 @@ fn rust_facts() -> BTreeMap<String, String> {
         WSHD_MSG_TEXT, WSHD_MSG_BINARY,
         WSHD_LOG_ERROR, WSHD_LOG_WARN, WSHD_LOG_INFO, WSHD_LOG_DEBUG, WSHD_LOG_TRACE,
         WSHD_F_MAY_BLOCK, WSHD_F_PANIC_UNWIND, WSHD_F_RUST_SDK,
-        WSHD_HOST_API_SIZE_1_1,
+        WSHD_HOST_API_SIZE_1_1, WSHD_HOST_API_SIZE_1_2,
     }
     facts.insert(
         "symbol WSHD_ENTRY_SYMBOL".into(),

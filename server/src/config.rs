@@ -95,6 +95,7 @@ pub struct RawLimits {
     pub max_connections: Option<Spanned<Count>>,
     pub close_timeout: Option<Dur>,
     pub write_timeout: Option<Dur>,
+    pub send_queue_bytes: Option<QueueBytes>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +156,11 @@ pub struct Limits {
     /// How long one write may wait for a peer that does not read; then the
     /// connection is dropped, so a stalled reader cannot pin a session.
     pub write_timeout: Duration,
+    /// Payload bytes that may wait in one connection's send queue (and, as a
+    /// separate bound, in what one callback sends to its own connection).
+    /// Past it, `slow_consumer` applies. An empty queue always takes one
+    /// message, so a single larger message is not refused for its size.
+    pub send_queue_bytes: usize,
 }
 
 impl Default for Limits {
@@ -169,6 +175,7 @@ impl Default for Limits {
             max_connections: 10_000,
             close_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(30),
+            send_queue_bytes: 8 << 20,
         }
     }
 }
@@ -203,6 +210,9 @@ impl Limits {
         }
         if let Some(v) = raw.write_timeout {
             l.write_timeout = v.0;
+        }
+        if let Some(v) = raw.send_queue_bytes {
+            l.send_queue_bytes = v.0;
         }
         l
     }
@@ -596,6 +606,29 @@ impl<'de> Deserialize<'de> for QueueLen {
     }
 }
 
+/// `send_queue_bytes`: a [`ByteSize`] from 1 KiB to 1 GiB. Below 1 KiB
+/// nearly every message would trip the slow-consumer policy; above 1 GiB a
+/// single slow reader could hold that much.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueBytes(pub usize);
+
+impl QueueBytes {
+    pub const MIN: usize = 1 << 10;
+    pub const MAX: usize = 1 << 30;
+}
+
+impl<'de> Deserialize<'de> for QueueBytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let ByteSize(v) = ByteSize::deserialize(d)?;
+        if !(QueueBytes::MIN..=QueueBytes::MAX).contains(&v) {
+            return Err(de::Error::custom(format!(
+                "send_queue_bytes {v} is out of range; use 1KiB to 1GiB (e.g. \"8MiB\")"
+            )));
+        }
+        Ok(QueueBytes(v))
+    }
+}
+
 /// A route path: starts with `/`, no query, fragment or whitespace.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RoutePath(pub String);
@@ -845,5 +878,24 @@ mod tests {
         let l = Limits::default().overlay(&c.raw.routes[0].limits);
         assert_eq!(l.send_queue, 7);
         assert_eq!(l.max_message_size, Limits::default().max_message_size);
+    }
+
+    #[test]
+    fn send_queue_bytes_has_a_finite_default_a_range_and_a_route_override() {
+        assert_eq!(Limits::default().send_queue_bytes, 8 << 20);
+        let c = parse(
+            "[limits]\nsend_queue_bytes = \"4MiB\"\n[[route]]\npath = \"/x\"\nhandler = \"echo\"\n[route.limits]\nsend_queue_bytes = 65536\n",
+        )
+        .unwrap();
+        let server = Limits::default().overlay(&c.raw.limits);
+        assert_eq!(server.send_queue_bytes, 4 << 20);
+        assert_eq!(
+            server.overlay(&c.raw.routes[0].limits).send_queue_bytes,
+            65536
+        );
+        for bad in ["1000", "\"2GiB\"", "0"] {
+            let err = parse(&format!("[limits]\nsend_queue_bytes = {bad}\n")).unwrap_err();
+            assert!(err.to_string().contains("send_queue_bytes"), "{bad}: {err}");
+        }
     }
 }

@@ -15,8 +15,18 @@
 //!   [`Connections`] and pushes onto that connection's bounded queue
 //!   ([`ConnShared`]), waking its session.
 //!
-//! A send of bytes that lie inside the message being handled (an echo)
-//! shares that message's buffer instead of copying it.
+//! Both paths are bounded in messages (`send_queue`) and in payload bytes
+//! (`send_queue_bytes`); past either, the route's slow-consumer policy
+//! applies ([`ConnShared::offer`]). Under `close`, what was queued for the
+//! connection is dropped right then, so a reader that stopped reading does
+//! not hold memory until its write times out.
+//!
+//! Payloads are `Bytes`, so one message can sit in many queues at once:
+//! `broadcast` (ABI 1.2) builds the message once and queues a clone of the
+//! handle to each recipient through [`enqueue`], the per-recipient step
+//! that `send` uses too. A send of bytes that lie inside the message being
+//! handled (an echo, or a chat relaying what it received) shares that
+//! message's buffer instead of copying it.
 #![allow(unsafe_code)]
 
 use std::cell::Cell;
@@ -84,6 +94,7 @@ pub fn new_host_api(
             hs_add_header: crate::handshake::hs_add_header,
             hs_reject: crate::handshake::hs_reject,
             log_level: host_log_level,
+            broadcast: host_broadcast,
         },
         ctx,
     }))
@@ -116,7 +127,9 @@ pub struct ConnShared {
     pub slow_consumer: SlowConsumer,
     /// Queue capacity in messages.
     limit: usize,
-    queue: std::sync::Mutex<std::collections::VecDeque<Message>>,
+    /// Queue capacity in payload bytes (an empty queue takes any message).
+    limit_bytes: usize,
+    queue: std::sync::Mutex<Queue>,
     /// Wakes the session when the queue or the close request changes.
     pub wakeup: Wakeup,
     /// A close the session should perform after draining the queue.
@@ -172,15 +185,42 @@ impl Wakeup {
 /// Why a message could not be queued.
 #[derive(Debug, PartialEq, Eq)]
 pub enum QueueError {
+    /// Past the message or byte bound.
     Full,
+    /// The slow-consumer policy closed the connection; nothing more is taken.
+    Shed,
+}
+
+/// One connection's outgoing messages.
+#[derive(Debug, Default)]
+struct Queue {
+    msgs: std::collections::VecDeque<Message>,
+    /// Payload bytes in `msgs`.
+    bytes: usize,
+    /// Set by [`ConnShared::shed`]: the queue was dropped for good.
+    shed: bool,
+}
+
+/// Whether one more message of `len` bytes fits beside `count` messages of
+/// `bytes` bytes. An empty queue takes any message, so a message larger than
+/// the byte bound is not refused for its size alone (it still needs a
+/// reader that keeps up).
+fn fits(count: usize, bytes: usize, limit: usize, limit_bytes: usize, len: usize) -> bool {
+    count == 0 || (count < limit && bytes.saturating_add(len) <= limit_bytes)
 }
 
 impl ConnShared {
-    pub fn new(owner: u64, limit: usize, slow_consumer: SlowConsumer) -> ConnShared {
+    pub fn new(
+        owner: u64,
+        limit: usize,
+        limit_bytes: usize,
+        slow_consumer: SlowConsumer,
+    ) -> ConnShared {
         ConnShared {
             owner,
             slow_consumer,
             limit,
+            limit_bytes,
             queue: Default::default(),
             wakeup: Default::default(),
             close_request: Default::default(),
@@ -210,37 +250,101 @@ impl ConnShared {
         self.events.swap(0, Ordering::Acquire)
     }
 
-    /// Queues a message for the session to write.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a message for the session to write, within the bounds; no
+    /// policy (see [`ConnShared::offer`]).
     pub fn push(&self, msg: Message) -> Result<(), QueueError> {
         {
-            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            if q.len() >= self.limit {
+            let mut q = self.lock();
+            if q.shed {
+                return Err(QueueError::Shed);
+            }
+            let len = msg.len();
+            if !fits(q.msgs.len(), q.bytes, self.limit, self.limit_bytes, len) {
                 return Err(QueueError::Full);
             }
-            q.push_back(msg);
+            q.bytes += len;
+            q.msgs.push_back(msg);
         }
         self.wakeup.wake();
         Ok(())
     }
 
+    /// Queues one message for connection `conn` and applies the
+    /// slow-consumer policy if it does not fit: the delivery step shared by
+    /// `send`, `broadcast` and anything else that fans a message out (a
+    /// message's payload is a shared `Bytes`, so each recipient gets a cheap
+    /// clone). Returns the ABI status for that one delivery; it never blocks.
+    /// `route` is for the log line.
+    pub fn offer(&self, conn: wshd_conn_id, route: &str, msg: Message) -> i32 {
+        match self.push(msg) {
+            Ok(()) => WSHD_OK,
+            Err(QueueError::Shed) => WSHD_ERR_CLOSED,
+            Err(QueueError::Full) => {
+                if self.slow_consumer == SlowConsumer::Close
+                    && let Some((msgs, bytes)) = self.shed()
+                {
+                    tracing::info!(
+                        conn,
+                        route,
+                        dropped_msgs = msgs,
+                        dropped_bytes = bytes,
+                        "send queue full: closing slow consumer with 1008"
+                    );
+                }
+                WSHD_ERR_BACKPRESSURE
+            }
+        }
+    }
+
+    /// The slow-consumer close: drops (frees) everything queued right away,
+    /// refuses every later message and asks the session to close with 1008;
+    /// only the close frame is left to send. `Some((messages, bytes))`
+    /// dropped, or `None` if the queue was already shed.
+    pub fn shed(&self) -> Option<(usize, usize)> {
+        let dropped = {
+            let mut q = self.lock();
+            if q.shed {
+                return None;
+            }
+            q.shed = true;
+            q.bytes = 0;
+            std::mem::take(&mut q.msgs)
+        };
+        let counts = (dropped.len(), dropped.iter().map(Message::len).sum());
+        // Freed here, outside the lock (a payload shared with other queues
+        // just loses a reference).
+        drop(dropped);
+        self.request_close(1008, "slow consumer");
+        Some(counts)
+    }
+
     /// Moves up to `max` queued messages into `out`.
     pub fn take(&self, out: &mut Vec<Message>, max: usize) {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let n = q.len().min(max);
-        out.extend(q.drain(..n));
-        if q.is_empty() && q.capacity() > 64 {
+        let mut q = self.lock();
+        let n = q.msgs.len().min(max);
+        let start = out.len();
+        out.extend(q.msgs.drain(..n));
+        let taken: usize = out[start..].iter().map(Message::len).sum();
+        q.bytes -= taken;
+        if q.msgs.is_empty() && q.msgs.capacity() > 64 {
             // Give back the memory a burst needed.
-            *q = Default::default();
+            q.msgs = Default::default();
         }
     }
 
     /// Whether messages are waiting.
     pub fn has_queued(&self) -> bool {
-        !self
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
+        !self.lock().msgs.is_empty()
+    }
+
+    /// Messages and payload bytes waiting now.
+    pub fn queued(&self) -> (usize, usize) {
+        let q = self.lock();
+        (q.msgs.len(), q.bytes)
     }
 
     /// Asks the session to drain its queue and close with `code`. The first
@@ -271,11 +375,14 @@ impl ConnShared {
 pub type Connections = DashMap<wshd_conn_id, Arc<ConnShared>>;
 
 /// Messages a callback queued for its own connection (the fast path).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Outbox {
     pub msgs: Vec<Message>,
     /// Capacity before `slow_consumer` applies (the send queue length).
     pub limit: usize,
+    /// Payload bytes before `slow_consumer` applies (`send_queue_bytes`);
+    /// as for the queue, an empty outbox takes any one message.
+    pub limit_bytes: usize,
     /// Set when the limit was hit under the `close` policy.
     pub overflowed: bool,
     /// The connection is gone (during `on_close`): sends to it get
@@ -287,10 +394,29 @@ pub struct Outbox {
     pub span: Option<tracing::Span>,
 }
 
+impl Default for Outbox {
+    /// An outbox with no room (`limit` 0: every send is refused) and no byte
+    /// bound; sessions set both from the route's limits.
+    fn default() -> Outbox {
+        Outbox {
+            msgs: Vec::new(),
+            limit: 0,
+            limit_bytes: usize::MAX,
+            overflowed: false,
+            closed: false,
+            slow_consumer: None,
+            span: None,
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Current {
     conn: wshd_conn_id,
     outbox: *mut Outbox,
+    /// Payload bytes in the outbox, kept here rather than in [`Outbox`]
+    /// because the session empties the outbox between callbacks.
+    outbox_bytes: usize,
     /// The payload of the message being handled (null if none), so a send
     /// of bytes inside it (an echo) can share the buffer instead of copying.
     inbound: *const bytes::Bytes,
@@ -328,6 +454,7 @@ pub fn with_outbox<R>(
     let prev = CURRENT.with(|c| {
         c.replace(Some(Current {
             conn,
+            outbox_bytes: outbox.msgs.iter().map(Message::len).sum(),
             outbox: outbox as *mut Outbox,
             inbound: inbound.map_or(std::ptr::null(), |m| m.payload as *const bytes::Bytes),
             inbound_text: inbound.is_some_and(|m| m.text),
@@ -342,23 +469,58 @@ fn deliver(ctx: &HostCtx, conn: wshd_conn_id, msg: Message) -> i32 {
     if ctx.revoked.load(Ordering::Acquire) {
         return WSHD_ERR_REVOKED;
     }
+    enqueue(ctx, conn, msg)
+}
+
+/// Queues one message for one connection of instance `ctx` (not checking
+/// `revoked`): through the outbox when a callback for `conn` is running on
+/// this thread, so the message stays in order with that callback's other
+/// sends, otherwise through the connection's queue ([`ConnShared::offer`]).
+/// Either way the connection's bounds and slow-consumer policy apply.
+/// Unknown, closed and other instances' connections get `WSHD_ERR_CLOSED`.
+///
+/// The per-recipient step of `send` and `broadcast`; a fan-out calls it with
+/// a clone of one message, whose payload is then shared, not copied.
+pub fn enqueue(ctx: &HostCtx, conn: wshd_conn_id, msg: Message) -> i32 {
     let fast = CURRENT.with(|c| c.get()).filter(|cur| cur.conn == conn);
-    if let Some(cur) = fast {
+    if let Some(mut cur) = fast {
         // SAFETY: `with_outbox` set this pointer from a `&mut Outbox` that
         // outlives the callback, and resets it when the callback returns;
         // host functions never re-enter the handler, so no other reference
         // to the outbox is live while we push.
         let outbox = unsafe { &mut *cur.outbox };
-        if outbox.closed {
+        // After a slow-consumer overflow the connection is closing with 1008.
+        if outbox.closed || outbox.overflowed {
             return WSHD_ERR_CLOSED;
         }
-        if outbox.msgs.len() >= outbox.limit && !matches!(msg, Message::Close(_)) {
+        let len = msg.len();
+        let full = !fits(
+            outbox.msgs.len(),
+            cur.outbox_bytes,
+            outbox.limit,
+            outbox.limit_bytes,
+            len,
+        );
+        if full && !matches!(msg, Message::Close(_)) {
             if outbox.slow_consumer == Some(SlowConsumer::Close) {
+                // The session closes with 1008 when the callback returns
+                // and logs it; what is queued for the connection, here and
+                // in its queue, is dropped now.
                 outbox.overflowed = true;
+                outbox.msgs = Vec::new();
+                cur.outbox_bytes = 0;
+                CURRENT.with(|c| c.set(Some(cur)));
+                if let Some(shared) = ctx.conns.get(&conn).map(|e| e.value().clone())
+                    && shared.owner == ctx.instance
+                {
+                    shared.shed();
+                }
             }
             return WSHD_ERR_BACKPRESSURE;
         }
         outbox.msgs.push(msg);
+        cur.outbox_bytes += len;
+        CURRENT.with(|c| c.set(Some(cur)));
         return WSHD_OK;
     }
     let Some(shared) = ctx.conns.get(&conn).map(|e| e.value().clone()) else {
@@ -373,16 +535,7 @@ fn deliver(ctx: &HostCtx, conn: wshd_conn_id, msg: Message) -> i32 {
         shared.request_close(f.code.into(), &f.reason);
         return WSHD_OK;
     }
-    match shared.push(msg) {
-        Ok(()) => WSHD_OK,
-        Err(QueueError::Full) => {
-            if shared.slow_consumer == SlowConsumer::Close {
-                tracing::info!(conn, route = %ctx.route, "send queue full: closing slow consumer with 1008");
-                shared.request_close(1008, "slow consumer");
-            }
-            WSHD_ERR_BACKPRESSURE
-        }
-    }
+    shared.offer(conn, &ctx.route, msg)
 }
 
 /// Borrows `(ptr, len)` as bytes; NULL with length 0 is the empty slice.
@@ -432,22 +585,98 @@ unsafe extern "C" fn host_send(
     let Some(data) = (unsafe { bytes(data, len) }) else {
         return WSHD_ERR_INVALID;
     };
-    let shared = shared_slice(conn, data);
+    match message(kind, data) {
+        Ok(msg) => deliver(ctx, conn, msg),
+        Err(rc) => rc,
+    }
+}
+
+/// A text or binary message holding `data`: a slice of the inbound message
+/// when `data` lies inside it, otherwise one copy. Text must be UTF-8.
+fn message(kind: u32, data: &[u8]) -> Result<Message, i32> {
+    if kind != WSHD_MSG_TEXT && kind != WSHD_MSG_BINARY {
+        return Err(WSHD_ERR_INVALID);
+    }
+    let shared = shared_slice(data);
     // An echo of (part of) a text message was validated when it arrived.
     let known_utf8 = shared.as_ref().is_some_and(|s| s.utf8);
     if kind == WSHD_MSG_TEXT && !known_utf8 && std::str::from_utf8(data).is_err() {
-        return WSHD_ERR_INVALID;
+        return Err(WSHD_ERR_INVALID);
     }
     let payload = shared.map_or_else(|| bytes::Bytes::copy_from_slice(data), |s| s.bytes);
-    let msg = match kind {
-        WSHD_MSG_TEXT => {
-            // SAFETY: `payload` holds the bytes of `data`, checked to be UTF-8 above.
-            Message::Text(unsafe { tungstenite::Utf8Bytes::from_bytes_unchecked(payload) })
+    Ok(if kind == WSHD_MSG_TEXT {
+        // SAFETY: `payload` holds the bytes of `data`, checked to be UTF-8 above.
+        Message::Text(unsafe { tungstenite::Utf8Bytes::from_bytes_unchecked(payload) })
+    } else {
+        Message::Binary(payload)
+    })
+}
+
+/// Borrows `n` connection ids at `ptr`; (NULL, 0) is empty. `None` for a
+/// NULL or misaligned pointer with `n > 0`, or an impossible `n`.
+///
+/// # Safety
+/// A non-null, aligned `ptr` must be valid for reading `n` ids during the
+/// returned lifetime.
+unsafe fn ids<'a>(ptr: *const wshd_conn_id, n: usize) -> Option<&'a [wshd_conn_id]> {
+    if n == 0 {
+        return Some(&[]);
+    }
+    let fits = n
+        .checked_mul(std::mem::size_of::<wshd_conn_id>())
+        .is_some_and(|b| b <= isize::MAX as usize);
+    if ptr.is_null() || !ptr.is_aligned() || !fits {
+        return None;
+    }
+    // SAFETY: non-null, aligned, the size fits in isize, and the caller
+    // guarantees `n` readable ids.
+    Some(unsafe { std::slice::from_raw_parts(ptr, n) })
+}
+
+/// `broadcast` (ABI 1.2): builds the message once and queues a clone (a new
+/// reference to the same payload) to each listed connection.
+unsafe extern "C" fn host_broadcast(
+    ctx: *mut c_void,
+    conns: *const wshd_conn_id,
+    n: usize,
+    kind: u32,
+    data: *const u8,
+    len: usize,
+    delivered: *mut usize,
+) -> i32 {
+    let report = |count: usize| {
+        if !delivered.is_null() {
+            // SAFETY: the handler lends a writable `size_t` for this call;
+            // unaligned in case it packed it.
+            unsafe { delivered.write_unaligned(count) };
         }
-        WSHD_MSG_BINARY => Message::Binary(payload),
-        _ => return WSHD_ERR_INVALID,
     };
-    deliver(ctx, conn, msg)
+    report(0);
+    // SAFETY: as in host_send.
+    let Some(ctx) = (unsafe { ctx_ref(ctx) }) else {
+        return WSHD_ERR_INVALID;
+    };
+    if ctx.revoked.load(Ordering::Acquire) {
+        return WSHD_ERR_REVOKED;
+    }
+    // SAFETY: the handler lends the id array for this call.
+    let Some(ids) = (unsafe { ids(conns, n) }) else {
+        return WSHD_ERR_INVALID;
+    };
+    // SAFETY: and the payload.
+    let Some(data) = (unsafe { bytes(data, len) }) else {
+        return WSHD_ERR_INVALID;
+    };
+    let msg = match message(kind, data) {
+        Ok(msg) => msg,
+        Err(rc) => return rc,
+    };
+    let count = ids
+        .iter()
+        .filter(|&&id| enqueue(ctx, id, msg.clone()) == WSHD_OK)
+        .count();
+    report(count);
+    WSHD_OK
 }
 
 unsafe extern "C" fn host_ping(
@@ -481,12 +710,11 @@ struct Shared {
     utf8: bool,
 }
 
-/// If `data` lies inside the payload of the message being handled for
-/// `conn` on this thread, the same bytes as a shared slice (no copy).
-fn shared_slice(conn: wshd_conn_id, data: &[u8]) -> Option<Shared> {
-    let cur = CURRENT
-        .with(|c| c.get())
-        .filter(|c| c.conn == conn && !c.inbound.is_null())?;
+/// If `data` lies inside the payload of the message a callback on this
+/// thread is handling, the same bytes as a shared slice (no copy), whichever
+/// connection they are sent to.
+fn shared_slice(data: &[u8]) -> Option<Shared> {
+    let cur = CURRENT.with(|c| c.get()).filter(|c| !c.inbound.is_null())?;
     // SAFETY: `with_outbox` set `inbound` from a reference that outlives the
     // running callback, and clears it when the callback returns.
     let inbound = unsafe { &*cur.inbound };
@@ -674,7 +902,7 @@ mod tests {
     fn send_to_unknown_or_foreign_conn_is_closed() {
         let conns = Arc::new(Connections::default());
         let a = api(&conns);
-        let shared = Arc::new(ConnShared::new(99, 2, SlowConsumer::Error));
+        let shared = Arc::new(ConnShared::new(99, 2, 1 << 20, SlowConsumer::Error));
         conns.insert(5, shared.clone());
         // SAFETY: a valid context and a valid (ptr, len).
         let rc = unsafe { (a.api.send)(a.api.host_ctx, 5, WSHD_MSG_TEXT, b"hi".as_ptr(), 2) };
@@ -689,7 +917,7 @@ mod tests {
     fn queue_full_and_revoked() {
         let conns = Arc::new(Connections::default());
         let a = api(&conns);
-        let shared = Arc::new(ConnShared::new(7, 1, SlowConsumer::Close));
+        let shared = Arc::new(ConnShared::new(7, 1, 1 << 20, SlowConsumer::Close));
         conns.insert(5, shared.clone());
         // SAFETY: valid context and buffers.
         let send = |data: &[u8], kind| unsafe {
@@ -729,8 +957,11 @@ mod tests {
             }
         });
         assert_eq!((r1, r2), (WSHD_OK, WSHD_ERR_BACKPRESSURE));
-        assert_eq!(outbox.msgs, vec![Message::text("a")]);
         assert!(outbox.overflowed);
+        assert!(
+            outbox.msgs.is_empty(),
+            "the close policy drops what was queued; only the 1008 close is sent"
+        );
         assert!(
             CURRENT.with(|c| c.get()).is_none(),
             "reset after the callback"
@@ -825,6 +1056,245 @@ mod tests {
             (a.api.send)(a.api.host_ctx, 5, WSHD_MSG_TEXT, invalid.as_ptr(), 2)
         });
         assert_eq!(rc, WSHD_ERR_INVALID);
+    }
+
+    /// `send` through the table, as a handler would.
+    fn send(a: &HostApiBox, conn: u64, data: &[u8]) -> i32 {
+        // SAFETY: a valid context and a borrowed buffer.
+        unsafe {
+            (a.api.send)(
+                a.api.host_ctx,
+                conn,
+                WSHD_MSG_BINARY,
+                data.as_ptr(),
+                data.len(),
+            )
+        }
+    }
+
+    /// `broadcast` through the table: `(status, delivered)`.
+    fn broadcast(a: &HostApiBox, ids: &[u64], kind: u32, data: &[u8]) -> (i32, usize) {
+        let mut delivered = usize::MAX;
+        // SAFETY: a valid context, borrowed ids and payload, a live out-slot.
+        let rc = unsafe {
+            (a.api.broadcast)(
+                a.api.host_ctx,
+                ids.as_ptr(),
+                ids.len(),
+                kind,
+                data.as_ptr(),
+                data.len(),
+                &mut delivered,
+            )
+        };
+        (rc, delivered)
+    }
+
+    fn taken(shared: &ConnShared) -> Vec<Message> {
+        let mut out = Vec::new();
+        shared.take(&mut out, usize::MAX);
+        out
+    }
+
+    #[test]
+    fn byte_bound_refuses_and_error_policy_keeps_the_queue() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        // Room for 100 messages but only 10 bytes.
+        let shared = Arc::new(ConnShared::new(7, 100, 10, SlowConsumer::Error));
+        conns.insert(5, shared.clone());
+        assert_eq!(send(a, 5, b"123456"), WSHD_OK);
+        assert_eq!(send(a, 5, b"1234"), WSHD_OK, "exactly at the bound");
+        assert_eq!(send(a, 5, b"x"), WSHD_ERR_BACKPRESSURE, "one byte past it");
+        assert_eq!(shared.queued(), (2, 10));
+        assert!(
+            shared.take_close_request().is_none(),
+            "error policy: no close"
+        );
+        assert_eq!(taken(&shared).len(), 2);
+        assert_eq!(shared.queued(), (0, 0), "taking gives the bytes back");
+        // An empty queue takes one message larger than the whole bound.
+        assert_eq!(send(a, 5, &[0; 64]), WSHD_OK);
+        assert_eq!(send(a, 5, b"y"), WSHD_ERR_BACKPRESSURE);
+    }
+
+    #[test]
+    fn slow_consumer_close_drops_the_queue_at_once() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        let shared = Arc::new(ConnShared::new(7, 100, 1000, SlowConsumer::Close));
+        conns.insert(5, shared.clone());
+        let big = bytes::Bytes::from(vec![7u8; 600]);
+        assert_eq!(shared.offer(5, "/t", Message::Binary(big.clone())), WSHD_OK);
+        assert_eq!(
+            shared.offer(5, "/t", Message::Binary(big.clone())),
+            WSHD_ERR_BACKPRESSURE
+        );
+        assert_eq!(shared.queued(), (0, 0), "queued data is freed now");
+        assert_eq!(
+            big.try_into_mut().map(|b| b.len()),
+            Ok(600),
+            "no queue still holds a reference to the payload"
+        );
+        let close = shared.take_close_request().expect("asks for the close");
+        assert_eq!(
+            (u16::from(close.code), close.reason.as_str()),
+            (1008, "slow consumer")
+        );
+        assert_eq!(
+            send(a, 5, b"late"),
+            WSHD_ERR_CLOSED,
+            "nothing more is taken"
+        );
+        assert!(!shared.has_queued());
+        assert_eq!(shared.shed(), None, "shed once");
+    }
+
+    #[test]
+    fn fast_path_obeys_the_byte_bound_and_drops_everything_on_close() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        let shared = Arc::new(ConnShared::new(7, 100, 1000, SlowConsumer::Close));
+        conns.insert(42, shared.clone());
+        assert_eq!(send(a, 42, b"from another thread"), WSHD_OK);
+        let mut outbox = Outbox {
+            limit: 100,
+            limit_bytes: 8,
+            slow_consumer: Some(SlowConsumer::Close),
+            ..Default::default()
+        };
+        let rcs = with_outbox(42, &mut outbox, None, || {
+            [
+                send(a, 42, b"12345"),
+                send(a, 42, b"123"),
+                send(a, 42, b"1"),
+                send(a, 42, b"2"),
+            ]
+        });
+        assert_eq!(
+            rcs,
+            [WSHD_OK, WSHD_OK, WSHD_ERR_BACKPRESSURE, WSHD_ERR_CLOSED],
+            "8 bytes fit, the 9th overflows, then the connection is closing"
+        );
+        assert!(
+            outbox.overflowed && outbox.msgs.is_empty(),
+            "outbox dropped"
+        );
+        assert_eq!(shared.queued(), (0, 0), "and the queue too");
+
+        // Error policy: refused, nothing dropped; the next callback starts
+        // from what the session left in the outbox.
+        let mut outbox = Outbox {
+            limit: 100,
+            limit_bytes: 8,
+            slow_consumer: Some(SlowConsumer::Error),
+            ..Default::default()
+        };
+        let rcs = with_outbox(43, &mut outbox, None, || {
+            [send(a, 43, b"12345678"), send(a, 43, b"9")]
+        });
+        assert_eq!(rcs, [WSHD_OK, WSHD_ERR_BACKPRESSURE]);
+        let rc = with_outbox(43, &mut outbox, None, || send(a, 43, b"9"));
+        assert_eq!(
+            rc, WSHD_ERR_BACKPRESSURE,
+            "still full: the session did not write"
+        );
+        assert!(!outbox.overflowed);
+    }
+
+    #[test]
+    fn broadcast_stores_the_payload_once_and_each_recipient_has_its_own_bounds() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        let fast = Arc::new(ConnShared::new(7, 100, 1 << 20, SlowConsumer::Close));
+        let slow = Arc::new(ConnShared::new(7, 1, 1 << 20, SlowConsumer::Close));
+        let foreign = Arc::new(ConnShared::new(99, 100, 1 << 20, SlowConsumer::Close));
+        conns.insert(1, fast.clone());
+        conns.insert(2, slow.clone());
+        conns.insert(3, foreign.clone());
+        assert_eq!(
+            send(a, 2, b"backlog"),
+            WSHD_OK,
+            "conn 2's queue is now full"
+        );
+        let payload = vec![b'x'; 4096];
+        let (rc, n) = broadcast(a, &[1, 2, 3, 4, 1], WSHD_MSG_TEXT, &payload);
+        assert_eq!(
+            (rc, n),
+            (WSHD_OK, 2),
+            "conn 1 twice; full, foreign and unknown skipped"
+        );
+        let got = taken(&fast);
+        let ptrs: Vec<*const u8> = got.iter().map(|m| m.clone().into_data().as_ptr()).collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(ptrs[0], ptrs[1], "one stored copy, shared");
+        assert!(got.iter().all(|m| m.len() == 4096));
+        assert!(
+            slow.take_close_request().is_some(),
+            "the slow one is closed"
+        );
+        assert_eq!(slow.queued(), (0, 0));
+        assert!(!foreign.has_queued());
+
+        assert_eq!(
+            broadcast(a, &[1], WSHD_MSG_TEXT, &[0xff]),
+            (WSHD_ERR_INVALID, 0)
+        );
+        assert_eq!(broadcast(a, &[1], 9, b"x"), (WSHD_ERR_INVALID, 0));
+        // SAFETY: a NULL id array with a nonzero count is refused unread.
+        let rc = unsafe {
+            (a.api.broadcast)(
+                a.api.host_ctx,
+                std::ptr::null(),
+                3,
+                WSHD_MSG_TEXT,
+                b"x".as_ptr(),
+                1,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, WSHD_ERR_INVALID);
+        assert!(!fast.has_queued(), "a refused call queues nothing");
+        a.ctx.revoke();
+        assert_eq!(
+            broadcast(a, &[1], WSHD_MSG_TEXT, b"x"),
+            (WSHD_ERR_REVOKED, 0)
+        );
+    }
+
+    #[test]
+    fn broadcast_from_a_callback_keeps_the_callers_order_and_shares_the_inbound_buffer() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        let other = Arc::new(ConnShared::new(7, 100, 1 << 20, SlowConsumer::Close));
+        conns.insert(2, other.clone());
+        let inbound = bytes::Bytes::from_static(b"relay me");
+        let mut outbox = Outbox {
+            limit: 100,
+            limit_bytes: 1 << 20,
+            ..Default::default()
+        };
+        let text = Inbound {
+            payload: &inbound,
+            text: true,
+        };
+        with_outbox(1, &mut outbox, Some(text), || {
+            assert_eq!(send(a, 1, b"before"), WSHD_OK);
+            assert_eq!(broadcast(a, &[2, 1], WSHD_MSG_TEXT, &inbound), (WSHD_OK, 2));
+            assert_eq!(send(a, 1, b"after"), WSHD_OK);
+        });
+        let order: Vec<Vec<u8>> = outbox
+            .msgs
+            .iter()
+            .map(|m| m.clone().into_data().to_vec())
+            .collect();
+        assert_eq!(order, [&b"before"[..], b"relay me", b"after"]);
+        let relayed = taken(&other).remove(0).into_data();
+        assert_eq!(
+            relayed.as_ptr(),
+            inbound.as_ptr(),
+            "no copy of the inbound message"
+        );
     }
 
     #[test]

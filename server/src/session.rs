@@ -108,6 +108,7 @@ pub async fn open(
     let shared = Arc::new(ConnShared::new(
         inst.id,
         route.limits.send_queue,
+        route.limits.send_queue_bytes,
         route.limits.slow_consumer,
     ));
     server.conns.insert(id, shared.clone());
@@ -125,6 +126,7 @@ pub async fn open(
     let outbox = Outbox {
         msgs: Vec::new(),
         limit: route.limits.send_queue,
+        limit_bytes: route.limits.send_queue_bytes,
         overflowed: false,
         slow_consumer: Some(route.limits.slow_consumer),
         span: Some(span.clone()),

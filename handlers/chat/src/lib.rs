@@ -1,6 +1,9 @@
 //! `chat`: one chat room per route. Every message (text or binary) a member
 //! sends is broadcast to every connection of the room, the sender included,
-//! through the thread-safe host API. Joins and leaves are logged at info.
+//! with one `Host::broadcast_ids` call: the server stores the message once
+//! (here, not even once: it shares the buffer the message arrived in) and
+//! queues a reference to it for each member, so a room of N members costs
+//! one copy per message, not N. Joins and leaves are logged at info.
 //!
 //! Build: `cargo build --release -p chat-handler` → `target/release/libchat_wsh.so`
 //! (serves the handler named `chat`).
@@ -17,15 +20,16 @@
 //! ```
 //!
 //! A member whose send queue is full misses that message (it is a slow
-//! reader; the others must not wait for it).
+//! reader; the others must not wait for it). Under the server's default
+//! `slow_consumer = "close"` policy it is then closed with 1008 and leaves
+//! the room.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeSet;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use wshd_handler_api::{
-    Conn, Handler, HandshakeRequest, HandshakeResponse, Host, Message, SendError, export_handler,
-    log,
+    Conn, Handler, HandshakeRequest, HandshakeResponse, Host, Message, export_handler, log,
 };
 
 /// The room size when the route config does not set `max_members`.
@@ -128,17 +132,18 @@ impl Handler for Chat {
     }
 
     fn message(&self, _state: &mut (), _conn: Conn, msg: Message<'_>) -> Result<(), String> {
-        // Host sends never block and never call back, so holding the read
-        // lock while sending is fine.
-        for &id in self.members().iter() {
-            match self.host.conn(id).send(msg) {
-                // Closed: the member is leaving; its close removes it.
-                Ok(()) | Err(SendError::Closed) => {}
-                Err(SendError::Backpressure) => {
-                    log::debug!("chat: conn {id} is slow; dropped a message for it")
-                }
-                Err(e) => log::warn!("chat: sending to conn {id} failed: {e}"),
-            }
+        // Copy the ids out rather than hold the lock across the host call,
+        // so joins and leaves never wait on a broadcast.
+        let ids: Vec<u64> = self.members().iter().copied().collect();
+        // Members that are leaving (closed) or too slow (full queue) are
+        // skipped by the host; the slow ones are closed by its policy.
+        match self.host.broadcast_ids(&ids, msg) {
+            Ok(reached) if reached < ids.len() => log::debug!(
+                "chat: message reached {reached} of {} members (others slow or leaving)",
+                ids.len()
+            ),
+            Ok(_) => {}
+            Err(e) => log::warn!("chat: broadcast failed: {e}"),
         }
         Ok(())
     }
@@ -161,6 +166,7 @@ export_handler!(Chat);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wshd_handler_api::SendError;
     use wshd_handler_api::testing::{Handshake, Sent, TestHost, exported};
 
     fn text(s: &str) -> Sent {
@@ -180,6 +186,11 @@ mod tests {
             );
         }
         assert!(t.logs_contain(&format!("chat: conn {} joined (3 members)", c.id())));
+        assert_eq!(
+            t.broadcasts(),
+            2,
+            "one broadcast per message, not one send per member"
+        );
     }
 
     #[test]
@@ -204,6 +215,7 @@ mod tests {
         t.set_send_error(Some(SendError::Backpressure));
         t.message(a, Message::Text("x")).unwrap();
         assert!(t.is_open(a));
+        assert!(t.logs_contain("chat: message reached 0 of 1 members"));
     }
 
     #[test]

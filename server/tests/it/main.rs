@@ -7,4 +7,5 @@ mod fuzz;
 mod lifecycle;
 mod reload;
 mod security_config;
+mod security_send;
 mod serving;
