@@ -184,6 +184,13 @@ impl PrivateDir {
     /// the same trust check as the handler directory.
     pub fn create(parent: &Path) -> std::io::Result<PrivateDir> {
         use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        if !parent.is_dir() {
+            return Err(std::io::Error::other(format!(
+                "state_dir {} is not a directory; create it (owned by wshd's user, mode 0755 or \
+                 stricter) or point state_dir elsewhere",
+                parent.display()
+            )));
+        }
         let mut dirs = crate::trust::DirCache::default();
         dirs.check_dirs_of(&parent.join("x")).map_err(|e| {
             std::io::Error::other(format!(
@@ -704,4 +711,33 @@ fn read_descriptor(ptr: *const wshd_descriptor, source: &Path) -> Result<Descrip
             destroy: d.destroy,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn private_dir_is_fresh_private_and_removed_on_drop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let parent = tmp.path().join("state");
+        std::fs::create_dir(&parent).unwrap();
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let a = PrivateDir::create(&parent).unwrap();
+        let b = PrivateDir::create(&parent).unwrap();
+        assert_ne!(a.path(), b.path(), "names are drawn at random");
+        let m = std::fs::symlink_metadata(a.path()).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.mode() & 0o777, 0o700);
+        let kept = a.path().to_owned();
+        drop(a);
+        assert!(!kept.exists());
+
+        // A parent others may write (without the sticky bit) is refused.
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = PrivateDir::create(&parent).unwrap_err().to_string();
+        assert!(e.contains("writable by group and others"), "{e}");
+        assert!(PrivateDir::create(&tmp.path().join("missing")).is_err());
+    }
 }
