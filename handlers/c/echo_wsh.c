@@ -38,11 +38,23 @@
  *
  *   -DWSHD_TAKE_KEYS=N    init takes N pthread keys and never frees them, as
  *                         N versions of a Rust handler would
+ *
+ * For the server's crash tests (handler code that ends the process):
+ *
+ *   -DWSHD_TEST_EXIT_IN_CTOR  a constructor calls exit(0) during dlopen
+ *   -DWSHD_TEST_CRASH         on_message ends the process on magic texts:
+ *                             "exit" calls exit(0), "segv" stores through an
+ *                             invalid pointer (SIGSEGV), "abort" calls
+ *                             abort(), "thread-exit" starts a thread that
+ *                             calls exit(0)
  */
 #include <stdlib.h>
 #include <string.h>
-#if defined(WSHD_TAKE_KEYS)
+#if defined(WSHD_TAKE_KEYS) || defined(WSHD_TEST_CRASH)
 #include <pthread.h>
+#endif
+#if defined(WSHD_TEST_CRASH)
+#include <stdint.h>
 #endif
 
 #include "wshd_handler.h"
@@ -143,11 +155,49 @@ static int32_t echo_send(const wshd_host_api *host, wshd_conn_id conn, uint32_t 
   return rc;
 }
 
+#if defined(WSHD_TEST_EXIT_IN_CTOR)
+__attribute__((constructor)) static void exit_in_ctor(void) { exit(0); }
+#endif
+
+#if defined(WSHD_TEST_CRASH)
+/* volatile, so the compiler cannot see the address is bad and emit a trap
+ * (SIGILL) instead of the store. */
+static volatile uintptr_t bad_address = 16;
+
+static void *exit_from_thread(void *arg) {
+  (void)arg;
+  exit(0);
+}
+
+#define IS(lit) (len == sizeof(lit) - 1 && memcmp(data, lit, len) == 0)
+static void maybe_crash(const uint8_t *data, size_t len) {
+  if (IS("exit")) {
+    exit(0);
+  }
+  if (IS("segv")) {
+    *(volatile int *)bad_address = 1;
+  }
+  if (IS("abort")) {
+    abort();
+  }
+  if (IS("thread-exit")) {
+    pthread_t t;
+    if (pthread_create(&t, NULL, exit_from_thread, NULL) == 0) {
+      pthread_join(t, NULL); /* never returns: the thread ends the process */
+    }
+  }
+}
+#undef IS
+#endif
+
 static int32_t echo_on_message(void *handler, void *conn_state, wshd_conn_id conn, uint32_t kind,
                                const uint8_t *data, size_t len) {
   const echo_handler *h = (const echo_handler *)handler;
   int32_t rc;
   (void)conn_state; /* no on_open, so always NULL */
+#if defined(WSHD_TEST_CRASH)
+  maybe_crash(data, len);
+#endif
   rc = echo_send(h->host, conn, kind, data, len);
   if (rc == WSHD_ERR_CLOSED) {
     return WSHD_OK; /* the peer is gone; on_close is on its way */

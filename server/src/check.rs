@@ -1,7 +1,7 @@
 //! `wshd -t` (`--check-config`) and `wshd --list`: load the config and every
-//! handler the way startup would, in a private scratch directory, print what
-//! would be served and every problem, and exit. Nothing is sent to a running
-//! server.
+//! handler the way startup would (the same loader: sealed memfds, or a fresh
+//! private directory that is removed afterwards), print what would be served
+//! and every problem, and exit. Nothing is sent to a running server.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,17 +16,10 @@ use crate::settings::Settings;
 
 /// Runs the check; `list` prints the route table even when all is well.
 pub async fn run(settings: &Settings, list: bool) -> ExitCode {
-    let scratch = std::env::temp_dir().join(format!("wshd-check-{}", std::process::id()));
-    let code = check(settings, list, &scratch).await;
-    let _ = std::fs::remove_dir_all(&scratch);
-    code
-}
-
-async fn check(settings: &Settings, list: bool, scratch: &std::path::Path) -> ExitCode {
-    let loader = match Loader::new(scratch.to_owned()) {
+    let loader = match Loader::new(settings.state_dir.as_deref()) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("wshd: cannot create {}: {e}", scratch.display());
+            eprintln!("wshd: cannot set up the handler loader: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -69,4 +69,8 @@ pub struct Args {
     /// Do not watch the handler directory and config file (SIGHUP still reloads).
     #[arg(long = "no-watch")]
     pub no_watch: bool,
+
+    /// Load handler files even if they or their directories are writable by others or owned by another user (logs a warning at every load).
+    #[arg(long = "allow-insecure-handler-dir")]
+    pub allow_insecure_handler_dir: bool,
 }

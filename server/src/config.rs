@@ -60,7 +60,8 @@ pub struct RawConfig {
     pub log_file: Option<PathBuf>,
     /// Write the server's pid here.
     pub pid_file: Option<PathBuf>,
-    /// Private directory for the loader's copies of handler files.
+    /// Parent of the loader's private fallback directory, used only where
+    /// handler code cannot be loaded from sealed memfds.
     pub state_dir: Option<PathBuf>,
     /// Worker threads that serve connections (default: one per core).
     pub workers: Option<Spanned<Count>>,
@@ -76,6 +77,10 @@ pub struct RawConfig {
     /// Routes added on top of the scanned ones.
     #[serde(default, rename = "route")]
     pub routes: Vec<RawRoute>,
+    /// Load handler files that fail the ownership/permission check (with a
+    /// warning at every load) instead of refusing them.
+    #[serde(default)]
+    pub allow_insecure_handler_dir: bool,
 }
 
 /// `[limits]` and `[route.limits]`: every field optional so a route can

@@ -26,7 +26,7 @@ use wshd_handler_api::abi::*;
 use crate::error::{InitError, status_name};
 use crate::handshake::{HandshakeBuilder, HandshakeInput};
 use crate::host_api::{Connections, HostApiBox, Outbox, new_host_api, with_outbox};
-use crate::loader::Library;
+use crate::loader::{Callback, Library};
 
 /// Concurrent callbacks of one MAY_BLOCK instance on the blocking pool.
 pub const BLOCKING_PER_INSTANCE: usize = 64;
@@ -96,11 +96,13 @@ impl Instance {
         let id = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
         let host = new_host_api(id, lib.desc.name.as_str().into(), route.clone(), conns);
         let mut out: *mut c_void = std::ptr::null_mut();
+        let running = lib.enter(Callback::Init);
         // SAFETY: `init` comes from a validated descriptor; the host table is
         // leaked (valid forever) and the config text outlives the call.
         let rc = unsafe {
             (lib.desc.callbacks.init)(&host.api, wshd_str::from_str(&config_text), &mut out)
         };
+        drop(running);
         let handler = lib.desc.name.clone();
         if rc != WSHD_OK {
             host.ctx.revoke();
@@ -158,7 +160,8 @@ impl Instance {
             return HandshakeBuilder::default();
         };
         let handler = self.handler;
-        self.dispatch(move |_| {
+        self.dispatch(move |this| {
+            let _running = this.lib.enter(Callback::OnHandshake);
             let mut b = HandshakeBuilder {
                 n_offered: input.subprotocols.len(),
                 ..Default::default()
@@ -196,7 +199,8 @@ impl Instance {
             return (Ok(ConnState(std::ptr::null_mut())), outbox);
         };
         let handler = self.handler;
-        self.dispatch(move |_| {
+        self.dispatch(move |this| {
+            let _running = this.lib.enter(Callback::OnOpen);
             let mut state: *mut c_void = std::ptr::null_mut();
             // SAFETY: callback from a validated descriptor; `state` is a
             // valid out-pointer for the call.
@@ -232,6 +236,7 @@ impl Instance {
             payload,
             text: kind == WSHD_MSG_TEXT,
         };
+        let _running = self.lib.enter(Callback::OnMessage);
         // SAFETY: callback from a validated descriptor; `data` is borrowed
         // for the call and text payloads were UTF-8-validated by tungstenite.
         with_outbox(conn, outbox, Some(inbound), || unsafe {
@@ -304,7 +309,8 @@ impl Instance {
             return;
         };
         let handler = self.handler;
-        self.dispatch(move |_| {
+        self.dispatch(move |this| {
+            let _running = this.lib.enter(Callback::OnClose);
             // The outbox only carries the span for handler log lines; the
             // connection is gone, so sends to it get WSHD_ERR_CLOSED.
             let mut gone = Outbox {
@@ -346,8 +352,10 @@ impl Drop for Instance {
         let ctx = self.host.ctx;
         let what = self.describe();
         let route = self.route.clone();
+        let lib = self.lib.clone();
         let run = move || {
             if let Some(destroy) = destroy {
+                let _running = lib.enter(Callback::Destroy);
                 // SAFETY: the last reference is gone, so every on_close has
                 // returned and no other callback can run; destroy is called
                 // exactly once.

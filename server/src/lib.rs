@@ -18,8 +18,11 @@
 //! * [`registry`]: loaded versions and instances; reconciles the handler
 //!   directory and config into a new route table.
 //! * [`scan`]: finds `NAME_wsh.so` files.
-//! * [`loader`] + [`elf`]: private copies, ELF checks, `dlopen`, descriptor
-//!   validation.
+//! * [`loader`] + [`elf`]: sealed memfds (or a private fallback directory),
+//!   ELF checks, `dlopen`, descriptor validation.
+//! * [`trust`]: StrictModes-like owner/mode checks of handler files and
+//!   their directories.
+//! * [`crash`]: handler `exit()` and fatal signals end the process loudly.
 //! * [`instance`]: one `init` of a handler for a route; the only caller of
 //!   handler callbacks.
 //! * [`host_api`] + [`handshake`]: the function table handlers call.
@@ -27,11 +30,13 @@
 //! * [`logging`]: tracing setup and log reopening; [`logsafe`]: escaping
 //!   client-controlled values before they are logged.
 //!
-//! `unsafe` lives only in `loader`, `instance`, `host_api` and `handshake`.
+//! `unsafe` lives only in `loader`, `instance`, `host_api`, `handshake`,
+//! `crash` (signal handlers, `atexit`) and `trust` (`geteuid`, `getpwuid_r`).
 
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod crash;
 pub mod elf;
 pub mod error;
 pub mod handshake;
@@ -49,5 +54,6 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod static_files;
+pub mod trust;
 pub mod workers;
 pub mod ws;

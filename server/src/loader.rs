@@ -4,11 +4,32 @@
 //! This is the only module that calls `dlopen`. The rules it follows come from
 //! measurements on this kind of machine (see `notes/abi-and-reload.md`):
 //!
-//! * It never opens the watched file. The bytes are copied to a private,
-//!   never-reused path first: overwriting a mapped `.so` crashes the process
-//!   with SIGBUS, and `dlopen` of a path glibc has seen before returns the old,
-//!   stale object.
-//! * The copy is checked to be a complete ELF file ([`crate::elf`]), because
+//! * It never opens the watched file. The verified bytes (the ones that were
+//!   hashed, read from the descriptor the trust check looked at) are put in
+//!   an anonymous **sealed memory file** (`memfd_create`, then
+//!   `F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL`), and
+//!   `dlopen` opens `/proc/self/fd/N`. No path anyone else can reach ever
+//!   holds the code, the bytes cannot change once sealed (overwriting a
+//!   mapped `.so` would crash with SIGBUS), and nothing is left on disk after
+//!   a crash or SIGKILL. Each memfd is a new inode, so glibc never hands back
+//!   a stale object for a new version.
+//! * The memfd is **never closed**. glibc finds an already-loaded object by
+//!   the name it was opened under before it looks at the inode, and the
+//!   library is never unloaded (below): if fd N were closed and reused for a
+//!   later version, `dlopen("/proc/self/fd/N")` would return the old,
+//!   stale object. Keeping it costs one descriptor per version ever loaded,
+//!   which lives exactly as long as the mapping does anyway and is bounded by
+//!   the pthread-key budget below (about 1000 versions). The memory is the
+//!   same either way: a mapped memfd keeps all its pages until exit.
+//! * Only where memfds are refused (no `memfd_create`, `vm.memfd_noexec`, an
+//!   LSM forbidding executable mappings of them; probed once at startup) does
+//!   it fall back to a private directory: a fresh random name under
+//!   `state_dir` (default: the temp dir) created with `mkdir` (which fails on
+//!   any existing name, so a directory someone prepared is never used), mode
+//!   0700, owner checked after creation, removed when the loader is dropped.
+//!   Each copy gets a never-reused name there. The log says which mode is in
+//!   use.
+//! * The bytes are checked to be a complete ELF file ([`crate::elf`]), because
 //!   `dlopen` of a truncated file dies with SIGBUS instead of failing.
 //! * It opens with `RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE`: missing symbols
 //!   fail the load rather than a later call, two versions of one handler do
@@ -22,14 +43,20 @@
 //!   aborts the whole server ("out of TLS keys", after about 1000 reloads).
 //!   So a load needs [`KEY_RESERVE`] keys still free, and fewer than
 //!   [`KEY_WARNING`] left after a load is logged as a warning to restart.
+//! * While `dlopen` runs the library's constructors, and while its callbacks
+//!   run, the thread is marked with a preformatted [`crash::Label`], so an
+//!   `exit()` or a fatal signal from handler code names the handler
+//!   ([`crate::crash`]).
 #![allow(unsafe_code)]
 
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use wshd_handler_api::abi::*;
 
+use crate::crash::{self, Label};
 use crate::elf;
 use crate::error::LoadError;
 
@@ -41,14 +68,50 @@ pub struct Library {
     pub generation: u64,
     /// The watched file this version came from.
     pub source: PathBuf,
-    /// The private copy that was actually opened.
-    pub copy: PathBuf,
+    /// The path `dlopen` was given: `/proc/self/fd/N` of the sealed memfd,
+    /// or the private copy in fallback mode.
+    pub opened: PathBuf,
     /// sha256 of the file's bytes, hex.
     pub hash: String,
     /// What the descriptor said, copied out of the library.
     pub desc: Descriptor,
+    /// One preformatted crash label per callback ([`Callback`]).
+    labels: [Label; 6],
     /// Keeps the handle; with RTLD_NODELETE dropping it never unmaps.
     _lib: libloading::os::unix::Library,
+}
+
+/// The handler callbacks, for crash labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Callback {
+    Init,
+    OnHandshake,
+    OnOpen,
+    OnMessage,
+    OnClose,
+    Destroy,
+}
+
+impl Callback {
+    const ALL: [Callback; 6] = [
+        Callback::Init,
+        Callback::OnHandshake,
+        Callback::OnOpen,
+        Callback::OnMessage,
+        Callback::OnClose,
+        Callback::Destroy,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Callback::Init => "init",
+            Callback::OnHandshake => "on_handshake",
+            Callback::OnOpen => "on_open",
+            Callback::OnMessage => "on_message",
+            Callback::OnClose => "on_close",
+            Callback::Destroy => "destroy",
+        }
+    }
 }
 
 /// The validated contents of a handler's descriptor.
@@ -89,12 +152,180 @@ impl Library {
     pub fn short_hash(&self) -> &str {
         &self.hash[..12]
     }
+
+    /// Marks this thread as running `cb` of this library until the guard
+    /// drops, so a crash or `exit()` in it names the handler.
+    pub fn enter(&self, cb: Callback) -> crash::Guard {
+        crash::enter(&self.labels[cb as usize])
+    }
 }
 
-/// Loads handler files into a private directory of copies.
+/// Where verified bytes are put for `dlopen`.
+#[derive(Debug)]
+enum Storage {
+    /// Sealed anonymous memory files.
+    Memfd,
+    /// The fallback: a private directory of copies, and why memfd was not
+    /// used.
+    Dir(PrivateDir, String),
+}
+
+/// The fallback's private directory: created fresh, removed on drop.
+#[derive(Debug)]
+pub struct PrivateDir {
+    path: PathBuf,
+}
+
+impl PrivateDir {
+    /// Creates `PARENT/wshd-<random>` with mode 0700. `mkdir` fails if the
+    /// name exists (a directory, a file or a symlink), so nothing prepared by
+    /// someone else is ever used; a collision just draws another name. The
+    /// owner and mode are checked after creation, and the parent must pass
+    /// the same trust check as the handler directory.
+    pub fn create(parent: &Path) -> std::io::Result<PrivateDir> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        if !parent.is_dir() {
+            return Err(std::io::Error::other(format!(
+                "state_dir {} is not a directory; create it (owned by wshd's user, mode 0755 or \
+                 stricter) or point state_dir elsewhere",
+                parent.display()
+            )));
+        }
+        let mut dirs = crate::trust::DirCache::default();
+        dirs.check_dirs_of(&parent.join("x")).map_err(|e| {
+            std::io::Error::other(format!(
+                "cannot keep handler copies under {}: {e}",
+                parent.display()
+            ))
+        })?;
+        for _ in 0..16 {
+            let path = parent.join(format!("wshd-{:016x}", random_u64()?));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+            let dir = PrivateDir { path };
+            let m = std::fs::symlink_metadata(&dir.path)?;
+            if !m.is_dir() || m.uid() != crate::trust::euid() || m.mode() & 0o077 != 0 {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a private directory right after creating it (owner uid {}, mode {:o}); \
+                     something else is writing {}: choose another state_dir",
+                    dir.path.display(),
+                    m.uid(),
+                    m.mode() & 0o7777,
+                    parent.display()
+                )));
+            }
+            return Ok(dir);
+        }
+        Err(std::io::Error::other(format!(
+            "16 random names in {} were all taken; something is filling it",
+            parent.display()
+        )))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn random_u64() -> std::io::Result<u64> {
+    let mut b = [0u8; 8];
+    // SAFETY: the buffer is valid for 8 bytes; flags 0 = urandom source,
+    // which never blocks after boot.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::from_ne_bytes(b))
+}
+
+/// Whether this process may `dlopen` from a memfd: one is created and a
+/// page of it mapped executable, which is what `dlopen` does. `Err` says
+/// why not.
+fn probe_memfd() -> Result<(), String> {
+    let fd = create_memfd("wshd-probe").map_err(|e| format!("memfd_create failed: {e}"))?;
+    // SAFETY: `fd` is a valid descriptor we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), 4096) } != 0 {
+        return Err(format!(
+            "cannot size a memfd: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a fresh private mapping of a 4096-byte file we own; unmapped
+    // below and never touched.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!(
+            "executable mappings of memfds are refused ({}; vm.memfd_noexec or a security module)",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: `p` is the 4096-byte mapping made above.
+    unsafe { libc::munmap(p, 4096) };
+    let proc_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    std::fs::metadata(&proc_path)
+        .map_err(|e| format!("{proc_path} is not reachable (is /proc mounted?): {e}"))?;
+    Ok(())
+}
+
+/// `memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_EXEC)`.
+/// `MFD_EXEC` (Linux 6.3+) asks for an executable memfd explicitly, which
+/// `vm.memfd_noexec = 1` needs; older kernels reject the flag with EINVAL
+/// and are asked again without it.
+fn create_memfd(name: &str) -> std::io::Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name.replace('\0', "_")).expect("no NUL");
+    let base = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    for flags in [base | libc::MFD_EXEC, base] {
+        // SAFETY: `cname` is a valid NUL-terminated string.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: memfd_create returned a new descriptor we own.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+    }
+    Err(std::io::Error::last_os_error())
+}
+
+/// Writes `bytes` into a new memfd and seals it against any change.
+fn sealed_memfd(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> {
+    use std::io::Write;
+    let fd = create_memfd(name)?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(bytes)?;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own, with an integer argument.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(OwnedFd::from(f))
+}
+
+/// Loads handler files from sealed memfds (or, where those are refused, a
+/// private directory of copies).
 #[derive(Debug)]
 pub struct Loader {
-    state_dir: PathBuf,
+    storage: Storage,
     next_generation: AtomicU64,
     /// Libraries opened since start; all stay mapped until exit.
     mapped: AtomicU64,
@@ -112,19 +343,48 @@ pub const KEY_WARNING: usize = 128;
 static DLOPEN_LOCK: Mutex<()> = Mutex::new(());
 
 impl Loader {
-    /// A loader whose copies live in `state_dir` (created if missing).
-    pub fn new(state_dir: PathBuf) -> std::io::Result<Loader> {
-        std::fs::create_dir_all(&state_dir)?;
+    /// A loader using memfds if this process may, else a fresh private
+    /// directory under `fallback_parent` (default: the temp dir). The
+    /// environment variable `WSHD_LOADER=dir` forces the fallback (for tests
+    /// and for diagnosing a host).
+    pub fn new(fallback_parent: Option<&Path>) -> std::io::Result<Loader> {
+        let why = match std::env::var("WSHD_LOADER").as_deref() {
+            Ok("dir") => Err("WSHD_LOADER=dir is set".to_string()),
+            _ => probe_memfd(),
+        };
+        let storage = match why {
+            Ok(()) => Storage::Memfd,
+            Err(why) => {
+                let parent = fallback_parent
+                    .map(Path::to_owned)
+                    .unwrap_or_else(std::env::temp_dir);
+                Storage::Dir(PrivateDir::create(&parent)?, why)
+            }
+        };
         Ok(Loader {
-            state_dir,
+            storage,
             next_generation: AtomicU64::new(1),
             mapped: AtomicU64::new(0),
         })
     }
 
-    /// The directory of private copies.
-    pub fn state_dir(&self) -> &Path {
-        &self.state_dir
+    /// The fallback directory, if memfds are not used.
+    pub fn private_dir(&self) -> Option<&Path> {
+        match &self.storage {
+            Storage::Memfd => None,
+            Storage::Dir(d, _) => Some(d.path()),
+        }
+    }
+
+    /// One line for the startup log: how handler code is loaded.
+    pub fn describe(&self) -> String {
+        match &self.storage {
+            Storage::Memfd => "handler libraries load from sealed memory files (memfd); nothing is written to disk".into(),
+            Storage::Dir(d, why) => format!(
+                "handler libraries load from private copies in {} (mode 0700, removed at exit): memfd loading is not available: {why}",
+                d.path().display()
+            ),
+        }
     }
 
     /// Validates and loads `bytes`, read from `source` and hashing to `hash`.
@@ -148,24 +408,49 @@ impl Loader {
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or("handler");
-        let copy = self
-            .state_dir
-            .join(format!("{stem}-{generation}-{}.so", &hash[..16]));
-        write_copy(&copy, bytes).map_err(|e| LoadError::Io {
-            path: copy.clone(),
-            source: e,
-        })?;
+        let opened = match &self.storage {
+            Storage::Memfd => {
+                let name = format!("{stem}-{generation}");
+                let fd = sealed_memfd(&name, bytes).map_err(|e| LoadError::Io {
+                    path: PathBuf::from(format!("memfd:{name}")),
+                    source: e,
+                })?;
+                // Never closed: see the module doc (fd reuse would make
+                // glibc return a stale object for a later version).
+                let fd = fd.into_raw_fd();
+                PathBuf::from(format!("/proc/self/fd/{fd}"))
+            }
+            Storage::Dir(dir, _) => {
+                let copy = dir
+                    .path()
+                    .join(format!("{stem}-{generation}-{}.so", &hash[..16]));
+                write_copy(&copy, bytes).map_err(|e| LoadError::Io {
+                    path: copy.clone(),
+                    source: e,
+                })?;
+                copy
+            }
+        };
 
+        let loading = Label::new(&format!(
+            "handler file {} (sha256 {}, generation {generation}) while dlopen ran its constructors; \
+             its version is not known yet",
+            source.display(),
+            &hash[..12]
+        ));
+        let _running = crash::enter(&loading);
         let lib = {
             let _guard = DLOPEN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-            // SAFETY: opening a library runs its initialisers. The file is our
-            // private copy, which nothing else writes, and it passed the ELF
-            // bounds check, so the loader cannot fault on a truncated mapping.
-            // Running handler code is the purpose of this server: handlers are
-            // trusted code, as modules are in nginx or Envoy.
+            // SAFETY: opening a library runs its initialisers. The bytes are
+            // a sealed memfd or our private copy, which nothing else can
+            // write, and they passed the ELF bounds check, so the loader
+            // cannot fault on a truncated mapping. Running handler code is
+            // the purpose of this server: handlers are trusted code, as
+            // modules are in nginx or Envoy, and the trust check (trust.rs)
+            // keeps files others could write out.
             unsafe {
                 libloading::os::unix::Library::open(
-                    Some(&copy),
+                    Some(&opened),
                     libc::RTLD_NOW | libc::RTLD_LOCAL | libc::RTLD_NODELETE,
                 )
             }
@@ -193,12 +478,24 @@ impl Loader {
         // function returning a pointer to static data.
         let desc_ptr = unsafe { entry() };
         let desc = read_descriptor(desc_ptr, source)?;
+        drop(_running);
+        let labels = Callback::ALL.map(|cb| {
+            Label::new(&format!(
+                "handler {} {} (file {}, generation {generation}, sha256 {}), callback {}",
+                crate::logsafe::esc(&desc.name),
+                crate::logsafe::esc(&desc.version),
+                source.display(),
+                &hash[..12],
+                cb.name()
+            ))
+        });
         Ok(Library {
             generation,
             source: source.to_owned(),
-            copy,
+            opened,
             hash: hash.to_owned(),
             desc,
+            labels,
             _lib: lib,
         })
     }
@@ -414,4 +711,33 @@ fn read_descriptor(ptr: *const wshd_descriptor, source: &Path) -> Result<Descrip
             destroy: d.destroy,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn private_dir_is_fresh_private_and_removed_on_drop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let parent = tmp.path().join("state");
+        std::fs::create_dir(&parent).unwrap();
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let a = PrivateDir::create(&parent).unwrap();
+        let b = PrivateDir::create(&parent).unwrap();
+        assert_ne!(a.path(), b.path(), "names are drawn at random");
+        let m = std::fs::symlink_metadata(a.path()).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.mode() & 0o777, 0o700);
+        let kept = a.path().to_owned();
+        drop(a);
+        assert!(!kept.exists());
+
+        // A parent others may write (without the sticky bit) is refused.
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = PrivateDir::create(&parent).unwrap_err().to_string();
+        assert!(e.contains("writable by group and others"), "{e}");
+        assert!(PrivateDir::create(&tmp.path().join("missing")).is_err());
+    }
 }

@@ -54,6 +54,8 @@ impl LogHandle {
             return Ok(false);
         };
         let new = open_append(&f.path)?;
+        // The crash line (crash.rs) goes to the new file from now on.
+        crate::crash::set_log_fd(std::os::fd::AsRawFd::as_raw_fd(&new));
         *f.file.lock().unwrap_or_else(|p| p.into_inner()) = new;
         Ok(true)
     }
@@ -99,11 +101,13 @@ pub fn init(level: &str, file: Option<&Path>) -> anyhow::Result<LogHandle> {
             Ok(LogHandle::default())
         }
         Some(path) => {
+            let file = open_append(path)
+                .map_err(|e| anyhow::anyhow!("cannot open log file {}: {e}", path.display()))?;
+            // A handler crash writes its line here too (crash.rs).
+            crate::crash::set_log_fd(std::os::fd::AsRawFd::as_raw_fd(&file));
             let f = LogFile {
                 path: path.to_owned(),
-                file: Arc::new(Mutex::new(open_append(path).map_err(|e| {
-                    anyhow::anyhow!("cannot open log file {}: {e}", path.display())
-                })?)),
+                file: Arc::new(Mutex::new(file)),
             };
             builder
                 .with_ansi(false)

@@ -8,6 +8,19 @@ use wshd::settings::Settings;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // After parsing, so clap's own exits (--help, a bad flag) stay as they
+    // are; before anything loads handler code. From here on, an exit() that
+    // is not wshd's own ends the process with status 70 (crash.rs).
+    if let Err(e) = wshd::crash::install() {
+        eprintln!("wshd: cannot install the crash reporting hooks: {e}");
+        return ExitCode::FAILURE;
+    }
+    let code = run(args);
+    wshd::crash::orderly_exit();
+    code
+}
+
+fn run(args: Args) -> ExitCode {
     let settings = match Settings::load(&args) {
         Ok(s) => s,
         Err(e) => {

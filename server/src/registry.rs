@@ -29,6 +29,7 @@ use crate::loader::{Library, Loader};
 use crate::routing::{Route, RouteTable};
 use crate::scan;
 use crate::settings::Settings;
+use crate::trust;
 
 /// How strict [`Registry::apply`] is about problems.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,8 +174,12 @@ impl Registry {
         // Libraries: reuse unchanged files, load changed ones off to the side.
         let mut libs: HashMap<PathBuf, Arc<Library>> = HashMap::new();
         let mut by_name: BTreeMap<&str, Arc<Library>> = BTreeMap::new();
+        let mut dirs = trust::DirCache::default();
         for found in scanned.found.values() {
-            match self.refresh(&found.path).await {
+            match self
+                .refresh(&found.path, &mut dirs, s.allow_insecure_handler_dir)
+                .await
+            {
                 Ok(lib) => {
                     by_name.insert(&found.name, lib.clone());
                     libs.insert(found.path.clone(), lib);
@@ -324,7 +329,17 @@ impl Registry {
 
     /// Returns the current library for `path`, loading a new version if
     /// the file's content changed. `Err` is a problem to report.
-    async fn refresh(&mut self, path: &Path) -> Result<Arc<Library>, String> {
+    ///
+    /// The file is opened once: the trust check looks at that descriptor
+    /// (`fstat`), and the bytes hashed and loaded are read from it, so what
+    /// was checked is what runs. A refusal by the trust check is not
+    /// remembered as a failed hash: after `chmod go-w` the same bytes load.
+    async fn refresh(
+        &mut self,
+        path: &Path,
+        dirs: &mut trust::DirCache,
+        allow_insecure: bool,
+    ) -> Result<Arc<Library>, String> {
         let current = self.libs.get(path).cloned();
         let stamp = Stamp::of(path).map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
         if let (Some(lib), Some((seen, hash))) = (&current, self.hashes.get(path))
@@ -333,13 +348,36 @@ impl Registry {
         {
             return Ok(lib.clone());
         }
-        let bytes = {
+        let mut insecure = Vec::new();
+        if let Err(e) = dirs.check_dirs_of(path) {
+            if !allow_insecure {
+                return Err(format!("refused {}: {e}", path.display()));
+            }
+            insecure.push(e);
+        }
+        let (file_trust, bytes) = {
             let p = path.to_owned();
-            tokio::task::spawn_blocking(move || std::fs::read(&p))
-                .await
-                .expect("read does not panic")
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                use std::io::Read;
+                let mut f = std::fs::File::open(&p)?;
+                let t = trust::check_file(&p, &f);
+                if t.is_err() && !allow_insecure {
+                    return Ok((t, Vec::new()));
+                }
+                let mut bytes = Vec::new();
+                f.read_to_end(&mut bytes)?;
+                Ok((t, bytes))
+            })
+            .await
+            .expect("read does not panic")
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
         };
+        if let Err(e) = file_trust {
+            if !allow_insecure {
+                return Err(format!("refused {}: {e}", path.display()));
+            }
+            insecure.push(e);
+        }
         let hash = hex(&Sha256::digest(&bytes));
         self.hashes.insert(path.to_owned(), (stamp, hash.clone()));
         if let Some(lib) = &current
@@ -353,6 +391,12 @@ impl Registry {
                 "{} is unchanged since it failed to load",
                 path.display()
             ));
+        }
+        for e in &insecure {
+            tracing::warn!(
+                file = %path.display(),
+                "loading it although allow_insecure_handler_dir is set: {e}"
+            );
         }
         let loader = self.loader.clone();
         let source = path.to_owned();

@@ -3,7 +3,6 @@
 //! graceful shutdown.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -153,41 +152,18 @@ fn serve_http(
     }
 }
 
-/// The private directory for loaded copies: the configured one, or a fresh
-/// per-process directory under the system temp dir. Directories left by
-/// processes that no longer exist are removed.
-fn state_dir(settings: &Settings) -> std::io::Result<PathBuf> {
-    if let Some(d) = &settings.state_dir {
-        let d = d.join(format!("wshd-{}", std::process::id()));
-        std::fs::create_dir_all(&d)?;
-        return Ok(d);
-    }
-    let tmp = std::env::temp_dir();
-    if let Ok(rd) = std::fs::read_dir(&tmp) {
-        for e in rd.flatten() {
-            let name = e.file_name();
-            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("wshd-")) else {
-                continue;
-            };
-            if let Ok(pid) = pid.parse::<u32>()
-                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-            {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-    let d = tmp.join(format!("wshd-{}", std::process::id()));
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
-}
-
 /// Runs the server until SIGTERM/SIGINT, then shuts down gracefully.
 pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let state = state_dir(&settings)?;
+    // Sealed memfds, or a fresh private directory (removed when the loader
+    // is dropped) where memfds are refused: see loader.rs.
+    let loader = Loader::new(settings.state_dir.as_deref())
+        .map_err(|e| anyhow::anyhow!("cannot set up the handler loader: {e}"))?;
+    tracing::info!("{}", loader.describe());
+    let state = loader.private_dir().map(ToOwned::to_owned);
     let conns = Arc::new(Connections::default());
     let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
-    let mut registry = Registry::new(Loader::new(state.clone())?, conns.clone(), table.clone());
+    let mut registry = Registry::new(loader, conns.clone(), table.clone());
     let report = registry.apply(&settings, Mode::Startup).await?;
     for p in &report.problems {
         tracing::error!("{p}");
@@ -305,7 +281,9 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
     if let Some(p) = &settings.pid_file {
         let _ = std::fs::remove_file(p);
     }
-    let _ = std::fs::remove_dir_all(&state);
+    if let Some(state) = &state {
+        let _ = std::fs::remove_dir_all(state);
+    }
     Ok(())
 }
 

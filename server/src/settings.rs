@@ -30,6 +30,9 @@ pub struct Settings {
     pub pid_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub config_path: Option<PathBuf>,
+    /// Load handler files that fail the trust check (trust.rs), warning at
+    /// every load, instead of refusing them.
+    pub allow_insecure_handler_dir: bool,
 }
 
 /// One `[[route]]`, resolved.
@@ -206,6 +209,8 @@ impl Settings {
                 .or_else(|| raw.and_then(|r| r.pid_file.as_deref()).map(rel)),
             state_dir: raw.and_then(|r| r.state_dir.as_deref()).map(rel),
             config_path: args.config.clone(),
+            allow_insecure_handler_dir: args.allow_insecure_handler_dir
+                || raw.is_some_and(|r| r.allow_insecure_handler_dir),
         })
     }
 }

@@ -7,5 +7,6 @@ mod fuzz;
 mod lifecycle;
 mod reload;
 mod security_config;
+mod security_load;
 mod security_send;
 mod serving;
