@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::handshake::HandshakeInput;
+use crate::logsafe::esc;
 use crate::server::Server;
 use crate::session;
 
@@ -195,7 +196,20 @@ pub async fn handle(
         );
     }
     for (name, value) in decision.headers {
-        h.append(name, value);
+        // The rules (wshd_handler_api::rules) only admit tokens and values
+        // without control bytes, which http accepts; a failure here would be
+        // a bug there, so the header is dropped rather than the connection.
+        match (
+            header::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            (Ok(n), Ok(v)) => {
+                h.append(n, v);
+            }
+            _ => {
+                tracing::error!(%peer, header = %esc(&name), "handler header refused by http; dropped")
+            }
+        }
     }
 
     let on_upgrade = hyper::upgrade::on(&mut req);
