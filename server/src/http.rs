@@ -78,9 +78,9 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
     r
 }
 
-/// The checks every request passes, whatever it asks for; `Err` is the 4xx
-/// to answer with.
-pub fn check_request<B>(req: &Request<B>) -> Result<(), Response<Body>> {
+/// The checks every request passes, whatever it asks for: `Some` is the
+/// 4xx to answer with.
+pub fn check_request<B>(req: &Request<B>) -> Option<Response<Body>> {
     let uri = req.uri();
     // Origin-form ("/path?q") and absolute-form ("http://host/path") have a
     // path starting with '/'; authority-form ("host:443", CONNECT) and
@@ -89,7 +89,7 @@ pub fn check_request<B>(req: &Request<B>) -> Result<(), Response<Body>> {
         .path_and_query()
         .is_some_and(|pq| pq.as_str().starts_with('/'));
     if req.method() == Method::CONNECT || !has_path {
-        return Err(text(
+        return Some(text(
             StatusCode::BAD_REQUEST,
             "400 Bad Request: this server is not a proxy; the request target must be a path \
              such as /echo (CONNECT, `host:port` and `*` targets are refused)",
@@ -99,7 +99,7 @@ pub fn check_request<B>(req: &Request<B>) -> Result<(), Response<Body>> {
         + uri.authority().map_or(0, |a| a.as_str().len())
         + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     if target_len > MAX_REQUEST_TARGET {
-        return Err(text(
+        return Some(text(
             StatusCode::URI_TOO_LONG,
             format!(
                 "414 URI Too Long: the request target is {target_len} bytes; at most \
@@ -109,7 +109,7 @@ pub fn check_request<B>(req: &Request<B>) -> Result<(), Response<Body>> {
     }
     // HTTP/1.0 may omit Host (RFC 9112 §3.2 requires it from 1.1 on).
     if req.version() == Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
-        return Err(text(
+        return Some(text(
             StatusCode::BAD_REQUEST,
             "400 Bad Request: an HTTP/1.1 request needs a Host header",
         ));
@@ -117,13 +117,13 @@ pub fn check_request<B>(req: &Request<B>) -> Result<(), Response<Body>> {
     for name in &SINGLE_HEADERS {
         let n = req.headers().get_all(name).iter().count();
         if n > 1 {
-            return Err(text(
+            return Some(text(
                 StatusCode::BAD_REQUEST,
                 format!("400 Bad Request: the {name} header appears {n} times; send it once"),
             ));
         }
     }
-    Ok(())
+    None
 }
 
 /// Whether a header holds `token` in its comma-separated list
@@ -144,7 +144,7 @@ pub async fn handle(
     slot: Arc<crate::server::Slot>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    if let Err(refusal) = check_request(&req) {
+    if let Some(refusal) = check_request(&req) {
         tracing::debug!(%peer, method = %esc(req.method().as_str()), target = %esc(&req.uri().to_string()), "request refused: {}", refusal.status());
         return Ok(refusal);
     }
