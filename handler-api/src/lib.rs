@@ -23,6 +23,9 @@
 //!   codes.
 //! * `logging.rs`: forwards `log` records, `tracing` events and panic
 //!   messages to the server's log.
+//! * [`rules`]: the handshake and descriptor rules every host applies (the
+//!   server and the `testing` fake host share them): caps, refused headers,
+//!   the handshake answer's state machine.
 //! * `testing` (with the `testing` feature): a fake host to unit-test a handler
 //!   through the real trampolines, without a server.
 //! * [`contract`]: the ownership, threading and versioning rules.
@@ -85,6 +88,7 @@ pub mod glue;
 mod handler;
 mod host;
 mod logging;
+pub mod rules;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -48,13 +48,15 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::abi::{
     WSHD_ABI_MAJOR, WSHD_ABI_MINOR, WSHD_ERR_CLOSED, WSHD_ERR_HANDLER, WSHD_ERR_INVALID,
-    WSHD_ERR_PANIC, WSHD_ERR_REVOKED, WSHD_ERR_STATE, WSHD_ERR_UNSUPPORTED, WSHD_F_KNOWN,
-    WSHD_F_MAY_BLOCK, WSHD_F_PANIC_UNWIND, WSHD_F_RUST_SDK, WSHD_MAGIC, WSHD_MSG_BINARY,
-    WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id, wshd_descriptor, wshd_handshake, wshd_handshake_req,
-    wshd_header, wshd_host_api, wshd_str,
+    WSHD_ERR_PANIC, WSHD_ERR_REVOKED, WSHD_ERR_UNSUPPORTED, WSHD_F_MAY_BLOCK, WSHD_MAGIC,
+    WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id, wshd_descriptor, wshd_handshake,
+    wshd_handshake_req, wshd_header, wshd_host_api, wshd_str,
 };
 use crate::glue::{self, Export, Exported, HostApi};
 use crate::host::{Conn, Host, SendError};
+use crate::rules::{
+    self, DescriptorTextError, FlagsError, HandshakeAnswer, MAX_DESCRIPTOR_STRING, RuleError,
+};
 use crate::{Handler, Message, logging};
 
 /// Connection ids, unique across every `TestHost` of the process (as the
@@ -434,20 +436,11 @@ unsafe extern "C" fn fake_log(ctx: *mut c_void, level: u32, target: wshd_str, ms
     rec.lock().logs.push(record);
 }
 
-/// The fake handshake builder behind a `wshd_handshake *`.
-#[derive(Default)]
-struct HsCall {
-    offered: usize,
-    subprotocol: Option<usize>,
-    headers: Vec<(String, String)>,
-    rejected: Option<(u16, String)>,
-}
-
 /// # Safety
-/// `hs` must be the `HsCall` of the `handshake` call in progress.
-unsafe fn hs_call<'a>(hs: *mut wshd_handshake) -> &'a mut HsCall {
-    // SAFETY: the caller passes the live HsCall; calls never overlap.
-    unsafe { &mut *hs.cast::<HsCall>() }
+/// `hs` must be the `HandshakeAnswer` of the `handshake` call in progress.
+unsafe fn hs_call<'a>(hs: *mut wshd_handshake) -> &'a mut HandshakeAnswer {
+    // SAFETY: the caller passes the live answer; calls never overlap.
+    unsafe { &mut *hs.cast::<HandshakeAnswer>() }
 }
 
 /// The test host records every line, so handlers log at every level.
@@ -455,41 +448,12 @@ unsafe extern "C" fn fake_log_level(_ctx: *mut c_void) -> u32 {
     crate::abi::WSHD_LOG_TRACE
 }
 
+// The hs_* fakes apply the same rules as the server's (crate::rules).
+
 unsafe extern "C" fn fake_hs_select_subprotocol(hs: *mut wshd_handshake, index: usize) -> i32 {
-    // SAFETY: hs is the HsCall of this handshake.
+    // SAFETY: hs is the HandshakeAnswer of this handshake.
     let call = unsafe { hs_call(hs) };
-    if call.subprotocol.is_some() || call.rejected.is_some() {
-        return WSHD_ERR_STATE;
-    }
-    if index >= call.offered {
-        return WSHD_ERR_INVALID;
-    }
-    call.subprotocol = Some(index);
-    WSHD_OK
-}
-
-/// Headers a handler may not set: hop-by-hop ones and the WebSocket ones
-/// the server computes.
-fn refused_header(name: &str) -> bool {
-    const HOP_BY_HOP: [&str; 9] = [
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-    ];
-    let lower = name.to_ascii_lowercase();
-    HOP_BY_HOP.contains(&lower.as_str()) || lower.starts_with("sec-websocket-")
-}
-
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    status(call.select_subprotocol(index).map_err(RuleError::status))
 }
 
 unsafe extern "C" fn fake_hs_add_header(
@@ -497,19 +461,11 @@ unsafe extern "C" fn fake_hs_add_header(
     name: wshd_str,
     value: wshd_str,
 ) -> i32 {
-    // SAFETY: hs is the HsCall of this handshake; the strings are borrowed.
-    let (call, name, value) = unsafe { (hs_call(hs), glue::text(name), glue::text(value)) };
-    let (Ok(name), Ok(value)) = (name, value) else {
-        return WSHD_ERR_INVALID;
-    };
-    if call.rejected.is_some() {
-        return WSHD_ERR_STATE;
-    }
-    if !is_token(name) || refused_header(name) || value.contains(['\r', '\n']) {
-        return WSHD_ERR_INVALID;
-    }
-    call.headers.push((name.to_owned(), value.to_owned()));
-    WSHD_OK
+    // SAFETY: hs is the HandshakeAnswer of this handshake; the strings are
+    // borrowed for the call.
+    let (call, name, value) =
+        unsafe { (hs_call(hs), glue::str_bytes(name), glue::str_bytes(value)) };
+    status(call.add_header(name, value).map_err(RuleError::status))
 }
 
 unsafe extern "C" fn fake_hs_reject(
@@ -517,19 +473,10 @@ unsafe extern "C" fn fake_hs_reject(
     http_status: u16,
     body: wshd_str,
 ) -> i32 {
-    // SAFETY: hs is the HsCall of this handshake; the body is borrowed.
-    let (call, body) = unsafe { (hs_call(hs), glue::text(body)) };
-    let Ok(body) = body else {
-        return WSHD_ERR_INVALID;
-    };
-    if call.rejected.is_some() {
-        return WSHD_ERR_STATE;
-    }
-    if !(400..=599).contains(&http_status) {
-        return WSHD_ERR_INVALID;
-    }
-    call.rejected = Some((http_status, body.to_owned()));
-    WSHD_OK
+    // SAFETY: hs is the HandshakeAnswer of this handshake; the body is
+    // borrowed for the call.
+    let (call, body) = unsafe { (hs_call(hs), glue::str_bytes(body)) };
+    status(call.reject(http_status, body).map_err(RuleError::status))
 }
 
 /// Checks a descriptor the way the server does when it loads a library
@@ -550,11 +497,12 @@ pub fn validate_descriptor(d: &wshd_descriptor) -> Result<(), String> {
     if d.init.is_none() || d.on_message.is_none() {
         return Err("init and on_message are required".into());
     }
-    if d.flags & !WSHD_F_KNOWN != 0 {
-        return Err(format!("unknown flags {:#x}", d.flags & !WSHD_F_KNOWN));
-    }
-    if d.flags & WSHD_F_RUST_SDK != 0 && d.flags & WSHD_F_PANIC_UNWIND == 0 {
-        return Err("a Rust SDK handler built without panic = \"unwind\"".into());
+    // Unknown flags are ignored, as the server does (rules::check_flags).
+    match rules::check_flags(d.flags) {
+        Ok(()) => {}
+        Err(FlagsError::RustSdkWithoutUnwind) => {
+            return Err("a Rust SDK handler built without panic = \"unwind\"".into());
+        }
     }
     for (what, s) in [
         ("name", d.name),
@@ -562,12 +510,18 @@ pub fn validate_descriptor(d: &wshd_descriptor) -> Result<(), String> {
         ("build_info", d.build_info),
     ] {
         // SAFETY: descriptor strings are static for the life of the library.
-        if unsafe { glue::text(s) }.is_err() {
-            return Err(format!("{what} is not UTF-8"));
+        match rules::descriptor_text(unsafe { glue::str_bytes(s) }) {
+            Ok(_) => {}
+            Err(DescriptorTextError::TooLong(n)) => {
+                return Err(format!(
+                    "{what} is {n} bytes (at most {MAX_DESCRIPTOR_STRING})"
+                ));
+            }
+            Err(DescriptorTextError::NotUtf8) => return Err(format!("{what} is not UTF-8")),
         }
     }
     // SAFETY: as above.
-    if unsafe { glue::text(d.name) }.map_or(true, str::is_empty) {
+    if unsafe { glue::str_bytes(d.name) }.is_empty() {
         return Err("empty name".into());
     }
     Ok(())
@@ -739,22 +693,25 @@ impl<H: Handler> TestHost<H> {
             subprotocols: raw_protocols.as_ptr(),
             n_subprotocols: raw_protocols.len(),
         };
-        let mut call = HsCall {
-            offered: raw_protocols.len(),
-            ..HsCall::default()
-        };
+        let mut call = HandshakeAnswer::new(raw_protocols.len());
         let status = match self.desc.on_handshake {
             // SAFETY: a live handler, a request whose arrays outlive the call,
-            // and an HsCall that the fake hs_* functions expect.
-            Some(f) => unsafe { f(self.handler, &raw, (&mut call as *mut HsCall).cast()) },
+            // and the HandshakeAnswer that the fake hs_* functions expect.
+            Some(f) => unsafe {
+                f(
+                    self.handler,
+                    &raw,
+                    (&mut call as *mut HandshakeAnswer).cast(),
+                )
+            },
             None => WSHD_OK,
         };
         HandshakeOutcome {
             conn,
             status: CallError::check(status),
-            subprotocol: call.subprotocol.map(|i| req.subprotocols[i].clone()),
+            subprotocol: call.selected.map(|i| req.subprotocols[i].clone()),
             headers: call.headers,
-            rejected: call.rejected,
+            rejected: call.reject,
         }
     }
 

@@ -3,8 +3,8 @@
 //! that the `hs_*` host functions fill in.
 #![allow(unsafe_code)]
 
-use http::{HeaderName, HeaderValue};
 use wshd_handler_api::abi::*;
+use wshd_handler_api::rules::{HandshakeAnswer, RuleError};
 
 use crate::host_api::str_bytes;
 
@@ -20,14 +20,11 @@ pub struct HandshakeInput {
     pub subprotocols: Vec<String>,
 }
 
-/// What the handler decided; starts as "accept, no subprotocol".
-#[derive(Debug, Default)]
-pub struct HandshakeBuilder {
-    pub n_offered: usize,
-    pub selected: Option<usize>,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub reject: Option<(u16, String)>,
-}
+/// What the handler decided; starts as "accept, no subprotocol". The rules
+/// for changing it (shared with the SDK's test host) live in
+/// [`wshd_handler_api::rules`]; the `hs_*` functions below only turn the
+/// C arguments into slices.
+pub type HandshakeBuilder = HandshakeAnswer;
 
 impl HandshakeInput {
     /// Calls `f` with the C view of this request. The views borrow `self`
@@ -66,28 +63,16 @@ impl HandshakeInput {
     }
 }
 
-/// Response headers a handler may not set: the server owns the upgrade.
-fn reserved_header(name: &HeaderName) -> bool {
-    let n = name.as_str();
-    n.starts_with("sec-websocket-")
-        || matches!(
-            n,
-            "upgrade"
-                | "connection"
-                | "content-length"
-                | "transfer-encoding"
-                | "keep-alive"
-                | "te"
-                | "trailer"
-        )
-}
-
 /// # Safety
 /// `hs` must be the pointer the host passed to the running `on_handshake`.
 unsafe fn builder<'a>(hs: *mut wshd_handshake) -> Option<&'a mut HandshakeBuilder> {
     // SAFETY: the host creates `hs` from a `&mut HandshakeBuilder` that lives
     // for the whole on_handshake call and is not otherwise touched meanwhile.
     unsafe { (hs as *mut HandshakeBuilder).as_mut() }
+}
+
+fn status(r: Result<(), RuleError>) -> i32 {
+    r.map_or_else(RuleError::status, |()| WSHD_OK)
 }
 
 pub(crate) unsafe extern "C" fn hs_select_subprotocol(
@@ -98,14 +83,7 @@ pub(crate) unsafe extern "C" fn hs_select_subprotocol(
     let Some(b) = (unsafe { builder(hs) }) else {
         return WSHD_ERR_INVALID;
     };
-    if index >= b.n_offered {
-        return WSHD_ERR_INVALID;
-    }
-    if b.selected.is_some_and(|s| s != index) {
-        return WSHD_ERR_STATE;
-    }
-    b.selected = Some(index);
-    WSHD_OK
+    status(b.select_subprotocol(index))
 }
 
 pub(crate) unsafe extern "C" fn hs_add_header(
@@ -122,42 +100,25 @@ pub(crate) unsafe extern "C" fn hs_add_header(
     else {
         return WSHD_ERR_INVALID;
     };
-    // HeaderName/HeaderValue refuse CR, LF and other bytes that would let a
-    // handler split the response.
-    let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
-    else {
-        return WSHD_ERR_INVALID;
-    };
-    if reserved_header(&name) {
-        return WSHD_ERR_INVALID;
-    }
-    if b.headers.len() >= 32 {
-        return WSHD_ERR_STATE;
-    }
-    b.headers.push((name, value));
-    WSHD_OK
+    status(b.add_header(name, value))
 }
 
 pub(crate) unsafe extern "C" fn hs_reject(
     hs: *mut wshd_handshake,
-    status: u16,
+    status_code: u16,
     body: wshd_str,
 ) -> i32 {
     // SAFETY: called by the handler during on_handshake with our pointer.
     let Some(b) = (unsafe { builder(hs) }) else {
         return WSHD_ERR_INVALID;
     };
-    if !(400..=599).contains(&status) {
-        return WSHD_ERR_INVALID;
-    }
     // SAFETY: borrowed for this call.
     let Some(body) = (unsafe { str_bytes(body) }) else {
         return WSHD_ERR_INVALID;
     };
-    let mut body = String::from_utf8_lossy(body).into_owned();
-    body.truncate(4096);
-    b.reject = Some((status, body));
-    WSHD_OK
+    // Truncated on a character boundary by the rules: a plain
+    // String::truncate(4096) panicked here on multi-byte text (issue #12).
+    status(b.reject(status_code, body))
 }
 
 #[cfg(test)]
@@ -180,6 +141,7 @@ mod tests {
             assert_eq!(hs_select_subprotocol(h, 2), WSHD_ERR_INVALID);
             assert_eq!(hs_select_subprotocol(h, 1), WSHD_OK);
             assert_eq!(hs_select_subprotocol(h, 0), WSHD_ERR_STATE);
+            assert_eq!(hs_select_subprotocol(h, 1), WSHD_ERR_STATE);
             let s = wshd_str::from_str;
             assert_eq!(hs_add_header(h, s("X-Handler"), s("echo")), WSHD_OK);
             assert_eq!(
@@ -191,10 +153,26 @@ mod tests {
                 WSHD_ERR_INVALID
             );
             assert_eq!(hs_reject(h, 200, s("no")), WSHD_ERR_INVALID);
+            assert_eq!(
+                hs_add_header(h, s("Proxy-Authenticate"), s("Basic")),
+                WSHD_ERR_INVALID
+            );
             assert_eq!(hs_reject(h, 403, s("go away")), WSHD_OK);
+            assert_eq!(hs_reject(h, 500, s("again")), WSHD_ERR_STATE);
+            assert_eq!(hs_add_header(h, s("X-Late"), s("1")), WSHD_ERR_STATE);
         }
         assert_eq!(b.selected, Some(1));
         assert_eq!(b.headers.len(), 1);
         assert_eq!(b.reject, Some((403, "go away".into())));
+    }
+
+    #[test]
+    fn reject_body_of_multibyte_text_does_not_panic() {
+        let mut b = HandshakeBuilder::new(0);
+        let body = "€".repeat(1400);
+        // SAFETY: the pointer is `b`, alive for the call.
+        let rc = unsafe { hs_reject(hs(&mut b), 403, wshd_str::from_str(&body)) };
+        assert_eq!(rc, WSHD_OK);
+        assert_eq!(b.reject.map(|(_, body)| body.len()), Some(4095));
     }
 }

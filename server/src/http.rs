@@ -9,6 +9,16 @@
 //!   Origin allowlist (403), then the handler's `on_handshake`, which may
 //!   reject, pick a subprotocol or add headers. Then 101, and the upgraded
 //!   socket goes to a [`Session`](crate::session).
+//!
+//! Before any of that, every request passes [`check_request`]: exactly one
+//! `Host` (HTTP/1.1), a request target that is a path (origin-form) or an
+//! absolute URL (absolute-form, which RFC 9112 §3.2.2 says a server must
+//! accept; its path is what is routed), at most [`MAX_REQUEST_TARGET`]
+//! bytes (else 414). Authority-form (`CONNECT host:port`), asterisk-form
+//! (`OPTIONS *`) and any other method that would need a proxy get 400.
+//!
+//! Every client-controlled value that reaches the log goes through
+//! [`logsafe::esc`](crate::logsafe::esc): escaped and capped.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,8 +32,26 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::handshake::HandshakeInput;
+use crate::logsafe::esc;
 use crate::server::Server;
 use crate::session;
+use crate::write_deadline::WriteDeadline;
+
+/// Longest request target (path plus query, or the whole absolute URL)
+/// served, in bytes; longer ones get 414. Far above any real route or
+/// document-root path (Linux refuses file paths over 4 KiB anyway), far below
+/// hyper's 64 KiB head buffer.
+pub const MAX_REQUEST_TARGET: usize = 8 * 1024;
+
+/// Request headers that must not repeat (RFC 6455 §4.1 sends each once;
+/// RFC 9112 §3.2 requires exactly one `Host`). Two values would let the
+/// checks here and the handler read different ones.
+const SINGLE_HEADERS: [header::HeaderName; 4] = [
+    header::HOST,
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_VERSION,
+    header::ORIGIN,
+];
 
 /// Response body: small in-memory bodies or static files.
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -41,7 +69,61 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    // Error bodies quote the request (path, Origin): never let a browser
+    // sniff them into HTML.
+    r.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     r
+}
+
+/// The checks every request passes, whatever it asks for: `Some` is the
+/// 4xx to answer with.
+pub fn check_request<B>(req: &Request<B>) -> Option<Response<Body>> {
+    let uri = req.uri();
+    // Origin-form ("/path?q") and absolute-form ("http://host/path") have a
+    // path starting with '/'; authority-form ("host:443", CONNECT) and
+    // asterisk-form ("*", OPTIONS) do not.
+    let has_path = uri
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str().starts_with('/'));
+    if req.method() == Method::CONNECT || !has_path {
+        return Some(text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: this server is not a proxy; the request target must be a path \
+             such as /echo (CONNECT, `host:port` and `*` targets are refused)",
+        ));
+    }
+    let target_len = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target_len > MAX_REQUEST_TARGET {
+        return Some(text(
+            StatusCode::URI_TOO_LONG,
+            format!(
+                "414 URI Too Long: the request target is {target_len} bytes; at most \
+                 {MAX_REQUEST_TARGET} are accepted"
+            ),
+        ));
+    }
+    // HTTP/1.0 may omit Host (RFC 9112 §3.2 requires it from 1.1 on).
+    if req.version() == Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
+        return Some(text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: an HTTP/1.1 request needs a Host header",
+        ));
+    }
+    for name in &SINGLE_HEADERS {
+        let n = req.headers().get_all(name).iter().count();
+        if n > 1 {
+            return Some(text(
+                StatusCode::BAD_REQUEST,
+                format!("400 Bad Request: the {name} header appears {n} times; send it once"),
+            ));
+        }
+    }
+    None
 }
 
 /// Whether a header holds `token` in its comma-separated list
@@ -62,6 +144,10 @@ pub async fn handle(
     slot: Arc<crate::server::Slot>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if let Some(refusal) = check_request(&req) {
+        tracing::debug!(%peer, method = %esc(req.method().as_str()), target = %esc(&req.uri().to_string()), "request refused: {}", refusal.status());
+        return Ok(refusal);
+    }
     let path = req.uri().path().to_owned();
     let route = server.table.load().get(&path).cloned();
     let Some(route) = route else {
@@ -134,7 +220,7 @@ pub async fn handle(
         .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned());
     if !route.origin_allowed(origin.as_deref()) {
         let shown = origin.as_deref().unwrap_or("(none)");
-        tracing::info!(%peer, path = %path, origin = %shown, "handshake refused: Origin not allowed");
+        tracing::info!(%peer, path = %esc(&path), origin = %esc(shown), "handshake refused: Origin not allowed");
         return Ok(text(
             StatusCode::FORBIDDEN,
             format!("403 Forbidden: Origin {shown} is not allowed on {path}"),
@@ -169,7 +255,8 @@ pub async fn handle(
     };
     if let Some((status, body)) = decision.reject {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
-        tracing::info!(%peer, path = %path, status = status.as_u16(), "handshake refused by handler: {body}");
+        // The body is the handler's, but handlers quote the request in it.
+        tracing::info!(%peer, path = %esc(&path), status = status.as_u16(), "handshake refused by handler: {}", esc(&body));
         return Ok(text(status, body));
     }
 
@@ -195,7 +282,20 @@ pub async fn handle(
         );
     }
     for (name, value) in decision.headers {
-        h.append(name, value);
+        // The rules (wshd_handler_api::rules) only admit tokens and values
+        // without control bytes, which http accepts; a failure here would be
+        // a bug there, so the header is dropped rather than the connection.
+        match (
+            header::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            (Ok(n), Ok(v)) => {
+                h.append(n, v);
+            }
+            _ => {
+                tracing::error!(%peer, header = %esc(&name), "handler header refused by http; dropped")
+            }
+        }
     }
 
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -223,14 +323,17 @@ pub async fn handle(
                 // boxed `dyn Io` and two adapters of `Upgraded` (measurable
                 // per message, and heap per connection). Bytes the client
                 // sent after its request are handed to tungstenite.
-                let parts = match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+                let parts = match upgraded
+                    .downcast::<TokioIo<WriteDeadline<tokio::net::TcpStream>>>()
+                {
                     Ok(p) => p,
                     Err(_) => {
                         tracing::error!(%peer, "upgraded connection is not a TCP stream; dropping it");
                         return opening.abandon().await;
                     }
                 };
-                let stream = parts.io.into_inner();
+                // The session has its own write timeout: drop the HTTP one.
+                let stream = parts.io.into_inner().into_inner();
                 // Copy out and drop at once: `read_buf` is a view of hyper's
                 // whole read buffer, which would otherwise stay allocated
                 // for the connection's life.

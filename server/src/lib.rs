@@ -12,6 +12,7 @@
 //! * [`http`]: hyper service: 404/426, RFC 6455 handshake checks, Origin,
 //!   the handler's handshake hook, the 101 and the upgrade.
 //! * [`static_files`]: the document root (`-d`).
+//! * [`write_deadline`]: ends an HTTP connection whose peer stops reading.
 //! * [`session`]: one WebSocket connection's loop, close handshake and access
 //!   line.
 //! * [`routing`]: the route table, swapped atomically on reload.
@@ -56,4 +57,5 @@ pub mod settings;
 pub mod static_files;
 pub mod trust;
 pub mod workers;
+pub mod write_deadline;
 pub mod ws;

@@ -55,6 +55,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use wshd_handler_api::abi::*;
+use wshd_handler_api::rules;
 
 use crate::crash::{self, Label};
 use crate::elf;
@@ -653,7 +654,7 @@ fn read_descriptor(ptr: *const wshd_descriptor, source: &Path) -> Result<Descrip
             "on_message is required: set it in the descriptor",
         )
     })?;
-    if d.flags & WSHD_F_RUST_SDK != 0 && d.flags & WSHD_F_PANIC_UNWIND == 0 {
+    if let Err(rules::FlagsError::RustSdkWithoutUnwind) = rules::check_flags(d.flags) {
         return Err(abi(
             "flags",
             format!("{:#x} (Rust SDK without PANIC_UNWIND)", d.flags),
@@ -666,11 +667,11 @@ fn read_descriptor(ptr: *const wshd_descriptor, source: &Path) -> Result<Descrip
         if s.ptr.is_null() || s.len == 0 {
             return Ok(String::new());
         }
-        if s.len > 4096 {
+        if s.len > rules::MAX_DESCRIPTOR_STRING {
             return Err(abi(
                 field,
                 format!("{} bytes", s.len),
-                "at most 4096 bytes".into(),
+                format!("at most {} bytes", rules::MAX_DESCRIPTOR_STRING),
                 "shorten the string",
             ));
         }

@@ -40,6 +40,8 @@ pub struct Server {
     pub next_conn: AtomicU64,
     /// The document root, if any (replaced on config reload).
     pub files: ArcSwap<Option<StaticFiles>>,
+    /// `[limits] write_timeout` for HTTP responses (before any upgrade).
+    pub write_timeout: Duration,
 }
 
 impl Server {
@@ -131,13 +133,14 @@ fn serve_http(
     handshake_timeout: Duration,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let shutdown = srv.shutdown.clone();
+    let io = crate::write_deadline::WriteDeadline::new(stream, srv.write_timeout, peer);
     let svc = service_fn(move |req| crate::http::handle(srv.clone(), peer, slot.clone(), req));
     async move {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(handshake_timeout)
             .max_buf_size(64 * 1024)
-            .serve_connection(TokioIo::new(stream), svc)
+            .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
@@ -187,6 +190,7 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
         tracker: TaskTracker::new(),
         next_conn: AtomicU64::new(1),
         files: ArcSwap::from_pointee(files),
+        write_timeout: settings.limits.write_timeout,
     });
     let workers = Workers::start(settings.workers)
         .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))?;

@@ -62,6 +62,21 @@ impl Handler for Probe {
             "err" => Err("probe: bad handshake".into()),
             "panic" => panic!("probe: handshake panicked"),
             "reject" => resp.reject(403, "go away").map_err(|e| e.to_string()),
+            // 4,200 bytes: byte 4096 falls inside a character.
+            "euro" => resp
+                .reject(403, &"€".repeat(1400))
+                .map_err(|e| e.to_string()),
+            "reject-then-more" => {
+                resp.reject(403, "first").map_err(|e| e.to_string())?;
+                let results = [
+                    resp.reject(500, "second"),
+                    resp.select_subprotocol(0),
+                    resp.add_header("X-Late", "1"),
+                ];
+                let shown: Vec<String> = results.iter().map(|r| format!("{r:?}")).collect();
+                self.seen.lock().unwrap().push(shown.join(" "));
+                Ok(())
+            }
             "misuse" => {
                 // Every misuse must come back as an error, never UB.
                 let mut results = vec![
@@ -341,6 +356,13 @@ fn handshake_rejections_errors_and_misuse() {
         "Err(Invalid) Err(Invalid) Err(Invalid) Err(Invalid) Err(Invalid) Ok(()) Err(State)"
     );
 
+    // The shared rules (crate::rules): a reject is final.
+    let out = t.handshake(&Handshake::new("/p?reject-then-more").subprotocols(["a"]));
+    assert_eq!(out.rejected, Some((403, "first".into())));
+    assert_eq!(out.subprotocol, None);
+    let seen = t.handler().seen.lock().unwrap().pop().unwrap();
+    assert_eq!(seen, "Err(State) Err(State) Err(State)");
+
     let refused = t.connect(&Handshake::new("/p?reject")).unwrap_err();
     assert!(matches!(refused, Refused::Handshake(o) if o.rejected.is_some()));
     let c = t.connect(&Handshake::new("/p")).unwrap();
@@ -535,4 +557,29 @@ fn exported_descriptor_is_valid() {
     bad.magic = 0;
     assert!(validate_descriptor(&bad).is_err());
     assert_eq!(Export::<Probe>::new("x_wsh", "1", true).build().name.len, 1);
+
+    // As on the server: flags this ABI does not define are ignored (a newer
+    // minor may add some), and descriptor strings are capped.
+    let mut newer = Export::<Probe>::new("x_wsh", "1", true).build();
+    newer.flags |= 1 << 31;
+    assert_eq!(validate_descriptor(&newer), Ok(()));
+    let long: &'static str = Box::leak("v".repeat(4097).into_boxed_str());
+    let mut long_version = Export::<Probe>::new("x_wsh", "1", true).build();
+    long_version.version = wshd_str::from_str(long);
+    assert!(
+        validate_descriptor(&long_version)
+            .unwrap_err()
+            .contains("version is 4097 bytes (at most 4096)")
+    );
+}
+
+#[test]
+fn a_reject_body_is_cut_on_a_character_boundary() {
+    // Issue #12: String::truncate(4096) inside the server's hs_reject
+    // panicked in an extern "C" fn on this body and aborted the server.
+    let mut t = TestHost::<Probe>::init("").unwrap();
+    let out = t.handshake(&Handshake::new("/p?euro"));
+    let (status, body) = out.rejected.expect("rejected");
+    assert_eq!(status, 403);
+    assert_eq!(body, "€".repeat(1365));
 }

@@ -15,6 +15,12 @@
 //!   thread is joined when the instance is destroyed;
 //! * anything else, text or binary, is echoed.
 //!
+//! Handshake queries (for the server's rules on rejects and logs):
+//! * `?reject_euro=N`: rejects with 403 and a body of N bytes of `€`
+//!   (rounded down to whole characters);
+//! * `?reject=TEXT`: rejects with 403 and TEXT, percent-decoded, as the body
+//!   (so a test can put control bytes in a body the server logs).
+//!
 //! Build: `cargo build -p testkit-handler` → `target/debug/libtestkit_wsh.so`
 //! (serves the handler named `testkit`).
 //!
@@ -34,7 +40,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use wshd_handler_api::{Conn, Handler, Host, Message, SendError, export_handler, log};
+use wshd_handler_api::{
+    Conn, Handler, HandshakeRequest, HandshakeResponse, Host, Message, SendError, export_handler,
+    log,
+};
 
 /// How long a late-send thread waits for its connection to close.
 pub const LATE_SEND_WAIT: Duration = Duration::from_secs(10);
@@ -136,6 +145,25 @@ impl Handler for Testkit {
         })
     }
 
+    fn handshake(
+        &self,
+        req: &HandshakeRequest<'_>,
+        resp: &mut HandshakeResponse<'_>,
+    ) -> Result<(), String> {
+        for pair in req.query().split('&') {
+            let body = match pair.split_once('=') {
+                Some(("reject_euro", n)) => {
+                    let n: usize = n.parse().map_err(|_| format!("testkit: bad {pair}"))?;
+                    "€".repeat(n / 3)
+                }
+                Some(("reject", text)) => percent_decode(text),
+                _ => continue,
+            };
+            return resp.reject(403, &body).map_err(|e| e.to_string());
+        }
+        Ok(())
+    }
+
     fn open(&self, _conn: Conn) -> Result<TestkitConn, String> {
         Ok(TestkitConn::default())
     }
@@ -151,6 +179,29 @@ impl Handler for Testkit {
             other => send_ok(conn.send(other)),
         }
     }
+}
+
+/// `%XX` escapes decoded (invalid UTF-8 replaced); other bytes kept.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn send_ok(result: Result<(), SendError>) -> Result<(), String> {
@@ -241,6 +292,18 @@ mod tests {
             .expect("late send logged");
         assert_eq!(line.message, "late send after close -> Err(Closed)");
         assert_eq!(line.level, log::Level::Info);
+    }
+
+    #[test]
+    fn handshake_rejects_on_request() {
+        use wshd_handler_api::testing::Handshake;
+        let mut t = TestHost::<Testkit>::init("").unwrap();
+        assert!(t.handshake(&Handshake::new("/t")).accepted());
+        let out = t.handshake(&Handshake::new("/t?x=1&reject=a%0Ab%1b%zz"));
+        assert_eq!(out.rejected, Some((403, "a\nb\x1b%zz".into())));
+        let out = t.handshake(&Handshake::new("/t?reject_euro=4200"));
+        // The host keeps 4096 bytes at most, cut on a character boundary.
+        assert_eq!(out.rejected, Some((403, "€".repeat(1365))));
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod fuzz;
 mod lifecycle;
 mod reload;
 mod security_config;
+mod security_edges;
 mod security_load;
 mod security_send;
 mod serving;
