@@ -360,6 +360,22 @@ mod tests {
     }
 
     #[test]
+    fn the_rate_log_counts_what_it_suppresses() {
+        let log = RateLog::default();
+        let mut lines = Vec::new();
+        for _ in 0..1000 {
+            log.hit(|n| lines.push(n));
+        }
+        // A thousand hits within about a second: one line, or two if the
+        // second began during the loop, the second one counting the rest.
+        assert!(matches!(lines.as_slice(), [0] | [0, _]), "{lines:?}");
+        // The next line after a quiet second reports the suppressed ones.
+        *log.state.lock().unwrap() = Some((Instant::now() - Duration::from_secs(2), 7));
+        log.hit(|n| lines.push(n));
+        assert_eq!(lines.last(), Some(&7));
+    }
+
+    #[test]
     fn many_addresses_cannot_grow_the_table() {
         let t = Arc::new(PerIp::with_capacity(&limits(10, 0.001, 5), 100));
         let now = Instant::now();
