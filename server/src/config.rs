@@ -16,6 +16,7 @@ use serde::de::{self, Deserializer};
 use toml::Spanned;
 
 use crate::error::ConfigError;
+use crate::server::per_ip::Cidr;
 
 /// Default listen address: loopback, so a fresh install is not reachable from
 /// the network until the operator says so (`-H 0.0.0.0`).
@@ -38,7 +39,15 @@ pub const MAX_WORKERS: usize = 1024;
 
 /// `[limits]` keys that only make sense for the whole server; in a
 /// `[route.limits]` they are refused rather than silently ignored.
-pub const SERVER_ONLY_LIMITS: &[&str] = &["max_connections", "handshake_timeout"];
+pub const SERVER_ONLY_LIMITS: &[&str] = &[
+    "max_connections",
+    "handshake_timeout",
+    "max_connections_per_ip",
+    "handshake_rate_per_ip",
+    "handshake_burst_per_ip",
+    "per_ip_exempt",
+    "reject_slots",
+];
 
 /// The whole file as written.
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +110,11 @@ pub struct RawLimits {
     pub close_timeout: Option<Dur>,
     pub write_timeout: Option<Dur>,
     pub send_queue_bytes: Option<QueueBytes>,
+    pub max_connections_per_ip: Option<Count>,
+    pub handshake_rate_per_ip: Option<Rate>,
+    pub handshake_burst_per_ip: Option<Count>,
+    pub per_ip_exempt: Option<Vec<Cidr>>,
+    pub reject_slots: Option<Count>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +180,17 @@ pub struct Limits {
     /// Past it, `slow_consumer` applies. An empty queue always takes one
     /// message, so a single larger message is not refused for its size.
     pub send_queue_bytes: usize,
+    /// Open sockets per client address (IPv6: per /64); the excess gets 503.
+    pub max_connections_per_ip: usize,
+    /// Handshakes per second per client address, refilling a bucket of
+    /// `handshake_burst_per_ip`; the excess gets 429.
+    pub handshake_rate_per_ip: f64,
+    pub handshake_burst_per_ip: usize,
+    /// Addresses the per-IP caps do not apply to (a local reverse proxy).
+    pub per_ip_exempt: Vec<Cidr>,
+    /// Sockets that may be open at once only to be answered 429/503; beyond
+    /// that, an excess socket is closed without an answer.
+    pub reject_slots: usize,
 }
 
 impl Default for Limits {
@@ -181,6 +206,11 @@ impl Default for Limits {
             close_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(30),
             send_queue_bytes: 8 << 20,
+            max_connections_per_ip: 256,
+            handshake_rate_per_ip: 20.0,
+            handshake_burst_per_ip: 40,
+            per_ip_exempt: crate::server::per_ip::default_exempt(),
+            reject_slots: 64,
         }
     }
 }
@@ -218,6 +248,21 @@ impl Limits {
         }
         if let Some(v) = raw.send_queue_bytes {
             l.send_queue_bytes = v.0;
+        }
+        if let Some(v) = raw.max_connections_per_ip {
+            l.max_connections_per_ip = v.0;
+        }
+        if let Some(v) = raw.handshake_rate_per_ip {
+            l.handshake_rate_per_ip = v.0;
+        }
+        if let Some(v) = raw.handshake_burst_per_ip {
+            l.handshake_burst_per_ip = v.0;
+        }
+        if let Some(v) = &raw.per_ip_exempt {
+            l.per_ip_exempt = v.clone();
+        }
+        if let Some(v) = raw.reject_slots {
+            l.reject_slots = v.0;
         }
         l
     }
@@ -335,19 +380,38 @@ impl ConfigFile {
         self.check_read_buffer(&[&self.raw.limits], &server_limits)?;
         for route in &self.raw.routes {
             let l = &route.limits;
+            // Spanned keys point at their own line; the rest at the route.
             let server_only = [
                 l.max_connections.as_ref().map(|v| v.span()),
                 l.handshake_timeout.as_ref().map(|v| v.span()),
+                l.max_connections_per_ip.is_some().then(|| route.path.span()),
+                l.handshake_rate_per_ip.is_some().then(|| route.path.span()),
+                l.handshake_burst_per_ip.is_some().then(|| route.path.span()),
+                l.per_ip_exempt.is_some().then(|| route.path.span()),
+                l.reject_slots.is_some().then(|| route.path.span()),
             ];
             for (key, span) in SERVER_ONLY_LIMITS.iter().zip(server_only) {
                 if let Some(span) = span {
                     return Err(self.error_at(
                         span,
-                        format!("`{key}` is only allowed in [limits]: it applies to the whole server, not to one route; move it there"),
+                        format!(
+                            "`{key}` in the [route.limits] of route {} is only allowed in [limits]: it applies to \
+                             the whole server (checked when a socket is accepted, before any route is known); move it there",
+                            route.path.get_ref().0
+                        ),
                     ));
                 }
             }
             self.check_read_buffer(&[l, &self.raw.limits], &server_limits.overlay(l))?;
+        }
+        if let Some(n) = self.raw.limits.reject_slots
+            && n.0 > 65_536
+        {
+            return Err(ConfigError::Other(format!(
+                "{}: limits.reject_slots = {} is too large; use at most 65536",
+                self.path.display(),
+                n.0
+            )));
         }
         let mut seen: std::collections::HashMap<&str, std::ops::Range<usize>> = Default::default();
         for route in &self.raw.routes {
@@ -592,6 +656,22 @@ impl<'de> Deserialize<'de> for Count {
             )));
         }
         Ok(Count(v as usize))
+    }
+}
+
+/// A rate per second: a positive number, `20` or `0.5`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate(pub f64);
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if !(v.is_finite() && v > 0.0) {
+            return Err(de::Error::custom(format!(
+                "{v} is not a rate; write a number per second greater than 0, e.g. 20 or 0.5"
+            )));
+        }
+        Ok(Rate(v))
     }
 }
 
@@ -902,5 +982,32 @@ mod tests {
             let err = parse(&format!("[limits]\nsend_queue_bytes = {bad}\n")).unwrap_err();
             assert!(err.to_string().contains("send_queue_bytes"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn per_ip_keys() {
+        let c = parse(
+            "[limits]\nmax_connections_per_ip = 3\nhandshake_rate_per_ip = 0.5\n\
+             handshake_burst_per_ip = 4\nper_ip_exempt = []\nreject_slots = 2\n",
+        )
+        .unwrap();
+        let l = Limits::default().overlay(&c.raw.limits);
+        assert_eq!(l.max_connections_per_ip, 3);
+        assert_eq!(l.handshake_rate_per_ip, 0.5);
+        assert_eq!(l.handshake_burst_per_ip, 4);
+        assert!(l.per_ip_exempt.is_empty());
+        assert_eq!(l.reject_slots, 2);
+        let d = Limits::default();
+        assert_eq!(d.per_ip_exempt, crate::server::per_ip::default_exempt());
+        assert!(parse("[limits]\nhandshake_rate_per_ip = 0\n").is_err());
+        assert!(parse("[limits]\nper_ip_exempt = [\"10.0.0.0/40\"]\n").is_err());
+        let err = parse(
+            "[[route]]\npath = \"/x\"\nhandler = \"echo\"\n[route.limits]\nmax_connections_per_ip = 2\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("only allowed in [limits]"),
+            "{err}"
+        );
     }
 }

@@ -77,6 +77,22 @@ pub enum LoadError {
     },
 }
 
+impl LoadError {
+    /// Whether the load failed for lack of a resource (EMFILE, ENFILE,
+    /// ENOMEM) rather than because of the file: the same bytes may load on
+    /// a later attempt, so they must not be remembered as broken.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            LoadError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+            ),
+            LoadError::Dlopen { message, .. } => crate::reload::transient(message),
+            _ => false,
+        }
+    }
+}
+
 /// Why a handler instance could not be created from a loaded library. The
 /// route keeps its previous instance (on reload) or is not served.
 #[derive(Debug, thiserror::Error)]

@@ -2,12 +2,18 @@
 //! (`*_wsh.so` cdylibs) through a versioned C ABI, with hot reload.
 //!
 //! # Layout
-//! Start reading at [`server::run`]; a connection's path through the code is
-//! listener → http → session → instance.
+//! Start reading at [`server::run`] (the process around it is
+//! [`server::process`]); a connection's path through the code is
+//! [`server::listener`] → http → session → instance.
 //!
 //! * [`cli`], [`config`], [`settings`]: flags, the TOML file, and the
 //!   resolved settings (flags override the file).
-//! * [`server`]: shared state, the accept loop, startup, signals, shutdown.
+//! * [`server`]: shared state, startup and shutdown ([`server::run`], which
+//!   takes its reload triggers and shutdown as values);
+//!   [`server::listener`]: the accept loop, 429/503 for the excess;
+//!   [`server::per_ip`]: per-address caps; [`server::process`],
+//!   [`server::signals`], [`server::pidfile`], [`server::fdlimit`]: the
+//!   process around it (signals, pid/addr files, sd_notify, descriptors).
 //! * [`workers`]: the work-stealing runtime connections run on.
 //! * [`http`]: hyper service: 404/426, RFC 6455 handshake checks, Origin,
 //!   the handler's handshake hook, the 101 and the upgrade.
@@ -27,12 +33,13 @@
 //! * [`instance`]: one `init` of a handler for a route; the only caller of
 //!   handler callbacks.
 //! * [`host_api`] + [`handshake`]: the function table handlers call.
-//! * [`reload`]: notify watcher, debounce, SIGHUP.
+//! * [`reload`]: notify watcher, debounce, retries, supervision, SIGHUP.
 //! * [`logging`]: tracing setup and log reopening; [`logsafe`]: escaping
 //!   client-controlled values before they are logged.
 //!
 //! `unsafe` lives only in `loader`, `instance`, `host_api`, `handshake`,
-//! `crash` (signal handlers, `atexit`) and `trust` (`geteuid`, `getpwuid_r`).
+//! `crash` (signal handlers, `atexit`), `trust` (`geteuid`, `getpwuid_r`)
+//! and `server::fdlimit`.
 
 pub mod check;
 pub mod cli;

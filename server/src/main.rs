@@ -51,7 +51,7 @@ fn run(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(wshd::server::run(args, settings, log)) {
+    match runtime.block_on(wshd::server::serve(args, settings, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -421,7 +421,11 @@ impl Registry {
                 Ok(Arc::new(lib))
             }
             Err(e) => {
-                self.failed.insert(path.to_owned(), hash);
+                // A load that ran out of descriptors or memory is retried
+                // (reload.rs): it must not count as "these bytes are broken".
+                if !e.is_transient() {
+                    self.failed.insert(path.to_owned(), hash);
+                }
                 Err(format!("refused {}: {e}", path.display()))
             }
         }

@@ -1,0 +1,45 @@
+//! The wshd process around [`run`](super::run): raises the descriptor
+//! limit, installs signal handlers, binds, announces readiness (addr file,
+//! pid file, systemd) once handlers are loaded, and cleans up at exit.
+
+use crate::cli::Args;
+use crate::logging::LogHandle;
+use crate::settings::Settings;
+
+use super::signals::Signals;
+use super::{Triggers, fdlimit, pidfile};
+
+/// Runs the server as a process until SIGTERM/SIGINT.
+pub async fn serve(args: Args, settings: Settings, log: LogHandle) -> anyhow::Result<()> {
+    fdlimit::raise_and_check(
+        settings.limits.max_connections,
+        settings.limits.reject_slots,
+        settings.workers,
+    );
+    let signals = Signals::install()?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
+    // Accepted on the connection runtime (workers.rs), not on this one.
+    let listener = listener.into_std()?;
+    let triggers = Triggers::new();
+    let shutdown = signals.spawn(triggers.sender(), log);
+    let pid_file = settings.pid_file.clone();
+    let addr_file = args.addr_file.clone();
+    let ready = |addr| -> anyhow::Result<()> {
+        if let Some(p) = &pid_file {
+            pidfile::write_pid(p)?;
+        }
+        if let Some(p) = &addr_file {
+            pidfile::write_replace(p, &format!("{addr}\n"))
+                .map_err(|e| anyhow::anyhow!("cannot write the addr file {}: {e}", p.display()))?;
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        Ok(())
+    };
+    let result = super::run(settings, args, listener, triggers, shutdown, ready).await;
+    if let Some(p) = &pid_file {
+        pidfile::remove_pid(p);
+    }
+    result
+}
