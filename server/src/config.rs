@@ -74,6 +74,11 @@ pub struct RawLimits {
     pub max_connections: Option<Count>,
     pub close_timeout: Option<Dur>,
     pub write_timeout: Option<Dur>,
+    /// Server-wide: only allowed in `[limits]` (checked in `ConfigFile::check`).
+    pub max_buffered_bytes: Option<Spanned<ByteSize>>,
+    pub message_timeout: Option<Interval>,
+    pub ping_interval: Option<Interval>,
+    pub idle_timeout: Option<Interval>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,7 +138,22 @@ pub struct Limits {
     pub close_timeout: Duration,
     /// How long one write may wait for a peer that does not read; then the
     /// connection is dropped, so a stalled reader cannot pin a session.
+    /// Pending pong and close replies count: output tungstenite could not
+    /// write for this long drops the connection too.
     pub write_timeout: Duration,
+    /// Server-wide budget for bytes of unfinished incoming messages (partly
+    /// received frames and fragmented messages) held by all connections
+    /// together. Over it, the connection holding the most is closed with
+    /// 1009 and its buffers are freed. Only allowed in `[limits]`.
+    pub max_buffered_bytes: usize,
+    /// A message whose first byte has arrived must be complete within this
+    /// time, or the connection is closed with 1008 and its buffers freed.
+    pub message_timeout: Duration,
+    /// The server pings every connection this often.
+    pub ping_interval: Duration,
+    /// A connection from which nothing (pongs included) arrived for this
+    /// long is closed with 1001 "idle timeout".
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -148,6 +168,10 @@ impl Default for Limits {
             max_connections: 10_000,
             close_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(30),
+            max_buffered_bytes: 64 << 20,
+            message_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -182,6 +206,18 @@ impl Limits {
         }
         if let Some(v) = raw.write_timeout {
             l.write_timeout = v.0;
+        }
+        if let Some(v) = &raw.max_buffered_bytes {
+            l.max_buffered_bytes = v.get_ref().0;
+        }
+        if let Some(v) = raw.message_timeout {
+            l.message_timeout = v.0;
+        }
+        if let Some(v) = raw.ping_interval {
+            l.ping_interval = v.0;
+        }
+        if let Some(v) = raw.idle_timeout {
+            l.idle_timeout = v.0;
         }
         l
     }
@@ -272,6 +308,12 @@ impl ConfigFile {
         }
         let mut seen: std::collections::HashMap<&str, std::ops::Range<usize>> = Default::default();
         for route in &self.raw.routes {
+            if let Some(v) = &route.limits.max_buffered_bytes {
+                return Err(self.error_at(
+                    v.span(),
+                    "max_buffered_bytes is a budget shared by the whole server: it is only allowed in [limits], not in [route.limits]".into(),
+                ));
+            }
             for p in std::iter::once(&route.path).chain(route.aliases.iter()) {
                 if let Some(prev) = seen.insert(p.get_ref().0.as_str(), p.span()) {
                     let prev_line = line_col(&self.source, prev.start).0;
@@ -409,6 +451,23 @@ impl<'de> Deserialize<'de> for Dur {
                 "`{s}` is not a duration ({e}); write e.g. \"10s\", \"250ms\", \"5m\""
             ))
         })
+    }
+}
+
+/// A duration that must not be zero (a period or a deadline where zero
+/// makes no sense): `"30s"`, `"200ms"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval(pub Duration);
+
+impl<'de> Deserialize<'de> for Interval {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let Dur(v) = Dur::deserialize(d)?;
+        if v.is_zero() {
+            return Err(de::Error::custom(
+                "a zero duration is not allowed here; write e.g. \"30s\" or \"200ms\"",
+            ));
+        }
+        Ok(Interval(v))
     }
 }
 
@@ -634,5 +693,28 @@ mod tests {
         let l = Limits::default().overlay(&c.raw.routes[0].limits);
         assert_eq!(l.send_queue, 7);
         assert_eq!(l.max_message_size, Limits::default().max_message_size);
+    }
+
+    #[test]
+    fn session_limits_parse_and_are_checked() {
+        let c = parse(
+            "[limits]\nmax_buffered_bytes = \"8MiB\"\nping_interval = \"200ms\"\nidle_timeout = \"1s\"\nmessage_timeout = \"2s\"\n",
+        )
+        .unwrap();
+        let l = Limits::default().overlay(&c.raw.limits);
+        assert_eq!(l.max_buffered_bytes, 8 << 20);
+        assert_eq!(l.ping_interval, Duration::from_millis(200));
+        assert_eq!(l.idle_timeout, Duration::from_secs(1));
+        assert_eq!(l.message_timeout, Duration::from_secs(2));
+        let err = parse("[limits]\nping_interval = \"0s\"\n").unwrap_err();
+        assert!(err.to_string().contains("zero duration"), "{err}");
+        let err = parse(
+            "[[route]]\npath = \"/x\"\nhandler = \"echo\"\n[route.limits]\nmax_buffered_bytes = \"1MiB\"\n",
+        )
+        .unwrap_err();
+        let ConfigError::Invalid { line, key, .. } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!((*line, key.as_str()), (5, "max_buffered_bytes"), "{err}");
     }
 }

@@ -13,7 +13,8 @@
 //!   the handler's handshake hook, the 101 and the upgrade.
 //! * [`static_files`]: the document root (`-d`).
 //! * [`session`]: one WebSocket connection's loop, close handshake and access
-//!   line.
+//!   line; [`ws`]: its socket; [`budget`]: the server-wide budget for
+//!   unfinished incoming messages.
 //! * [`routing`]: the route table, swapped atomically on reload.
 //! * [`registry`]: loaded versions and instances; reconciles the handler
 //!   directory and config into a new route table.
@@ -29,6 +30,7 @@
 //!
 //! `unsafe` lives only in `loader`, `instance`, `host_api` and `handshake`.
 
+pub mod budget;
 pub mod check;
 pub mod cli;
 pub mod config;

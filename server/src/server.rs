@@ -41,6 +41,8 @@ pub struct Server {
     pub next_conn: AtomicU64,
     /// The document root, if any (replaced on config reload).
     pub files: ArcSwap<Option<StaticFiles>>,
+    /// `max_buffered_bytes`: unfinished incoming messages, server-wide.
+    pub budget: Arc<crate::budget::Budget>,
 }
 
 impl Server {
@@ -211,6 +213,9 @@ pub async fn run(args: Args, settings: Settings, log: LogHandle) -> anyhow::Resu
         tracker: TaskTracker::new(),
         next_conn: AtomicU64::new(1),
         files: ArcSwap::from_pointee(files),
+        budget: Arc::new(crate::budget::Budget::new(
+            settings.limits.max_buffered_bytes,
+        )),
     });
     let workers = Workers::start(settings.workers)
         .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))?;
