@@ -85,7 +85,7 @@ impl Budget {
             }
         }
         if sum > self.limit {
-            live.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            live.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
             for (held, h) in live {
                 if sum <= self.limit {
                     break;

@@ -28,9 +28,9 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tokio::time::Instant;
 use tungstenite::{Error as WsError, Message, error::CapacityError};
 use wshd_handler_api::abi::{WSHD_ERR_PANIC, WSHD_OK};
 
@@ -231,7 +231,16 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
         match opened {
             Ok(s) => {
                 state = Some(s);
-                match write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close, &shared, &mut registered).await
+                match write_outbox(
+                    &mut ws,
+                    wt,
+                    &mut outbox,
+                    &mut stats,
+                    &mut close,
+                    &shared,
+                    &mut registered,
+                )
+                .await
                 {
                     Ok(()) => {}
                     Err(WriteError::Closing(f)) => deferred = Some(f),
@@ -263,10 +272,7 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
         let mut draining = false;
         // The one timer and what it waits for. Boxed once: an idle
         // connection's timer is re-armed in place, never allocated per tick.
-        let tick = limits
-            .ping_interval
-            .min(limits.message_timeout)
-            .min(wt);
+        let tick = limits.ping_interval.min(limits.message_timeout).min(wt);
         let mut clock = Box::pin(tokio::time::sleep(tick));
         let mut next_ping = Instant::now() + limits.ping_interval;
         let mut last_heard = Instant::now();
@@ -283,7 +289,14 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
         ) {
             if let Some(f) = deferred.take() {
                 tracing::debug!(parent: &span, "close requested while a write waited for the peer; closing now");
-                start_close(&mut ws, left(&mut close_by, limits.close_timeout), f.code.into(), &f.reason, &mut close).await;
+                start_close(
+                    &mut ws,
+                    left(&mut close_by, limits.close_timeout),
+                    f.code.into(),
+                    &f.reason,
+                    &mut close,
+                )
+                .await;
             }
             // Once our close frame is out (here, or before the loop when on_open
             // failed), only the reply is awaited, for at most close_timeout.
@@ -824,9 +837,6 @@ async fn write_outbox(
         };
         write_one(ws, limit, m, stats, close, Some(stop)).await?;
     }
-    let stop = Stop {
-        shared,
-        registered,
-    };
+    let stop = Stop { shared, registered };
     timed_or_close(limit, ws.flush(), Some(stop)).await
 }

@@ -220,7 +220,8 @@ impl WsConn {
         // cannot go out either.
         if self.blocked_since.is_some() {
             let r = self.ctx.flush(io);
-            let blocked = matches!(&r, Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock);
+            let blocked =
+                matches!(&r, Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock);
             let last = io.last_write_blocked;
             self.note_write(last);
             if blocked {
