@@ -42,6 +42,7 @@ pub const MAX_WORKERS: usize = 1024;
 pub const SERVER_ONLY_LIMITS: &[&str] = &[
     "max_connections",
     "handshake_timeout",
+    "max_buffered_bytes",
     "max_connections_per_ip",
     "handshake_rate_per_ip",
     "handshake_burst_per_ip",
@@ -115,6 +116,11 @@ pub struct RawLimits {
     pub handshake_burst_per_ip: Option<Count>,
     pub per_ip_exempt: Option<Vec<Cidr>>,
     pub reject_slots: Option<Count>,
+    /// Server-wide: only allowed in `[limits]` (checked in `ConfigFile::check`).
+    pub max_buffered_bytes: Option<Spanned<ByteSize>>,
+    pub message_timeout: Option<Dur>,
+    pub ping_interval: Option<Dur>,
+    pub idle_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +180,8 @@ pub struct Limits {
     pub close_timeout: Duration,
     /// How long one write may wait for a peer that does not read; then the
     /// connection is dropped, so a stalled reader cannot pin a session.
+    /// Pending pong and close replies count: output tungstenite could not
+    /// write for this long drops the connection too.
     pub write_timeout: Duration,
     /// Payload bytes that may wait in one connection's send queue (and, as a
     /// separate bound, in what one callback sends to its own connection).
@@ -191,6 +199,19 @@ pub struct Limits {
     /// Sockets that may be open at once only to be answered 429/503; beyond
     /// that, an excess socket is closed without an answer.
     pub reject_slots: usize,
+    /// Server-wide budget for bytes of unfinished incoming messages (partly
+    /// received frames and fragmented messages) held by all connections
+    /// together. Over it, the connection holding the most is closed with
+    /// 1009 and its buffers are freed. Only allowed in `[limits]`.
+    pub max_buffered_bytes: usize,
+    /// A message whose first byte has arrived must be complete within this
+    /// time, or the connection is closed with 1008 and its buffers freed.
+    pub message_timeout: Duration,
+    /// The server pings every connection this often.
+    pub ping_interval: Duration,
+    /// A connection from which nothing (pongs included) arrived for this
+    /// long is closed with 1001 "idle timeout".
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -211,6 +232,10 @@ impl Default for Limits {
             handshake_burst_per_ip: 40,
             per_ip_exempt: crate::server::per_ip::default_exempt(),
             reject_slots: 64,
+            max_buffered_bytes: 64 << 20,
+            message_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -263,6 +288,18 @@ impl Limits {
         }
         if let Some(v) = raw.reject_slots {
             l.reject_slots = v.0;
+        }
+        if let Some(v) = &raw.max_buffered_bytes {
+            l.max_buffered_bytes = v.get_ref().0;
+        }
+        if let Some(v) = raw.message_timeout {
+            l.message_timeout = v.0;
+        }
+        if let Some(v) = raw.ping_interval {
+            l.ping_interval = v.0;
+        }
+        if let Some(v) = raw.idle_timeout {
+            l.idle_timeout = v.0;
         }
         l
     }
@@ -384,9 +421,14 @@ impl ConfigFile {
             let server_only = [
                 l.max_connections.as_ref().map(|v| v.span()),
                 l.handshake_timeout.as_ref().map(|v| v.span()),
-                l.max_connections_per_ip.is_some().then(|| route.path.span()),
+                l.max_buffered_bytes.as_ref().map(|v| v.span()),
+                l.max_connections_per_ip
+                    .is_some()
+                    .then(|| route.path.span()),
                 l.handshake_rate_per_ip.is_some().then(|| route.path.span()),
-                l.handshake_burst_per_ip.is_some().then(|| route.path.span()),
+                l.handshake_burst_per_ip
+                    .is_some()
+                    .then(|| route.path.span()),
                 l.per_ip_exempt.is_some().then(|| route.path.span()),
                 l.reject_slots.is_some().then(|| route.path.span()),
             ];
@@ -1009,5 +1051,28 @@ mod tests {
             err.to_string().contains("only allowed in [limits]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn session_limits_parse_and_are_checked() {
+        let c = parse(
+            "[limits]\nmax_buffered_bytes = \"8MiB\"\nping_interval = \"200ms\"\nidle_timeout = \"1s\"\nmessage_timeout = \"2s\"\n",
+        )
+        .unwrap();
+        let l = Limits::default().overlay(&c.raw.limits);
+        assert_eq!(l.max_buffered_bytes, 8 << 20);
+        assert_eq!(l.ping_interval, Duration::from_millis(200));
+        assert_eq!(l.idle_timeout, Duration::from_secs(1));
+        assert_eq!(l.message_timeout, Duration::from_secs(2));
+        let err = parse("[limits]\nping_interval = \"0s\"\n").unwrap_err();
+        assert!(err.to_string().contains("zero duration"), "{err}");
+        let err = parse(
+            "[[route]]\npath = \"/x\"\nhandler = \"echo\"\n[route.limits]\nmax_buffered_bytes = \"1MiB\"\n",
+        )
+        .unwrap_err();
+        let ConfigError::Invalid { line, key, .. } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!((*line, key.as_str()), (5, "max_buffered_bytes"), "{err}");
     }
 }

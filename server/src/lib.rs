@@ -20,7 +20,8 @@
 //! * [`static_files`]: the document root (`-d`).
 //! * [`write_deadline`]: ends an HTTP connection whose peer stops reading.
 //! * [`session`]: one WebSocket connection's loop, close handshake and access
-//!   line.
+//!   line; [`ws`]: its socket; [`budget`]: the server-wide budget for
+//!   unfinished incoming messages.
 //! * [`routing`]: the route table, swapped atomically on reload.
 //! * [`registry`]: loaded versions and instances; reconciles the handler
 //!   directory and config into a new route table.
@@ -41,6 +42,7 @@
 //! `crash` (signal handlers, `atexit`), `trust` (`geteuid`, `getpwuid_r`)
 //! and `server::fdlimit`.
 
+pub mod budget;
 pub mod check;
 pub mod cli;
 pub mod config;

@@ -9,6 +9,16 @@
 //! shutdown all arrive through [`ConnShared`]) and one timer. Sends a
 //! handler makes during its own callback come back in the [`Outbox`] and are
 //! written as one batch with one flush.
+//!
+//! The one timer (allocated once per connection, re-armed in place) serves
+//! every deadline: the keepalive ping (`ping_interval`), the idle close
+//! (`idle_timeout`, 1001), the unfinished message (`message_timeout`, 1008),
+//! output the peer does not read (`write_timeout`, pongs included), the
+//! drain jitter and the close handshake (`close_timeout`). It fires at
+//! least every `min(ping_interval, message_timeout, write_timeout)`; traffic
+//! from the peer is noticed at those ticks, not per read, so an idle close
+//! comes between `idle_timeout` and `idle_timeout` plus one tick after the
+//! peer's last byte.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,8 +26,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message, error::CapacityError};
@@ -27,6 +38,7 @@ use crate::host_api::{ConnShared, Outbox};
 use crate::instance::ConnState;
 use crate::routing::Route;
 use crate::server::Server;
+use crate::ws::ReadError;
 
 type Ws = crate::ws::WsConn;
 
@@ -193,20 +205,51 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
     } = opening;
     async move {
         let inst = route.instance.clone();
-        let wt = route.limits.write_timeout;
+        let limits = &route.limits;
+        let wt = limits.write_timeout;
         let mut stats = Stats::default();
         let mut state: Option<ConnState> = None;
         // Set once we have sent a close frame; we then only wait for the reply.
         let mut closing = false;
         let mut close: Option<Close> = None;
+        // Once a close starts (ours, or a close request draining the queue),
+        // everything left (the last writes, our close frame, the peer's
+        // reply) must happen by then: a peer that does not read cannot hold
+        // the connection for a full write_timeout.
+        let mut close_by: Option<Instant> = None;
+        // Queued sends, close requests, shutdown and drain all arrive
+        // through `shared.wakeup`; `registered` is the waker it holds for us.
+        let mut registered: Option<std::task::Waker> = None;
+        // A close requested while a write waited for the peer: it starts at
+        // the top of the loop.
+        let mut deferred: Option<CloseFrame> = None;
+        ws.attach(crate::budget::Meter::new(
+            server.budget.clone(),
+            id,
+            shared.clone(),
+            limits.read_buffer_size,
+        ));
 
         match opened {
             Ok(s) => {
                 state = Some(s);
-                if let Err(e) = write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close).await
+                match write_outbox(
+                    &mut ws,
+                    wt,
+                    &mut outbox,
+                    &mut stats,
+                    &mut close,
+                    &shared,
+                    &mut registered,
+                )
+                .await
                 {
-                    e.log(&span);
-                    close.get_or_insert(dropped());
+                    Ok(()) => {}
+                    Err(WriteError::Closing(f)) => deferred = Some(f),
+                    Err(e) => {
+                        e.log(&span);
+                        close.get_or_insert(dropped());
+                    }
                 }
             }
             Err(rc) => {
@@ -217,7 +260,7 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                 );
                 start_close(
                     &mut ws,
-                    wt,
+                    left(&mut close_by, limits.close_timeout),
                     1011,
                     "handler failed to open the connection",
                     &mut close,
@@ -229,10 +272,14 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
         // Queued sends, close requests, shutdown and drain all arrive
         // through `shared.wakeup`; `registered` is the waker it holds for us.
         let mut draining = false;
-        let mut registered: Option<std::task::Waker> = None;
-        // One timer, allocated only when needed: the drain jitter, then the
-        // wait for the peer's close reply.
-        let mut timer: Option<(Timer, Pin<Box<tokio::time::Sleep>>)> = None;
+        // The one timer and what it waits for. Boxed once: an idle
+        // connection's timer is re-armed in place, never allocated per tick.
+        let tick = limits.ping_interval.min(limits.message_timeout).min(wt);
+        let mut clock = Box::pin(tokio::time::sleep(tick));
+        let mut next_ping = Instant::now() + limits.ping_interval;
+        let mut last_heard = Instant::now();
+        let mut drain_at: Option<Instant> = None;
+        let mut reply_by: Option<Instant> = None;
         let mut batch: Vec<Message> = Vec::new();
 
         while !matches!(
@@ -242,6 +289,17 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                 ..
             })
         ) {
+            if let Some(f) = deferred.take() {
+                tracing::debug!(parent: &span, "close requested while a write waited for the peer; closing now");
+                start_close(
+                    &mut ws,
+                    left(&mut close_by, limits.close_timeout),
+                    f.code.into(),
+                    &f.reason,
+                    &mut close,
+                )
+                .await;
+            }
             // Once our close frame is out (here, or before the loop when on_open
             // failed), only the reply is awaited, for at most close_timeout.
             if !closing
@@ -250,8 +308,12 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                     .is_some_and(|c| matches!(c.by, Closer::Server))
             {
                 closing = true;
-                let reply = tokio::time::sleep(route.limits.close_timeout);
-                timer = Some((Timer::CloseReply, Box::pin(reply)));
+                drain_at = None;
+                let by = *close_by.get_or_insert_with(|| Instant::now() + limits.close_timeout);
+                reply_by = Some(by);
+                if by < clock.deadline() {
+                    clock.as_mut().reset(by);
+                }
             }
             let open = !closing;
             tokio::select! {
@@ -272,18 +334,22 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                             outbox = ob;
                             rc
                         };
-                        if let Err(e) = write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close).await {
-                            e.log(&span);
-                            close.get_or_insert(dropped());
-                            break;
+                        match write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close, &shared, &mut registered).await {
+                            Ok(()) => {}
+                            Err(WriteError::Closing(f)) => deferred = Some(f),
+                            Err(e) => {
+                                e.log(&span);
+                                close.get_or_insert(dropped());
+                                break;
+                            }
                         }
                         if rc != WSHD_OK && close.is_none() {
                             let reason = if rc == WSHD_ERR_PANIC { "handler panicked" } else { "handler error" };
                             tracing::warn!(parent: &span, "on_message failed ({}); closing with 1011", crate::error::status_name(rc));
-                            start_close(&mut ws, wt, 1011, reason, &mut close).await;
+                            start_close(&mut ws, left(&mut close_by, limits.close_timeout), 1011, reason, &mut close).await;
                         } else if std::mem::take(&mut outbox.overflowed) && close.is_none() {
                             tracing::info!(parent: &span, "send queue full: closing slow consumer with 1008");
-                            start_close(&mut ws, wt, 1008, "slow consumer", &mut close).await;
+                            start_close(&mut ws, left(&mut close_by, limits.close_timeout), 1008, "slow consumer", &mut close).await;
                         }
                     }
                     Some(Ok(Message::Close(frame))) => {
@@ -298,12 +364,23 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                         }
                     }
                     Some(Ok(_)) => {} // ping (auto-answered), pong, raw frame
-                    Some(Err(e)) => {
+                    Some(Err(ReadError::OverBudget)) => {
+                        let reason = "buffered data over the server's budget";
+                        tracing::info!(
+                            parent: &span,
+                            "unfinished messages of all connections are over max_buffered_bytes ({} bytes); this connection holds the most ({} bytes): closing with 1009 and freeing them",
+                            limits.max_buffered_bytes,
+                            ws.held(),
+                        );
+                        cut(&mut ws, &mut close, limits, 1009, reason).await;
+                        break;
+                    }
+                    Some(Err(ReadError::Ws(e))) => {
                         if close.is_none()
                             && let Some((code, reason)) = protocol_close(&e)
                         {
                             tracing::info!(parent: &span, "closing with {code}: {e}");
-                            start_close(&mut ws, wt, code, reason, &mut close).await;
+                            start_close(&mut ws, left(&mut close_by, limits.close_timeout), code, reason, &mut close).await;
                             // Fail the connection (RFC 6455 §7.1.7): don't
                             // wait for a reply from a misbehaving peer, but
                             // don't reset it either, or it never sees why.
@@ -329,27 +406,40 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                     let events = shared.take_events();
                     let closing_now = close_request.is_some() || events & ConnShared::SHUTDOWN != 0;
                     let max = if closing_now { usize::MAX } else { WRITE_BATCH };
+                    if closing_now {
+                        // The queue's last messages, our close frame and
+                        // the reply all fit in close_timeout from here.
+                        left(&mut close_by, limits.close_timeout);
+                    }
                     shared.take(&mut batch, max);
                     let mut result = Ok(());
                     for m in batch.drain(..) {
-                        result = write_one(&mut ws, wt, m, &mut stats, &mut close).await;
+                        let limit = write_limit(&ws, wt, close_by);
+                        // Once closing, close_by bounds the writes already.
+                        let stop = (!closing_now).then_some(Stop { shared: &shared, registered: &mut registered });
+                        result = write_one(&mut ws, limit, m, &mut stats, &mut close, stop).await;
                         if result.is_err() {
                             break;
                         }
                     }
                     batch.clear();
                     if result.is_ok() {
-                        result = timed(wt, ws.flush()).await;
+                        let stop = (!closing_now).then_some(Stop { shared: &shared, registered: &mut registered });
+                        result = timed_or_close(write_limit(&ws, wt, close_by), ws.flush(), stop).await;
                     }
-                    if let Err(e) = result {
-                        e.log(&span);
-                        close.get_or_insert(dropped());
-                        break;
-                    }
+                    let close_request = match result {
+                        Ok(()) => close_request,
+                        Err(WriteError::Closing(f)) => Some(f),
+                        Err(e) => {
+                            e.log(&span);
+                            close.get_or_insert(dropped());
+                            break;
+                        }
+                    };
                     if let Some(f) = close_request {
-                        start_close(&mut ws, wt, f.code.into(), &f.reason, &mut close).await;
+                        start_close(&mut ws, left(&mut close_by, limits.close_timeout), f.code.into(), &f.reason, &mut close).await;
                     } else if events & ConnShared::SHUTDOWN != 0 {
-                        start_close(&mut ws, wt, 1001, "server shutting down", &mut close).await;
+                        start_close(&mut ws, left(&mut close_by, limits.close_timeout), 1001, "server shutting down", &mut close).await;
                     } else if shared.has_queued() {
                         shared.wakeup.wake();
                     }
@@ -357,20 +447,89 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                         draining = true;
                         let delay = inst.drain_delay(id);
                         tracing::debug!(parent: &span, "handler version retired: closing with 1012 in {delay:?}");
-                        timer = Some((Timer::DrainJitter, Box::pin(tokio::time::sleep(delay))));
+                        let at = Instant::now() + delay;
+                        drain_at = Some(at);
+                        if at < clock.deadline() {
+                            clock.as_mut().reset(at);
+                        }
                     }
                 }
-                _ = async { timer.as_mut().expect("armed").1.as_mut().await }, if timer.is_some() => {
-                    match timer.take().expect("armed").0 {
-                        Timer::DrainJitter => {
-                            tracing::info!(parent: &span, "handler version retired: closing with 1012 (service restart)");
-                            start_close(&mut ws, wt, 1012, "service restart", &mut close).await;
-                        }
-                        Timer::CloseReply => {
-                            tracing::debug!(parent: &span, "peer did not answer our close in time; dropping the connection");
-                            break;
+                () = clock.as_mut() => {
+                    let now = Instant::now();
+                    if reply_by.is_some_and(|t| now >= t) {
+                        tracing::debug!(parent: &span, "peer did not answer our close in time; dropping the connection");
+                        break;
+                    }
+                    if ws.take_heard() {
+                        last_heard = now;
+                    }
+                    if let Some(since) = ws.write_blocked_since()
+                        && now >= since + wt
+                    {
+                        WriteError::Stalled(wt).log(&span);
+                        close.get_or_insert(dropped());
+                        break;
+                    }
+                    if let Some(since) = ws.unfinished_since()
+                        && now >= since + limits.message_timeout
+                    {
+                        let reason = "message not completed in time";
+                        tracing::info!(
+                            parent: &span,
+                            "a message started {:?} ago is still unfinished ({} bytes so far; message_timeout is {:?}): closing with 1008 and freeing it",
+                            now - since,
+                            ws.held(),
+                            limits.message_timeout,
+                        );
+                        cut(&mut ws, &mut close, limits, 1008, reason).await;
+                        break;
+                    }
+                    if drain_at.is_some_and(|t| now >= t) {
+                        drain_at = None;
+                        tracing::info!(parent: &span, "handler version retired: closing with 1012 (service restart)");
+                        start_close(&mut ws, left(&mut close_by, limits.close_timeout), 1012, "service restart", &mut close).await;
+                    }
+                    if close.is_none() && now >= last_heard + limits.idle_timeout {
+                        tracing::info!(parent: &span, "nothing received from the peer for {:?} (idle_timeout): closing with 1001", now - last_heard);
+                        start_close(&mut ws, left(&mut close_by, limits.close_timeout), 1001, "idle timeout", &mut close).await;
+                    }
+                    if close.is_none() && now >= next_ping {
+                        next_ping = now + limits.ping_interval;
+                        // Output already waiting for the peer is watched by
+                        // the write deadline; a ping would only queue behind it.
+                        if ws.write_blocked_since().is_none()
+                        {
+                            let stop = Stop { shared: &shared, registered: &mut registered };
+                            match timed_or_close(wt, ws.send(Message::Ping(Default::default())), Some(stop)).await {
+                                Ok(()) => {}
+                                Err(WriteError::Closing(f)) => deferred = Some(f),
+                                Err(e) => {
+                                    e.log(&span);
+                                    close.get_or_insert(dropped());
+                                    break;
+                                }
+                            }
                         }
                     }
+                    // Re-arm for whatever comes first; at the latest one tick
+                    // from now, to notice a message or a write that starts
+                    // stalling in between.
+                    let mut next = now + tick;
+                    let mut due = |t: Option<Instant>| {
+                        if let Some(t) = t {
+                            next = next.min(t);
+                        }
+                    };
+                    due(reply_by);
+                    due(drain_at);
+                    due(ws.unfinished_since().map(|s| s + limits.message_timeout));
+                    due(ws.write_blocked_since().map(|s| s + wt));
+                    if close.is_none() {
+                        due(Some(next_ping));
+                        due(Some(last_heard + limits.idle_timeout));
+                    }
+                    // Never in the past: what was due has been handled.
+                    clock.as_mut().reset(next.max(now + Duration::from_millis(1)));
                 }
             }
         }
@@ -395,7 +554,7 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
             bytes_in = stats.bytes_in,
             bytes_out = stats.bytes_out,
             close_code = close.code,
-            close_reason = %close.reason,
+            close_reason = %crate::logsafe::esc(&close.reason),
             closed_by = ?close.by,
             "close"
         );
@@ -448,6 +607,18 @@ async fn timed<T>(
     limit: Duration,
     write: impl Future<Output = Result<T, WsError>>,
 ) -> Result<T, WriteError> {
+    timed_or_close(limit, write, None).await
+}
+
+/// [`timed`], and while the write waits, a close request for the
+/// connection (the slow-consumer policy, the handler's close) ends the
+/// wait: the close then starts at once, bounded by `close_timeout`,
+/// instead of after the rest of `limit`.
+async fn timed_or_close<T>(
+    limit: Duration,
+    write: impl Future<Output = Result<T, WsError>>,
+    stop: Option<Stop<'_>>,
+) -> Result<T, WriteError> {
     let mut write = std::pin::pin!(write);
     // Most writes complete on the first poll; only one that has to wait
     // pays for a timer.
@@ -455,23 +626,63 @@ async fn timed<T>(
     if let Poll::Ready(r) = first {
         return r.map_err(|_| WriteError::Failed);
     }
-    match tokio::time::timeout(limit, write).await {
-        Ok(r) => r.map_err(|_| WriteError::Failed),
-        Err(_) => Err(WriteError::Stalled(limit)),
+    // Boxed: only a write that has to wait gets here, and its timer must
+    // not sit in every idle session's future.
+    Box::pin(wait_or_close(limit, write, stop)).await
+}
+
+async fn wait_or_close<T>(
+    limit: Duration,
+    mut write: Pin<&mut impl Future<Output = Result<T, WsError>>>,
+    mut stop: Option<Stop<'_>>,
+) -> Result<T, WriteError> {
+    let mut timer = std::pin::pin!(tokio::time::sleep(limit));
+    let mut woken = false;
+    let r = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = write.as_mut().poll(cx) {
+            return Poll::Ready(r.map_err(|_| WriteError::Failed));
+        }
+        if let Some(stop) = stop.as_mut()
+            && stop.shared.wakeup.poll(cx, stop.registered).is_ready()
+        {
+            woken = true;
+            if let Some(f) = stop.shared.take_close_request() {
+                return Poll::Ready(Err(WriteError::Closing(f)));
+            }
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(WriteError::Stalled(limit)));
+        }
+        Poll::Pending
+    })
+    .await;
+    if woken && let Some(stop) = stop {
+        // What else woke us (queued sends, shutdown) is for the main loop.
+        stop.shared.wakeup.wake();
     }
+    r
+}
+
+/// What interrupts a waiting write: a close request on `shared`, noticed
+/// through the session's wake-up (`registered` is its waker).
+struct Stop<'a> {
+    shared: &'a ConnShared,
+    registered: &'a mut Option<std::task::Waker>,
 }
 
 /// Why a write to the peer did not happen.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 enum WriteError {
     /// The connection is broken or closed.
     Failed,
     /// The peer did not read for this long.
     Stalled(Duration),
+    /// A close was requested while the write waited; start it now.
+    Closing(CloseFrame),
 }
 
 impl WriteError {
-    fn log(self, span: &tracing::Span) {
+    fn log(&self, span: &tracing::Span) {
         if let WriteError::Stalled(limit) = self {
             tracing::info!(parent: span, "peer has not read for {limit:?}; dropping the connection");
         }
@@ -500,13 +711,43 @@ fn protocol_close(e: &WsError) -> Option<(u16, &'static str)> {
     }
 }
 
-/// What the session's one timer is for.
-#[derive(Debug, Clone, Copy)]
-enum Timer {
-    /// The handler version was retired; close with 1012 when it fires.
-    DrainJitter,
-    /// We sent a close frame; drop the connection if no reply by then.
-    CloseReply,
+/// The time left until `close_by`, which is set to `close_timeout` from
+/// now if no close has started yet.
+fn left(close_by: &mut Option<Instant>, close_timeout: Duration) -> Duration {
+    close_by
+        .get_or_insert_with(|| Instant::now() + close_timeout)
+        .saturating_duration_since(Instant::now())
+}
+
+/// How long the next write may wait: what is left of the close deadline
+/// once closing, otherwise `write_timeout` minus how long output has
+/// already been waiting.
+fn write_limit(ws: &Ws, wt: Duration, close_by: Option<Instant>) -> Duration {
+    match close_by {
+        Some(t) => t.saturating_duration_since(Instant::now()),
+        None => ws.write_time_left(wt),
+    }
+}
+
+/// Ends the connection at once and frees what it holds (see
+/// [`crate::ws::WsConn::cut`]); records the close. Boxed: it happens once,
+/// and its discard buffer must not sit in every idle session.
+fn cut<'a>(
+    ws: &'a mut Ws,
+    close: &'a mut Option<Close>,
+    limits: &'a crate::config::Limits,
+    code: u16,
+    reason: &'static str,
+) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        close.get_or_insert(Close {
+            code,
+            reason: reason.to_owned(),
+            by: Closer::Server,
+        });
+        let discard = limits.max_message_size.max(limits.max_frame_size) as u64 + 64 * 1024;
+        ws.cut(code, reason, limits.close_timeout, discard).await;
+    })
 }
 
 /// Sends our close frame and records it, unless a close already happened.
@@ -551,6 +792,7 @@ async fn write_one(
     m: Message,
     stats: &mut Stats,
     close: &mut Option<Close>,
+    stop: Option<Stop<'_>>,
 ) -> Result<(), WriteError> {
     if close.is_some() {
         return Ok(()); // nothing may follow a close frame
@@ -568,7 +810,7 @@ async fn write_one(
         stats.msgs_out += 1;
         stats.bytes_out += m.len() as u64;
     }
-    timed(limit, ws.feed(m)).await
+    timed_or_close(limit, ws.feed(m), stop).await
 }
 
 /// Writes what a callback queued for its own connection, with one flush.
@@ -578,15 +820,25 @@ async fn write_outbox(
     outbox: &mut Outbox,
     stats: &mut Stats,
     close: &mut Option<Close>,
+    shared: &ConnShared,
+    registered: &mut Option<std::task::Waker>,
 ) -> Result<(), WriteError> {
     if outbox.msgs.is_empty() {
         return Ok(());
     }
+    // Output already waiting for the peer (a pong, say) has used part of
+    // the write timeout.
+    let limit = ws.write_time_left(limit);
     for m in outbox.msgs.drain(..) {
         if close.is_some() {
             continue;
         }
-        write_one(ws, limit, m, stats, close).await?;
+        let stop = Stop {
+            shared,
+            registered: &mut *registered,
+        };
+        write_one(ws, limit, m, stats, close, Some(stop)).await?;
     }
-    timed(limit, ws.flush()).await
+    let stop = Stop { shared, registered };
+    timed_or_close(limit, ws.flush(), Some(stop)).await
 }

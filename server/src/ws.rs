@@ -13,15 +13,28 @@
 //! The semantics are tokio-tungstenite's: `next` ends with `None` after a
 //! clean close, `feed` queues a message (writing what the socket takes now),
 //! `flush` waits until everything queued is written.
+//!
+//! It also watches what the peer can make the server hold:
+//! * unfinished incoming messages, followed frame by frame
+//!   ([`FrameTracker`]) and counted against the server-wide budget
+//!   ([`Meter`]); [`WsConn::cut`] frees them at once;
+//! * output tungstenite could not write (pong and close replies included),
+//!   since when ([`WsConn::write_blocked_since`]). While output is blocked no
+//!   more is read: every ping read queues a pong, so a client that floods
+//!   pings and never reads would otherwise grow the write buffer.
 
 use std::io::{self, Read, Write};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tungstenite::error::Error as WsError;
 use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
+
+use crate::budget::{FrameTracker, Meter};
 
 /// A server-side WebSocket connection over a TCP stream.
 #[derive(Debug)]
@@ -34,6 +47,26 @@ pub struct WsConn {
     /// False after a write that could not go out at once: the next `feed`
     /// first flushes what is queued, so the queue cannot grow unbounded.
     ready: bool,
+    /// Follows the peer's frames in the bytes read.
+    tracker: FrameTracker,
+    /// This connection's share of `max_buffered_bytes`, once attached.
+    meter: Option<Meter>,
+    /// When the unfinished message the peer is sending started.
+    unfinished_since: Option<Instant>,
+    /// Bytes arrived since [`WsConn::take_heard`] last looked.
+    heard: bool,
+    /// Since when output tungstenite holds could not be written.
+    blocked_since: Option<Instant>,
+}
+
+/// Why [`WsConn::next`] failed.
+#[derive(Debug)]
+pub enum ReadError {
+    /// From tungstenite: a protocol violation, an I/O error...
+    Ws(WsError),
+    /// The server-wide budget for unfinished messages picked this
+    /// connection: call [`WsConn::cut`].
+    OverBudget,
 }
 
 /// The socket and the polling task's context, seen as a blocking-style
@@ -42,13 +75,26 @@ pub struct WsConn {
 struct Io<'a, 'b> {
     io: &'a mut TcpStream,
     cx: &'a mut Context<'b>,
+    tracker: &'a mut FrameTracker,
+    heard: &'a mut bool,
+    /// How the last write call went: `Some(true)` if it would have blocked.
+    /// tungstenite writes its buffer until it is empty or a write blocks, so
+    /// the last call tells whether output is left over.
+    last_write_blocked: Option<bool>,
 }
 
 impl Read for Io<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut buf = ReadBuf::new(buf);
         match Pin::new(&mut *self.io).poll_read(self.cx, &mut buf) {
-            Poll::Ready(Ok(())) => Ok(buf.filled().len()),
+            Poll::Ready(Ok(())) => {
+                let got = buf.filled();
+                if !got.is_empty() {
+                    *self.heard = true;
+                    self.tracker.feed(got);
+                }
+                Ok(got.len())
+            }
             Poll::Ready(Err(e)) => Err(e),
             Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
         }
@@ -58,8 +104,14 @@ impl Read for Io<'_, '_> {
 impl Write for Io<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match Pin::new(&mut *self.io).poll_write(self.cx, buf) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+            Poll::Ready(r) => {
+                self.last_write_blocked = Some(false);
+                r
+            }
+            Poll::Pending => {
+                self.last_write_blocked = Some(true);
+                Err(io::ErrorKind::WouldBlock.into())
+            }
         }
     }
 
@@ -82,8 +134,12 @@ impl WsConn {
     /// Wraps an upgraded socket. `early` holds bytes the client sent right
     /// after its handshake request, which the HTTP layer already read.
     pub fn new(io: TcpStream, early: Option<Vec<u8>>, config: WebSocketConfig) -> WsConn {
+        let mut tracker = FrameTracker::default();
         let ctx = match early {
-            Some(part) => WebSocketContext::from_partially_read(part, Role::Server, Some(config)),
+            Some(part) => {
+                tracker.feed(&part);
+                WebSocketContext::from_partially_read(part, Role::Server, Some(config))
+            }
             None => WebSocketContext::new(Role::Server, Some(config)),
         };
         WsConn {
@@ -91,7 +147,19 @@ impl WsConn {
             io,
             ended: false,
             ready: true,
+            tracker,
+            meter: None,
+            unfinished_since: None,
+            heard: false,
+            blocked_since: None,
         }
+    }
+
+    /// Counts this connection's unfinished messages against the server's
+    /// budget from now on.
+    pub fn attach(&mut self, meter: Meter) {
+        self.meter = Some(meter);
+        self.account_read();
     }
 
     /// The socket, for the lingering close after the WebSocket is done.
@@ -99,30 +167,168 @@ impl WsConn {
         &mut self.io
     }
 
+    /// When the message the peer has started and not finished began.
+    pub fn unfinished_since(&self) -> Option<Instant> {
+        self.unfinished_since
+    }
+
+    /// Bytes of unfinished messages this connection holds (an upper bound
+    /// on what tungstenite buffers for them).
+    pub fn held(&self) -> u64 {
+        self.tracker.held()
+    }
+
+    /// Whether any bytes arrived from the peer since the last call.
+    pub fn take_heard(&mut self) -> bool {
+        std::mem::take(&mut self.heard)
+    }
+
+    /// Since when output has been waiting for the peer to read.
+    pub fn write_blocked_since(&self) -> Option<Instant> {
+        self.blocked_since
+    }
+
+    /// What is left of `limit` for the next write, counting the time output
+    /// has already been waiting (a pong the peer never read, say).
+    pub fn write_time_left(&self, limit: Duration) -> Duration {
+        self.blocked_since
+            .map_or(limit, |since| limit.saturating_sub(since.elapsed()))
+    }
+
     /// The next message: `None` once the connection is closed.
     /// Cancel-safe: a partly read frame stays buffered for the next call.
-    pub async fn next(&mut self) -> Option<Result<Message, WsError>> {
+    pub async fn next(&mut self) -> Option<Result<Message, ReadError>> {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, WsError>>> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, ReadError>>> {
         if self.ended {
             return Poll::Ready(None);
+        }
+        if self.meter.as_ref().is_some_and(Meter::over) {
+            return Poll::Ready(Some(Err(ReadError::OverBudget)));
         }
         let io = &mut Io {
             io: &mut self.io,
             cx,
+            tracker: &mut self.tracker,
+            heard: &mut self.heard,
+            last_write_blocked: None,
         };
-        match ready!(pending_on_block(self.ctx.read(io))) {
+        // Output is waiting for the peer: write it before reading more.
+        // Reading on would answer each ping read with one more pong that
+        // cannot go out either.
+        if self.blocked_since.is_some() {
+            let r = self.ctx.flush(io);
+            let blocked =
+                matches!(&r, Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock);
+            let last = io.last_write_blocked;
+            self.note_write(last);
+            if blocked {
+                return Poll::Pending;
+            }
+            // Other errors surface from the read below.
+        }
+        let io = &mut Io {
+            io: &mut self.io,
+            cx,
+            tracker: &mut self.tracker,
+            heard: &mut self.heard,
+            last_write_blocked: None,
+        };
+        let r = self.ctx.read(io);
+        let last = io.last_write_blocked;
+        self.note_write(last);
+        self.account_read();
+        match ready!(pending_on_block(r)) {
             Ok(msg) => Poll::Ready(Some(Ok(msg))),
             Err(e) => {
                 self.ended = true;
                 match e {
                     WsError::ConnectionClosed | WsError::AlreadyClosed => Poll::Ready(None),
-                    e => Poll::Ready(Some(Err(e))),
+                    e => Poll::Ready(Some(Err(ReadError::Ws(e)))),
                 }
             }
         }
+    }
+
+    /// Records how the last write of an operation went.
+    fn note_write(&mut self, last_write_blocked: Option<bool>) {
+        match last_write_blocked {
+            Some(true) => {
+                self.blocked_since.get_or_insert_with(Instant::now);
+            }
+            Some(false) => self.blocked_since = None,
+            None => {}
+        }
+    }
+
+    /// Updates the unfinished message's start and the budget after a read.
+    fn account_read(&mut self) {
+        let held = self.tracker.held();
+        let boundary = self.tracker.take_boundary();
+        if held == 0 {
+            self.unfinished_since = None;
+        } else if boundary || self.unfinished_since.is_none() {
+            // A new message started in the bytes just read.
+            self.unfinished_since = Some(Instant::now());
+        }
+        if let Some(m) = self.meter.as_mut() {
+            m.update(held);
+        }
+    }
+
+    /// Ends the connection at once, freeing everything tungstenite holds
+    /// for it (the partial message, the read and write buffers), then sends
+    /// `code` in a close frame written straight to the socket, half-closes
+    /// it and discards what the peer still sends (see
+    /// `session::linger`), for at most `limit`.
+    ///
+    /// The close frame is sent only when no earlier output is still
+    /// waiting: bytes written after half a frame would corrupt the stream,
+    /// and a peer that does not read would not see it anyway.
+    pub async fn cut(&mut self, code: u16, reason: &str, limit: Duration, discard: u64) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        // A context with no buffers: tungstenite allocates its read buffer
+        // up front, and we will not read through it again.
+        let empty = WebSocketConfig::default().read_buffer_size(0);
+        drop(std::mem::replace(
+            &mut self.ctx,
+            WebSocketContext::new(Role::Server, Some(empty)),
+        ));
+        self.ended = true;
+        self.tracker = FrameTracker::default();
+        self.unfinished_since = None;
+        // Gives the bytes back to the budget and leaves it.
+        self.meter = None;
+        let blocked = self.blocked_since.is_some();
+        let io = &mut self.io;
+        let work = async {
+            if !blocked {
+                let reason = &reason.as_bytes()[..reason.len().min(123)];
+                let mut frame = Vec::with_capacity(4 + reason.len());
+                frame.extend_from_slice(&[0x88, 2 + reason.len() as u8]);
+                frame.extend_from_slice(&code.to_be_bytes());
+                frame.extend_from_slice(reason);
+                if io.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+            // FIN after our close frame, then discard (see session::linger).
+            if io.shutdown().await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 4096];
+            let mut left = discard;
+            while left > 0 {
+                match io.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => left = left.saturating_sub(n as u64),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, work).await;
     }
 
     /// Queues a message and writes what the socket takes now; `flush`
@@ -136,9 +342,15 @@ impl WsConn {
             let io = &mut Io {
                 io: &mut self.io,
                 cx,
+                tracker: &mut self.tracker,
+                heard: &mut self.heard,
+                last_write_blocked: None,
             };
             let msg = msg.take().expect("polled once");
-            Poll::Ready(match self.ctx.write(io, msg) {
+            let r = self.ctx.write(io, msg);
+            let last = io.last_write_blocked;
+            self.note_write(last);
+            Poll::Ready(match r {
                 Ok(()) => Ok(()),
                 // Queued; it goes out with the next flush.
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -157,8 +369,14 @@ impl WsConn {
             let io = &mut Io {
                 io: &mut self.io,
                 cx,
+                tracker: &mut self.tracker,
+                heard: &mut self.heard,
+                last_write_blocked: None,
             };
-            pending_on_block(self.ctx.flush(io))
+            let r = self.ctx.flush(io);
+            let last = io.last_write_blocked;
+            self.note_write(last);
+            pending_on_block(r)
         })
         .await;
         self.ready = true;

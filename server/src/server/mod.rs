@@ -58,6 +58,8 @@ pub struct Server {
     pub files: ArcSwap<Option<StaticFiles>>,
     /// `[limits] write_timeout` for HTTP responses (before any upgrade).
     pub write_timeout: Duration,
+    /// `max_buffered_bytes`: unfinished incoming messages, server-wide.
+    pub budget: Arc<crate::budget::Budget>,
 }
 
 impl Server {
@@ -144,6 +146,9 @@ pub async fn run(
         next_conn: AtomicU64::new(1),
         files: ArcSwap::from_pointee(files),
         write_timeout: settings.limits.write_timeout,
+        budget: Arc::new(crate::budget::Budget::new(
+            settings.limits.max_buffered_bytes,
+        )),
     });
     let workers = Workers::start(settings.workers)
         .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))?;

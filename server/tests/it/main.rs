@@ -11,4 +11,5 @@ mod security_config;
 mod security_edges;
 mod security_load;
 mod security_send;
+mod security_session;
 mod serving;

@@ -44,9 +44,9 @@ async fn chat_members_that_never_read_cost_bounded_memory_and_are_closed() {
     const MESSAGES: usize = 300;
     const SIZE: usize = 1_000_000;
     let dir = standard_dir();
-    // Defaults (send_queue_bytes 8 MiB, slow_consumer close) except the
-    // write timeout, shortened so the stalled sockets are dropped quickly.
-    let srv = Wshd::with_config(dir.path(), "[limits]\nwrite_timeout = \"3s\"\n", &[]);
+    // All defaults: send_queue_bytes 8 MiB, slow_consumer close,
+    // close_timeout 5 s, write_timeout 30 s.
+    let srv = Wshd::start(dir.path(), &[]);
     let mut stalled = Vec::new();
     for n in 1..=2 {
         stalled.push(non_reader(&srv.addr, "/chat").await);
@@ -100,13 +100,26 @@ async fn chat_members_that_never_read_cost_bounded_memory_and_are_closed() {
         before >> 20
     );
 
-    // Their sockets are then dropped: here by the write timeout, since the
+    // Their sockets are then dropped within close_timeout of the shed (the
     // close frame cannot get past the data already in flight to a peer that
-    // never reads. Reading now drains what was in flight and ends in EOF or
-    // a reset.
-    srv.wait_log_count("peer has not read for 3s", 2).await;
+    // never reads, so the close is bounded by close_timeout, not by the 30 s
+    // write_timeout). The bound is 10 s: reading now drains what was
+    // in flight and must end in EOF or a reset within it.
+    let log = srv.wait_log_count("close_reason=slow consumer", 2).await;
+    for line in log
+        .lines()
+        .filter(|l| l.contains("close_reason=slow consumer"))
+    {
+        let ms: u64 = line
+            .split("duration_ms=")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no duration in {line}"));
+        assert!(ms < 10_000, "a non-reader stayed open {ms} ms: {line}");
+    }
     for mut s in stalled {
-        let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
             let mut buf = vec![0u8; 1 << 16];
             loop {
                 match s.read(&mut buf).await {
