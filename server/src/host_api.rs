@@ -784,6 +784,9 @@ unsafe extern "C" fn host_log_level(_ctx: *mut c_void) -> u32 {
     }
 }
 
+/// Bytes of one handler log message that reach the log.
+const HANDLER_LOG_CAP: usize = 4096;
+
 unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, target: wshd_str, msg: wshd_str) {
     // SAFETY: as in host_send.
     let Some(ctx) = (unsafe { ctx_ref(ctx) }) else {
@@ -794,9 +797,11 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, target: wshd_str, ms
         .map(String::from_utf8_lossy)
         .unwrap_or_default();
     // SAFETY: borrowed for this call.
-    let msg = unsafe { str_bytes(msg) }
-        .map(String::from_utf8_lossy)
-        .unwrap_or_default();
+    let msg = unsafe { str_bytes(msg) }.unwrap_or_default();
+    // Handlers often log what a client sent them: escaped like every other
+    // client-controlled value (a `\n` must not forge a line), with a cap
+    // large enough for a real message.
+    let msg = crate::logsafe::esc_cap(msg, HANDLER_LOG_CAP);
     let handler = &*ctx.handler;
     let route = &*ctx.route;
     let parent: Option<tracing::Id> = CURRENT.with(|c| c.get()).and_then(|cur| {

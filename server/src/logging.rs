@@ -74,7 +74,8 @@ pub fn init(level: &str, file: Option<&Path>) -> anyhow::Result<LogHandle> {
     };
     // `RUST_LOG` gets the same check as `log_level`: a bare word such as
     // "loud" parses as a target name and would silence every line.
-    crate::config::check_log_level(&spec).map_err(|e| anyhow::anyhow!("log level `{spec}`: {e}"))?;
+    crate::config::check_log_level(&spec)
+        .map_err(|e| anyhow::anyhow!("log level `{spec}`: {e}"))?;
     let filter: Targets = spec.parse().map_err(|e| {
         anyhow::anyhow!(
             "log level `{spec}`: {e}; use error, warn, info, debug, trace or target=level"

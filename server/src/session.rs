@@ -134,7 +134,7 @@ pub async fn open(
         shared.signal(ConnShared::RETIRED);
     }
     inst.live.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(parent: &span, subprotocol = protocol.unwrap_or(""), "open");
+    tracing::info!(parent: &span, subprotocol = %crate::logsafe::esc(protocol.unwrap_or("")), "open");
     let outbox = Outbox {
         msgs: Vec::new(),
         limit: route.limits.send_queue,

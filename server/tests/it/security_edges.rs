@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
@@ -280,11 +281,30 @@ allowed_origins = ["http://good.example"]
     assert!(status.starts_with("HTTP/1.1 403"), "{status}");
     let log = srv.wait_log("Origin not allowed").await;
 
+    // A close reason with a newline, a fake log line and an ANSI escape:
+    // the access line logs it (the measured attack in issue #12).
+    let mut ws = connect(&srv.url("/echo")).await;
+    let reason = format!("bye\n{forged} close\x1b[31m");
+    ws.send(tokio_tungstenite::tungstenite::Message::Close(Some(
+        tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: 4000.into(),
+            reason: reason.into(),
+        },
+    )))
+    .await
+    .unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    let log = srv.wait_log("close_code=4000").await;
+
     assert!(
         !log.lines().any(|l| l.starts_with(forged)),
         "forged line:\n{log}"
     );
     assert!(!log.contains('\x1b') && !log.contains('\u{9b}'), "{log}");
+    assert!(
+        log.contains("bye\\x0a2026-01-01T00:00:00.000000Z ERROR forged close\\x1b[31m"),
+        "{log}"
+    );
     assert!(log.contains("bye\\x0a2026-01-01"), "{log}");
     assert!(log.contains("evil.example\\xc2\\x9b31m"), "{log}");
 }
