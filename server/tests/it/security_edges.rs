@@ -279,7 +279,7 @@ allowed_origins = ["http://good.example"]
     .concat();
     let (status, _, _) = request(&srv.addr, &raw).await;
     assert!(status.starts_with("HTTP/1.1 403"), "{status}");
-    let log = srv.wait_log("Origin not allowed").await;
+    srv.wait_log("Origin not allowed").await;
 
     // A close reason with a newline, a fake log line and an ANSI escape:
     // the access line logs it (the measured attack in issue #12).
