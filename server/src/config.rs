@@ -76,6 +76,81 @@ pub struct RawConfig {
     /// Routes added on top of the scanned ones.
     #[serde(default, rename = "route")]
     pub routes: Vec<RawRoute>,
+    /// Publish/subscribe caps (ABI 1.2 topics).
+    #[serde(default)]
+    pub topics: RawTopics,
+    /// Handler timer caps (ABI 1.2 `set_timer`).
+    #[serde(default)]
+    pub timers: RawTimers,
+}
+
+/// `[topics]`: caps on the host-owned subscriptions.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTopics {
+    /// Topics one connection may be subscribed to at once.
+    pub max_per_connection: Option<Count>,
+    /// Topics with at least one subscriber, server-wide.
+    pub max_topics: Option<Count>,
+}
+
+/// `[timers]`: caps on pending handler timers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimers {
+    /// Pending timers per connection.
+    pub max_per_connection: Option<Count>,
+    /// Pending timers a handler instance set for itself (conn 0).
+    pub max_per_instance: Option<Count>,
+}
+
+/// Resolved `[topics]` and `[timers]` caps, defaults applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PubSubLimits {
+    pub topics_per_connection: usize,
+    pub max_topics: usize,
+    pub timers_per_connection: usize,
+    pub timers_per_instance: usize,
+}
+
+impl Default for PubSubLimits {
+    fn default() -> PubSubLimits {
+        PubSubLimits {
+            topics_per_connection: crate::topics::DEFAULT_MAX_PER_CONNECTION,
+            max_topics: crate::topics::DEFAULT_MAX_TOPICS,
+            timers_per_connection: crate::timers::DEFAULT_MAX_PER_CONNECTION,
+            timers_per_instance: crate::timers::DEFAULT_MAX_PER_INSTANCE,
+        }
+    }
+}
+
+impl PubSubLimits {
+    /// The caps the file sets, defaults for the rest.
+    pub fn from_raw(raw: Option<&RawConfig>) -> PubSubLimits {
+        let d = PubSubLimits::default();
+        let Some(r) = raw else { return d };
+        PubSubLimits {
+            topics_per_connection: r
+                .topics
+                .max_per_connection
+                .map_or(d.topics_per_connection, |c| c.0),
+            max_topics: r.topics.max_topics.map_or(d.max_topics, |c| c.0),
+            timers_per_connection: r
+                .timers
+                .max_per_connection
+                .map_or(d.timers_per_connection, |c| c.0),
+            timers_per_instance: r
+                .timers
+                .max_per_instance
+                .map_or(d.timers_per_instance, |c| c.0),
+        }
+    }
+
+    /// Applies the caps to the server's topics and timers.
+    pub fn apply(&self) {
+        crate::topics::global().configure(self.topics_per_connection, self.max_topics);
+        crate::timers::global().configure(self.timers_per_connection, self.timers_per_instance);
+    }
 }
 
 /// `[limits]` and `[route.limits]`: every field optional so a route can

@@ -162,9 +162,11 @@ impl Opening {
             server,
             span,
             opened,
+            shared,
             ..
         } = self;
         server.conns.remove(&id);
+        leave(&shared);
         let inst = &route.instance;
         if let Ok(st) = opened {
             inst.close(st, id, 1006, String::new(), Some(span.clone()))
@@ -322,6 +324,10 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                     }
                 },
                 _ = std::future::poll_fn(|cx| shared.wakeup.poll(cx, &mut registered)), if open => {
+                    // Timers that fired run here, between this connection's messages.
+                    if fire_timers(&inst, &shared, id, &mut state, &mut outbox, &mut ws, wt, &mut stats, &mut close, &span).await.is_err() {
+                        break;
+                    }
                     // A close request or shutdown drains the whole queue first;
                     // otherwise one batch per wake, so a busy sender cannot
                     // starve reads.
@@ -378,6 +384,7 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
         // Unregister first, so sends from handler threads from now on get
         // WSHD_ERR_CLOSED; then on_close, exactly once per successful on_open.
         server.conns.remove(&id);
+        leave(&shared);
         let close = close.unwrap_or_else(dropped);
         if let Some(st) = state {
             Box::pin(inst.close(st, id, close.code, close.reason.clone(), Some(span.clone())))
@@ -589,4 +596,56 @@ async fn write_outbox(
         write_one(ws, limit, m, stats, close).await?;
     }
     timed(limit, ws.flush()).await
+}
+
+/// The connection is gone: its subscriptions and timers end (before
+/// `on_close`, so a goodbye published there does not go to it).
+fn leave(shared: &Arc<ConnShared>) {
+    crate::topics::global().leave_all(shared);
+    crate::timers::global().drop_conn(shared);
+}
+
+/// Calls `on_timer` for the connection's timers that fired (ABI 1.2) and
+/// writes what they sent, as for a message: a failed callback closes with
+/// 1011, an overflow under the close policy with 1008. `Err` when the
+/// socket is gone. Boxed: timers are rare next to messages.
+#[allow(clippy::too_many_arguments)]
+fn fire_timers<'a>(
+    inst: &'a Arc<crate::instance::Instance>,
+    shared: &'a ConnShared,
+    id: u64,
+    state: &'a mut Option<ConnState>,
+    outbox: &'a mut Outbox,
+    ws: &'a mut Ws,
+    wt: Duration,
+    stats: &'a mut Stats,
+    close: &'a mut Option<Close>,
+    span: &'a tracing::Span,
+) -> Pin<Box<impl Future<Output = Result<(), ()>> + Send + 'a>> {
+    Box::pin(async move {
+        let fired = shared.take_fired_timers();
+        if fired.is_empty() || close.is_some() {
+            return Ok(());
+        }
+        let Some(st) = state.take() else {
+            return Ok(());
+        };
+        let (rc, st, ob) = inst.timers(st, id, fired, std::mem::take(outbox)).await;
+        *state = Some(st);
+        *outbox = ob;
+        if let Err(e) = write_outbox(ws, wt, outbox, stats, close).await {
+            e.log(span);
+            close.get_or_insert(dropped());
+            return Err(());
+        }
+        if rc != WSHD_OK && close.is_none() {
+            let reason = if rc == WSHD_ERR_PANIC { "handler panicked" } else { "handler error" };
+            tracing::warn!(parent: span, "on_timer failed ({}); closing with 1011", crate::error::status_name(rc));
+            start_close(ws, wt, 1011, reason, close).await;
+        } else if std::mem::take(&mut outbox.overflowed) && close.is_none() {
+            tracing::info!(parent: span, "send queue full: closing slow consumer with 1008");
+            start_close(ws, wt, 1008, "slow consumer", close).await;
+        }
+        Ok(())
+    })
 }

@@ -30,6 +30,8 @@ pub struct Settings {
     pub pid_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub config_path: Option<PathBuf>,
+    /// `[topics]` and `[timers]` caps.
+    pub pubsub: crate::config::PubSubLimits,
 }
 
 /// One `[[route]]`, resolved.
@@ -206,6 +208,7 @@ impl Settings {
                 .or_else(|| raw.and_then(|r| r.pid_file.as_deref()).map(rel)),
             state_dir: raw.and_then(|r| r.state_dir.as_deref()).map(rel),
             config_path: args.config.clone(),
+            pubsub: crate::config::PubSubLimits::from_raw(raw),
         })
     }
 }
