@@ -290,8 +290,8 @@ pub const WSHD_HOST_API_SIZE_1_1: usize =
     WSHD_HOST_API_SIZE_1_0 + std::mem::size_of::<wshd_log_level_fn>();
 /// `struct_size` of an ABI 1.2 host table: `broadcast` and the topic and
 /// timer functions, up to `cancel_timer` (ABI 1.2 and later).
-pub const WSHD_HOST_API_SIZE_1_2: usize = std::mem::offset_of!(wshd_host_api, cancel_timer)
-    + std::mem::size_of::<wshd_cancel_timer_fn>();
+pub const WSHD_HOST_API_SIZE_1_2: usize =
+    std::mem::offset_of!(wshd_host_api, cancel_timer) + std::mem::size_of::<wshd_cancel_timer_fn>();
 
 // SAFETY: the host API table is immutable after creation and every function in
 // it is documented as thread-safe; host_ctx is only ever passed back to those

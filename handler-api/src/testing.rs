@@ -1128,7 +1128,10 @@ impl<H: Handler> TestHost<H> {
         };
         let state = match conn {
             0 => std::ptr::null_mut(),
-            c => *self.conns.get(&c).expect("a pending timer's connection is open"),
+            c => *self
+                .conns
+                .get(&c)
+                .expect("a pending timer's connection is open"),
         };
         // SAFETY: a live handler and, for a connection timer, its state.
         let status = unsafe { on_timer(self.handler, state, conn, id) };

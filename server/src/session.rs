@@ -639,7 +639,11 @@ fn fire_timers<'a>(
             return Err(());
         }
         if rc != WSHD_OK && close.is_none() {
-            let reason = if rc == WSHD_ERR_PANIC { "handler panicked" } else { "handler error" };
+            let reason = if rc == WSHD_ERR_PANIC {
+                "handler panicked"
+            } else {
+                "handler error"
+            };
             tracing::warn!(parent: span, "on_timer failed ({}); closing with 1011", crate::error::status_name(rc));
             start_close(ws, wt, 1011, reason, close).await;
         } else if std::mem::take(&mut outbox.overflowed) && close.is_none() {

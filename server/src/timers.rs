@@ -111,7 +111,12 @@ impl Timers {
     }
 
     /// `set_timer`: the new timer's id, or an ABI status.
-    pub fn set(&self, ctx: &'static HostCtx, conn: wshd_conn_id, delay_ms: u64) -> Result<u64, i32> {
+    pub fn set(
+        &self,
+        ctx: &'static HostCtx,
+        conn: wshd_conn_id,
+        delay_ms: u64,
+    ) -> Result<u64, i32> {
         if ctx.is_revoked() {
             return Err(WSHD_ERR_REVOKED);
         }
@@ -172,11 +177,7 @@ impl Timers {
 
     /// The deadline of timer `id` passed.
     async fn fire(&self, id: u64) {
-        let Some((ctx, conn)) = self
-            .pending
-            .get(&id)
-            .map(|p| (p.ctx, p.conn.clone()))
-        else {
+        let Some((ctx, conn)) = self.pending.get(&id).map(|p| (p.ctx, p.conn.clone())) else {
             return; // cancelled
         };
         match conn {

@@ -97,7 +97,9 @@ fn query_param(query: &str, key: &str) -> Option<Result<String, String>> {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = raw.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok());
+                let hex = raw
+                    .get(i + 1..i + 3)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
                 let Some(byte) = hex else {
                     return Some(Err(format!("bad percent escape in `{key}`")));
                 };
@@ -287,15 +289,27 @@ mod tests {
             );
         }
         assert!(t.logs_contain(&format!("chat: conn {} joined (3 members)", c.id())));
-        assert_eq!(t.subscribers("chat:/chat").len(), 3, "the host keeps the members");
-        assert_eq!(t.publishes(), 5, "3 joins (to the event topic) + 1 per message");
+        assert_eq!(
+            t.subscribers("chat:/chat").len(),
+            3,
+            "the host keeps the members"
+        );
+        assert_eq!(
+            t.publishes(),
+            5,
+            "3 joins (to the event topic) + 1 per message"
+        );
     }
 
     #[test]
     fn the_room_comes_from_the_query_and_defaults_to_the_path() {
         let mut t = TestHost::<Chat>::init("").unwrap();
-        let lobby = t.connect(&Handshake::new("/chat").query("room=lob%20by")).unwrap();
-        let other = t.connect(&Handshake::new("/chat").query("x=1&room=other")).unwrap();
+        let lobby = t
+            .connect(&Handshake::new("/chat").query("room=lob%20by"))
+            .unwrap();
+        let other = t
+            .connect(&Handshake::new("/chat").query("x=1&room=other"))
+            .unwrap();
         let plain = t.connect(&Handshake::new("/talk")).unwrap();
         t.message(lobby, Message::Text("to lobby")).unwrap();
         t.message(plain, Message::Text("to /talk")).unwrap();
@@ -306,27 +320,37 @@ mod tests {
         let bad = t.handshake(&Handshake::new("/chat").query("room=%ff"));
         assert_eq!(bad.rejected.map(|r| r.0), Some(400));
         let long = format!("room={}", "x".repeat(MAX_ROOM_LEN + 1));
-        assert!(!t.handshake(&Handshake::new("/chat").query(&long)).accepted());
+        assert!(
+            !t.handshake(&Handshake::new("/chat").query(&long))
+                .accepted()
+        );
     }
 
     #[test]
     fn joins_and_leaves_are_json_events_for_members_who_ask() {
         let mut t = TestHost::<Chat>::init("").unwrap();
-        let watcher = t.connect(&Handshake::new("/chat").query("events=1")).unwrap();
+        let watcher = t
+            .connect(&Handshake::new("/chat").query("events=1"))
+            .unwrap();
         let quiet = t.connect(&Handshake::new("/chat")).unwrap();
         t.close(quiet, 1000, "");
         let id = quiet.id();
         assert_eq!(
             t.sent(watcher),
             [
-                text(&format!("{{\"event\":\"join\",\"conn\":{},\"members\":1}}", watcher.id())),
-                text(&format!("{{\"event\":\"join\",\"conn\":{id},\"members\":2}}")),
-                text(&format!("{{\"event\":\"leave\",\"conn\":{id},\"members\":1}}")),
+                text(&format!(
+                    "{{\"event\":\"join\",\"conn\":{},\"members\":1}}",
+                    watcher.id()
+                )),
+                text(&format!(
+                    "{{\"event\":\"join\",\"conn\":{id},\"members\":2}}"
+                )),
+                text(&format!(
+                    "{{\"event\":\"leave\",\"conn\":{id},\"members\":1}}"
+                )),
             ]
         );
-        assert!(t.logs_contain(&format!(
-            "chat: conn {id} left with code 1000 (1 members)"
-        )));
+        assert!(t.logs_contain(&format!("chat: conn {id} left with code 1000 (1 members)")));
     }
 
     #[test]
@@ -360,7 +384,8 @@ mod tests {
             Some((503, "chat: the room is full (2 members)".into()))
         );
         assert!(
-            t.handshake(&Handshake::new("/chat").query("room=b")).accepted(),
+            t.handshake(&Handshake::new("/chat").query("room=b"))
+                .accepted(),
             "another room has space"
         );
         t.close(b, 1001, "");

@@ -9,3 +9,4 @@ mod reload;
 mod security_config;
 mod security_send;
 mod serving;
+mod topics;
