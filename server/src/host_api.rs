@@ -1493,6 +1493,155 @@ mod tests {
         );
     }
 
+    fn topic(name: &str) -> wshd_str {
+        wshd_str::from_str(name)
+    }
+
+    /// `publish` through the table: the recipient count or a status.
+    fn publish(a: &HostApiBox, name: &str, data: &[u8], exclude: u64) -> i64 {
+        // SAFETY: a valid context; name and payload are borrowed.
+        unsafe {
+            (a.api.publish)(
+                a.api.host_ctx,
+                topic(name),
+                WSHD_MSG_TEXT,
+                data.as_ptr(),
+                data.len(),
+                exclude,
+            )
+        }
+    }
+
+    #[test]
+    fn publish_reaches_subscribers_of_any_instance_with_one_shared_payload() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        // Another version of the handler, on the same server.
+        let b = new_host_api(8, "t".into(), "/t".into(), conns.clone());
+        let mine = Arc::new(ConnShared::new(7, 100, 1 << 20, SlowConsumer::Close));
+        let theirs = Arc::new(ConnShared::new(8, 100, 1 << 20, SlowConsumer::Close));
+        conns.insert(101, mine.clone());
+        conns.insert(102, theirs.clone());
+        let name = "unit:publish";
+        // SAFETY: valid contexts; the names are borrowed.
+        unsafe {
+            assert_eq!((a.api.subscribe)(a.api.host_ctx, 101, topic(name)), WSHD_OK);
+            assert_eq!(
+                (a.api.subscribe)(a.api.host_ctx, 102, topic(name)),
+                WSHD_ERR_CLOSED,
+                "only the owning instance subscribes a connection"
+            );
+            assert_eq!((b.api.subscribe)(b.api.host_ctx, 102, topic(name)), WSHD_OK);
+            assert_eq!((a.api.is_subscribed)(a.api.host_ctx, 101, topic(name)), 1);
+            assert_eq!((a.api.subscribers)(a.api.host_ctx, topic(name)), 2);
+        }
+        let payload = vec![b'p'; 1000];
+        assert_eq!(publish(a, name, &payload, 0), 2);
+        assert_eq!(publish(b, name, b"x", 101), 1, "101 excluded");
+        let (m, t) = (taken(&mine), taken(&theirs));
+        assert_eq!((m.len(), t.len()), (1, 2));
+        assert_eq!(
+            m[0].clone().into_data().as_ptr(),
+            t[0].clone().into_data().as_ptr(),
+            "one stored copy"
+        );
+        assert_eq!(
+            publish(a, &"x".repeat(257), b"x", 0),
+            WSHD_ERR_INVALID as i64
+        );
+        assert_eq!(publish(a, "", b"x", 0), WSHD_ERR_INVALID as i64);
+        // SAFETY: as above.
+        unsafe {
+            assert_eq!(
+                (a.api.unsubscribe)(a.api.host_ctx, 101, topic(name)),
+                WSHD_OK
+            );
+            assert_eq!((a.api.is_subscribed)(a.api.host_ctx, 101, topic(name)), 0);
+        }
+        crate::topics::global().leave_all(&theirs);
+        assert_eq!(publish(a, name, b"x", 0), 0, "nobody left");
+        a.ctx.revoke();
+        assert_eq!(publish(a, name, b"x", 0), WSHD_ERR_REVOKED as i64);
+    }
+
+    #[test]
+    fn publish_inside_a_callback_keeps_the_callers_order() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        let me = Arc::new(ConnShared::new(7, 100, 1 << 20, SlowConsumer::Close));
+        conns.insert(201, me.clone());
+        let name = "unit:order";
+        // SAFETY: a valid context and a borrowed name.
+        let rc = unsafe { (a.api.subscribe)(a.api.host_ctx, 201, topic(name)) };
+        assert_eq!(rc, WSHD_OK);
+        let mut outbox = Outbox {
+            limit: 100,
+            limit_bytes: 1 << 20,
+            ..Default::default()
+        };
+        with_outbox(201, &mut outbox, None, || {
+            assert_eq!(send(a, 201, b"before"), WSHD_OK);
+            assert_eq!(publish(a, name, b"published", 0), 1);
+            assert_eq!(send(a, 201, b"after"), WSHD_OK);
+        });
+        let order: Vec<Vec<u8>> = (outbox.msgs.iter())
+            .map(|m| m.clone().into_data().to_vec())
+            .collect();
+        assert_eq!(order, [&b"before"[..], b"published", b"after"]);
+        assert!(!me.has_queued());
+        crate::topics::global().leave_all(&me);
+    }
+
+    #[test]
+    fn timers_need_on_timer_and_a_runtime() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        // SAFETY: a valid context.
+        let id = unsafe { (a.api.set_timer)(a.api.host_ctx, 0, 10) };
+        assert_eq!(id, WSHD_ERR_UNSUPPORTED as i64, "no on_timer");
+        a.ctx.has_on_timer.store(true, Ordering::Relaxed);
+        // SAFETY: as above.
+        let id = unsafe { (a.api.set_timer)(a.api.host_ctx, 0, 10) };
+        assert_eq!(id, WSHD_ERR_UNSUPPORTED as i64, "no runtime in this test");
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { (a.api.cancel_timer)(a.api.host_ctx, 12345) },
+            WSHD_ERR_STATE
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_timer_fires_once_into_its_session_and_cancel_wins() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        a.ctx.has_on_timer.store(true, Ordering::Relaxed);
+        let me = Arc::new(ConnShared::new(7, 100, 1 << 20, SlowConsumer::Close));
+        conns.insert(301, me.clone());
+        let t = crate::timers::global();
+        let fired = t.set(a.ctx, 301, 0).unwrap();
+        let cancelled = t.set(a.ctx, 301, 0).unwrap();
+        assert_eq!(
+            t.set(a.ctx, 302, 0),
+            Err(WSHD_ERR_CLOSED),
+            "unknown connection"
+        );
+        // Both fire; the session has not run them yet when one is cancelled.
+        while me.take_fired_timers_peek() < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(t.cancel(a.ctx, cancelled), WSHD_OK);
+        let ids = me.take_fired_timers();
+        assert_eq!(ids, [fired, cancelled]);
+        assert!(t.take(fired), "delivered once");
+        assert!(!t.take(fired));
+        assert!(!t.take(cancelled), "a cancelled timer is not delivered");
+        // A closed connection's pending timers are dropped.
+        let late = t.set(a.ctx, 301, 60_000).unwrap();
+        t.drop_conn(&me);
+        assert_eq!(t.cancel(a.ctx, late), WSHD_ERR_STATE);
+        assert_eq!(t.set(a.ctx, 301, 0), Err(WSHD_ERR_CLOSED));
+    }
+
     #[test]
     fn close_codes() {
         assert!(valid_close_code(1000) && valid_close_code(4999) && valid_close_code(1011));

@@ -324,8 +324,13 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                     }
                 },
                 _ = std::future::poll_fn(|cx| shared.wakeup.poll(cx, &mut registered)), if open => {
-                    // Timers that fired run here, between this connection's messages.
-                    if fire_timers(&inst, &shared, id, &mut state, &mut outbox, &mut ws, wt, &mut stats, &mut close, &span).await.is_err() {
+                    // Timers that fired run here, between this connection's
+                    // messages (one atomic load when none did).
+                    if shared.has_fired_timers()
+                        && fire_timers(&inst, &shared, id, &mut state, &mut outbox, &mut ws, wt, &mut stats, &mut close, &span)
+                            .await
+                            .is_err()
+                    {
                         break;
                     }
                     // A close request or shutdown drains the whole queue first;

@@ -268,6 +268,17 @@ impl Timers {
 }
 
 impl ConnShared {
+    /// Whether a timer of this connection fired and waits for the session.
+    pub fn has_fired_timers(&self) -> bool {
+        self.timer_fired.load(Ordering::Relaxed)
+    }
+
+    /// How many fired timers wait for the session (for tests).
+    #[cfg(test)]
+    pub fn take_fired_timers_peek(&self) -> usize {
+        lock(self).fired.len()
+    }
+
     /// The timers of this connection that fired since the last call, in
     /// firing order (usually none: one atomic load).
     pub fn take_fired_timers(&self) -> Vec<u64> {
