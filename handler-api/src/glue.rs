@@ -1024,6 +1024,45 @@ mod tests {
         assert_eq!(sends.load(std::sync::atomic::Ordering::Relaxed), 3);
     }
 
+    #[test]
+    fn topics_and_timers_on_an_older_host_are_unsupported_not_read_past_its_table() {
+        let old = HostApiV10 {
+            struct_size: WSHD_HOST_API_SIZE_1_0 as u32,
+            abi_major: 1,
+            abi_minor: 0,
+            host_ctx: std::ptr::null_mut(),
+            send,
+            ping,
+            close,
+            log,
+            hs_select_subprotocol: select,
+            hs_add_header: header,
+            hs_reject: reject,
+        };
+        let table = (&old as *const HostApiV10).cast::<wshd_host_api>();
+        // SAFETY: a live table of struct_size bytes; the ABI 1.2 functions
+        // lie past it and must not be read.
+        let api = unsafe { HostApi::from_raw(table) }.unwrap();
+        let host = Host::new(api);
+        let conn = host.conn(7);
+        let unsupported = Err(crate::SendError::Unsupported);
+        assert_eq!(conn.subscribe("room"), unsupported);
+        assert_eq!(conn.unsubscribe("room"), unsupported);
+        assert_eq!(
+            conn.is_subscribed("room"),
+            Err(crate::SendError::Unsupported)
+        );
+        assert_eq!(
+            host.publish("room", Message::Text("hi")),
+            Err(crate::SendError::Unsupported)
+        );
+        assert_eq!(host.subscribers("room"), Err(crate::SendError::Unsupported));
+        let second = std::time::Duration::from_secs(1);
+        assert_eq!(host.set_timer(second), Err(crate::SendError::Unsupported));
+        assert_eq!(conn.set_timer(second), Err(crate::SendError::Unsupported));
+        assert_eq!(host.cancel_timer(1), unsupported);
+    }
+
     fn raw(s: &str) -> wshd_str {
         wshd_str::from_str(s)
     }
