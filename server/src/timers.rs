@@ -190,6 +190,7 @@ impl Timers {
                 }
                 shared.timer_fired.store(true, Ordering::Release);
                 shared.wakeup.wake();
+                tracing::debug!(route = %ctx.route, timer = id, "timer due; runs between the connection's callbacks");
             }
             None => {
                 if !self.take(id) {

@@ -415,6 +415,32 @@ async fn timers_fire_once_and_cancelled_or_orphaned_ones_never() {
     }
 }
 
+/// A connection's timer never runs beside its other callbacks: one that
+/// comes due while a (MAY_BLOCK) callback of the connection is blocked
+/// runs after it, so its message comes after that callback's reply.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_timer_waits_for_the_running_callback_of_its_connection() {
+    let dir = pubsub_dir();
+    let srv = Wshd::start(dir.path(), &[]);
+    let mut a = connect(&srv.url("/pubsub_block")).await;
+    let t = id_of(&cmd(&mut a, "timer 500").await, "timer");
+    a.send(Message::text("wait")).await.unwrap();
+    // The timer comes due while "wait" blocks.
+    let log = srv.wait_log("timer due").await;
+    let waiting = log
+        .find("pubsub: waiting")
+        .expect("the callback is blocking");
+    let due = log.find(&format!("timer={t}")).expect("the timer came due");
+    assert!(
+        waiting < due,
+        "due only after the callback started blocking:\n{log}"
+    );
+    let mut other = connect(&srv.url("/pubsub_block")).await;
+    assert_eq!(cmd(&mut other, "release").await, "released");
+    assert_eq!(recv_text(&mut a).await, "waited");
+    assert_eq!(recv_text(&mut a).await, format!("fired {t}"));
+}
+
 /// A timer of a connection on a retired version fires into that version
 /// (its own), and the per-connection timer cap is enforced.
 #[tokio::test(flavor = "multi_thread")]
