@@ -242,7 +242,11 @@ typedef struct wshd_host_api {
    * payload is stored once and shared by every recipient's queue; each
    * delivery obeys that subscriber's queue bounds and slow-consumer policy,
    * so a slow subscriber never delays the others or the caller.  All
-   * subscribers of a topic see its publishes in the same order.  Returns
+   * subscribers of a topic see its publishes in the same order, except
+   * that inside a callback the callback's own connection gets the message
+   * in order with that callback's sends (it goes out when the callback
+   * returns, possibly ahead of a publish another thread made just
+   * before).  Returns
    * the number of subscribers the message was queued to (0 for a topic
    * nobody has subscribed to), or WSHD_ERR_INVALID / WSHD_ERR_REVOKED. */
   int64_t (*publish)(void *ctx, wshd_str topic, uint32_t kind, const uint8_t *data, size_t len,

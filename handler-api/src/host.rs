@@ -77,9 +77,12 @@ impl Host {
     /// never delays the others or the caller. All subscribers of a topic
     /// see its publishes in the same order. Inside a callback, the
     /// callback's own connection (if subscribed) gets it in order with its
-    /// other sends. `Err`: [`SendError::Invalid`] (topic not 1..=256 bytes
-    /// of UTF-8), [`SendError::Revoked`], [`SendError::Unsupported`] (a host
-    /// older than ABI 1.2).
+    /// other sends instead (when the callback returns, possibly ahead of a
+    /// publish another thread made just before).
+    ///
+    /// `Err`: [`SendError::Invalid`] (topic not 1..=256 bytes of UTF-8),
+    /// [`SendError::Revoked`], [`SendError::Unsupported`] (a host older than
+    /// ABI 1.2).
     pub fn publish(&self, topic: &str, msg: Message<'_>) -> Result<usize, SendError> {
         self.publish_raw(topic, msg, 0)
     }

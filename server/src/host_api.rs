@@ -815,7 +815,7 @@ unsafe extern "C" fn host_publish(
     exclude: wshd_conn_id,
 ) -> i64 {
     // SAFETY: as in host_subscribe.
-    let (_ctx, name) = match unsafe { topic_call(ctx, topic) } {
+    let (ctx, name) = match unsafe { topic_call(ctx, topic) } {
         Ok(v) => v,
         Err(rc) => return rc.into(),
     };
@@ -832,11 +832,9 @@ unsafe extern "C" fn host_publish(
     // per publish, not per subscriber.
     let current = CURRENT.with(|c| c.get());
     let n = crate::topics::global().publish(name, &msg, exclude, |sub, m| match current {
-        Some(cur) if cur.conn == sub.id => {
-            // Through the subscriber's own instance's view: the outbox
-            // belongs to the callback running here.
-            outbox_push(_ctx, cur, m)
-        }
+        // The callback running on this thread is this subscriber's: its
+        // outbox keeps the message in order with the callback's sends.
+        Some(cur) if cur.conn == sub.id => outbox_push(ctx, cur, m),
         _ => sub.conn.offer(sub.id, &sub.route, m),
     });
     n as i64

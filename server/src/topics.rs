@@ -11,7 +11,9 @@
 //! * Each [`Topic`] has one mutex over its subscriber list. A publish holds
 //!   it for the fan-out, so publishes to the *same* topic are serialized and
 //!   every subscriber sees them in the same order (a chat room shows one
-//!   history to everyone); publishes to different topics never contend. The
+//!   history to everyone; the one exception is the publishing connection
+//!   itself, inside its callback, whose copy goes out with the callback's
+//!   sends); publishes to different topics never contend. The
 //!   fan-out only pushes a clone of one `Message` (a reference to one shared
 //!   payload) onto each subscriber's bounded queue ([`ConnShared::offer`]),
 //!   which never blocks, so the lock is held for microseconds per hundred
