@@ -71,15 +71,10 @@ pub struct Timers {
     max_per_instance: AtomicUsize,
 }
 
-/// The server's timers.
+/// The server's timers. Timer ids are unique across the process.
 pub fn global() -> &'static Timers {
     static TIMERS: OnceLock<Timers> = OnceLock::new();
-    TIMERS.get_or_init(|| Timers {
-        pending: DashMap::new(),
-        next: AtomicU64::new(1),
-        max_per_connection: AtomicUsize::new(DEFAULT_MAX_PER_CONNECTION),
-        max_per_instance: AtomicUsize::new(DEFAULT_MAX_PER_INSTANCE),
-    })
+    TIMERS.get_or_init(|| Timers::new(DEFAULT_MAX_PER_CONNECTION, DEFAULT_MAX_PER_INSTANCE))
 }
 
 fn lock(shared: &ConnShared) -> MutexGuard<'_, ConnTimers> {
@@ -97,6 +92,17 @@ fn forget(list: &mut Vec<u64>, id: u64) {
 }
 
 impl Timers {
+    /// An empty set with these caps. The server uses [`global`]; a timer
+    /// that fires is delivered through it.
+    pub fn new(max_per_connection: usize, max_per_instance: usize) -> Timers {
+        Timers {
+            pending: DashMap::new(),
+            next: AtomicU64::new(1),
+            max_per_connection: AtomicUsize::new(max_per_connection),
+            max_per_instance: AtomicUsize::new(max_per_instance),
+        }
+    }
+
     /// Sets the caps (at startup and on every config reload).
     pub fn configure(&self, max_per_connection: usize, max_per_instance: usize) {
         self.max_per_connection
@@ -288,5 +294,28 @@ impl ConnShared {
         }
         self.timer_fired.store(false, Ordering::Relaxed);
         std::mem::take(&mut lock(self).fired)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host_api::{Connections, new_host_api};
+
+    #[tokio::test]
+    async fn the_instance_cap_refuses_and_destroy_drops_its_timers() {
+        let t = Timers::new(2, 2);
+        let conns = std::sync::Arc::new(Connections::default());
+        let a = new_host_api(77, "t".into(), "/t".into(), conns);
+        a.ctx.has_on_timer.store(true, Ordering::Relaxed);
+        let first = t.set(a.ctx, 0, 60_000).unwrap();
+        t.set(a.ctx, 0, 60_000).unwrap();
+        assert_eq!(t.set(a.ctx, 0, 60_000), Err(WSHD_ERR_LIMIT));
+        assert_eq!(t.cancel(a.ctx, first), WSHD_OK);
+        t.set(a.ctx, 0, 60_000).unwrap();
+        assert_eq!(t.set(a.ctx, 0, MAX_DELAY_MS + 1), Err(WSHD_ERR_INVALID));
+        assert_eq!(t.pending(), 2);
+        t.drop_instance(a.ctx);
+        assert_eq!(t.pending(), 0, "destroy drops the instance's timers");
     }
 }
