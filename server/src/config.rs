@@ -88,20 +88,38 @@ pub struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTopics {
-    /// Topics one connection may be subscribed to at once.
-    pub max_per_connection: Option<Count>,
+    /// Topics one connection may be subscribed to at once. Bounded: the
+    /// connection's list is scanned on every subscribe.
+    pub max_per_connection: Option<Bounded<10_000>>,
     /// Topics with at least one subscriber, server-wide.
-    pub max_topics: Option<Count>,
+    pub max_topics: Option<Bounded<10_000_000>>,
 }
 
 /// `[timers]`: caps on pending handler timers.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTimers {
-    /// Pending timers per connection.
-    pub max_per_connection: Option<Count>,
+    /// Pending timers per connection (a list scanned on cancel).
+    pub max_per_connection: Option<Bounded<10_000>>,
     /// Pending timers a handler instance set for itself (conn 0).
-    pub max_per_instance: Option<Count>,
+    pub max_per_instance: Option<Bounded<100_000>>,
+}
+
+/// A count from 1 to `MAX`: a cap that must stay finite and cheap to
+/// enforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounded<const MAX: usize>(pub usize);
+
+impl<'de, const MAX: usize> Deserialize<'de> for Bounded<MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        if v < 1 || v as u64 > MAX as u64 {
+            return Err(de::Error::custom(format!(
+                "{v} is out of range; use 1 to {MAX}"
+            )));
+        }
+        Ok(Bounded(v as usize))
+    }
 }
 
 /// Resolved `[topics]` and `[timers]` caps, defaults applied.
@@ -953,6 +971,42 @@ mod tests {
         let l = Limits::default().overlay(&c.raw.routes[0].limits);
         assert_eq!(l.send_queue, 7);
         assert_eq!(l.max_message_size, Limits::default().max_message_size);
+    }
+
+    #[test]
+    fn topic_and_timer_caps_have_finite_defaults_and_ranges() {
+        let d = PubSubLimits::default();
+        assert_eq!(
+            (d.topics_per_connection, d.max_topics),
+            (64, 100_000),
+            "finite defaults"
+        );
+        assert_eq!((d.timers_per_connection, d.timers_per_instance), (64, 1024));
+        let c = parse(
+            "[topics]\nmax_per_connection = 3\nmax_topics = 5\n[timers]\nmax_per_connection = 2\n",
+        )
+        .unwrap();
+        let l = PubSubLimits::from_raw(Some(&c.raw));
+        assert_eq!(
+            (
+                l.topics_per_connection,
+                l.max_topics,
+                l.timers_per_connection
+            ),
+            (3, 5, 2)
+        );
+        assert_eq!(l.timers_per_instance, 1024, "unset keys keep the default");
+        for bad in [
+            "[topics]\nmax_per_connection = 0\n",
+            "[topics]\nmax_per_connection = 10001\n",
+            "[topics]\nmax_topics = -1\n",
+            "[timers]\nmax_per_instance = 100001\n",
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("out of range"), "{bad}: {err}");
+        }
+        let err = parse("[topics]\nmax_per_conection = 3\n").unwrap_err();
+        assert!(err.to_string().contains("max_per_conection"), "{err}");
     }
 
     #[test]
