@@ -190,6 +190,10 @@ static int32_t pubsub_on_message(void *handler, void *state, wshd_conn_id conn, 
   } else if (IS("cancel")) {
     snprintf(out, sizeof out, "cancel %d", h->cancel_timer(ctx, strtoull(arg, NULL, 10)));
   } else if (IS("wait")) {
+#ifndef PUBSUB_MAY_BLOCK
+    /* Blocking here would hold one of the server's async workers. */
+    return reply(ps, conn, "wait needs a build with -DPUBSUB_MAY_BLOCK");
+#endif
     unsigned seen = atomic_load(&RELEASES);
     h->log(ctx, WSHD_LOG_INFO, str("pubsub", 6), str("pubsub: waiting", 15));
     struct timespec pause = {0, 1000000}; /* 1 ms */
