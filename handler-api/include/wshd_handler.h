@@ -66,9 +66,14 @@
  *     (no sleeping, no blocking I/O, no waiting on locks held for long).  A
  *     handler that needs to block sets WSHD_F_MAY_BLOCK; its callbacks then
  *     run on a separate thread pool and cannot stall other connections.
- *   - Host functions (send, ping, close, log, broadcast) are thread-safe, never block and
- *     never call back into the handler, so they may be called from inside a
- *     callback or from any thread the handler created.
+ *   - Host functions (send, ping, close, log, broadcast, and the topic and
+ *     timer functions) are thread-safe, never block and never call back into
+ *     the handler, so they may be called from inside a callback or from any
+ *     thread the handler created.
+ *   - on_timer (ABI 1.2) for a connection obeys the same rules as
+ *     on_message: never concurrently with that connection's other
+ *     callbacks, only between on_open and on_close, on the blocking pool for
+ *     WSHD_F_MAY_BLOCK handlers.
  *   - destroy must stop and join every thread the handler started.
  *
  * CONNECTIONS
@@ -130,6 +135,7 @@ enum {
   WSHD_ERR_STATE = -4,        /* not allowed now (e.g. a second subprotocol choice) */
   WSHD_ERR_REVOKED = -5,      /* this handler instance was destroyed */
   WSHD_ERR_UNSUPPORTED = -6,  /* the host is too old for this function */
+  WSHD_ERR_LIMIT = -7,        /* ABI 1.2: a configured cap was reached (topics, timers) */
   WSHD_ERR_PANIC = -100,      /* the handler panicked (Rust SDK) */
   WSHD_ERR_HANDLER = -101     /* the handler reports a failure of its own */
 };
@@ -215,15 +221,60 @@ typedef struct wshd_host_api {
    * and otherwise fall back to one send per connection. */
   int32_t (*broadcast)(void *ctx, const wshd_conn_id *conns, size_t n, uint32_t kind,
                        const uint8_t *data, size_t len, size_t *delivered);
+
+  /* ABI 1.2: TOPICS.  The host keeps the subscriptions, keyed by topic name,
+   * one namespace per server: a topic outlives every handler version, and a
+   * publish reaches subscribers on every route and every loaded version.  A
+   * topic is 1..256 bytes of UTF-8 (else WSHD_ERR_INVALID).  A connection's
+   * subscriptions end when it closes.  Caps (topics per connection, topics
+   * on the server) are set by the operator; past one, WSHD_ERR_LIMIT.
+   * Available when host->struct_size >= WSHD_HOST_API_SIZE_1_2, like
+   * broadcast. */
+  /* Subscribe conn (one of this instance's open connections, else
+   * WSHD_ERR_CLOSED) to topic.  Subscribing twice is one subscription. */
+  int32_t (*subscribe)(void *ctx, wshd_conn_id conn, wshd_str topic);
+  /* End conn's subscription; WSHD_OK also if it had none. */
+  int32_t (*unsubscribe)(void *ctx, wshd_conn_id conn, wshd_str topic);
+  /* 1 if conn is subscribed to topic, 0 if not, or a negative status. */
+  int32_t (*is_subscribed)(void *ctx, wshd_conn_id conn, wshd_str topic);
+  /* Queue one text or binary message to every subscriber of topic except
+   * exclude (0: none), whatever route or handler version it is on.  The
+   * payload is stored once and shared by every recipient's queue; each
+   * delivery obeys that subscriber's queue bounds and slow-consumer policy,
+   * so a slow subscriber never delays the others or the caller.  All
+   * subscribers of a topic see its publishes in the same order, except
+   * that inside a callback the callback's own connection gets the message
+   * in order with that callback's sends (it goes out when the callback
+   * returns, possibly ahead of a publish another thread made just
+   * before).  Returns
+   * the number of subscribers the message was queued to (0 for a topic
+   * nobody has subscribed to), or WSHD_ERR_INVALID / WSHD_ERR_REVOKED. */
+  int64_t (*publish)(void *ctx, wshd_str topic, uint32_t kind, const uint8_t *data, size_t len,
+                     wshd_conn_id exclude);
+  /* The number of subscribers of topic on this server, or a negative status. */
+  int64_t (*subscribers)(void *ctx, wshd_str topic);
+
+  /* ABI 1.2: TIMERS.  Call the descriptor's on_timer once, delay_ms
+   * milliseconds from now, for connection conn (then in order with its
+   * other callbacks) or, with conn 0, for the instance (conn_state NULL).
+   * Returns the timer id (> 0) or a negative status: WSHD_ERR_CLOSED (conn
+   * not one of this instance's open connections), WSHD_ERR_LIMIT (too many
+   * pending timers for that connection or instance), WSHD_ERR_UNSUPPORTED
+   * (the descriptor has no on_timer).  A connection's timers are dropped
+   * when it closes; an instance's when it is destroyed: a timer never fires
+   * into another handler version. */
+  int64_t (*set_timer)(void *ctx, wshd_conn_id conn, uint64_t delay_ms);
+  /* Cancel a pending timer: WSHD_OK and on_timer will not be called for it,
+   * or WSHD_ERR_STATE if it is not pending (fired, cancelled, unknown). */
+  int32_t (*cancel_timer)(void *ctx, uint64_t timer_id);
 } wshd_host_api;
 
 /* struct_size of a host table that has log_level (ABI 1.1 and later). */
 #define WSHD_HOST_API_SIZE_1_1 (offsetof(wshd_host_api, log_level) + sizeof(uint32_t (*)(void *)))
-/* struct_size of a host table that has broadcast (ABI 1.2 and later). */
+/* struct_size of an ABI 1.2 host table: broadcast and the topic and timer
+ * functions (ABI 1.2 and later). */
 #define WSHD_HOST_API_SIZE_1_2                                                                     \
-  (offsetof(wshd_host_api, broadcast) +                                                            \
-   sizeof(int32_t (*)(void *, const wshd_conn_id *, size_t, uint32_t, const uint8_t *, size_t,     \
-                      size_t *)))
+  (offsetof(wshd_host_api, cancel_timer) + sizeof(int32_t (*)(void *, uint64_t)))
 
 typedef struct wshd_descriptor {
   uint32_t magic;      /* WSHD_MAGIC */
@@ -252,7 +303,21 @@ typedef struct wshd_descriptor {
                    wshd_str reason);
   /* Optional.  Free the handler and join its threads. */
   void (*destroy)(void *handler);
+
+  /* ABI 1.2, optional.  A timer set with host->set_timer fired.  For a
+   * connection's timer, conn_state and conn are that connection's, and a
+   * non-OK return closes it with 1011, as from on_message; for an
+   * instance's timer they are NULL and 0.  A host of ABI 1.0 or 1.1 never
+   * reads this field (set struct_size = sizeof(wshd_descriptor)). */
+  int32_t (*on_timer)(void *handler, void *conn_state, wshd_conn_id conn, uint64_t timer_id);
 } wshd_descriptor;
+
+/* struct_size of an ABI 1.0 or 1.1 descriptor (everything before on_timer). */
+#define WSHD_DESCRIPTOR_SIZE_1_0 (offsetof(wshd_descriptor, on_timer))
+/* struct_size of a descriptor that has on_timer (ABI 1.2 and later). */
+#define WSHD_DESCRIPTOR_SIZE_1_2                                                                   \
+  (offsetof(wshd_descriptor, on_timer) +                                                           \
+   sizeof(int32_t (*)(void *, void *, wshd_conn_id, uint64_t)))
 
 /* The only symbol a handler exports. */
 const wshd_descriptor *wshd_entry_v1(void);

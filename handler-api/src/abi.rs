@@ -39,6 +39,9 @@ pub const WSHD_ERR_STATE: i32 = -4;
 pub const WSHD_ERR_REVOKED: i32 = -5;
 /// The host is too old to provide this function.
 pub const WSHD_ERR_UNSUPPORTED: i32 = -6;
+/// ABI 1.2: a configured cap was reached (topics per connection, topics on
+/// the server, pending timers); nothing was changed.
+pub const WSHD_ERR_LIMIT: i32 = -7;
 /// A Rust handler panicked; the SDK caught it.
 pub const WSHD_ERR_PANIC: i32 = -100;
 /// The handler reports a failure of its own.
@@ -187,6 +190,38 @@ pub type wshd_broadcast_fn = unsafe extern "C" fn(
     len: usize,
     delivered: *mut usize,
 ) -> i32;
+/// Host function (ABI 1.2): subscribe connection `conn` to `topic`
+/// (UTF-8, 1..=256 bytes).
+pub type wshd_subscribe_fn =
+    unsafe extern "C" fn(ctx: *mut c_void, conn: wshd_conn_id, topic: wshd_str) -> i32;
+/// Host function (ABI 1.2): end `conn`'s subscription to `topic`.
+pub type wshd_unsubscribe_fn =
+    unsafe extern "C" fn(ctx: *mut c_void, conn: wshd_conn_id, topic: wshd_str) -> i32;
+/// Host function (ABI 1.2): 1 if `conn` is subscribed to `topic`, 0 if not,
+/// or a negative status.
+pub type wshd_is_subscribed_fn =
+    unsafe extern "C" fn(ctx: *mut c_void, conn: wshd_conn_id, topic: wshd_str) -> i32;
+/// Host function (ABI 1.2): queue one message to every subscriber of
+/// `topic` except `exclude` (0 for none), storing the payload once. Returns
+/// the number of local recipients, or a negative status.
+pub type wshd_publish_fn = unsafe extern "C" fn(
+    ctx: *mut c_void,
+    topic: wshd_str,
+    kind: u32,
+    data: *const u8,
+    len: usize,
+    exclude: wshd_conn_id,
+) -> i64;
+/// Host function (ABI 1.2): the number of subscribers of `topic` on this
+/// server, or a negative status.
+pub type wshd_subscribers_fn = unsafe extern "C" fn(ctx: *mut c_void, topic: wshd_str) -> i64;
+/// Host function (ABI 1.2): call `on_timer` once after `delay_ms`, for
+/// connection `conn` (0: for the instance). Returns the timer id (> 0) or a
+/// negative status.
+pub type wshd_set_timer_fn =
+    unsafe extern "C" fn(ctx: *mut c_void, conn: wshd_conn_id, delay_ms: u64) -> i64;
+/// Host function (ABI 1.2): cancel a pending timer.
+pub type wshd_cancel_timer_fn = unsafe extern "C" fn(ctx: *mut c_void, timer: u64) -> i32;
 /// Host function: choose the offered subprotocol at `index`.
 pub type wshd_hs_select_subprotocol_fn =
     unsafe extern "C" fn(hs: *mut wshd_handshake, index: usize) -> i32;
@@ -231,6 +266,21 @@ pub struct wshd_host_api {
     /// of the payload. Hosts of ABI 1.0 and 1.1 end before this field: read
     /// it only when `struct_size` is at least [`WSHD_HOST_API_SIZE_1_2`].
     pub broadcast: wshd_broadcast_fn,
+    /// ABI 1.2: subscribe a connection to a topic. Like every field below,
+    /// present when `struct_size` is at least [`WSHD_HOST_API_SIZE_1_2`].
+    pub subscribe: wshd_subscribe_fn,
+    /// ABI 1.2: end a subscription.
+    pub unsubscribe: wshd_unsubscribe_fn,
+    /// ABI 1.2: whether a connection is subscribed to a topic.
+    pub is_subscribed: wshd_is_subscribed_fn,
+    /// ABI 1.2: one message to every subscriber of a topic.
+    pub publish: wshd_publish_fn,
+    /// ABI 1.2: the number of subscribers of a topic.
+    pub subscribers: wshd_subscribers_fn,
+    /// ABI 1.2: start a one-shot timer delivered to `on_timer`.
+    pub set_timer: wshd_set_timer_fn,
+    /// ABI 1.2: cancel a timer.
+    pub cancel_timer: wshd_cancel_timer_fn,
 }
 
 /// `struct_size` of an ABI 1.0 host table: everything before `log_level`.
@@ -238,9 +288,10 @@ pub const WSHD_HOST_API_SIZE_1_0: usize = std::mem::offset_of!(wshd_host_api, lo
 /// `struct_size` of a host table that has `log_level` (ABI 1.1 and later).
 pub const WSHD_HOST_API_SIZE_1_1: usize =
     WSHD_HOST_API_SIZE_1_0 + std::mem::size_of::<wshd_log_level_fn>();
-/// `struct_size` of a host table that has `broadcast` (ABI 1.2 and later).
+/// `struct_size` of an ABI 1.2 host table: `broadcast` and the topic and
+/// timer functions, up to `cancel_timer` (ABI 1.2 and later).
 pub const WSHD_HOST_API_SIZE_1_2: usize =
-    std::mem::offset_of!(wshd_host_api, broadcast) + std::mem::size_of::<wshd_broadcast_fn>();
+    std::mem::offset_of!(wshd_host_api, cancel_timer) + std::mem::size_of::<wshd_cancel_timer_fn>();
 
 // SAFETY: the host API table is immutable after creation and every function in
 // it is documented as thread-safe; host_ctx is only ever passed back to those
@@ -284,6 +335,15 @@ pub type wshd_on_close_fn = unsafe extern "C" fn(
     code: u16,
     reason: wshd_str,
 );
+/// Handler callback (ABI 1.2): a timer set with `set_timer` fired.
+/// `conn_state` and `conn` are the connection's (NULL and 0 for a timer set
+/// for the instance).
+pub type wshd_on_timer_fn = unsafe extern "C" fn(
+    handler: *mut c_void,
+    conn_state: *mut c_void,
+    conn: wshd_conn_id,
+    timer: u64,
+) -> i32;
 /// Handler callback: free the instance.
 pub type wshd_destroy_fn = unsafe extern "C" fn(handler: *mut c_void);
 
@@ -319,7 +379,18 @@ pub struct wshd_descriptor {
     pub on_close: Option<wshd_on_close_fn>,
     /// Optional: free the instance.
     pub destroy: Option<wshd_destroy_fn>,
+    /// ABI 1.2, optional: a timer fired. Descriptors of ABI 1.0 and 1.1 end
+    /// before this field: the host reads it only when `struct_size` is at
+    /// least [`WSHD_DESCRIPTOR_SIZE_1_2`].
+    pub on_timer: Option<wshd_on_timer_fn>,
 }
+
+/// `struct_size` of an ABI 1.0 or 1.1 descriptor: everything before
+/// `on_timer`.
+pub const WSHD_DESCRIPTOR_SIZE_1_0: usize = std::mem::offset_of!(wshd_descriptor, on_timer);
+/// `struct_size` of a descriptor that has `on_timer` (ABI 1.2 and later).
+pub const WSHD_DESCRIPTOR_SIZE_1_2: usize =
+    WSHD_DESCRIPTOR_SIZE_1_0 + std::mem::size_of::<Option<wshd_on_timer_fn>>();
 
 // SAFETY: the descriptor is static, immutable data.
 unsafe impl Sync for wshd_descriptor {}
@@ -334,11 +405,13 @@ const _: () = {
     assert!(std::mem::size_of::<wshd_str>() == 16);
     assert!(std::mem::size_of::<wshd_header>() == 32);
     assert!(std::mem::size_of::<wshd_handshake_req>() == 112);
-    assert!(std::mem::size_of::<wshd_host_api>() == 88);
+    assert!(std::mem::size_of::<wshd_host_api>() == 144);
     // ABI 1.0 hosts (wshd before log_level) built 72-byte tables, 1.1 hosts
-    // (before broadcast) 80-byte ones.
+    // (before broadcast) 80-byte ones, 1.2 hosts 144-byte ones.
     assert!(WSHD_HOST_API_SIZE_1_0 == 72);
     assert!(WSHD_HOST_API_SIZE_1_1 == 80);
-    assert!(WSHD_HOST_API_SIZE_1_2 == 88);
-    assert!(std::mem::size_of::<wshd_descriptor>() == 112);
+    assert!(WSHD_HOST_API_SIZE_1_2 == 144);
+    assert!(std::mem::size_of::<wshd_descriptor>() == 120);
+    assert!(WSHD_DESCRIPTOR_SIZE_1_0 == 112);
+    assert!(WSHD_DESCRIPTOR_SIZE_1_2 == 120);
 };

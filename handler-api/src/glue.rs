@@ -243,6 +243,80 @@ impl HostApi {
         Some(abi_level(level))
     }
 
+    /// Whether the host has the ABI 1.2 functions (topics, timers).
+    fn has_1_2(self) -> bool {
+        let t = self.t();
+        // SAFETY: struct_size is an ABI 1.0 field.
+        (unsafe { (*t).struct_size } as usize) >= WSHD_HOST_API_SIZE_1_2
+    }
+
+    /// `subscribe`, `unsubscribe` or `is_subscribed` (ABI 1.2), chosen by
+    /// `pick`; `WSHD_ERR_UNSUPPORTED` from an older host.
+    pub(crate) fn topic_call(
+        self,
+        pick: fn(&wshd_host_api) -> crate::abi::wshd_subscribe_fn,
+        conn: wshd_conn_id,
+        topic: &str,
+    ) -> i32 {
+        if !self.has_1_2() {
+            return WSHD_ERR_UNSUPPORTED;
+        }
+        let t = self.t();
+        // SAFETY: the table has every ABI 1.2 field (checked above), and
+        // `pick` only reads one function pointer out of it; the topic is
+        // borrowed for the call (ownership rule 2).
+        unsafe { pick(&*t)((*t).host_ctx, conn, wshd_str::from_str(topic)) }
+    }
+
+    /// `publish` (ABI 1.2): recipients, or a negative status.
+    pub(crate) fn publish(self, topic: &str, kind: u32, data: &[u8], exclude: wshd_conn_id) -> i64 {
+        if !self.has_1_2() {
+            return WSHD_ERR_UNSUPPORTED.into();
+        }
+        let t = self.t();
+        // SAFETY: as in `topic_call`; the payload is borrowed for the call.
+        unsafe {
+            ((*t).publish)(
+                (*t).host_ctx,
+                wshd_str::from_str(topic),
+                kind,
+                data.as_ptr(),
+                data.len(),
+                exclude,
+            )
+        }
+    }
+
+    /// `subscribers` (ABI 1.2).
+    pub(crate) fn subscribers(self, topic: &str) -> i64 {
+        if !self.has_1_2() {
+            return WSHD_ERR_UNSUPPORTED.into();
+        }
+        let t = self.t();
+        // SAFETY: as in `topic_call`.
+        unsafe { ((*t).subscribers)((*t).host_ctx, wshd_str::from_str(topic)) }
+    }
+
+    /// `set_timer` (ABI 1.2): the timer id, or a negative status.
+    pub(crate) fn set_timer(self, conn: wshd_conn_id, delay_ms: u64) -> i64 {
+        if !self.has_1_2() {
+            return WSHD_ERR_UNSUPPORTED.into();
+        }
+        let t = self.t();
+        // SAFETY: as in `topic_call`.
+        unsafe { ((*t).set_timer)((*t).host_ctx, conn, delay_ms) }
+    }
+
+    /// `cancel_timer` (ABI 1.2).
+    pub(crate) fn cancel_timer(self, timer: u64) -> i32 {
+        if !self.has_1_2() {
+            return WSHD_ERR_UNSUPPORTED;
+        }
+        let t = self.t();
+        // SAFETY: as in `topic_call`.
+        unsafe { ((*t).cancel_timer)((*t).host_ctx, timer) }
+    }
+
     /// Queues one message to every connection in `conns` with one shared
     /// copy of the payload: `Ok(delivered)`, or `Err(status)` when the host
     /// refused the whole call. A host of ABI 1.0 or 1.1 has no `broadcast`:
@@ -670,6 +744,39 @@ pub unsafe extern "C" fn t_on_close<H: Handler>(
     }
 }
 
+/// `on_timer` (ABI 1.2): a timer fired, for a connection or (conn 0, NULL
+/// state) for the instance.
+///
+/// # Safety
+/// Called by the host as `wshd_descriptor.on_timer`; `handler` is what
+/// `t_init::<H>` returned and, for a connection's timer, `conn_state` what
+/// `t_on_open::<H>` returned for `conn`.
+pub unsafe extern "C" fn t_on_timer<H: Handler>(
+    handler: *mut c_void,
+    conn_state: *mut c_void,
+    conn: wshd_conn_id,
+    timer: u64,
+) -> i32 {
+    // SAFETY: as in t_on_handshake.
+    let Some(inst) = (unsafe { handler.cast::<Instance<H>>().as_ref() }) else {
+        return WSHD_ERR_INVALID;
+    };
+    let api = inst.host.api;
+    if conn == 0 {
+        let outcome = guarded(api, || inst.handler.timer(None, None, timer));
+        return report::<H>(api, "on_timer", None, outcome);
+    }
+    // SAFETY: as in t_on_message: this connection's state, and no other
+    // callback of the connection runs now.
+    let Some(state) = (unsafe { conn_state.cast::<H::ConnState>().as_mut() }) else {
+        log_error::<H>(api, format_args!("on_timer: no state for conn {conn}"));
+        return WSHD_ERR_INVALID;
+    };
+    let handle = inst.host.conn(conn);
+    let outcome = guarded(api, || inst.handler.timer(Some(state), Some(handle), timer));
+    report::<H>(api, "on_timer", Some(conn), outcome)
+}
+
 /// `destroy`: drops the handler (its `Drop` joins its threads).
 ///
 /// # Safety
@@ -784,6 +891,7 @@ impl<H: Handler> Export<H> {
             on_message: Some(t_on_message::<H>),
             on_close: Some(t_on_close::<H>),
             destroy: Some(t_destroy::<H>),
+            on_timer: Some(t_on_timer::<H>),
         }
     }
 }
@@ -914,6 +1022,45 @@ mod tests {
         let api = unsafe { HostApi::from_raw(table) }.unwrap();
         assert_eq!(api.broadcast(&[1, 2, 3], WSHD_MSG_TEXT, b"hi"), Ok(2));
         assert_eq!(sends.load(std::sync::atomic::Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn topics_and_timers_on_an_older_host_are_unsupported_not_read_past_its_table() {
+        let old = HostApiV10 {
+            struct_size: WSHD_HOST_API_SIZE_1_0 as u32,
+            abi_major: 1,
+            abi_minor: 0,
+            host_ctx: std::ptr::null_mut(),
+            send,
+            ping,
+            close,
+            log,
+            hs_select_subprotocol: select,
+            hs_add_header: header,
+            hs_reject: reject,
+        };
+        let table = (&old as *const HostApiV10).cast::<wshd_host_api>();
+        // SAFETY: a live table of struct_size bytes; the ABI 1.2 functions
+        // lie past it and must not be read.
+        let api = unsafe { HostApi::from_raw(table) }.unwrap();
+        let host = Host::new(api);
+        let conn = host.conn(7);
+        let unsupported = Err(crate::SendError::Unsupported);
+        assert_eq!(conn.subscribe("room"), unsupported);
+        assert_eq!(conn.unsubscribe("room"), unsupported);
+        assert_eq!(
+            conn.is_subscribed("room"),
+            Err(crate::SendError::Unsupported)
+        );
+        assert_eq!(
+            host.publish("room", Message::Text("hi")),
+            Err(crate::SendError::Unsupported)
+        );
+        assert_eq!(host.subscribers("room"), Err(crate::SendError::Unsupported));
+        let second = std::time::Duration::from_secs(1);
+        assert_eq!(host.set_timer(second), Err(crate::SendError::Unsupported));
+        assert_eq!(conn.set_timer(second), Err(crate::SendError::Unsupported));
+        assert_eq!(host.cancel_timer(1), unsupported);
     }
 
     fn raw(s: &str) -> wshd_str {

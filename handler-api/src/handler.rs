@@ -84,6 +84,22 @@ pub trait Handler: Sized + Send + Sync + 'static {
     fn close(&self, state: Self::ConnState, conn: Conn, code: u16, reason: &str) {
         let _ = (state, conn, code, reason);
     }
+
+    /// A timer fired (ABI 1.2): one set with [`Conn::set_timer`] (then
+    /// `state` and `conn` are that connection's, and the call is ordered
+    /// with its messages exactly like [`message`](Handler::message); an
+    /// `Err` closes it with 1011), or with [`Host::set_timer`] (both
+    /// `None`). `timer` is the id `set_timer` returned. The default does
+    /// nothing.
+    fn timer(
+        &self,
+        state: Option<&mut Self::ConnState>,
+        conn: Option<Conn>,
+        timer: u64,
+    ) -> Result<(), String> {
+        let _ = (state, conn, timer);
+        Ok(())
+    }
 }
 
 /// One complete WebSocket message, borrowed for the duration of a call.

@@ -3,10 +3,11 @@
 
 use std::fmt;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::abi::{
-    WSHD_ERR_BACKPRESSURE, WSHD_ERR_CLOSED, WSHD_ERR_INVALID, WSHD_ERR_REVOKED, WSHD_ERR_STATE,
-    WSHD_ERR_UNSUPPORTED, WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id,
+    WSHD_ERR_BACKPRESSURE, WSHD_ERR_CLOSED, WSHD_ERR_INVALID, WSHD_ERR_LIMIT, WSHD_ERR_REVOKED,
+    WSHD_ERR_STATE, WSHD_ERR_UNSUPPORTED, WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id,
 };
 use crate::glue::HostApi;
 use crate::handler::Message;
@@ -63,6 +64,67 @@ impl Host {
                 .err()
                 .unwrap_or(SendError::Other(status))
         })
+    }
+
+    /// Publishes `msg` to every subscriber of `topic` (ABI 1.2) and returns
+    /// how many it was queued to on this server.
+    ///
+    /// Subscriptions belong to the server, not to this handler instance:
+    /// the message reaches subscribers on every route and every loaded
+    /// version of every handler, so a reload never splits a room. The
+    /// payload is stored once and shared; each delivery obeys that
+    /// subscriber's queue bounds and slow-consumer policy, so a slow one
+    /// never delays the others or the caller. All subscribers of a topic
+    /// see its publishes in the same order. Inside a callback, the
+    /// callback's own connection (if subscribed) gets it in order with its
+    /// other sends instead (when the callback returns, possibly ahead of a
+    /// publish another thread made just before).
+    ///
+    /// `Err`: [`SendError::Invalid`] (topic not 1..=256 bytes of UTF-8),
+    /// [`SendError::Revoked`], [`SendError::Unsupported`] (a host older than
+    /// ABI 1.2).
+    pub fn publish(&self, topic: &str, msg: Message<'_>) -> Result<usize, SendError> {
+        self.publish_raw(topic, msg, 0)
+    }
+
+    /// [`Host::publish`] to every subscriber but `except`, e.g. the sender.
+    pub fn publish_except(
+        &self,
+        topic: &str,
+        msg: Message<'_>,
+        except: Conn,
+    ) -> Result<usize, SendError> {
+        self.publish_raw(topic, msg, except.id)
+    }
+
+    fn publish_raw(&self, topic: &str, msg: Message<'_>, exclude: u64) -> Result<usize, SendError> {
+        let (kind, data) = match msg {
+            Message::Text(text) => (WSHD_MSG_TEXT, text.as_bytes()),
+            Message::Binary(data) => (WSHD_MSG_BINARY, data),
+        };
+        count(self.api.publish(topic, kind, data, exclude))
+    }
+
+    /// The number of subscribers of `topic` on this server (ABI 1.2).
+    pub fn subscribers(&self, topic: &str) -> Result<usize, SendError> {
+        count(self.api.subscribers(topic))
+    }
+
+    /// Calls [`Handler::timer`](crate::Handler::timer) once, after `delay`,
+    /// with no connection (ABI 1.2). The timer is dropped when this
+    /// instance is destroyed; it never fires into another version. Returns
+    /// its id for [`Host::cancel_timer`]. `Err`: [`SendError::Limit`] (too
+    /// many pending), [`SendError::Invalid`] (a delay over a year),
+    /// [`SendError::Unsupported`].
+    pub fn set_timer(&self, delay: Duration) -> Result<u64, SendError> {
+        timer_id(self.api.set_timer(0, millis(delay)))
+    }
+
+    /// Cancels a pending timer of this instance: after `Ok`, its
+    /// `timer` call never comes. [`SendError::State`] if it is not pending
+    /// (already delivered, cancelled, or not this instance's).
+    pub fn cancel_timer(&self, timer: u64) -> Result<(), SendError> {
+        SendError::check(self.api.cancel_timer(timer))
     }
 
     /// Writes a line to the server's log. Usually you would rather use the
@@ -151,12 +213,72 @@ impl Conn {
         SendError::check(self.api.ping(self.id, payload))
     }
 
+    /// Subscribes this connection to `topic` (ABI 1.2): from now on it gets
+    /// every [`Host::publish`] to it, from any handler version or route,
+    /// until it unsubscribes or closes. Subscribing twice is once.
+    /// `Err`: [`SendError::Limit`] (the connection's or the server's topic
+    /// cap), [`SendError::Invalid`] (topic not 1..=256 bytes),
+    /// [`SendError::Closed`], [`SendError::Unsupported`].
+    pub fn subscribe(&self, topic: &str) -> Result<(), SendError> {
+        SendError::check(self.api.topic_call(|t| t.subscribe, self.id, topic))
+    }
+
+    /// Ends this connection's subscription to `topic` (`Ok` also if it had
+    /// none). Closing the connection ends all of them.
+    pub fn unsubscribe(&self, topic: &str) -> Result<(), SendError> {
+        SendError::check(self.api.topic_call(|t| t.unsubscribe, self.id, topic))
+    }
+
+    /// Whether this connection is subscribed to `topic`.
+    pub fn is_subscribed(&self, topic: &str) -> Result<bool, SendError> {
+        match self.api.topic_call(|t| t.is_subscribed, self.id, topic) {
+            1 => Ok(true),
+            0 => Ok(false),
+            status => Err(SendError::check(status)
+                .err()
+                .unwrap_or(SendError::Other(status))),
+        }
+    }
+
+    /// Calls [`Handler::timer`](crate::Handler::timer) for this connection
+    /// once, after `delay`, in order with its messages (ABI 1.2). Dropped if
+    /// the connection closes first. Returns the id for
+    /// [`Host::cancel_timer`].
+    pub fn set_timer(&self, delay: Duration) -> Result<u64, SendError> {
+        timer_id(self.api.set_timer(self.id, millis(delay)))
+    }
+
     /// Starts the close handshake: `code` 1000 or 3000–4999 (or 1001–1014
     /// where RFC 6455 lets a sender use it), `reason` at most 123 bytes.
     /// The handler's `close` runs later, when the connection is gone.
     pub fn close(&self, code: u16, reason: &str) -> Result<(), SendError> {
         SendError::check(self.api.close(self.id, code, reason))
     }
+}
+
+/// A delay in whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A count or a negative status from an ABI 1.2 function.
+fn count(status: i64) -> Result<usize, SendError> {
+    usize::try_from(status).map_err(|_| status_error(status))
+}
+
+/// A timer id (> 0) or a negative status.
+fn timer_id(status: i64) -> Result<u64, SendError> {
+    match u64::try_from(status) {
+        Ok(id) if id > 0 => Ok(id),
+        _ => Err(status_error(status)),
+    }
+}
+
+fn status_error(status: i64) -> SendError {
+    let status = i32::try_from(status).unwrap_or(i32::MIN);
+    SendError::check(status)
+        .err()
+        .unwrap_or(SendError::Other(status))
 }
 
 impl fmt::Debug for Conn {
@@ -196,6 +318,9 @@ pub enum SendError {
     Revoked,
     /// The host is too old to provide this function.
     Unsupported,
+    /// A configured cap was reached: topics per connection or on the
+    /// server, pending timers (ABI 1.2). Nothing was changed.
+    Limit,
     /// A status code this SDK does not know.
     Other(i32),
 }
@@ -211,6 +336,7 @@ impl SendError {
             WSHD_ERR_STATE => SendError::State,
             WSHD_ERR_REVOKED => SendError::Revoked,
             WSHD_ERR_UNSUPPORTED => SendError::Unsupported,
+            WSHD_ERR_LIMIT => SendError::Limit,
             other => SendError::Other(other),
         })
     }
@@ -224,6 +350,7 @@ impl SendError {
             SendError::State => WSHD_ERR_STATE,
             SendError::Revoked => WSHD_ERR_REVOKED,
             SendError::Unsupported => WSHD_ERR_UNSUPPORTED,
+            SendError::Limit => WSHD_ERR_LIMIT,
             SendError::Other(code) => code,
         }
     }
@@ -238,6 +365,7 @@ impl fmt::Display for SendError {
             SendError::State => f.write_str("not allowed in this state"),
             SendError::Revoked => f.write_str("handler instance destroyed"),
             SendError::Unsupported => f.write_str("not supported by this host"),
+            SendError::Limit => f.write_str("a configured limit was reached"),
             SendError::Other(code) => write!(f, "host status {code}"),
         }
     }
@@ -260,7 +388,7 @@ mod tests {
     #[test]
     fn status_codes_round_trip() {
         assert_eq!(SendError::check(0), Ok(()));
-        for code in [-1, -2, -3, -4, -5, -6, -42] {
+        for code in [-1, -2, -3, -4, -5, -6, -7, -42] {
             let err = SendError::check(code).unwrap_err();
             assert_eq!(err.status(), code);
         }

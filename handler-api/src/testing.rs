@@ -36,6 +36,14 @@
 //! every host function returns `Revoked`. Log records are kept and also
 //! printed to stderr (which the test harness captures). While a `TestHost`
 //! exists the handler's log level is `trace`.
+//!
+//! Topics and timers (ABI 1.2) work too, within one `TestHost`:
+//! `publish` records one message per subscriber in [`TestHost::sent`]
+//! (checks as the server makes them: names of 1..=256 bytes, at most
+//! [`TEST_TOPICS_PER_CONNECTION`] topics per connection, subscriptions end
+//! when a connection closes), and [`TestHost::publishes`] counts the calls.
+//! Timers never fire by themselves: [`TestHost::timers`] lists the pending
+//! ones and [`TestHost::fire_timer`] delivers one, the way the server would.
 #![allow(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -48,9 +56,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::abi::{
     WSHD_ABI_MAJOR, WSHD_ABI_MINOR, WSHD_ERR_CLOSED, WSHD_ERR_HANDLER, WSHD_ERR_INVALID,
-    WSHD_ERR_PANIC, WSHD_ERR_REVOKED, WSHD_ERR_UNSUPPORTED, WSHD_F_MAY_BLOCK, WSHD_MAGIC,
-    WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id, wshd_descriptor, wshd_handshake,
-    wshd_handshake_req, wshd_header, wshd_host_api, wshd_str,
+    WSHD_ERR_PANIC, WSHD_ERR_REVOKED, WSHD_ERR_STATE, WSHD_ERR_UNSUPPORTED, WSHD_F_MAY_BLOCK,
+    WSHD_MAGIC, WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id, wshd_descriptor,
+    wshd_handshake, wshd_handshake_req, wshd_header, wshd_host_api, wshd_str,
 };
 use crate::glue::{self, Export, Exported, HostApi};
 use crate::host::{Conn, Host, SendError};
@@ -277,6 +285,12 @@ struct Records {
     logs: Vec<LogRecord>,
     fail_with: Option<i32>,
     broadcasts: usize,
+    /// Topic name → subscribed connections.
+    topics: BTreeMap<String, std::collections::BTreeSet<u64>>,
+    publishes: usize,
+    /// Pending timers: id → (connection or 0, delay in ms).
+    timers: BTreeMap<u64, (u64, u64)>,
+    next_timer: u64,
 }
 
 /// The fake host's `host_ctx`. Leaked: the contract says it lives for the
@@ -372,6 +386,153 @@ unsafe extern "C" fn fake_broadcast(
         unsafe { delivered.write(count) };
     }
     WSHD_OK
+}
+
+/// Topics per connection the fake host allows (the server's default cap).
+pub const TEST_TOPICS_PER_CONNECTION: usize = 64;
+
+/// # Safety
+/// As for [`recorder`]; `topic` borrowed for the call.
+unsafe fn topic_args<'a>(ctx: *mut c_void, topic: wshd_str) -> Result<(&'a Recorder, String), i32> {
+    // SAFETY: forwarded.
+    let (rec, name) = unsafe { (recorder(ctx), glue::str_bytes(topic)) };
+    if rec.revoked.load(Ordering::Acquire) {
+        return Err(WSHD_ERR_REVOKED);
+    }
+    if name.is_empty() || name.len() > 256 {
+        return Err(WSHD_ERR_INVALID);
+    }
+    let name = std::str::from_utf8(name).map_err(|_| WSHD_ERR_INVALID)?;
+    Ok((rec, name.to_owned()))
+}
+
+unsafe extern "C" fn fake_subscribe(ctx: *mut c_void, conn: wshd_conn_id, topic: wshd_str) -> i32 {
+    // SAFETY: our Recorder and a borrowed name.
+    let (rec, name) = match unsafe { topic_args(ctx, topic) } {
+        Ok(v) => v,
+        Err(rc) => return rc,
+    };
+    let mut r = rec.lock();
+    if !r.open.contains(&conn) {
+        return WSHD_ERR_CLOSED;
+    }
+    let mine = r.topics.values().filter(|s| s.contains(&conn)).count();
+    let already = r.topics.get(&name).is_some_and(|s| s.contains(&conn));
+    if !already && mine >= TEST_TOPICS_PER_CONNECTION {
+        return crate::abi::WSHD_ERR_LIMIT;
+    }
+    r.topics.entry(name).or_default().insert(conn);
+    WSHD_OK
+}
+
+unsafe extern "C" fn fake_unsubscribe(
+    ctx: *mut c_void,
+    conn: wshd_conn_id,
+    topic: wshd_str,
+) -> i32 {
+    // SAFETY: as above.
+    let (rec, name) = match unsafe { topic_args(ctx, topic) } {
+        Ok(v) => v,
+        Err(rc) => return rc,
+    };
+    let mut r = rec.lock();
+    if !r.open.contains(&conn) {
+        return WSHD_ERR_CLOSED;
+    }
+    if let Some(set) = r.topics.get_mut(&name) {
+        set.remove(&conn);
+        if set.is_empty() {
+            r.topics.remove(&name);
+        }
+    }
+    WSHD_OK
+}
+
+unsafe extern "C" fn fake_is_subscribed(
+    ctx: *mut c_void,
+    conn: wshd_conn_id,
+    topic: wshd_str,
+) -> i32 {
+    // SAFETY: as above.
+    let (rec, name) = match unsafe { topic_args(ctx, topic) } {
+        Ok(v) => v,
+        Err(rc) => return rc,
+    };
+    let r = rec.lock();
+    if !r.open.contains(&conn) {
+        return WSHD_ERR_CLOSED;
+    }
+    i32::from(r.topics.get(&name).is_some_and(|s| s.contains(&conn)))
+}
+
+/// One `send` per subscriber, after the checks `publish` makes once.
+unsafe extern "C" fn fake_publish(
+    ctx: *mut c_void,
+    topic: wshd_str,
+    kind: u32,
+    data: *const u8,
+    len: usize,
+    exclude: wshd_conn_id,
+) -> i64 {
+    // SAFETY: as above; the payload is borrowed for the call.
+    let (rec, name) = match unsafe { topic_args(ctx, topic) } {
+        Ok(v) => v,
+        Err(rc) => return rc.into(),
+    };
+    // SAFETY: borrowed for the call.
+    let payload = unsafe { glue::bytes(data, len) };
+    let text = kind == WSHD_MSG_TEXT && std::str::from_utf8(payload).is_ok();
+    if !text && kind != WSHD_MSG_BINARY {
+        return WSHD_ERR_INVALID.into();
+    }
+    let ids: Vec<u64> = {
+        let mut r = rec.lock();
+        r.publishes += 1;
+        r.topics.get(&name).into_iter().flatten().copied().collect()
+    };
+    let reached = ids
+        .into_iter()
+        .filter(|&id| id != exclude)
+        // SAFETY: the same borrowed payload, for each call.
+        .filter(|&id| unsafe { fake_send(ctx, id, kind, data, len) } == WSHD_OK)
+        .count();
+    reached as i64
+}
+
+unsafe extern "C" fn fake_subscribers(ctx: *mut c_void, topic: wshd_str) -> i64 {
+    // SAFETY: as above.
+    match unsafe { topic_args(ctx, topic) } {
+        Ok((rec, name)) => rec.lock().topics.get(&name).map_or(0, |s| s.len()) as i64,
+        Err(rc) => rc.into(),
+    }
+}
+
+unsafe extern "C" fn fake_set_timer(ctx: *mut c_void, conn: wshd_conn_id, delay_ms: u64) -> i64 {
+    // SAFETY: ctx is this host's Recorder.
+    let rec = unsafe { recorder(ctx) };
+    if rec.revoked.load(Ordering::Acquire) {
+        return WSHD_ERR_REVOKED.into();
+    }
+    let mut r = rec.lock();
+    if conn != 0 && !r.open.contains(&conn) {
+        return WSHD_ERR_CLOSED.into();
+    }
+    r.next_timer += 1;
+    let id = r.next_timer;
+    r.timers.insert(id, (conn, delay_ms));
+    id as i64
+}
+
+unsafe extern "C" fn fake_cancel_timer(ctx: *mut c_void, timer: u64) -> i32 {
+    // SAFETY: ctx is this host's Recorder.
+    let rec = unsafe { recorder(ctx) };
+    if rec.revoked.load(Ordering::Acquire) {
+        return WSHD_ERR_REVOKED;
+    }
+    match rec.lock().timers.remove(&timer) {
+        Some(_) => WSHD_OK,
+        None => WSHD_ERR_STATE,
+    }
 }
 
 unsafe extern "C" fn fake_ping(
@@ -610,6 +771,13 @@ impl<H: Handler> TestHost<H> {
             hs_reject: fake_hs_reject,
             log_level: fake_log_level,
             broadcast: fake_broadcast,
+            subscribe: fake_subscribe,
+            unsubscribe: fake_unsubscribe,
+            is_subscribed: fake_is_subscribed,
+            publish: fake_publish,
+            subscribers: fake_subscribers,
+            set_timer: fake_set_timer,
+            cancel_timer: fake_cancel_timer,
         }));
         // SAFETY: the table and its context are leaked, so valid forever, and
         // the fake functions are thread-safe.
@@ -787,6 +955,7 @@ impl<H: Handler> TestHost<H> {
             panic!("{conn:?} is not open in this TestHost");
         };
         self.rec.lock().open.remove(&conn.id());
+        self.forget_conn(conn.id());
         if let Some(on_close) = self.desc.on_close {
             // SAFETY: a live handler; the state is handed back exactly once.
             unsafe {
@@ -868,6 +1037,65 @@ impl<H: Handler> TestHost<H> {
     /// restores normal behaviour), e.g. `Some(SendError::Backpressure)`.
     pub fn set_send_error(&mut self, err: Option<SendError>) {
         self.rec.lock().fail_with = err.map(|e| e.status());
+    }
+
+    /// As on the server: a closed connection's subscriptions and timers end.
+    fn forget_conn(&self, id: u64) {
+        let mut r = self.rec.lock();
+        r.topics.retain(|_, subs| {
+            subs.remove(&id);
+            !subs.is_empty()
+        });
+        r.timers.retain(|_, (conn, _)| *conn != id);
+    }
+
+    /// How many `publish` calls the handler made (each also shows in
+    /// [`TestHost::sent`] of every subscriber it reached).
+    pub fn publishes(&self) -> usize {
+        self.rec.lock().publishes
+    }
+
+    /// The connections subscribed to `topic`, by id.
+    pub fn subscribers(&self, topic: &str) -> Vec<u64> {
+        let r = self.rec.lock();
+        r.topics.get(topic).into_iter().flatten().copied().collect()
+    }
+
+    /// Pending timers: `(id, connection id or 0, delay)`, in the order they
+    /// were set.
+    pub fn timers(&self) -> Vec<(u64, u64, std::time::Duration)> {
+        let r = self.rec.lock();
+        (r.timers.iter())
+            .map(|(&id, &(conn, ms))| (id, conn, std::time::Duration::from_millis(ms)))
+            .collect()
+    }
+
+    /// Delivers pending timer `id` as the server would when it fires: to
+    /// its connection's state (an error closes it with 1011), or with no
+    /// connection. Panics if it is not pending.
+    pub fn fire_timer(&mut self, id: u64) -> Result<(), CallError> {
+        let (conn, _) = self
+            .rec
+            .lock()
+            .timers
+            .remove(&id)
+            .unwrap_or_else(|| panic!("timer {id} is not pending"));
+        let Some(on_timer) = self.desc.on_timer else {
+            return Ok(());
+        };
+        let state = match conn {
+            0 => std::ptr::null_mut(),
+            c => *self
+                .conns
+                .get(&c)
+                .expect("a pending timer's connection is open"),
+        };
+        // SAFETY: a live handler and, for a connection timer, its state.
+        let status = unsafe { on_timer(self.handler, state, conn, id) };
+        if status != WSHD_OK && conn != 0 {
+            self.close(Host::new(self.api).conn(conn), 1011, "");
+        }
+        CallError::check(status)
     }
 
     /// Closes every open connection with 1001 "going away", runs `destroy`,

@@ -200,20 +200,23 @@ fn rust_facts() -> BTreeMap<String, String> {
         wshd_host_api {
             struct_size, abi_major, abi_minor, host_ctx, send, ping, close, log,
             hs_select_subprotocol, hs_add_header, hs_reject, log_level, broadcast,
+            subscribe, unsubscribe, is_subscribed, publish, subscribers, set_timer,
+            cancel_timer,
         }
         wshd_descriptor {
             magic, abi_major, abi_minor, struct_size, flags, name, version, build_info,
-            init, on_handshake, on_open, on_message, on_close, destroy,
+            init, on_handshake, on_open, on_message, on_close, destroy, on_timer,
         }
     }
     constants! { facts;
         WSHD_MAGIC, WSHD_ABI_MAJOR, WSHD_ABI_MINOR,
         WSHD_OK, WSHD_ERR_CLOSED, WSHD_ERR_BACKPRESSURE, WSHD_ERR_INVALID, WSHD_ERR_STATE,
-        WSHD_ERR_REVOKED, WSHD_ERR_UNSUPPORTED, WSHD_ERR_PANIC, WSHD_ERR_HANDLER,
+        WSHD_ERR_REVOKED, WSHD_ERR_UNSUPPORTED, WSHD_ERR_LIMIT, WSHD_ERR_PANIC, WSHD_ERR_HANDLER,
         WSHD_MSG_TEXT, WSHD_MSG_BINARY,
         WSHD_LOG_ERROR, WSHD_LOG_WARN, WSHD_LOG_INFO, WSHD_LOG_DEBUG, WSHD_LOG_TRACE,
         WSHD_F_MAY_BLOCK, WSHD_F_PANIC_UNWIND, WSHD_F_RUST_SDK,
         WSHD_HOST_API_SIZE_1_1, WSHD_HOST_API_SIZE_1_2,
+        WSHD_DESCRIPTOR_SIZE_1_0, WSHD_DESCRIPTOR_SIZE_1_2,
     }
     facts.insert(
         "symbol WSHD_ENTRY_SYMBOL".into(),

@@ -264,6 +264,7 @@ static const wshd_descriptor DESCRIPTOR = {
     DESC_ON_MESSAGE,
     echo_on_close,
     echo_destroy,
+    NULL, /* on_timer (ABI 1.2): no timers */
 };
 
 #if defined(WSHD_NO_ENTRY)

@@ -91,6 +91,99 @@ pub struct RawConfig {
     /// warning at every load) instead of refusing them.
     #[serde(default)]
     pub allow_insecure_handler_dir: bool,
+    /// Publish/subscribe caps (ABI 1.2 topics).
+    #[serde(default)]
+    pub topics: RawTopics,
+    /// Handler timer caps (ABI 1.2 `set_timer`).
+    #[serde(default)]
+    pub timers: RawTimers,
+}
+
+/// `[topics]`: caps on the host-owned subscriptions.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTopics {
+    /// Topics one connection may be subscribed to at once. Bounded: the
+    /// connection's list is scanned on every subscribe.
+    pub max_per_connection: Option<Bounded<10_000>>,
+    /// Topics with at least one subscriber, server-wide.
+    pub max_topics: Option<Bounded<10_000_000>>,
+}
+
+/// `[timers]`: caps on pending handler timers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimers {
+    /// Pending timers per connection (a list scanned on cancel).
+    pub max_per_connection: Option<Bounded<10_000>>,
+    /// Pending timers a handler instance set for itself (conn 0).
+    pub max_per_instance: Option<Bounded<100_000>>,
+}
+
+/// A count from 1 to `MAX`: a cap that must stay finite and cheap to
+/// enforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounded<const MAX: usize>(pub usize);
+
+impl<'de, const MAX: usize> Deserialize<'de> for Bounded<MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        if v < 1 || v as u64 > MAX as u64 {
+            return Err(de::Error::custom(format!(
+                "{v} is out of range; use 1 to {MAX}"
+            )));
+        }
+        Ok(Bounded(v as usize))
+    }
+}
+
+/// Resolved `[topics]` and `[timers]` caps, defaults applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PubSubLimits {
+    pub topics_per_connection: usize,
+    pub max_topics: usize,
+    pub timers_per_connection: usize,
+    pub timers_per_instance: usize,
+}
+
+impl Default for PubSubLimits {
+    fn default() -> PubSubLimits {
+        PubSubLimits {
+            topics_per_connection: crate::topics::DEFAULT_MAX_PER_CONNECTION,
+            max_topics: crate::topics::DEFAULT_MAX_TOPICS,
+            timers_per_connection: crate::timers::DEFAULT_MAX_PER_CONNECTION,
+            timers_per_instance: crate::timers::DEFAULT_MAX_PER_INSTANCE,
+        }
+    }
+}
+
+impl PubSubLimits {
+    /// The caps the file sets, defaults for the rest.
+    pub fn from_raw(raw: Option<&RawConfig>) -> PubSubLimits {
+        let d = PubSubLimits::default();
+        let Some(r) = raw else { return d };
+        PubSubLimits {
+            topics_per_connection: r
+                .topics
+                .max_per_connection
+                .map_or(d.topics_per_connection, |c| c.0),
+            max_topics: r.topics.max_topics.map_or(d.max_topics, |c| c.0),
+            timers_per_connection: r
+                .timers
+                .max_per_connection
+                .map_or(d.timers_per_connection, |c| c.0),
+            timers_per_instance: r
+                .timers
+                .max_per_instance
+                .map_or(d.timers_per_instance, |c| c.0),
+        }
+    }
+
+    /// Applies the caps to the server's topics and timers.
+    pub fn apply(&self) {
+        crate::topics::global().configure(self.topics_per_connection, self.max_topics);
+        crate::timers::global().configure(self.timers_per_connection, self.timers_per_instance);
+    }
 }
 
 /// `[limits]` and `[route.limits]`: every field optional so a route can
@@ -1005,6 +1098,42 @@ mod tests {
         let l = Limits::default().overlay(&c.raw.routes[0].limits);
         assert_eq!(l.send_queue, 7);
         assert_eq!(l.max_message_size, Limits::default().max_message_size);
+    }
+
+    #[test]
+    fn topic_and_timer_caps_have_finite_defaults_and_ranges() {
+        let d = PubSubLimits::default();
+        assert_eq!(
+            (d.topics_per_connection, d.max_topics),
+            (64, 100_000),
+            "finite defaults"
+        );
+        assert_eq!((d.timers_per_connection, d.timers_per_instance), (64, 1024));
+        let c = parse(
+            "[topics]\nmax_per_connection = 3\nmax_topics = 5\n[timers]\nmax_per_connection = 2\n",
+        )
+        .unwrap();
+        let l = PubSubLimits::from_raw(Some(&c.raw));
+        assert_eq!(
+            (
+                l.topics_per_connection,
+                l.max_topics,
+                l.timers_per_connection
+            ),
+            (3, 5, 2)
+        );
+        assert_eq!(l.timers_per_instance, 1024, "unset keys keep the default");
+        for bad in [
+            "[topics]\nmax_per_connection = 0\n",
+            "[topics]\nmax_per_connection = 10001\n",
+            "[topics]\nmax_topics = -1\n",
+            "[timers]\nmax_per_instance = 100001\n",
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("out of range"), "{bad}: {err}");
+        }
+        let err = parse("[topics]\nmax_per_conection = 3\n").unwrap_err();
+        assert!(err.to_string().contains("max_per_conection"), "{err}");
     }
 
     #[test]

@@ -123,6 +123,7 @@ pub fn status_name(code: i32) -> &'static str {
         WSHD_ERR_STATE => "wrong state",
         WSHD_ERR_REVOKED => "revoked",
         WSHD_ERR_UNSUPPORTED => "unsupported",
+        WSHD_ERR_LIMIT => "limit reached",
         WSHD_ERR_PANIC => "handler panicked",
         WSHD_ERR_HANDLER => "handler error",
         _ => "unknown error",

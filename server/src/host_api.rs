@@ -27,12 +27,16 @@
 //! that `send` uses too. A send of bytes that lie inside the message being
 //! handled (an echo, or a chat relaying what it received) shares that
 //! message's buffer instead of copying it.
+//!
+//! ABI 1.2 also adds topics (`subscribe`, `publish`, ...: membership lives
+//! in [`crate::topics`], delivery goes through [`ConnShared::offer`] like a
+//! broadcast) and timers (`set_timer`, `cancel_timer`: [`crate::timers`]).
 #![allow(unsafe_code)]
 
 use std::cell::Cell;
 use std::ffi::c_void;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 
 use dashmap::DashMap;
@@ -57,12 +61,35 @@ pub struct HostCtx {
     pub handler: Arc<str>,
     pub route: Arc<str>,
     conns: Arc<Connections>,
+    /// The runtime timers are scheduled on (the one `init` ran from); `None`
+    /// outside a runtime (unit tests), where `set_timer` is unsupported.
+    pub(crate) rt: Option<tokio::runtime::Handle>,
+    /// Whether the descriptor has `on_timer` (set by the instance).
+    pub(crate) has_on_timer: AtomicBool,
+    /// Pending timers set for the instance (conn 0), for the per-instance
+    /// cap and to drop them on `destroy`.
+    pub(crate) timers: std::sync::Mutex<Vec<u64>>,
+    /// The instance, for timers set for it (conn 0); set once the instance
+    /// is shared ([`crate::instance::Instance::into_arc`]).
+    pub(crate) target: OnceLock<Weak<crate::instance::Instance>>,
 }
 
 impl HostCtx {
-    /// Marks the instance destroyed.
+    /// Marks the instance destroyed, and drops the timers it set for itself
+    /// (its connections' timers went with the connections).
     pub fn revoke(&self) {
         self.revoked.store(true, Ordering::Release);
+        crate::timers::global().drop_instance(self);
+    }
+
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
+    /// Connection `conn` if it is open and belongs to this instance.
+    pub(crate) fn own_conn(&self, conn: wshd_conn_id) -> Option<Arc<ConnShared>> {
+        let shared = self.conns.get(&conn).map(|e| e.value().clone())?;
+        (shared.owner == self.instance).then_some(shared)
     }
 }
 
@@ -79,6 +106,10 @@ pub fn new_host_api(
         handler,
         route,
         conns,
+        rt: tokio::runtime::Handle::try_current().ok(),
+        has_on_timer: AtomicBool::new(false),
+        timers: Default::default(),
+        target: OnceLock::new(),
     }));
     Box::leak(Box::new(HostApiBox {
         api: wshd_host_api {
@@ -95,6 +126,13 @@ pub fn new_host_api(
             hs_reject: crate::handshake::hs_reject,
             log_level: host_log_level,
             broadcast: host_broadcast,
+            subscribe: host_subscribe,
+            unsubscribe: host_unsubscribe,
+            is_subscribed: host_is_subscribed,
+            publish: host_publish,
+            subscribers: host_subscribers,
+            set_timer: host_set_timer,
+            cancel_timer: host_cancel_timer,
         },
         ctx,
     }))
@@ -137,6 +175,13 @@ pub struct ConnShared {
     /// [`ConnShared::SHUTDOWN`] and [`ConnShared::RETIRED`] bits not yet seen
     /// by the session.
     events: AtomicU8,
+    /// The topics this connection is subscribed to (ABI 1.2).
+    pub(crate) topics: std::sync::Mutex<crate::topics::ConnTopics>,
+    /// This connection's pending and fired timers (ABI 1.2).
+    pub(crate) timers: std::sync::Mutex<crate::timers::ConnTimers>,
+    /// A timer fired and waits for the session: checked on every wake-up
+    /// without taking the `timers` lock.
+    pub(crate) timer_fired: AtomicBool,
 }
 
 /// Wakes one session task from any thread.
@@ -225,6 +270,9 @@ impl ConnShared {
             wakeup: Default::default(),
             close_request: Default::default(),
             events: AtomicU8::new(0),
+            topics: Default::default(),
+            timers: Default::default(),
+            timer_fired: AtomicBool::new(false),
         }
     }
 
@@ -483,45 +531,8 @@ fn deliver(ctx: &HostCtx, conn: wshd_conn_id, msg: Message) -> i32 {
 /// a clone of one message, whose payload is then shared, not copied.
 pub fn enqueue(ctx: &HostCtx, conn: wshd_conn_id, msg: Message) -> i32 {
     let fast = CURRENT.with(|c| c.get()).filter(|cur| cur.conn == conn);
-    if let Some(mut cur) = fast {
-        // SAFETY: `with_outbox` set this pointer from a `&mut Outbox` that
-        // outlives the callback, and resets it when the callback returns;
-        // host functions never re-enter the handler, so no other reference
-        // to the outbox is live while we push.
-        let outbox = unsafe { &mut *cur.outbox };
-        // After a slow-consumer overflow the connection is closing with 1008.
-        if outbox.closed || outbox.overflowed {
-            return WSHD_ERR_CLOSED;
-        }
-        let len = msg.len();
-        let full = !fits(
-            outbox.msgs.len(),
-            cur.outbox_bytes,
-            outbox.limit,
-            outbox.limit_bytes,
-            len,
-        );
-        if full && !matches!(msg, Message::Close(_)) {
-            if outbox.slow_consumer == Some(SlowConsumer::Close) {
-                // The session closes with 1008 when the callback returns
-                // and logs it; what is queued for the connection, here and
-                // in its queue, is dropped now.
-                outbox.overflowed = true;
-                outbox.msgs = Vec::new();
-                cur.outbox_bytes = 0;
-                CURRENT.with(|c| c.set(Some(cur)));
-                if let Some(shared) = ctx.conns.get(&conn).map(|e| e.value().clone())
-                    && shared.owner == ctx.instance
-                {
-                    shared.shed();
-                }
-            }
-            return WSHD_ERR_BACKPRESSURE;
-        }
-        outbox.msgs.push(msg);
-        cur.outbox_bytes += len;
-        CURRENT.with(|c| c.set(Some(cur)));
-        return WSHD_OK;
+    if let Some(cur) = fast {
+        return outbox_push(ctx, cur, msg);
     }
     let Some(shared) = ctx.conns.get(&conn).map(|e| e.value().clone()) else {
         return WSHD_ERR_CLOSED;
@@ -536,6 +547,51 @@ pub fn enqueue(ctx: &HostCtx, conn: wshd_conn_id, msg: Message) -> i32 {
         return WSHD_OK;
     }
     shared.offer(conn, &ctx.route, msg)
+}
+
+/// The fast path of [`enqueue`]: `msg` for `cur.conn`, whose callback is
+/// running on this thread, goes into that callback's outbox, within its
+/// bounds.
+fn outbox_push(ctx: &HostCtx, mut cur: Current, msg: Message) -> i32 {
+    let conn = cur.conn;
+    // SAFETY: `with_outbox` set this pointer from a `&mut Outbox` that
+    // outlives the callback, and resets it when the callback returns;
+    // host functions never re-enter the handler, so no other reference
+    // to the outbox is live while we push.
+    let outbox = unsafe { &mut *cur.outbox };
+    // After a slow-consumer overflow the connection is closing with 1008.
+    if outbox.closed || outbox.overflowed {
+        return WSHD_ERR_CLOSED;
+    }
+    let len = msg.len();
+    let full = !fits(
+        outbox.msgs.len(),
+        cur.outbox_bytes,
+        outbox.limit,
+        outbox.limit_bytes,
+        len,
+    );
+    if full && !matches!(msg, Message::Close(_)) {
+        if outbox.slow_consumer == Some(SlowConsumer::Close) {
+            // The session closes with 1008 when the callback returns
+            // and logs it; what is queued for the connection, here and
+            // in its queue, is dropped now.
+            outbox.overflowed = true;
+            outbox.msgs = Vec::new();
+            cur.outbox_bytes = 0;
+            CURRENT.with(|c| c.set(Some(cur)));
+            if let Some(shared) = ctx.conns.get(&conn).map(|e| e.value().clone())
+                && shared.owner == ctx.instance
+            {
+                shared.shed();
+            }
+        }
+        return WSHD_ERR_BACKPRESSURE;
+    }
+    outbox.msgs.push(msg);
+    cur.outbox_bytes += len;
+    CURRENT.with(|c| c.set(Some(cur)));
+    WSHD_OK
 }
 
 /// Borrows `(ptr, len)` as bytes; NULL with length 0 is the empty slice.
@@ -677,6 +733,144 @@ unsafe extern "C" fn host_broadcast(
         .count();
     report(count);
     WSHD_OK
+}
+
+/// Checks the context and borrows a topic name: `Err(status)` if revoked
+/// or the name is not 1..=256 bytes of UTF-8.
+///
+/// # Safety
+/// `ctx` as for [`ctx_ref`]; `topic` borrowed for `'a`.
+unsafe fn topic_call<'a>(ctx: *mut c_void, topic: wshd_str) -> Result<(&'a HostCtx, &'a str), i32> {
+    // SAFETY: as in host_send.
+    let Some(ctx) = (unsafe { ctx_ref(ctx) }) else {
+        return Err(WSHD_ERR_INVALID);
+    };
+    if ctx.is_revoked() {
+        return Err(WSHD_ERR_REVOKED);
+    }
+    // SAFETY: the handler lends the name for this call.
+    let name = unsafe { str_bytes(topic) }.ok_or(WSHD_ERR_INVALID)?;
+    Ok((ctx, crate::topics::topic_name(name)?))
+}
+
+/// `subscribe` (ABI 1.2).
+unsafe extern "C" fn host_subscribe(ctx: *mut c_void, conn: wshd_conn_id, topic: wshd_str) -> i32 {
+    // SAFETY: the handler passes back our host_ctx and lends the name.
+    let (ctx, name) = match unsafe { topic_call(ctx, topic) } {
+        Ok(v) => v,
+        Err(rc) => return rc,
+    };
+    let Some(shared) = ctx.own_conn(conn) else {
+        return WSHD_ERR_CLOSED;
+    };
+    match crate::topics::global().subscribe(conn, &shared, &ctx.route, name) {
+        Ok(()) => WSHD_OK,
+        Err(rc) => rc,
+    }
+}
+
+/// `unsubscribe` (ABI 1.2).
+unsafe extern "C" fn host_unsubscribe(
+    ctx: *mut c_void,
+    conn: wshd_conn_id,
+    topic: wshd_str,
+) -> i32 {
+    // SAFETY: as in host_subscribe.
+    let (ctx, name) = match unsafe { topic_call(ctx, topic) } {
+        Ok(v) => v,
+        Err(rc) => return rc,
+    };
+    let Some(shared) = ctx.own_conn(conn) else {
+        return WSHD_ERR_CLOSED;
+    };
+    crate::topics::global().unsubscribe(&shared, name);
+    WSHD_OK
+}
+
+/// `is_subscribed` (ABI 1.2): 1 or 0.
+unsafe extern "C" fn host_is_subscribed(
+    ctx: *mut c_void,
+    conn: wshd_conn_id,
+    topic: wshd_str,
+) -> i32 {
+    // SAFETY: as in host_subscribe.
+    let (ctx, name) = match unsafe { topic_call(ctx, topic) } {
+        Ok(v) => v,
+        Err(rc) => return rc,
+    };
+    let Some(shared) = ctx.own_conn(conn) else {
+        return WSHD_ERR_CLOSED;
+    };
+    i32::from(crate::topics::global().is_subscribed(&shared, name))
+}
+
+/// `publish` (ABI 1.2): builds the message once, then offers a clone to
+/// every subscriber, on any route and any handler version.
+unsafe extern "C" fn host_publish(
+    ctx: *mut c_void,
+    topic: wshd_str,
+    kind: u32,
+    data: *const u8,
+    len: usize,
+    exclude: wshd_conn_id,
+) -> i64 {
+    // SAFETY: as in host_subscribe.
+    let (ctx, name) = match unsafe { topic_call(ctx, topic) } {
+        Ok(v) => v,
+        Err(rc) => return rc.into(),
+    };
+    // SAFETY: the handler lends the payload for this call.
+    let Some(data) = (unsafe { bytes(data, len) }) else {
+        return WSHD_ERR_INVALID.into();
+    };
+    let msg = match message(kind, data) {
+        Ok(msg) => msg,
+        Err(rc) => return rc.into(),
+    };
+    // Inside a callback, its own connection (if subscribed) gets the message
+    // through its outbox, in order with the callback's sends. Looked up once
+    // per publish, not per subscriber.
+    let current = CURRENT.with(|c| c.get());
+    let n = crate::topics::global().publish(name, &msg, exclude, |sub, m| match current {
+        // The callback running on this thread is this subscriber's: its
+        // outbox keeps the message in order with the callback's sends.
+        Some(cur) if cur.conn == sub.id => outbox_push(ctx, cur, m),
+        _ => sub.conn.offer(sub.id, &sub.route, m),
+    });
+    n as i64
+}
+
+/// `subscribers` (ABI 1.2).
+unsafe extern "C" fn host_subscribers(ctx: *mut c_void, topic: wshd_str) -> i64 {
+    // SAFETY: as in host_subscribe.
+    match unsafe { topic_call(ctx, topic) } {
+        Ok((_, name)) => crate::topics::global().subscribers(name) as i64,
+        Err(rc) => rc.into(),
+    }
+}
+
+/// `set_timer` (ABI 1.2).
+unsafe extern "C" fn host_set_timer(ctx: *mut c_void, conn: wshd_conn_id, delay_ms: u64) -> i64 {
+    // SAFETY: as in host_send; contexts are leaked, so 'static is right.
+    let Some(ctx): Option<&'static HostCtx> = (unsafe { ctx_ref(ctx) }) else {
+        return WSHD_ERR_INVALID.into();
+    };
+    match crate::timers::global().set(ctx, conn, delay_ms) {
+        Ok(id) => id as i64,
+        Err(rc) => rc.into(),
+    }
+}
+
+/// `cancel_timer` (ABI 1.2).
+unsafe extern "C" fn host_cancel_timer(ctx: *mut c_void, timer: u64) -> i32 {
+    // SAFETY: as in host_send.
+    let Some(ctx) = (unsafe { ctx_ref(ctx) }) else {
+        return WSHD_ERR_INVALID;
+    };
+    if ctx.is_revoked() {
+        return WSHD_ERR_REVOKED;
+    }
+    crate::timers::global().cancel(ctx, timer)
 }
 
 unsafe extern "C" fn host_ping(
@@ -1300,6 +1494,153 @@ mod tests {
             inbound.as_ptr(),
             "no copy of the inbound message"
         );
+    }
+
+    fn topic(name: &str) -> wshd_str {
+        wshd_str::from_str(name)
+    }
+
+    /// `publish` through the table: the recipient count or a status.
+    fn publish(a: &HostApiBox, name: &str, data: &[u8], exclude: u64) -> i64 {
+        // SAFETY: a valid context; name and payload are borrowed.
+        unsafe {
+            (a.api.publish)(
+                a.api.host_ctx,
+                topic(name),
+                WSHD_MSG_TEXT,
+                data.as_ptr(),
+                data.len(),
+                exclude,
+            )
+        }
+    }
+
+    #[test]
+    fn publish_reaches_subscribers_of_any_instance_with_one_shared_payload() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        // Another version of the handler, on the same server.
+        let b = new_host_api(8, "t".into(), "/t".into(), conns.clone());
+        let mine = Arc::new(ConnShared::new(7, 100, 1 << 20, SlowConsumer::Close));
+        let theirs = Arc::new(ConnShared::new(8, 100, 1 << 20, SlowConsumer::Close));
+        conns.insert(101, mine.clone());
+        conns.insert(102, theirs.clone());
+        let name = "unit:publish";
+        // SAFETY: valid contexts; the names are borrowed.
+        unsafe {
+            assert_eq!((a.api.subscribe)(a.api.host_ctx, 101, topic(name)), WSHD_OK);
+            assert_eq!(
+                (a.api.subscribe)(a.api.host_ctx, 102, topic(name)),
+                WSHD_ERR_CLOSED,
+                "only the owning instance subscribes a connection"
+            );
+            assert_eq!((b.api.subscribe)(b.api.host_ctx, 102, topic(name)), WSHD_OK);
+            assert_eq!((a.api.is_subscribed)(a.api.host_ctx, 101, topic(name)), 1);
+            assert_eq!((a.api.subscribers)(a.api.host_ctx, topic(name)), 2);
+        }
+        let payload = vec![b'p'; 1000];
+        assert_eq!(publish(a, name, &payload, 0), 2);
+        assert_eq!(publish(b, name, b"x", 101), 1, "101 excluded");
+        let (m, t) = (taken(&mine), taken(&theirs));
+        assert_eq!((m.len(), t.len()), (1, 2));
+        assert_eq!(
+            m[0].clone().into_data().as_ptr(),
+            t[0].clone().into_data().as_ptr(),
+            "one stored copy"
+        );
+        assert_eq!(
+            publish(a, &"x".repeat(257), b"x", 0),
+            WSHD_ERR_INVALID as i64
+        );
+        assert_eq!(publish(a, "", b"x", 0), WSHD_ERR_INVALID as i64);
+        // SAFETY: as above.
+        unsafe {
+            assert_eq!(
+                (a.api.unsubscribe)(a.api.host_ctx, 101, topic(name)),
+                WSHD_OK
+            );
+            assert_eq!((a.api.is_subscribed)(a.api.host_ctx, 101, topic(name)), 0);
+        }
+        crate::topics::global().leave_all(&theirs);
+        assert_eq!(publish(a, name, b"x", 0), 0, "nobody left");
+        a.ctx.revoke();
+        assert_eq!(publish(a, name, b"x", 0), WSHD_ERR_REVOKED as i64);
+    }
+
+    #[test]
+    fn publish_inside_a_callback_keeps_the_callers_order() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        let me = Arc::new(ConnShared::new(7, 100, 1 << 20, SlowConsumer::Close));
+        conns.insert(201, me.clone());
+        let name = "unit:order";
+        // SAFETY: a valid context and a borrowed name.
+        let rc = unsafe { (a.api.subscribe)(a.api.host_ctx, 201, topic(name)) };
+        assert_eq!(rc, WSHD_OK);
+        let mut outbox = Outbox {
+            limit: 100,
+            limit_bytes: 1 << 20,
+            ..Default::default()
+        };
+        with_outbox(201, &mut outbox, None, || {
+            assert_eq!(send(a, 201, b"before"), WSHD_OK);
+            assert_eq!(publish(a, name, b"published", 0), 1);
+            assert_eq!(send(a, 201, b"after"), WSHD_OK);
+        });
+        let order: Vec<Vec<u8>> = (outbox.msgs.iter())
+            .map(|m| m.clone().into_data().to_vec())
+            .collect();
+        assert_eq!(order, [&b"before"[..], b"published", b"after"]);
+        assert!(!me.has_queued());
+        crate::topics::global().leave_all(&me);
+    }
+
+    #[test]
+    fn timers_need_on_timer_and_a_runtime() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        // SAFETY: a valid context.
+        let id = unsafe { (a.api.set_timer)(a.api.host_ctx, 0, 10) };
+        assert_eq!(id, WSHD_ERR_UNSUPPORTED as i64, "no on_timer");
+        a.ctx.has_on_timer.store(true, Ordering::Relaxed);
+        // SAFETY: as above.
+        let id = unsafe { (a.api.set_timer)(a.api.host_ctx, 0, 10) };
+        assert_eq!(id, WSHD_ERR_UNSUPPORTED as i64, "no runtime in this test");
+        // SAFETY: as above.
+        let rc = unsafe { (a.api.cancel_timer)(a.api.host_ctx, 12345) };
+        assert_eq!(rc, WSHD_ERR_STATE, "never set");
+    }
+
+    #[tokio::test]
+    async fn a_connection_timer_fires_once_into_its_session_and_cancel_wins() {
+        let conns = Arc::new(Connections::default());
+        let a = api(&conns);
+        a.ctx.has_on_timer.store(true, Ordering::Relaxed);
+        let me = Arc::new(ConnShared::new(7, 100, 1 << 20, SlowConsumer::Close));
+        conns.insert(301, me.clone());
+        let t = crate::timers::global();
+        let fired = t.set(a.ctx, 301, 0).unwrap();
+        let cancelled = t.set(a.ctx, 301, 0).unwrap();
+        assert_eq!(
+            t.set(a.ctx, 302, 0),
+            Err(WSHD_ERR_CLOSED),
+            "unknown connection"
+        );
+        // Both fire; the session has not run them yet when one is cancelled.
+        while me.take_fired_timers_peek() < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(t.cancel(a.ctx, cancelled), WSHD_OK);
+        let ids = me.take_fired_timers();
+        assert_eq!(ids, [fired, cancelled]);
+        assert!(t.take(fired), "delivered once");
+        assert!(!t.take(fired));
+        assert!(!t.take(cancelled), "a cancelled timer is not delivered");
+        // A closed connection's pending timers are dropped.
+        let late = t.set(a.ctx, 301, 60_000).unwrap();
+        t.drop_conn(&me);
+        assert_eq!(t.cancel(a.ctx, late), WSHD_ERR_STATE);
+        assert_eq!(t.set(a.ctx, 301, 0), Err(WSHD_ERR_CLOSED));
     }
 
     #[test]

@@ -95,6 +95,11 @@ impl Instance {
     ) -> Result<Instance, InitError> {
         let id = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
         let host = new_host_api(id, lib.desc.name.as_str().into(), route.clone(), conns);
+        // Before init: a handler may set its first timers there.
+        host.ctx.has_on_timer.store(
+            lib.desc.callbacks.on_timer.is_some(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let mut out: *mut c_void = std::ptr::null_mut();
         let running = lib.enter(Callback::Init);
         // SAFETY: `init` comes from a validated descriptor; the host table is
@@ -329,6 +334,69 @@ impl Instance {
                     wshd_str::from_str(&reason),
                 )
             })
+        })
+        .await
+    }
+
+    /// Shares the instance and lets timers set for it (conn 0) reach it.
+    pub fn into_arc(self) -> Arc<Instance> {
+        let inst = Arc::new(self);
+        let _ = inst.host.ctx.target.set(Arc::downgrade(&inst));
+        inst
+    }
+
+    /// `on_timer` for connection timers that fired (ABI 1.2), in order,
+    /// between the connection's other callbacks: the session calls this
+    /// with the ids [`ConnShared::take_fired_timers`] gave it. A timer
+    /// cancelled since it fired is skipped. Stops at the first non-OK
+    /// status, which the session treats like one from `on_message`.
+    ///
+    /// [`ConnShared::take_fired_timers`]: crate::host_api::ConnShared::take_fired_timers
+    pub async fn timers(
+        self: &Arc<Self>,
+        state: ConnState,
+        conn: wshd_conn_id,
+        ids: Vec<u64>,
+        mut outbox: Outbox,
+    ) -> (i32, ConnState, Outbox) {
+        let Some(cb) = self.lib.desc.callbacks.on_timer else {
+            return (WSHD_OK, state, outbox);
+        };
+        let handler = self.handler;
+        self.dispatch(move |_| {
+            let mut rc = WSHD_OK;
+            for id in ids {
+                if !crate::timers::global().take(id) {
+                    continue;
+                }
+                // SAFETY: callback from a validated descriptor; the state is
+                // this connection's and no other callback of it is running.
+                rc = with_outbox(conn, &mut outbox, None, || unsafe {
+                    cb(handler.get(), state.get(), conn, id)
+                });
+                if rc != WSHD_OK {
+                    break;
+                }
+            }
+            (rc, state, outbox)
+        })
+        .await
+    }
+
+    /// `on_timer` for a timer set for the instance (conn 0): NULL state.
+    pub async fn instance_timer(self: &Arc<Self>, id: u64) {
+        let Some(cb) = self.lib.desc.callbacks.on_timer else {
+            return;
+        };
+        let handler = self.handler;
+        let route = self.route.clone();
+        self.dispatch(move |_| {
+            // SAFETY: callback from a validated descriptor; `self` is alive
+            // (we hold an Arc), so destroy has not run.
+            let rc = unsafe { cb(handler.get(), std::ptr::null_mut(), 0, id) };
+            if rc != WSHD_OK {
+                tracing::warn!(route = %route, timer = id, "on_timer failed ({})", status_name(rc));
+            }
         })
         .await
     }

@@ -34,6 +34,8 @@
 //! * [`instance`]: one `init` of a handler for a route; the only caller of
 //!   handler callbacks.
 //! * [`host_api`] + [`handshake`]: the function table handlers call.
+//! * [`topics`], [`timers`]: host-owned publish/subscribe membership and
+//!   handler timers (ABI 1.2).
 //! * [`reload`]: notify watcher, debounce, retries, supervision, SIGHUP.
 //! * [`logging`]: tracing setup and log reopening; [`logsafe`]: escaping
 //!   client-controlled values before they are logged.
@@ -64,6 +66,8 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod static_files;
+pub mod timers;
+pub mod topics;
 pub mod trust;
 pub mod workers;
 pub mod write_deadline;

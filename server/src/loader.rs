@@ -141,6 +141,8 @@ pub struct Callbacks {
     pub on_message: wshd_on_message_fn,
     pub on_close: Option<wshd_on_close_fn>,
     pub destroy: Option<wshd_destroy_fn>,
+    /// ABI 1.2; `None` for older descriptors.
+    pub on_timer: Option<wshd_on_timer_fn>,
 }
 
 impl Library {
@@ -626,7 +628,7 @@ fn read_descriptor(ptr: *const wshd_descriptor, source: &Path) -> Result<Descrip
             "rebuild the handler against this server's wshd_handler.h / wshd-handler-api (ABI 1)",
         ));
     }
-    let min = std::mem::size_of::<wshd_descriptor>() as u32;
+    let min = WSHD_DESCRIPTOR_SIZE_1_0 as u32;
     if size < min {
         return Err(abi(
             "struct_size",
@@ -635,9 +637,20 @@ fn read_descriptor(ptr: *const wshd_descriptor, source: &Path) -> Result<Descrip
             "set struct_size = sizeof(wshd_descriptor) and rebuild against the current wshd_handler.h",
         ));
     }
-    // SAFETY: struct_size says the handler's descriptor is at least as large
-    // as ours, so every field we know is inside it; it is static data.
-    let d = unsafe { &*ptr };
+    // A descriptor of ABI 1.0/1.1 ends before `on_timer`: copy the part
+    // struct_size covers into a zeroed descriptor, so a field the handler
+    // does not have reads as NULL (None) instead of past its data.
+    let mut copy = std::mem::MaybeUninit::<wshd_descriptor>::zeroed();
+    let n = (size as usize).min(std::mem::size_of::<wshd_descriptor>());
+    // SAFETY: the handler's descriptor is static data of at least `n` bytes
+    // (struct_size, checked above to cover ABI 1.0), and `copy` has room for
+    // `n`; all-zero bytes are a valid `wshd_descriptor` (NULL pointers, None
+    // callbacks, zero numbers), and the copied prefix is the handler's own
+    // valid fields.
+    let d = &unsafe {
+        std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), copy.as_mut_ptr().cast::<u8>(), n);
+        copy.assume_init()
+    };
     let init = d.init.ok_or_else(|| {
         abi(
             "init",
@@ -710,6 +723,7 @@ fn read_descriptor(ptr: *const wshd_descriptor, source: &Path) -> Result<Descrip
             on_message,
             on_close: d.on_close,
             destroy: d.destroy,
+            on_timer: d.on_timer,
         },
     })
 }

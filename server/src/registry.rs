@@ -122,6 +122,8 @@ impl Registry {
     /// changed.
     pub async fn apply(&mut self, s: &Settings, mode: Mode) -> Result<Report, ConfigError> {
         let mut report = Report::default();
+        // Topic and timer caps apply server-wide, at startup and on reload.
+        s.pubsub.apply();
         let scanned = scan::scan(&s.handler_dir, s.allow_outside).map_err(|e| {
             ConfigError::Other(format!(
                 "cannot read the handler directory {}: {e}",
@@ -442,7 +444,7 @@ impl Registry {
         let name = lib.desc.name.clone();
         let task = tokio::task::spawn_blocking(move || Instance::init(lib, route, config, conns));
         match tokio::time::timeout(self.init_timeout, task).await {
-            Ok(Ok(Ok(i))) => Ok(Arc::new(i)),
+            Ok(Ok(Ok(i))) => Ok(i.into_arc()),
             Ok(Ok(Err(e))) => Err(e.to_string()),
             Ok(Err(join)) => Err(format!("handler `{name}` init crashed: {join}")),
             Err(_) => Err(format!(

@@ -174,9 +174,11 @@ impl Opening {
             server,
             span,
             opened,
+            shared,
             ..
         } = self;
         server.conns.remove(&id);
+        leave(&shared);
         let inst = &route.instance;
         if let Ok(st) = opened {
             inst.close(st, id, 1006, String::new(), Some(span.clone()))
@@ -399,6 +401,20 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                     }
                 },
                 _ = std::future::poll_fn(|cx| shared.wakeup.poll(cx, &mut registered)), if open => {
+                    // Timers that fired run here, between this connection's
+                    // messages (one atomic load when none did).
+                    if shared.has_fired_timers()
+                        && fire_timers(&inst, &shared, id, &mut state, &mut outbox, &mut ws, wt, &mut stats, &mut close, &span, TimerIo {
+                            registered: &mut registered,
+                            deferred: &mut deferred,
+                            close_by: &mut close_by,
+                            close_timeout: limits.close_timeout,
+                        })
+                            .await
+                            .is_err()
+                    {
+                        break;
+                    }
                     // A close request or shutdown drains the whole queue first;
                     // otherwise one batch per wake, so a busy sender cannot
                     // starve reads.
@@ -537,6 +553,7 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
         // Unregister first, so sends from handler threads from now on get
         // WSHD_ERR_CLOSED; then on_close, exactly once per successful on_open.
         server.conns.remove(&id);
+        leave(&shared);
         let close = close.unwrap_or_else(dropped);
         if let Some(st) = state {
             Box::pin(inst.close(st, id, close.code, close.reason.clone(), Some(span.clone())))
@@ -841,4 +858,88 @@ async fn write_outbox(
     }
     let stop = Stop { shared, registered };
     timed_or_close(limit, ws.flush(), Some(stop)).await
+}
+
+/// The connection is gone: its subscriptions and timers end (before
+/// `on_close`, so a goodbye published there does not go to it).
+fn leave(shared: &Arc<ConnShared>) {
+    crate::topics::global().leave_all(shared);
+    crate::timers::global().drop_conn(shared);
+}
+
+/// The session state a timer callback's writes and closes share with the
+/// message path: the wake-up registration, a close requested while a write
+/// waited, and the one close deadline.
+struct TimerIo<'a> {
+    registered: &'a mut Option<std::task::Waker>,
+    deferred: &'a mut Option<CloseFrame>,
+    close_by: &'a mut Option<Instant>,
+    close_timeout: Duration,
+}
+
+/// Calls `on_timer` for the connection's timers that fired (ABI 1.2) and
+/// writes what they sent, as for a message: a failed callback closes with
+/// 1011, an overflow under the close policy with 1008. `Err` when the
+/// socket is gone. Boxed: timers are rare next to messages.
+#[allow(clippy::too_many_arguments)]
+fn fire_timers<'a>(
+    inst: &'a Arc<crate::instance::Instance>,
+    shared: &'a ConnShared,
+    id: u64,
+    state: &'a mut Option<ConnState>,
+    outbox: &'a mut Outbox,
+    ws: &'a mut Ws,
+    wt: Duration,
+    stats: &'a mut Stats,
+    close: &'a mut Option<Close>,
+    span: &'a tracing::Span,
+    io: TimerIo<'a>,
+) -> Pin<Box<impl Future<Output = Result<(), ()>> + Send + 'a>> {
+    let TimerIo {
+        registered,
+        deferred,
+        close_by,
+        close_timeout,
+    } = io;
+    Box::pin(async move {
+        let fired = shared.take_fired_timers();
+        if fired.is_empty() || close.is_some() {
+            return Ok(());
+        }
+        let Some(st) = state.take() else {
+            return Ok(());
+        };
+        let (rc, st, ob) = inst.timers(st, id, fired, std::mem::take(outbox)).await;
+        *state = Some(st);
+        *outbox = ob;
+        match write_outbox(ws, wt, outbox, stats, close, shared, registered).await {
+            Ok(()) => {}
+            Err(WriteError::Closing(f)) => *deferred = Some(f),
+            Err(e) => {
+                e.log(span);
+                close.get_or_insert(dropped());
+                return Err(());
+            }
+        }
+        if rc != WSHD_OK && close.is_none() {
+            let reason = if rc == WSHD_ERR_PANIC {
+                "handler panicked"
+            } else {
+                "handler error"
+            };
+            tracing::warn!(parent: span, "on_timer failed ({}); closing with 1011", crate::error::status_name(rc));
+            start_close(ws, left(close_by, close_timeout), 1011, reason, close).await;
+        } else if std::mem::take(&mut outbox.overflowed) && close.is_none() {
+            tracing::info!(parent: span, "send queue full: closing slow consumer with 1008");
+            start_close(
+                ws,
+                left(close_by, close_timeout),
+                1008,
+                "slow consumer",
+                close,
+            )
+            .await;
+        }
+        Ok(())
+    })
 }

@@ -33,6 +33,8 @@ pub struct Settings {
     /// Load handler files that fail the trust check (trust.rs), warning at
     /// every load, instead of refusing them.
     pub allow_insecure_handler_dir: bool,
+    /// `[topics]` and `[timers]` caps.
+    pub pubsub: crate::config::PubSubLimits,
 }
 
 /// One `[[route]]`, resolved.
@@ -211,6 +213,7 @@ impl Settings {
             config_path: args.config.clone(),
             allow_insecure_handler_dir: args.allow_insecure_handler_dir
                 || raw.is_some_and(|r| r.allow_insecure_handler_dir),
+            pubsub: crate::config::PubSubLimits::from_raw(raw),
         })
     }
 }

@@ -163,6 +163,44 @@ test('chat page: a message fans out to two pages', async () => {
   await bob.close();
 });
 
+test('chat page: a reload of chat between two pages does not split the room', async () => {
+  // A server of its own: this one gets a new chat version mid-test.
+  const server = await startWshd({ docRoot: WWW });
+  const alice = await newPage();
+  const bob = await newPage();
+  try {
+    await alice.goto(`${server.httpUrl}/chat.html?name=alice`);
+    await alice.locator('#status[data-state="open"]').waitFor({ timeout: WAIT });
+    // A new libchat_wsh.so (same code, another hash) is installed the way an
+    // operator would: written aside, renamed into place.
+    const so = path.join(server.handlerDir, 'libchat_wsh.so');
+    const tmp = path.join(server.handlerDir, '.libchat_wsh.so.new');
+    fs.writeFileSync(tmp, Buffer.concat([fs.readFileSync(so), Buffer.alloc(64, 7)]));
+    fs.renameSync(tmp, so);
+    const deadline = Date.now() + WAIT;
+    while (!server.log().includes('swapped')) {
+      assert.ok(Date.now() < deadline, `chat was never reloaded:\n${server.log()}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    // Bob joins through the new version; alice is still on the old one.
+    await bob.goto(`${server.httpUrl}/chat.html?name=bob`);
+    await bob.locator('#status[data-state="open"]').waitFor({ timeout: WAIT });
+    await alice.fill('#text', 'from the old version');
+    await alice.press('#text', 'Enter');
+    await bob.locator('#messages li').filter({ hasText: 'alice:from the old version' }).waitFor({ timeout: WAIT });
+    await bob.fill('#text', 'from the new version');
+    await bob.press('#text', 'Enter');
+    await alice.locator('#messages li').filter({ hasText: 'bob:from the new version' }).waitFor({ timeout: WAIT });
+    // Alice's page saw bob join, as a join event.
+    await alice.locator('#messages li.notice').filter({ hasText: 'joined (2 in the room)' }).waitFor({ timeout: WAIT });
+    assertNoPageErrors();
+  } finally {
+    await alice.close();
+    await bob.close();
+    await server.stop();
+  }
+});
+
 test('console: /origin_check with an unsupported subprotocol shows error and close 1006', async () => {
   const page = await openConsole('/origin_check');
   // The page's origin (site) is allowed by `guarded`; only the subprotocol is wrong.

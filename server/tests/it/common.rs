@@ -77,6 +77,24 @@ pub fn build_c(out: &Path, defines: &[&str]) {
     assert!(status.success(), "gcc failed for {}", out.display());
 }
 
+/// Compiles the C handler `handlers/c/{file}` (with pthreads) and extra
+/// `-D` flags into `out`.
+pub fn build_c_file(file: &str, out: &Path, defines: &[&str]) {
+    let root = repo_root();
+    let status = Command::new("gcc")
+        .args([
+            "-shared", "-fPIC", "-pthread", "-O2", "-Wall", "-Wextra", "-Werror", "-I",
+        ])
+        .arg(root.join("handler-api/include"))
+        .args(defines)
+        .arg(root.join("handlers/c").join(file))
+        .arg("-o")
+        .arg(out)
+        .status()
+        .expect("gcc is required to build the C handlers");
+    assert!(status.success(), "gcc failed for {}", out.display());
+}
+
 /// A running wshd process; killed on drop.
 pub struct Wshd {
     pub child: Child,

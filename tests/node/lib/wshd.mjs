@@ -46,7 +46,7 @@ process.on('exit', () => {
 });
 
 /**
- * Start wshd.  Resolves to { port, host, httpUrl, wsUrl(route), stop(), log() }.
+ * Start wshd.  Resolves to { port, host, httpUrl, wsUrl(route), stop(), log(), handlerDir }.
  * Options: config (TOML text, default configToml()), docRoot, timeoutMs.
  */
 export async function startWshd({ config = configToml(), docRoot = null, timeoutMs = 30000 } = {}) {
@@ -141,5 +141,6 @@ export async function startWshd({ config = configToml(), docRoot = null, timeout
     stop,
     log: () => output,
     exited: () => exited,
+    handlerDir,
   };
 }

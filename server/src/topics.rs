@@ -1,0 +1,393 @@
+//! Topics (ABI 1.2): host-owned publish/subscribe membership.
+//!
+//! Membership lives here, in the host, keyed by topic name with one
+//! namespace per server, so it outlives every handler version: after a
+//! reload, a publish from the new version still reaches the members that
+//! joined through the old one (a room is never split in two).
+//!
+//! Shape and locking:
+//! * [`Topics::map`] is a sharded map from name to [`Topic`]; a publish takes
+//!   one shard's read lock just long enough to clone the topic's `Arc`.
+//! * Each [`Topic`] has one mutex over its subscriber list. A publish holds
+//!   it for the fan-out, so publishes to the *same* topic are serialized and
+//!   every subscriber sees them in the same order (a chat room shows one
+//!   history to everyone; the one exception is the publishing connection
+//!   itself, inside its callback, whose copy goes out with the callback's
+//!   sends); publishes to different topics never contend. The
+//!   fan-out only pushes a clone of one `Message` (a reference to one shared
+//!   payload) onto each subscriber's bounded queue ([`ConnShared::offer`]),
+//!   which never blocks, so the lock is held for microseconds per hundred
+//!   subscribers, and nothing is allocated per subscriber.
+//! * Each connection's own list of topics sits in its [`ConnShared`]
+//!   (`ConnTopics`): it enforces the per-connection cap, answers
+//!   `is_subscribed`, and lets the session drop every subscription in one
+//!   call when the connection closes ([`Topics::leave_all`]). Its `closed`
+//!   flag, checked under the same lock, keeps a subscribe racing with the
+//!   close from leaving a dead connection in a topic.
+//!
+//! Lock order: a connection's topic list, then a topic's subscribers; the
+//! map's shard locks are never held while taking either (except in the
+//! removal of an empty topic, which takes shard then subscribers, and
+//! nothing takes them the other way round).
+//!
+//! A topic with no subscribers is removed, so the `max_topics` cap counts
+//! live topics only.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use dashmap::DashMap;
+use tungstenite::Message;
+use wshd_handler_api::abi::{WSHD_ERR_CLOSED, WSHD_ERR_INVALID, WSHD_ERR_LIMIT, wshd_conn_id};
+
+use crate::host_api::ConnShared;
+
+/// The longest topic name, in bytes.
+pub const MAX_TOPIC_LEN: usize = 256;
+/// Default `[topics] max_per_connection`.
+pub const DEFAULT_MAX_PER_CONNECTION: usize = 64;
+/// Default `[topics] max_topics`.
+pub const DEFAULT_MAX_TOPICS: usize = 100_000;
+
+/// One subscription, as a publish sees it.
+#[derive(Debug)]
+pub struct Subscriber {
+    pub id: wshd_conn_id,
+    pub conn: Arc<ConnShared>,
+    /// The subscriber's route, for the slow-consumer log line.
+    pub route: Arc<str>,
+}
+
+#[derive(Debug, Default)]
+struct Subs {
+    list: Vec<Subscriber>,
+    /// Removed from the map (it was empty): a subscribe that still holds
+    /// this `Arc` must look the name up again.
+    dead: bool,
+}
+
+/// One topic and its subscribers.
+#[derive(Debug)]
+pub struct Topic {
+    name: Arc<str>,
+    subs: Mutex<Subs>,
+    /// `subs.list.len()`, readable without the lock (`subscribers`).
+    len: AtomicUsize,
+}
+
+impl Topic {
+    fn lock(&self) -> MutexGuard<'_, Subs> {
+        self.subs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One connection's subscriptions, kept in its [`ConnShared`].
+#[derive(Debug, Default)]
+pub struct ConnTopics {
+    list: Vec<Arc<Topic>>,
+    /// The connection closed: no new subscriptions.
+    closed: bool,
+}
+
+/// Every topic on the server.
+#[derive(Debug)]
+pub struct Topics {
+    map: DashMap<Arc<str>, Arc<Topic>>,
+    /// Topics in `map`, without walking its shards.
+    count: AtomicUsize,
+    max_per_connection: AtomicUsize,
+    max_topics: AtomicUsize,
+}
+
+impl Default for Topics {
+    fn default() -> Topics {
+        Topics::new(DEFAULT_MAX_PER_CONNECTION, DEFAULT_MAX_TOPICS)
+    }
+}
+
+/// The server's topics: one namespace per server process.
+pub fn global() -> &'static Topics {
+    static TOPICS: OnceLock<Topics> = OnceLock::new();
+    TOPICS.get_or_init(Topics::default)
+}
+
+/// Checks a topic name: UTF-8, 1..=[`MAX_TOPIC_LEN`] bytes.
+pub fn topic_name(bytes: &[u8]) -> Result<&str, i32> {
+    if bytes.is_empty() || bytes.len() > MAX_TOPIC_LEN {
+        return Err(WSHD_ERR_INVALID);
+    }
+    std::str::from_utf8(bytes).map_err(|_| WSHD_ERR_INVALID)
+}
+
+fn lock_conn(shared: &ConnShared) -> MutexGuard<'_, ConnTopics> {
+    shared.topics.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Topics {
+    pub fn new(max_per_connection: usize, max_topics: usize) -> Topics {
+        Topics {
+            map: DashMap::new(),
+            count: AtomicUsize::new(0),
+            max_per_connection: AtomicUsize::new(max_per_connection),
+            max_topics: AtomicUsize::new(max_topics),
+        }
+    }
+
+    /// Sets the caps (at startup and on every config reload). Lowering a cap
+    /// refuses new subscriptions past it; existing ones stay.
+    pub fn configure(&self, max_per_connection: usize, max_topics: usize) {
+        self.max_per_connection
+            .store(max_per_connection, Ordering::Relaxed);
+        self.max_topics.store(max_topics, Ordering::Relaxed);
+    }
+
+    /// Topics that have at least one subscriber.
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Whether no topic has a subscriber.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The topic named `name`, created if needed (within `max_topics`).
+    fn get_or_create(&self, name: &str) -> Result<Arc<Topic>, i32> {
+        if let Some(t) = self.map.get(name) {
+            return Ok(t.value().clone());
+        }
+        match self.map.entry(Arc::from(name)) {
+            dashmap::Entry::Occupied(e) => Ok(e.get().clone()),
+            dashmap::Entry::Vacant(e) => {
+                let max = self.max_topics.load(Ordering::Relaxed);
+                if self.count.fetch_add(1, Ordering::Relaxed) >= max {
+                    self.count.fetch_sub(1, Ordering::Relaxed);
+                    return Err(WSHD_ERR_LIMIT);
+                }
+                let topic = Arc::new(Topic {
+                    name: e.key().clone(),
+                    subs: Mutex::default(),
+                    len: AtomicUsize::new(0),
+                });
+                e.insert(topic.clone());
+                Ok(topic)
+            }
+        }
+    }
+
+    /// Subscribes connection `id` (whose shared state is `shared`, on
+    /// `route`) to `name`. Subscribing again is a no-op.
+    pub fn subscribe(
+        &self,
+        id: wshd_conn_id,
+        shared: &Arc<ConnShared>,
+        route: &Arc<str>,
+        name: &str,
+    ) -> Result<(), i32> {
+        let mut mine = lock_conn(shared);
+        if mine.closed {
+            return Err(WSHD_ERR_CLOSED);
+        }
+        if mine.list.iter().any(|t| &*t.name == name) {
+            return Ok(());
+        }
+        if mine.list.len() >= self.max_per_connection.load(Ordering::Relaxed) {
+            return Err(WSHD_ERR_LIMIT);
+        }
+        loop {
+            let topic = self.get_or_create(name)?;
+            let mut subs = topic.lock();
+            if subs.dead {
+                // Emptied and removed between the lookup and the lock.
+                continue;
+            }
+            subs.list.push(Subscriber {
+                id,
+                conn: shared.clone(),
+                route: route.clone(),
+            });
+            topic.len.store(subs.list.len(), Ordering::Relaxed);
+            drop(subs);
+            mine.list.push(topic);
+            return Ok(());
+        }
+    }
+
+    /// Ends connection `shared`'s subscription to `name`, if it has one.
+    pub fn unsubscribe(&self, shared: &Arc<ConnShared>, name: &str) {
+        let mut mine = lock_conn(shared);
+        if let Some(pos) = mine.list.iter().position(|t| &*t.name == name) {
+            let topic = mine.list.swap_remove(pos);
+            self.remove(&topic, shared);
+        }
+    }
+
+    /// Whether `shared`'s connection is subscribed to `name`.
+    pub fn is_subscribed(&self, shared: &ConnShared, name: &str) -> bool {
+        lock_conn(shared).list.iter().any(|t| &*t.name == name)
+    }
+
+    /// Drops every subscription of a connection that is closing, and
+    /// refuses later ones. Called once by the session when it ends.
+    pub fn leave_all(&self, shared: &Arc<ConnShared>) {
+        let list = {
+            let mut mine = lock_conn(shared);
+            mine.closed = true;
+            std::mem::take(&mut mine.list)
+        };
+        for topic in &list {
+            self.remove(topic, shared);
+        }
+    }
+
+    /// Takes `shared` out of `topic`, and `topic` out of the map if it is
+    /// now empty.
+    fn remove(&self, topic: &Arc<Topic>, shared: &Arc<ConnShared>) {
+        let empty = {
+            let mut subs = topic.lock();
+            if let Some(pos) = subs.list.iter().position(|s| Arc::ptr_eq(&s.conn, shared)) {
+                subs.list.swap_remove(pos);
+            }
+            topic.len.store(subs.list.len(), Ordering::Relaxed);
+            subs.list.is_empty()
+        };
+        if !empty {
+            return;
+        }
+        // Check again under the shard lock: a subscribe may have come in.
+        let removed = self.map.remove_if(&topic.name, |_, t| {
+            if !Arc::ptr_eq(t, topic) {
+                return false;
+            }
+            let mut subs = t.lock();
+            subs.dead = subs.list.is_empty();
+            subs.dead
+        });
+        if removed.is_some() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Subscribers of `name` on this server.
+    pub fn subscribers(&self, name: &str) -> usize {
+        self.map
+            .get(name)
+            .map_or(0, |t| t.value().len.load(Ordering::Relaxed))
+    }
+
+    /// Offers `msg` to every subscriber of `name` except connection
+    /// `exclude` (0: none) through `deliver`, which gets a clone of `msg`
+    /// (its payload is shared, not copied) and returns the ABI status of
+    /// that one delivery. Returns how many were `WSHD_OK`.
+    pub fn publish(
+        &self,
+        name: &str,
+        msg: &Message,
+        exclude: wshd_conn_id,
+        mut deliver: impl FnMut(&Subscriber, Message) -> i32,
+    ) -> usize {
+        let Some(topic) = self.map.get(name).map(|t| t.value().clone()) else {
+            return 0;
+        };
+        let subs = topic.lock();
+        let mut n = 0;
+        for s in subs.list.iter().filter(|s| s.id != exclude) {
+            if deliver(s, msg.clone()) == wshd_handler_api::abi::WSHD_OK {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlowConsumer;
+
+    fn conn() -> Arc<ConnShared> {
+        Arc::new(ConnShared::new(1, 100, 1 << 20, SlowConsumer::Close))
+    }
+
+    fn publish(t: &Topics, name: &str, exclude: u64) -> usize {
+        t.publish(name, &Message::text("x"), exclude, |s, m| {
+            s.conn.offer(s.id, &s.route, m)
+        })
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert_eq!(topic_name(b"room"), Ok("room"));
+        assert_eq!(topic_name(&[b'a'; 256]).map(str::len), Ok(256));
+        assert_eq!(topic_name(&[b'a'; 257]), Err(WSHD_ERR_INVALID));
+        assert_eq!(topic_name(b""), Err(WSHD_ERR_INVALID));
+        assert_eq!(topic_name(&[0xff]), Err(WSHD_ERR_INVALID));
+    }
+
+    #[test]
+    fn subscribe_publish_unsubscribe_and_empty_topics_go_away() {
+        let t = Topics::new(4, 10);
+        let route: Arc<str> = "/r".into();
+        let (a, b) = (conn(), conn());
+        t.subscribe(1, &a, &route, "room").unwrap();
+        t.subscribe(1, &a, &route, "room").unwrap();
+        t.subscribe(2, &b, &route, "room").unwrap();
+        assert_eq!(t.subscribers("room"), 2, "subscribing twice is once");
+        assert!(t.is_subscribed(&a, "room") && !t.is_subscribed(&a, "other"));
+        assert_eq!(publish(&t, "room", 0), 2);
+        assert_eq!(publish(&t, "room", 1), 1, "the excluded connection");
+        assert_eq!(publish(&t, "nobody", 0), 0);
+        assert_eq!(a.queued().0, 1);
+        assert_eq!(b.queued().0, 2);
+        t.unsubscribe(&a, "room");
+        t.unsubscribe(&a, "room");
+        assert_eq!(t.subscribers("room"), 1);
+        t.leave_all(&b);
+        assert_eq!((t.subscribers("room"), t.len()), (0, 0), "topic removed");
+        assert_eq!(
+            t.subscribe(2, &b, &route, "room"),
+            Err(WSHD_ERR_CLOSED),
+            "a closed connection cannot subscribe again"
+        );
+    }
+
+    #[test]
+    fn caps_refuse_and_change_nothing() {
+        let t = Topics::new(2, 3);
+        let route: Arc<str> = "/r".into();
+        let (a, b) = (conn(), conn());
+        t.subscribe(1, &a, &route, "t1").unwrap();
+        t.subscribe(1, &a, &route, "t2").unwrap();
+        assert_eq!(t.subscribe(1, &a, &route, "t3"), Err(WSHD_ERR_LIMIT));
+        assert!(!t.is_subscribed(&a, "t3"));
+        t.subscribe(2, &b, &route, "t3").unwrap();
+        assert_eq!(t.subscribe(2, &b, &route, "t4"), Err(WSHD_ERR_LIMIT));
+        assert_eq!(t.len(), 3, "the refused topic was not created");
+        t.subscribe(2, &b, &route, "t1").unwrap();
+        t.leave_all(&a);
+        assert_eq!(t.len(), 2);
+        t.subscribe(2, &b, &route, "t4").unwrap_err();
+        t.unsubscribe(&b, "t3");
+        t.subscribe(2, &b, &route, "t4").unwrap();
+    }
+
+    #[test]
+    fn concurrent_subscribes_and_leaves_keep_the_count_right() {
+        let t = Arc::new(Topics::new(64, 1000));
+        let route: Arc<str> = "/r".into();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                let (t, route) = (t.clone(), route.clone());
+                s.spawn(move || {
+                    for i in 0..500u64 {
+                        let c = conn();
+                        t.subscribe(i, &c, &route, "hot").unwrap();
+                        t.subscribe(i, &c, &route, &format!("t{}", i % 7)).unwrap();
+                        t.leave_all(&c);
+                    }
+                });
+            }
+        });
+        assert_eq!((t.len(), t.subscribers("hot")), (0, 0));
+    }
+}
