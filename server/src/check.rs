@@ -52,7 +52,10 @@ pub fn no_default_config_note() -> String {
 /// Names the config file the check read, for its last line.
 fn config_note(settings: &Settings, defaulted: bool) -> String {
     match (&settings.config_path, defaulted) {
-        (Some(p), true) => format!("config {}, the default when no --config is given", p.display()),
+        (Some(p), true) => format!(
+            "config {}, the default when no --config is given",
+            p.display()
+        ),
         (Some(p), false) => format!("config {}", p.display()),
         (None, _) => "no config file".into(),
     }

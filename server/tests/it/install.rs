@@ -306,8 +306,14 @@ fn install_sh_into_a_temporary_root_installs_what_the_unit_names() {
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .collect();
-    assert!(live.contains(&"handler_dir = \"/var/lib/wshd/handlers\""), "{toml}");
-    assert!(live.contains(&"pid_file = \"/run/wshd/wshd.pid\""), "{toml}");
+    assert!(
+        live.contains(&"handler_dir = \"/var/lib/wshd/handlers\""),
+        "{toml}"
+    );
+    assert!(
+        live.contains(&"pid_file = \"/run/wshd/wshd.pid\""),
+        "{toml}"
+    );
     assert!(!live.iter().any(|l| l.contains("[[route]]")), "{toml}");
     assert!(!live.iter().any(|l| l.contains("..")), "{toml}");
     assert_eq!(unit_value(&unit, "RuntimeDirectory"), "wshd");
@@ -317,7 +323,10 @@ fn install_sh_into_a_temporary_root_installs_what_the_unit_names() {
     // the config writes.
     let lr = std::fs::read_to_string(root.join("etc/logrotate.d/wshd")).unwrap();
     assert!(lr.contains("/var/log/wshd/wshd.log {"), "{lr}");
-    assert!(lr.contains("kill -USR1 \"$(cat /run/wshd/wshd.pid)\""), "{lr}");
+    assert!(
+        lr.contains("kill -USR1 \"$(cat /run/wshd/wshd.pid)\""),
+        "{lr}"
+    );
     assert!(
         toml.contains("# log_file = \"/var/log/wshd/wshd.log\""),
         "{toml}"
@@ -369,7 +378,9 @@ fn install_sh_into_a_temporary_root_installs_what_the_unit_names() {
                 std::env::var_os("CI").is_none(),
                 "systemd-analyze is needed in CI: {e}"
             );
-            eprintln!("systemd-analyze not found ({e}): unit not verified (apt-get install systemd)");
+            eprintln!(
+                "systemd-analyze not found ({e}): unit not verified (apt-get install systemd)"
+            );
         }
     }
 
