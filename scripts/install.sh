@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs wshd as a system daemon, everything the systemd unit names:
 #
-#   PREFIX/bin/wshd                     the binary (built with cargo if needed)
+#   PREFIX/bin/wshd                     the binary (target/release/wshd, built if missing or stale)
 #   PREFIX/share/doc/wshd/              README.md, SECURITY.md, the full example config
 #   /etc/sysusers.d/wshd.conf           the `wshd` system user, for systemd-sysusers
 #   user and group wshd                 created now (useradd --system), unless --root/--no-user
@@ -85,14 +85,23 @@ PID_FILE=/run/wshd/wshd.pid
 # ---------------------------------------------------------------- binary
 if [[ -z "$BINARY" ]]; then
   BINARY="$SRC/target/release/wshd"
-  if command -v cargo >/dev/null 2>&1; then
-    # A no-op when the build is up to date.
-    say "building $BINARY (cargo build --release -p wshd)"
+  # Build only when the binary is missing or older than a source file, so
+  # that `cargo build --release -p wshd` as yourself, then `sudo install.sh`,
+  # does not leave root-owned files in target/.
+  stale=""
+  if [[ -x "$BINARY" ]]; then
+    stale="$(find "$SRC/server" "$SRC/handler-api" "$SRC/Cargo.toml" "$SRC/Cargo.lock" \
+      -newer "$BINARY" \( -name '*.rs' -o -name 'Cargo.*' -o -name '*.h' \) -print -quit 2>/dev/null || true)"
+  fi
+  if [[ -x "$BINARY" && -z "$stale" ]]; then
+    say "installing $BINARY (up to date with the sources)"
+  elif command -v cargo >/dev/null 2>&1; then
+    say "building $BINARY (cargo build --release -p wshd)${stale:+: $stale is newer}"
     (cd "$SRC" && cargo build --release -q -p wshd) || die "cargo build failed"
-  elif [[ ! -x "$BINARY" ]]; then
-    die "no cargo on PATH and no $BINARY: build it first (cargo build --release -p wshd) or pass --binary FILE (sudo often drops cargo from PATH: sudo env PATH=\"\$PATH\" $0 ...)"
+  elif [[ -x "$BINARY" ]]; then
+    say "warning: $stale is newer than $BINARY, and there is no cargo on PATH to rebuild it: installing it as it is"
   else
-    say "no cargo on PATH: installing the existing $BINARY as it is"
+    die "no $BINARY and no cargo on PATH: build it first (cargo build --release -p wshd, as yourself) or pass --binary FILE"
   fi
 fi
 [[ -f "$BINARY" && -x "$BINARY" ]] || die "--binary $BINARY is not an executable file"
@@ -196,7 +205,7 @@ install -m 0644 "${OWN[@]}" "$SRC/config/logrotate" "$ROOT$LOGROTATE"
 say "installed $ROOT$LOGROTATE"
 
 if [[ -z "$ROOT" && -d /run/systemd/system ]]; then
-  systemctl daemon-reload
+  systemctl daemon-reload || say "warning: systemctl daemon-reload failed: run it before starting wshd"
 fi
 
 cat <<EOF
