@@ -2,25 +2,75 @@
 //! handler the way startup would (the same loader: sealed memfds, or a fresh
 //! private directory that is removed afterwards), print what would be served
 //! and every problem, and exit. Nothing is sent to a running server.
+//!
+//! Exit status ([`crate::cli::exit`]): 2 when wshd would not start with this
+//! configuration, 1 when it would but some handler file would not be served.
+//! Given neither `--config` nor `-w`, they check the installed service's
+//! config file ([`default_config`]).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::cli::{Args, DEFAULT_CONFIG, exit};
 use crate::host_api::Connections;
 use crate::loader::Loader;
 use crate::registry::{Mode, Registry};
 use crate::routing::RouteTable;
 use crate::settings::Settings;
 
+/// The config file `-t` / `--list` read when the command line names neither
+/// a config file nor a handler directory: `$WSHD_DEFAULT_CONFIG`, else
+/// [`DEFAULT_CONFIG`], if that file exists. With `-w`, the command line
+/// describes an ad-hoc server (pywebsocket style) that reads no config file,
+/// and the check tests exactly that. The server itself never reads a config
+/// file it was not given: the unit passes `--config`.
+pub fn default_config(args: &Args) -> Option<PathBuf> {
+    if !(args.check_config || args.list) || args.config.is_some() || args.handlers.is_some() {
+        return None;
+    }
+    let path = default_config_path();
+    path.is_file().then_some(path)
+}
+
+fn default_config_path() -> PathBuf {
+    std::env::var_os("WSHD_DEFAULT_CONFIG")
+        .filter(|p| !p.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_CONFIG), PathBuf::from)
+}
+
+/// What `-t` adds when it found nothing to check.
+pub fn no_default_config_note() -> String {
+    format!(
+        "wshd: no --config or -w given, and {} does not exist (scripts/install.sh installs it)",
+        default_config_path().display()
+    )
+}
+
+/// Names the config file the check read, for its last line.
+fn config_note(settings: &Settings, defaulted: bool) -> String {
+    match (&settings.config_path, defaulted) {
+        (Some(p), true) => format!(
+            "config {}, the default when no --config is given",
+            p.display()
+        ),
+        (Some(p), false) => format!("config {}", p.display()),
+        (None, _) => "no config file".into(),
+    }
+}
+
 /// Runs the check; `list` prints the route table even when all is well.
-pub async fn run(settings: &Settings, list: bool) -> ExitCode {
+/// `defaulted`: the config file is [`default_config`]'s choice.
+pub async fn run(settings: &Settings, list: bool, defaulted: bool) -> ExitCode {
+    let used = config_note(settings, defaulted);
     let loader = match Loader::new(settings.state_dir.as_deref()) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("wshd: cannot set up the handler loader: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("wshd: configuration test failed: {used}");
+            return ExitCode::from(exit::FAILURE);
         }
     };
     let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
@@ -28,9 +78,10 @@ pub async fn run(settings: &Settings, list: bool) -> ExitCode {
     let report = match registry.apply(settings, Mode::Startup).await {
         Ok(r) => r,
         Err(e) => {
+            // Fatal at startup too: the server would exit with the same status.
             eprintln!("wshd: {e}");
-            eprintln!("wshd: configuration test failed");
-            return ExitCode::FAILURE;
+            eprintln!("wshd: configuration test failed: {used}");
+            return ExitCode::from(exit::CONFIG);
         }
     };
     let table = registry.table();
@@ -71,16 +122,16 @@ pub async fn run(settings: &Settings, list: bool) -> ExitCode {
     registry.clear();
     if report.problems.is_empty() {
         println!(
-            "wshd: configuration test successful: {} route(s) from {}",
+            "wshd: configuration test successful: {} route(s) from {}, {used}",
             routes.len(),
             settings.handler_dir.display()
         );
-        ExitCode::SUCCESS
+        ExitCode::from(exit::OK)
     } else {
         eprintln!(
-            "wshd: configuration test failed: {} problem(s)",
+            "wshd: configuration test failed: {} problem(s), {used}",
             report.problems.len()
         );
-        ExitCode::FAILURE
+        ExitCode::from(exit::FAILURE)
     }
 }

@@ -6,9 +6,47 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+/// The exit statuses wshd ends with, one scheme for serving and for `-t`:
+/// 2 means "wshd would not start with this", so a supervisor can tell a
+/// broken deploy (do not restart in a loop) from a failure at run time.
+pub mod exit {
+    /// Served and shut down cleanly; `-t` / `--list` found no problem.
+    pub const OK: u8 = 0;
+    /// A failure while starting or running (cannot listen, cannot write the
+    /// pid file, ...), or `-t` / `--list` found handler files that would not
+    /// be served (unloadable, untrusted); the server would start without them.
+    pub const FAILURE: u8 = 1;
+    /// Usage or configuration error: a bad flag or value, an unreadable or
+    /// invalid config file, a route naming a handler that does not exist.
+    /// wshd would refuse to start; `-t` says so with the same status.
+    pub const CONFIG: u8 = 2;
+    /// Handler code called `exit()` (crash.rs; a fatal signal in handler
+    /// code ends the process by that signal instead).
+    pub const HANDLER: u8 = crate::crash::EXIT_HANDLER as u8;
+}
+
+/// The config file `-t` and `--list` read when given neither `--config` nor
+/// `-w`: the one the installed service runs with (scripts/install.sh).
+pub const DEFAULT_CONFIG: &str = "/etc/wshd/wshd.toml";
+
+/// Printed after the flags by `wshd --help`.
+const AFTER_HELP: &str = "\
+Without --config and -w, `wshd -t` and `wshd --list` check /etc/wshd/wshd.toml
+(the installed service's config; $WSHD_DEFAULT_CONFIG names another) when it
+exists, and say which file they read.
+
+Exit status:
+  0   served and shut down cleanly; -t / --list found no problem
+  1   failure at run time (e.g. cannot listen), or -t / --list found handler
+      files that would not be served (the server would start without them)
+  2   usage or configuration error: bad flag or value, unreadable or invalid
+      config file, a route naming a missing handler; wshd would not start
+  70  handler code called exit(); a fatal signal in handler code (SIGSEGV...)
+      ends wshd by that signal instead, after a line naming the handler";
+
 /// wshd: a WebSocket server for compiled handler modules, with hot reload.
 #[derive(Debug, Clone, Default, Parser)]
-#[command(name = "wshd", version, about, long_about = None)]
+#[command(name = "wshd", version, about, long_about = None, after_help = AFTER_HELP)]
 pub struct Args {
     /// Port to listen on (default 9998; 0 picks a free port).
     #[arg(short = 'p', long = "port", env = "WSHD_PORT")]

@@ -84,11 +84,14 @@ impl Settings {
     /// Combines flags and file; flags override the file.
     pub fn resolve(args: &Args, file: Option<&ConfigFile>) -> Result<Settings, ConfigError> {
         let base = file.map(ConfigFile::base_dir).unwrap_or_default();
+        // Configured paths are tidied (`config/../target/x` becomes
+        // `target/x`) so that logs, `--list` and error messages name files
+        // the way an operator would write them.
         let rel = |p: &Path| {
             if p.is_absolute() {
-                p.to_owned()
+                normalize(p)
             } else {
-                base.join(p)
+                normalize(&base.join(p))
             }
         };
         let raw = file.map(|f| &f.raw);
@@ -109,7 +112,7 @@ impl Settings {
         let listen = resolve_listen(&host, port)?;
 
         let handler_dir = match (&args.handlers, raw.and_then(|r| r.handler_dir.as_deref())) {
-            (Some(d), _) => d.clone(),
+            (Some(d), _) => normalize(d),
             (None, Some(d)) => rel(d),
             (None, None) => {
                 return Err(ConfigError::Other(
@@ -120,7 +123,8 @@ impl Settings {
         };
         let document_root = args
             .document_root
-            .clone()
+            .as_deref()
+            .map(normalize)
             .or_else(|| raw.and_then(|r| r.document_root.as_deref()).map(rel));
 
         if let Some(level) = &args.log_level {
@@ -203,11 +207,13 @@ impl Settings {
                 .unwrap_or_else(|| "info".into()),
             log_file: args
                 .log_file
-                .clone()
+                .as_deref()
+                .map(normalize)
                 .or_else(|| raw.and_then(|r| r.log_file.as_deref()).map(rel)),
             pid_file: args
                 .pid_file
-                .clone()
+                .as_deref()
+                .map(normalize)
                 .or_else(|| raw.and_then(|r| r.pid_file.as_deref()).map(rel)),
             state_dir: raw.and_then(|r| r.state_dir.as_deref()).map(rel),
             config_path: args.config.clone(),
@@ -216,6 +222,33 @@ impl Settings {
             pubsub: crate::config::PubSubLimits::from_raw(raw),
         })
     }
+}
+
+/// Removes `.` components and folds `dir/..` into nothing, without touching
+/// the file system's meaning of the path: a `..` after a component that is a
+/// symbolic link is kept, because there it leads to the parent of the link's
+/// target, not to the directory holding the link. A `..` that climbs above
+/// the start of a relative path is kept too. `/..` is `/`.
+pub fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) if !out.is_symlink() => {
+                    out.pop();
+                }
+                Some(Component::RootDir | Component::Prefix(_)) => {}
+                _ => out.push(".."),
+            },
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
 }
 
 fn resolve_listen(host: &str, port: u16) -> Result<SocketAddr, ConfigError> {
@@ -230,4 +263,54 @@ fn resolve_listen(host: &str, port: u16) -> Result<SocketAddr, ConfigError> {
                 "cannot resolve listen address `{host}` (port {port})"
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_folds_dot_and_dotdot_lexically() {
+        let n = |p: &str| normalize(Path::new(p)).display().to_string();
+        assert_eq!(n("config/../target/handlers"), "target/handlers");
+        assert_eq!(n("./config/./wshd.toml"), "config/wshd.toml");
+        assert_eq!(n("/etc/wshd/../wshd/x"), "/etc/wshd/x");
+        assert_eq!(n("/../x"), "/x");
+        assert_eq!(n("../x/../y"), "../y");
+        assert_eq!(n("../../x"), "../../x");
+        assert_eq!(n("a/.."), ".");
+        assert_eq!(n("/"), "/");
+    }
+
+    /// `link/..` is the parent of the link's target, so it must stay.
+    #[test]
+    fn normalize_keeps_dotdot_after_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real/inner");
+        std::fs::create_dir_all(&real).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let p = link.join("../x");
+        assert_eq!(normalize(&p), p);
+        // A plain directory folds.
+        assert_eq!(
+            normalize(&tmp.path().join("real/inner/../x")),
+            tmp.path().join("real/x")
+        );
+    }
+
+    #[test]
+    fn paths_from_the_config_file_are_normalized() {
+        let file = ConfigFile::parse(
+            Path::new("config/wshd.toml"),
+            "handler_dir = \"../target/handlers\"\ndocument_root = \"./../www\"\n\
+             pid_file = \"/run/wshd/./wshd.pid\"\n"
+                .into(),
+        )
+        .unwrap();
+        let s = Settings::resolve(&Args::default(), Some(&file)).unwrap();
+        assert_eq!(s.handler_dir, Path::new("target/handlers"));
+        assert_eq!(s.document_root.as_deref(), Some(Path::new("www")));
+        assert_eq!(s.pid_file.as_deref(), Some(Path::new("/run/wshd/wshd.pid")));
+    }
 }

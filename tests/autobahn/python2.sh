@@ -34,8 +34,14 @@ find_python2() {
 
 python2_missing() {
   cat >&2 <<'EOF2'
-error: Python 2.7 not found. The Autobahn|Testsuite (wstest) only runs on Python 2.7.
-  - with pyenv:  pyenv install 2.7.18, then re-run
-  - or point AUTOBAHN_PYTHON2 at a python2.7 interpreter
+error: Python 2.7 not found. The Autobahn|Testsuite (wstest) only runs on Python 2.7,
+which Debian 12 and Ubuntu 22.04 and later no longer package. Install it with pyenv:
+  apt-get install -y build-essential libssl-dev zlib1g-dev libbz2-dev libreadline-dev \
+      libsqlite3-dev libffi-dev liblzma-dev curl git
+  git clone https://github.com/pyenv/pyenv ~/.pyenv
+  ~/.pyenv/bin/pyenv install 2.7.18
+then re-run: ~/.pyenv/versions/2.7.18 is found without activating pyenv.
+Or point AUTOBAHN_PYTHON2 at any python2.7 interpreter. The suite itself and its
+Python 2.7 dependencies are then installed from PyPI on first use (tests/autobahn/install.sh).
 EOF2
 }

@@ -4,6 +4,7 @@
 mod common;
 mod faults;
 mod fuzz;
+mod install;
 mod lifecycle;
 mod reload;
 mod security_accept;
