@@ -91,6 +91,18 @@ pub struct RawConfig {
     /// warning at every load) instead of refusing them.
     #[serde(default)]
     pub allow_insecure_handler_dir: bool,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`); off unless
+    /// `listen` is set.
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+/// `[admin]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `host:port` of the admin listener (`--admin` overrides it).
+    pub listen: Option<Spanned<String>>,
 }
 
 /// `[limits]` and `[route.limits]`: every field optional so a route can
@@ -386,6 +398,14 @@ impl ConfigFile {
             return Err(self.error_at(
                 listen.span(),
                 format!("`{}` is not a socket address; write it as \"127.0.0.1:9998\" or \"[::1]:9998\"", listen.get_ref()),
+            ));
+        }
+        if let Some(listen) = &self.raw.admin.listen
+            && listen.get_ref().parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(self.error_at(
+                listen.span(),
+                format!("`{}` is not a socket address; write it as \"127.0.0.1:9999\" or \"[::1]:9999\"", listen.get_ref()),
             ));
         }
         if let Some(level) = &self.raw.log_level
