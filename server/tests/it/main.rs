@@ -5,6 +5,7 @@ mod common;
 mod faults;
 mod fuzz;
 mod lifecycle;
+mod metrics;
 mod reload;
 mod security_accept;
 mod security_config;
