@@ -132,7 +132,11 @@ async fn counters_move_with_real_traffic_and_labels_stay_bounded() {
     }
     ws.close(None).await.unwrap();
     let s = scrape_until(&admin, "the /echo close counted", |s| {
-        sum(s, "wshd_closes_total", &[("route", "/echo"), ("code", "1005")]) == 1.0
+        sum(
+            s,
+            "wshd_closes_total",
+            &[("route", "/echo"), ("code", "1005")],
+        ) == 1.0
     })
     .await;
     assert_eq!(sum(&s, "wshd_messages_received_total", &echo), 3.0);
@@ -158,7 +162,11 @@ async fn counters_move_with_real_traffic_and_labels_stay_bounded() {
     let kit = [("route", "/testkit")];
     scrape_until(&admin, "the panic counted", |s| {
         sum(s, "wshd_handler_panics_total", &kit) == 1.0
-            && sum(s, "wshd_closes_total", &[("route", "/testkit"), ("code", "1011")]) == 1.0
+            && sum(
+                s,
+                "wshd_closes_total",
+                &[("route", "/testkit"), ("code", "1011")],
+            ) == 1.0
     })
     .await;
 
@@ -172,7 +180,11 @@ async fn counters_move_with_real_traffic_and_labels_stay_bounded() {
     .await
     .unwrap();
     let s = scrape_until(&admin, "code 4999 counted as other", |s| {
-        sum(s, "wshd_closes_total", &[("route", "/echo"), ("code", "other")]) == 1.0
+        sum(
+            s,
+            "wshd_closes_total",
+            &[("route", "/echo"), ("code", "other")],
+        ) == 1.0
     })
     .await;
     assert!(!s.contains("4999"), "{s}");
@@ -214,7 +226,13 @@ async fn counters_move_with_real_traffic_and_labels_stay_bounded() {
         sum(s, "wshd_slow_consumer_closes_total", &chat) >= 1.0
     })
     .await;
-    assert!(sum(&s, "wshd_closes_total", &[("route", "/chat"), ("code", "1008")]) >= 1.0);
+    assert!(
+        sum(
+            &s,
+            "wshd_closes_total",
+            &[("route", "/chat"), ("code", "1008")]
+        ) >= 1.0
+    );
     sender.abort();
     reader.abort();
     let mut buf = vec![0u8; 1 << 16];
@@ -227,7 +245,11 @@ async fn counters_move_with_real_traffic_and_labels_stay_bounded() {
         sum(s, "wshd_reloads_total", &[]) >= 1.0
     })
     .await;
-    assert_eq!(sum(&s, "wshd_reloads_total", &[("result", "ok")]), 1.0, "{s}");
+    assert_eq!(
+        sum(&s, "wshd_reloads_total", &[("result", "ok")]),
+        1.0,
+        "{s}"
+    );
 
     // Every label value comes from the config, the loaded versions or the
     // fixed tables.
@@ -238,7 +260,10 @@ async fn counters_move_with_real_traffic_and_labels_stay_bounded() {
         );
     }
     for v in label_values(&s, "code") {
-        assert!(v == "other" || (1000..1016).contains(&v.parse::<u16>().unwrap()), "code {v:?}");
+        assert!(
+            v == "other" || (1000..1016).contains(&v.parse::<u16>().unwrap()),
+            "code {v:?}"
+        );
     }
     for v in label_values(&s, "status") {
         assert!(v == "other" || v.parse::<u16>().is_ok(), "status {v:?}");
@@ -248,7 +273,10 @@ async fn counters_move_with_real_traffic_and_labels_stay_bounded() {
         1.0,
         "{s}"
     );
-    assert!(sum(&s, "wshd_handshakes_total", &[("status", "404")]) >= 1.0, "{s}");
+    assert!(
+        sum(&s, "wshd_handshakes_total", &[("status", "404")]) >= 1.0,
+        "{s}"
+    );
     for v in label_values(&s, "generation") {
         assert!(v.parse::<u64>().is_ok(), "generation {v:?}");
     }
@@ -264,7 +292,10 @@ async fn admin_endpoints_are_not_on_the_public_port() {
     assert!(scrape(&admin).await.contains("wshd_connections_total"));
     for path in ["/metrics", "/healthz", "/readyz"] {
         let r = get(&srv.addr, path).await;
-        assert!(r.starts_with("HTTP/1.1 404"), "{path} on the public port: {r}");
+        assert!(
+            r.starts_with("HTTP/1.1 404"),
+            "{path} on the public port: {r}"
+        );
         assert!(!r.contains("wshd_"), "{r}");
     }
     // The admin port serves nothing else, WebSocket handlers included.
@@ -275,7 +306,10 @@ async fn admin_endpoints_are_not_on_the_public_port() {
 #[test]
 fn an_admin_address_equal_to_the_public_one_is_refused() {
     let dir = standard_dir();
-    for (listen, admin) in [("127.0.0.1", "127.0.0.1:19998"), ("0.0.0.0", "127.0.0.1:19998")] {
+    for (listen, admin) in [
+        ("127.0.0.1", "127.0.0.1:19998"),
+        ("0.0.0.0", "127.0.0.1:19998"),
+    ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_wshd"))
             .args(["-H", listen, "-p", "19998", "--admin", admin, "-t", "-w"])
             .arg(dir.path())
