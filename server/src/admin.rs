@@ -133,7 +133,7 @@ impl Drop for Admin {
 }
 
 /// Binds `addr` and serves the admin endpoints on the current runtime.
-/// Also turns on callback timing (metrics.rs).
+/// Also turns on the per-message metrics (metrics.rs).
 pub async fn start(
     addr: SocketAddr,
     health: Arc<Health>,
@@ -145,7 +145,7 @@ pub async fn start(
         )
     })?;
     let addr = listener.local_addr()?;
-    crate::metrics::enable_timing();
+    crate::metrics::enable();
     tracing::info!(%addr, "admin listener: /metrics, /healthz, /readyz");
     let task = tokio::spawn(accept_loop(listener, health, limits));
     Ok(Admin { addr, task })

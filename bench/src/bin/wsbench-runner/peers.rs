@@ -41,9 +41,9 @@ pub enum PeerKind {
     Raw4k1,
     /// Node's `ws` package.
     NodeWs,
-    /// `Wshd` with the admin listener on (`--admin`): counters are always
-    /// kept, but callback durations are measured only with it on, so this
-    /// row against `Wshd` is what metrics cost.
+    /// `Wshd` with the admin listener on (`--admin`): per-message counters
+    /// and callback durations are kept only with it on, so this row against
+    /// `Wshd` is what metrics cost.
     WshdAdmin,
     /// pywebsocket3 standalone with its example echo handler.
     Pywebsocket,
@@ -86,7 +86,7 @@ impl PeerKind {
             PeerKind::Raw4k1 => "raw tokio-tungstenite (4 KiB, 1 worker thread)",
             PeerKind::NodeWs => "Node ws",
             PeerKind::Pywebsocket => "pywebsocket3",
-            PeerKind::WshdAdmin => "wshd, admin listener on (`--admin`, metrics timed)",
+            PeerKind::WshdAdmin => "wshd, admin listener on (`--admin`: metrics kept)",
         }
     }
 
