@@ -111,4 +111,8 @@ pub struct Args {
     /// Load handler files even if they or their directories are writable by others or owned by another user (logs a warning at every load).
     #[arg(long = "allow-insecure-handler-dir")]
     pub allow_insecure_handler_dir: bool,
+
+    /// Serve /metrics, /healthz and /readyz on this address (e.g. 127.0.0.1:9999); never the public port. Off by default.
+    #[arg(long = "admin", value_name = "ADDR")]
+    pub admin: Option<std::net::SocketAddr>,
 }

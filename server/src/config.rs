@@ -97,6 +97,10 @@ pub struct RawConfig {
     /// Handler timer caps (ABI 1.2 `set_timer`).
     #[serde(default)]
     pub timers: RawTimers,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`); off unless
+    /// `listen` is set.
+    #[serde(default)]
+    pub admin: RawAdmin,
 }
 
 /// `[topics]`: caps on the host-owned subscriptions.
@@ -184,6 +188,14 @@ impl PubSubLimits {
         crate::topics::global().configure(self.topics_per_connection, self.max_topics);
         crate::timers::global().configure(self.timers_per_connection, self.timers_per_instance);
     }
+}
+
+/// `[admin]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `host:port` of the admin listener (`--admin` overrides it).
+    pub listen: Option<Spanned<String>>,
 }
 
 /// `[limits]` and `[route.limits]`: every field optional so a route can
@@ -479,6 +491,14 @@ impl ConfigFile {
             return Err(self.error_at(
                 listen.span(),
                 format!("`{}` is not a socket address; write it as \"127.0.0.1:9998\" or \"[::1]:9998\"", listen.get_ref()),
+            ));
+        }
+        if let Some(listen) = &self.raw.admin.listen
+            && listen.get_ref().parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(self.error_at(
+                listen.span(),
+                format!("`{}` is not a socket address; write it as \"127.0.0.1:9999\" or \"[::1]:9999\"", listen.get_ref()),
             ));
         }
         if let Some(level) = &self.raw.log_level

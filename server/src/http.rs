@@ -138,7 +138,23 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
 }
 
 /// Serves one request. Never fails: every problem is an HTTP response.
+/// A request with `Upgrade: websocket` is a handshake attempt, counted in
+/// `wshd_handshakes_total` by the status it gets.
 pub async fn handle(
+    server: Arc<Server>,
+    peer: SocketAddr,
+    slot: Arc<crate::server::Slot>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let attempt = has_token(req.headers(), header::UPGRADE, "websocket");
+    let response = respond(server, peer, slot, req).await;
+    if attempt && let Ok(r) = &response {
+        crate::metrics::handshake(r.status().as_u16());
+    }
+    response
+}
+
+async fn respond(
     server: Arc<Server>,
     peer: SocketAddr,
     slot: Arc<crate::server::Slot>,

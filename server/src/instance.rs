@@ -83,6 +83,8 @@ pub struct Instance {
     /// Window over which drained connections are closed, in milliseconds.
     drain_window_ms: AtomicU64,
     blocking: Option<Arc<Semaphore>>,
+    /// This route and generation's counters (metrics.rs).
+    pub metrics: Arc<crate::metrics::RouteMetrics>,
 }
 
 impl Instance {
@@ -121,6 +123,7 @@ impl Instance {
             host.ctx.revoke();
             return Err(InitError::NullInstance { handler });
         }
+        let metrics = crate::metrics::RouteMetrics::register(&route, lib.generation);
         Ok(Instance {
             id,
             blocking: lib
@@ -134,6 +137,7 @@ impl Instance {
             drain: CancellationToken::new(),
             live: AtomicUsize::new(0),
             drain_window_ms: AtomicU64::new(0),
+            metrics,
         })
     }
 
@@ -171,6 +175,7 @@ impl Instance {
                 n_offered: input.subprotocols.len(),
                 ..Default::default()
             };
+            let t = this.metrics.start();
             let rc = input.with_view(|req| {
                 // SAFETY: the request view and the builder outlive the call;
                 // the builder pointer is only used by the hs_* functions
@@ -183,6 +188,7 @@ impl Instance {
                     )
                 }
             });
+            this.metrics.finish(crate::metrics::Cb::Handshake, t, rc);
             if rc != WSHD_OK && b.reject.is_none() {
                 b.reject = Some((
                     500,
@@ -207,11 +213,13 @@ impl Instance {
         self.dispatch(move |this| {
             let _running = this.lib.enter(Callback::OnOpen);
             let mut state: *mut c_void = std::ptr::null_mut();
+            let t = this.metrics.start();
             // SAFETY: callback from a validated descriptor; `state` is a
             // valid out-pointer for the call.
             let rc = with_outbox(conn, &mut outbox, None, || unsafe {
                 cb(handler.get(), conn, &mut state)
             });
+            this.metrics.finish(crate::metrics::Cb::Open, t, rc);
             let r = if rc == WSHD_OK {
                 Ok(ConnState(state))
             } else {
@@ -242,9 +250,10 @@ impl Instance {
             text: kind == WSHD_MSG_TEXT,
         };
         let _running = self.lib.enter(Callback::OnMessage);
+        let t = self.metrics.start();
         // SAFETY: callback from a validated descriptor; `data` is borrowed
         // for the call and text payloads were UTF-8-validated by tungstenite.
-        with_outbox(conn, outbox, Some(inbound), || unsafe {
+        let rc = with_outbox(conn, outbox, Some(inbound), || unsafe {
             cb(
                 self.handler.get(),
                 state.get(),
@@ -253,7 +262,9 @@ impl Instance {
                 data.as_ptr(),
                 data.len(),
             )
-        })
+        });
+        self.metrics.finish(crate::metrics::Cb::Message, t, rc);
+        rc
     }
 
     /// `on_message`, on whichever thread the handler's flags require.
@@ -323,6 +334,7 @@ impl Instance {
                 span,
                 ..Default::default()
             };
+            let t = this.metrics.start();
             // SAFETY: callback from a validated descriptor; the handler takes
             // back ownership of `state`; the reason is borrowed for the call.
             with_outbox(conn, &mut gone, None, || unsafe {
@@ -333,7 +345,9 @@ impl Instance {
                     code,
                     wshd_str::from_str(&reason),
                 )
-            })
+            });
+            // on_close returns no status: only its duration is recorded.
+            this.metrics.finish(crate::metrics::Cb::Close, t, WSHD_OK);
         })
         .await
     }

@@ -39,11 +39,14 @@
 //! * [`reload`]: notify watcher, debounce, retries, supervision, SIGHUP.
 //! * [`logging`]: tracing setup and log reopening; [`logsafe`]: escaping
 //!   client-controlled values before they are logged.
+//! * [`metrics`]: Prometheus counters (atomic, sharded per thread);
+//!   [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //!
 //! `unsafe` lives only in `loader`, `instance`, `host_api`, `handshake`,
 //! `crash` (signal handlers, `atexit`), `trust` (`geteuid`, `getpwuid_r`)
 //! and `server::fdlimit`.
 
+pub mod admin;
 pub mod budget;
 pub mod check;
 pub mod cli;
@@ -58,6 +61,7 @@ pub mod instance;
 pub mod loader;
 pub mod logging;
 pub mod logsafe;
+pub mod metrics;
 pub mod registry;
 pub mod reload;
 pub mod routing;

@@ -264,6 +264,7 @@ impl Registry {
                     _ => match self.init(lib.clone(), path.clone(), config_text).await {
                         Ok(i) => Some(i),
                         Err(e) => {
+                            crate::metrics::handler_load_error();
                             let keep = old.filter(|_| mode != Mode::Startup);
                             report.problems.push(match &keep {
                                 Some(o) => format!("{e}; {} keeps serving {path}", o.describe()),
@@ -353,6 +354,7 @@ impl Registry {
         let mut insecure = Vec::new();
         if let Err(e) = dirs.check_dirs_of(path) {
             if !allow_insecure {
+                crate::metrics::handler_load_error();
                 return Err(format!("refused {}: {e}", path.display()));
             }
             insecure.push(e);
@@ -376,6 +378,7 @@ impl Registry {
         };
         if let Err(e) = file_trust {
             if !allow_insecure {
+                crate::metrics::handler_load_error();
                 return Err(format!("refused {}: {e}", path.display()));
             }
             insecure.push(e);
@@ -428,6 +431,7 @@ impl Registry {
                 if !e.is_transient() {
                     self.failed.insert(path.to_owned(), hash);
                 }
+                crate::metrics::handler_load_error();
                 Err(format!("refused {}: {e}", path.display()))
             }
         }

@@ -304,6 +304,7 @@ pub async fn run(
                 });
             }
             Err(msg) => {
+                crate::metrics::reload(crate::metrics::Reload::Failed);
                 // What the step was asked to do is retried: the triggers it
                 // merged are gone, and a change may be waiting in them.
                 let backoff = retry
@@ -336,6 +337,7 @@ impl Reloader {
                 Ok(new) => (new, Mode::Config),
                 Err(e) => {
                     tracing::error!("config reload failed, keeping the running configuration: {e}");
+                    crate::metrics::reload(crate::metrics::Reload::Failed);
                     return Outcome::Done;
                 }
             }
@@ -353,6 +355,11 @@ impl Reloader {
         let mut transient_problem = None;
         match self.registry.apply(&candidate, mode).await {
             Ok(report) => {
+                crate::metrics::reload(if report.problems.is_empty() {
+                    crate::metrics::Reload::Ok
+                } else {
+                    crate::metrics::Reload::Partial
+                });
                 for p in &report.problems {
                     tracing::error!("reload: {p}");
                     if transient_problem.is_none() && transient(p) {
@@ -378,6 +385,7 @@ impl Reloader {
                 self.settings = candidate;
             }
             Err(e) => {
+                crate::metrics::reload(crate::metrics::Reload::Failed);
                 let e = e.to_string();
                 if mode == Mode::Config {
                     tracing::error!("config reload failed, keeping the running configuration: {e}")
@@ -431,6 +439,7 @@ pub fn keep_restart_only(running: &Settings, new: &mut Settings) -> Vec<String> 
     keep!("log_level", log_level);
     keep!("pid_file", pid_file);
     keep!("shutdown.timeout", shutdown_timeout);
+    keep!("admin.listen", admin);
     warnings
 }
 

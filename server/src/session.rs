@@ -53,6 +53,8 @@ struct Stats {
     msgs_out: u64,
     bytes_in: u64,
     bytes_out: u64,
+    /// The route's Prometheus counters, kept beside the access line's.
+    metrics: Option<Arc<crate::metrics::RouteMetrics>>,
 }
 
 /// Who started the close, for the access line.
@@ -134,6 +136,7 @@ pub async fn open(
         shared.signal(ConnShared::RETIRED);
     }
     inst.live.fetch_add(1, Ordering::Relaxed);
+    inst.metrics.opened();
     tracing::info!(parent: &span, subprotocol = %crate::logsafe::esc(protocol.unwrap_or("")), "open");
     let outbox = Outbox {
         msgs: Vec::new(),
@@ -185,6 +188,7 @@ impl Opening {
                 .await;
         }
         inst.live.fetch_sub(1, Ordering::Relaxed);
+        inst.metrics.closed(1006);
         tracing::info!(parent: &span, close_code = 1006, "close before the upgrade completed");
     }
 }
@@ -209,7 +213,10 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
         let inst = route.instance.clone();
         let limits = &route.limits;
         let wt = limits.write_timeout;
-        let mut stats = Stats::default();
+        let mut stats = Stats {
+            metrics: Some(inst.metrics.clone()),
+            ..Stats::default()
+        };
         let mut state: Option<ConnState> = None;
         // Set once we have sent a close frame; we then only wait for the reply.
         let mut closing = false;
@@ -323,6 +330,7 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                     Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
                         stats.msgs_in += 1;
                         stats.bytes_in += msg.len() as u64;
+                        inst.metrics.message_in(msg.len());
                         if !open {
                             continue; // RFC 6455 §1.4: data after our close is discarded
                         }
@@ -560,6 +568,15 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                 .await;
         }
         inst.live.fetch_sub(1, Ordering::Relaxed);
+        inst.metrics.closed(close.code);
+        // Both slow-consumer paths (this session's outbox, a sender's queue
+        // in host_api.rs) close with exactly this code and reason.
+        if close.code == 1008
+            && close.reason == "slow consumer"
+            && matches!(close.by, Closer::Server)
+        {
+            inst.metrics.slow_consumer();
+        }
         // Dropping `ws` closes the socket; tungstenite already sent or answered
         // the close frame.
         drop(ws);
@@ -826,6 +843,9 @@ async fn write_one(
     } else {
         stats.msgs_out += 1;
         stats.bytes_out += m.len() as u64;
+        if let Some(metrics) = &stats.metrics {
+            metrics.message_out(m.len());
+        }
     }
     timed_or_close(limit, ws.feed(m), stop).await
 }

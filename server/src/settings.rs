@@ -35,6 +35,9 @@ pub struct Settings {
     pub allow_insecure_handler_dir: bool,
     /// `[topics]` and `[timers]` caps.
     pub pubsub: crate::config::PubSubLimits,
+    /// The admin listener's address (`--admin`, `[admin] listen`); `None`:
+    /// no admin listener.
+    pub admin: Option<SocketAddr>,
 }
 
 /// One `[[route]]`, resolved.
@@ -182,6 +185,20 @@ impl Settings {
             }
         }
 
+        let admin = args.admin.or_else(|| {
+            raw.and_then(|r| r.admin.listen.as_ref())
+                .map(|l| l.get_ref().parse().expect("checked when parsing"))
+        });
+        if let Some(a) = admin
+            && crate::admin::clashes(a, listen)
+        {
+            return Err(ConfigError::Other(format!(
+                "the admin listener ({a}) would share the public listen address ({listen}); \
+                 /metrics must never be served on the public port: give [admin] listen or \
+                 --admin another port, e.g. 127.0.0.1:9999"
+            )));
+        }
+
         Ok(Settings {
             listen,
             handler_dir,
@@ -220,6 +237,7 @@ impl Settings {
             allow_insecure_handler_dir: args.allow_insecure_handler_dir
                 || raw.is_some_and(|r| r.allow_insecure_handler_dir),
             pubsub: crate::config::PubSubLimits::from_raw(raw),
+            admin,
         })
     }
 }

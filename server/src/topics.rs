@@ -286,6 +286,7 @@ impl Topics {
         exclude: wshd_conn_id,
         mut deliver: impl FnMut(&Subscriber, Message) -> i32,
     ) -> usize {
+        crate::metrics::publish();
         let Some(topic) = self.map.get(name).map(|t| t.value().clone()) else {
             return 0;
         };

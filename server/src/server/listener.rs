@@ -182,6 +182,7 @@ fn refuse(adm: &Admission, mut stream: TcpStream, peer: SocketAddr, why: Refusal
         Refusal::Full => (&adm.logs[2], "503: max_connections reached"),
     };
     log.hit(|n| tracing::warn!(%peer, suppressed = n, "RATE-LIMITED: {what}"));
+    crate::metrics::handshake(if why == Refusal::Rate { 429 } else { 503 });
     tokio::spawn(async move {
         let _permit = permit;
         let _ = tokio::time::timeout(REJECT_TIMEOUT, async {

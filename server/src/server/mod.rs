@@ -118,6 +118,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(SocketAddr) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    // The admin listener first, so /readyz says 503 while handlers load
+    // and a taken admin port fails before any handler's init runs.
+    let health = Arc::new(crate::admin::Health::default());
+    let _admin = match settings.admin {
+        Some(a) => {
+            let limits = crate::admin::AdminLimits {
+                write_timeout: settings.limits.write_timeout,
+                ..Default::default()
+            };
+            Some(crate::admin::start(a, health.clone(), limits).await?)
+        }
+        None => None,
+    };
     // Sealed memfds, or a fresh private directory (removed when the loader
     // is dropped) where memfds are refused: see loader.rs.
     let loader = Loader::new(settings.state_dir.as_deref())
@@ -152,6 +165,7 @@ pub async fn run(
     });
     let workers = Workers::start(settings.workers)
         .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))?;
+    health.set_workers(workers.handle().clone());
     let routes = registry.table().primary_routes().len();
     tracing::info!(%addr, routes, workers = workers.threads(), handler_dir = %settings.handler_dir.display(), "listening");
     if is_root() {
@@ -176,8 +190,10 @@ pub async fn run(
     ));
     let accept = listener::listen(listener, &server, &workers, &settings.limits)?;
     ready(addr)?;
+    health.set_ready();
 
     shutdown.await;
+    health.set_stopping();
 
     // Graceful shutdown: stop accepting, close every connection with 1001
     // (their on_close still runs), wait up to the deadline.

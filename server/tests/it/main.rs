@@ -6,6 +6,7 @@ mod faults;
 mod fuzz;
 mod install;
 mod lifecycle;
+mod metrics;
 mod reload;
 mod security_accept;
 mod security_config;

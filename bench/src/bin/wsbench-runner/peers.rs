@@ -41,13 +41,17 @@ pub enum PeerKind {
     Raw4k1,
     /// Node's `ws` package.
     NodeWs,
+    /// `Wshd` with the admin listener on (`--admin`): per-message counters
+    /// and callback durations are kept only with it on, so this row against
+    /// `Wshd` is what metrics cost.
+    WshdAdmin,
     /// pywebsocket3 standalone with its example echo handler.
     Pywebsocket,
 }
 
 impl PeerKind {
     /// Every peer, in table order.
-    pub const ALL: [PeerKind; 7] = [
+    pub const ALL: [PeerKind; 8] = [
         PeerKind::Wshd,
         PeerKind::Wshd1,
         PeerKind::Raw,
@@ -55,6 +59,7 @@ impl PeerKind {
         PeerKind::Raw4k1,
         PeerKind::NodeWs,
         PeerKind::Pywebsocket,
+        PeerKind::WshdAdmin,
     ];
 
     /// The short name used on the command line and in results.
@@ -67,6 +72,7 @@ impl PeerKind {
             PeerKind::Raw4k1 => "raw4k1",
             PeerKind::NodeWs => "ws",
             PeerKind::Pywebsocket => "pyws",
+            PeerKind::WshdAdmin => "wshdm",
         }
     }
 
@@ -80,6 +86,7 @@ impl PeerKind {
             PeerKind::Raw4k1 => "raw tokio-tungstenite (4 KiB, 1 worker thread)",
             PeerKind::NodeWs => "Node ws",
             PeerKind::Pywebsocket => "pywebsocket3",
+            PeerKind::WshdAdmin => "wshd, admin listener on (`--admin`: metrics kept)",
         }
     }
 
@@ -100,7 +107,7 @@ impl PeerKind {
 
     /// True for the wshd peers.
     pub fn is_wshd(self) -> bool {
-        matches!(self, PeerKind::Wshd | PeerKind::Wshd1)
+        matches!(self, PeerKind::Wshd | PeerKind::Wshd1 | PeerKind::WshdAdmin)
     }
 
     /// The chat route, when the peer has one.
@@ -336,7 +343,7 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
                 version: String::new(),
             })
         }
-        PeerKind::Wshd | PeerKind::Wshd1 => {
+        PeerKind::Wshd | PeerKind::Wshd1 | PeerKind::WshdAdmin => {
             let program = release.join("wshd");
             // Each peer its own copies: never overwrite a loaded library.
             let handlers = layout.run_dir.join(format!("{}-handlers", kind.key()));
@@ -369,6 +376,9 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
             ]);
             if kind == PeerKind::Wshd1 {
                 args.extend(["--workers".to_owned(), "1".to_owned()]);
+            }
+            if kind == PeerKind::WshdAdmin {
+                args.extend(["--admin".to_owned(), "127.0.0.1:0".to_owned()]);
             }
             Ok(Launch {
                 kind,
