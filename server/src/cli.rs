@@ -73,4 +73,12 @@ pub struct Args {
     /// Load handler files even if they or their directories are writable by others or owned by another user (logs a warning at every load).
     #[arg(long = "allow-insecure-handler-dir")]
     pub allow_insecure_handler_dir: bool,
+
+    /// PEM certificate chain: the listener speaks TLS (wss://, https://); needs --tls-key.
+    #[arg(long = "tls-cert", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key matching --tls-cert.
+    #[arg(long = "tls-key", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }

@@ -64,6 +64,7 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod static_files;
+pub mod tls;
 pub mod trust;
 pub mod workers;
 pub mod write_deadline;
