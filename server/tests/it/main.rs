@@ -13,3 +13,4 @@ mod security_load;
 mod security_send;
 mod security_session;
 mod serving;
+mod tls;
