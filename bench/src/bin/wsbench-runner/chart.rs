@@ -25,6 +25,8 @@ fn colour(peer: PeerKind) -> RGBColor {
         PeerKind::Raw4k1 => RGBColor(0x8c, 0x56, 0x4b),
         PeerKind::NodeWs => RGBColor(0x2c, 0xa0, 0x2c),
         PeerKind::Pywebsocket => RGBColor(0x1f, 0x77, 0xb4),
+        PeerKind::WshdTls => RGBColor(0x94, 0x67, 0xbd),
+        PeerKind::Raw4kTls => RGBColor(0xc5, 0xb0, 0xd5),
     }
 }
 

@@ -43,11 +43,17 @@ pub enum PeerKind {
     NodeWs,
     /// pywebsocket3 standalone with its example echo handler.
     Pywebsocket,
+    /// wshd serving wss:// (rustls, ring) with a test certificate; measured
+    /// on the echo and handshake workloads that say `tls`.
+    WshdTls,
+    /// raw-echo with a 4 KiB buffer over the same rustls configuration: the
+    /// reference for `WshdTls`.
+    Raw4kTls,
 }
 
 impl PeerKind {
     /// Every peer, in table order.
-    pub const ALL: [PeerKind; 7] = [
+    pub const ALL: [PeerKind; 9] = [
         PeerKind::Wshd,
         PeerKind::Wshd1,
         PeerKind::Raw,
@@ -55,6 +61,8 @@ impl PeerKind {
         PeerKind::Raw4k1,
         PeerKind::NodeWs,
         PeerKind::Pywebsocket,
+        PeerKind::WshdTls,
+        PeerKind::Raw4kTls,
     ];
 
     /// The short name used on the command line and in results.
@@ -67,6 +75,8 @@ impl PeerKind {
             PeerKind::Raw4k1 => "raw4k1",
             PeerKind::NodeWs => "ws",
             PeerKind::Pywebsocket => "pyws",
+            PeerKind::WshdTls => "wshd-tls",
+            PeerKind::Raw4kTls => "raw4k-tls",
         }
     }
 
@@ -80,6 +90,8 @@ impl PeerKind {
             PeerKind::Raw4k1 => "raw tokio-tungstenite (4 KiB, 1 worker thread)",
             PeerKind::NodeWs => "Node ws",
             PeerKind::Pywebsocket => "pywebsocket3",
+            PeerKind::WshdTls => "wshd over TLS (wss://, rustls + ring)",
+            PeerKind::Raw4kTls => "raw tokio-tungstenite over TLS (4 KiB, same rustls config)",
         }
     }
 
@@ -94,13 +106,22 @@ impl PeerKind {
     pub fn floor(self) -> PeerKind {
         match self {
             PeerKind::Wshd1 | PeerKind::Raw4k1 => PeerKind::Raw4k1,
+            // Over TLS the floor is raw over the same TLS: the ratio is
+            // wshd's cost, not rustls'.
+            PeerKind::WshdTls | PeerKind::Raw4kTls => PeerKind::Raw4kTls,
             _ => PeerKind::Raw4k,
         }
     }
 
     /// True for the wshd peers.
     pub fn is_wshd(self) -> bool {
-        matches!(self, PeerKind::Wshd | PeerKind::Wshd1)
+        matches!(self, PeerKind::Wshd | PeerKind::Wshd1 | PeerKind::WshdTls)
+    }
+
+    /// True for the peers that serve wss:// (and take only the workloads
+    /// marked `tls`).
+    pub fn is_tls(self) -> bool {
+        matches!(self, PeerKind::WshdTls | PeerKind::Raw4kTls)
     }
 
     /// The chat route, when the peer has one.
@@ -132,6 +153,21 @@ impl Layout {
     /// Where peer installs (venv, sdist) are cached between runs.
     pub fn peer_cache(&self) -> PathBuf {
         self.target_dir.join("bench-peers")
+    }
+
+    /// The test certificate the TLS peers serve and wsbench trusts (made
+    /// by [`Layout::tls_files`]).
+    pub fn tls_cert(&self) -> PathBuf {
+        self.run_dir.join("tls-cert.pem")
+    }
+
+    /// Makes the test certificate and key once per run; returns their paths.
+    pub fn tls_files(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let (cert, key) = (self.tls_cert(), self.run_dir.join("tls-key.pem"));
+        if !cert.exists() || !key.exists() {
+            bench::tls::make_cert(&cert, &key).context("making the test certificate")?;
+        }
+        Ok((cert, key))
     }
 }
 
@@ -179,9 +215,10 @@ impl RunningPeer {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// `ws://ADDR/PATH`.
+    /// `ws://ADDR/PATH`, or `wss://` for a TLS peer.
     pub fn url(&self, path: &str) -> String {
-        format!("ws://{}{path}", self.addr)
+        let scheme = if self.kind.is_tls() { "wss" } else { "ws" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 }
 
@@ -315,7 +352,7 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
         args
     };
     match kind {
-        PeerKind::Raw | PeerKind::Raw4k | PeerKind::Raw4k1 => {
+        PeerKind::Raw | PeerKind::Raw4k | PeerKind::Raw4k1 | PeerKind::Raw4kTls => {
             let program = release.join("raw-echo");
             if !program.exists() {
                 bail!("{} is missing; build the bench crate", program.display());
@@ -327,6 +364,15 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
             if kind == PeerKind::Raw4k1 {
                 args.extend(["--threads".to_owned(), "1".to_owned()]);
             }
+            if kind.is_tls() {
+                let (cert, key) = layout.tls_files()?;
+                args.extend([
+                    "--tls-cert".to_owned(),
+                    cert.display().to_string(),
+                    "--tls-key".to_owned(),
+                    key.display().to_string(),
+                ]);
+            }
             Ok(Launch {
                 kind,
                 program,
@@ -336,7 +382,7 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
                 version: String::new(),
             })
         }
-        PeerKind::Wshd | PeerKind::Wshd1 => {
+        PeerKind::Wshd | PeerKind::Wshd1 | PeerKind::WshdTls => {
             let program = release.join("wshd");
             // Each peer its own copies: never overwrite a loaded library.
             let handlers = layout.run_dir.join(format!("{}-handlers", kind.key()));
@@ -369,6 +415,15 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
             ]);
             if kind == PeerKind::Wshd1 {
                 args.extend(["--workers".to_owned(), "1".to_owned()]);
+            }
+            if kind.is_tls() {
+                let (cert, key) = layout.tls_files()?;
+                args.extend([
+                    "--tls-cert".to_owned(),
+                    cert.display().to_string(),
+                    "--tls-key".to_owned(),
+                    key.display().to_string(),
+                ]);
             }
             Ok(Launch {
                 kind,
