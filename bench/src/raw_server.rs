@@ -191,7 +191,10 @@ where
 }
 
 /// Queues the echo of one data message.
-async fn feed_echo<S>(ws: &mut WebSocketStream<S>, message: Message) -> Result<(), tungstenite::Error>
+async fn feed_echo<S>(
+    ws: &mut WebSocketStream<S>,
+    message: Message,
+) -> Result<(), tungstenite::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

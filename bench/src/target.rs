@@ -95,7 +95,10 @@ impl Target {
     pub fn with_ca(mut self, ca: Option<&std::path::Path>) -> anyhow::Result<Target> {
         match (self.secure, ca) {
             (true, Some(ca)) => self.tls = Some(crate::tls::client_config(ca)?),
-            (true, None) => bail!("{}: a wss:// target needs --ca FILE (the server's CA, PEM)", self.url),
+            (true, None) => bail!(
+                "{}: a wss:// target needs --ca FILE (the server's CA, PEM)",
+                self.url
+            ),
             (false, Some(_)) => bail!("{}: --ca is for wss:// targets", self.url),
             (false, None) => {}
         }

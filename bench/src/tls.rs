@@ -40,7 +40,9 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig
 /// A client that trusts the certificates in `ca` (PEM).
 pub fn client_config(ca: &Path) -> anyhow::Result<Arc<ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))? {
+    for cert in
+        CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))?
+    {
         roots.add(cert.with_context(|| format!("parsing {}", ca.display()))?)?;
     }
     let mut config = ClientConfig::builder_with_provider(provider())

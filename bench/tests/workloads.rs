@@ -27,7 +27,11 @@ async fn raw_server() -> String {
 /// The raw server over TLS with a certificate made now; returns its address
 /// and the PEM file a client must trust.
 async fn raw_tls_server() -> (String, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("bench-tls-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let dir = std::env::temp_dir().join(format!(
+        "bench-tls-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     bench::tls::make_cert(&cert, &key).unwrap();

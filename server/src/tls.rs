@@ -114,7 +114,8 @@ impl TlsSettings {
             })),
             (None, None) if raw.is_none() => Ok(None),
             (None, None) => Err(ConfigError::Other(
-                "[tls] needs cert and key (PEM files); set both, or remove the [tls] section".into(),
+                "[tls] needs cert and key (PEM files); set both, or remove the [tls] section"
+                    .into(),
             )),
             (Some(_), None) => Err(ConfigError::Other(
                 "a TLS certificate is set but no key: set [tls] key (or --tls-key)".into(),
@@ -194,7 +195,10 @@ pub fn load(s: &TlsSettings) -> Result<Loaded, String> {
             let mut roots = rustls::RootCertStore::empty();
             for c in certs("client CA", ca, &ca_pem)? {
                 roots.add(c).map_err(|e| {
-                    format!("the TLS client CA {} is not a usable CA certificate: {e}", ca.display())
+                    format!(
+                        "the TLS client CA {} is not a usable CA certificate: {e}",
+                        ca.display()
+                    )
                 })?;
             }
             let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -212,21 +216,18 @@ pub fn load(s: &TlsSettings) -> Result<Loaded, String> {
         }
         _ => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
-        let why = match e {
-            rustls::Error::InconsistentKeys(_) => format!(
-                "the key {} does not belong to the certificate {}; install the key the \
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => format!(
+            "the key {} does not belong to the certificate {}; install the key the \
                  certificate was issued for",
-                s.key.display(),
-                s.cert.display()
-            ),
-            e => format!(
-                "the TLS key {} cannot be used with {}: {e}",
-                s.key.display(),
-                s.cert.display()
-            ),
-        };
-        why
+            s.key.display(),
+            s.cert.display()
+        ),
+        e => format!(
+            "the TLS key {} cannot be used with {}: {e}",
+            s.key.display(),
+            s.cert.display()
+        ),
     })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let digest: [u8; 32] = digest.finalize().into();
@@ -626,9 +627,10 @@ mod tests {
         p.subject_alt_names.push(rcgen::SanType::URI(
             "spiffe://example/alice".try_into().unwrap(),
         ));
-        p.subject_alt_names.push(rcgen::SanType::IpAddress(
-            std::net::IpAddr::from([10, 0, 0, 1]),
-        ));
+        p.subject_alt_names
+            .push(rcgen::SanType::IpAddress(std::net::IpAddr::from([
+                10, 0, 0, 1,
+            ])));
         let k = rcgen::KeyPair::generate().unwrap();
         let cert = p.self_signed(&k).unwrap();
         let c = ClientCert::parse(cert.der()).unwrap();
@@ -653,6 +655,9 @@ mod tests {
         };
         let out = client_headers(&h, Some(&c));
         let subjects: Vec<_> = out.iter().filter(|(n, _)| n == SUBJECT_HEADER).collect();
-        assert_eq!(subjects, vec![&(SUBJECT_HEADER.to_owned(), b"CN=alice".to_vec())]);
+        assert_eq!(
+            subjects,
+            vec![&(SUBJECT_HEADER.to_owned(), b"CN=alice".to_vec())]
+        );
     }
 }

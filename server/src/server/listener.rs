@@ -24,8 +24,8 @@ use tokio::sync::Semaphore;
 use super::per_ip::{PerIp, RateLog, Verdict};
 use super::{Server, Slot};
 use crate::config::Limits;
-use crate::ws::Stream;
 use crate::workers::Workers;
+use crate::ws::Stream;
 
 /// How long a refused client gets to take its 429/503 and hang up.
 const REJECT_TIMEOUT: Duration = Duration::from_secs(2);

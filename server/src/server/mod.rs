@@ -146,10 +146,9 @@ pub async fn run_on(
     // The certificate first: a broken pair fails in milliseconds, before
     // any handler's init runs.
     let tls = match (&settings.tls, listeners.iter().any(|l| l.1)) {
-        (Some(t), true) => Some(
-            crate::tls::Tls::new(t.clone())
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-        ),
+        (Some(t), true) => {
+            Some(crate::tls::Tls::new(t.clone()).map_err(|e| anyhow::anyhow!("{e}"))?)
+        }
         (None, true) => anyhow::bail!(
             "a listener speaks TLS but no certificate is configured: set [tls] cert and key"
         ),
@@ -224,7 +223,9 @@ pub async fn run_on(
         Some(t) if settings.reload.watch => match t.watch(settings.reload.debounce) {
             Ok(w) => Some(w),
             Err(e) => {
-                tracing::warn!("cannot watch the TLS certificate files: {e}; send SIGHUP after renewing them");
+                tracing::warn!(
+                    "cannot watch the TLS certificate files: {e}; send SIGHUP after renewing them"
+                );
                 None
             }
         },

@@ -64,8 +64,8 @@ impl Pki {
 
     /// A server certificate for localhost and 127.0.0.1.
     fn server(&self) -> Leaf {
-        let p = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .unwrap();
+        let p =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
         self.sign(p)
     }
 
@@ -112,12 +112,11 @@ impl Pki {
     fn client_config(&self, cert: Option<&Leaf>) -> Arc<ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.der().clone()).unwrap();
-        let b = ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
+        let b =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots);
         let mut c = match cert {
             Some(l) => b
                 .with_client_auth_cert(
@@ -151,8 +150,10 @@ async fn wss(
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = format!("wss://{addr}{path}").into_client_request().unwrap();
     for (n, v) in extra {
-        req.headers_mut()
-            .insert(http::HeaderName::from_bytes(n.as_bytes()).unwrap(), v.parse().unwrap());
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
     }
     let r = tokio::time::timeout(
         Duration::from_secs(20),
@@ -323,16 +324,14 @@ async fn mtls_required_refuses_without_a_good_cert_and_shows_the_subject() {
     // No certificate: refused (TLS 1.3 reports it at the first read).
     let e = wss(&s.addr, "/echo", pki.client_config(None), &[])
         .await
-        .err()
-        .expect("a client without a certificate must be refused");
+        .expect_err("a client without a certificate must be refused");
     assert!(!e.is_empty());
     // A certificate from another CA: refused.
     let other = Pki::new("other CA");
     let stranger = other.client("mallory");
     let e = wss(&s.addr, "/echo", pki.client_config(Some(&stranger)), &[])
         .await
-        .err()
-        .expect("a certificate from an unknown CA must be refused");
+        .expect_err("a certificate from an unknown CA must be refused");
     assert!(!e.is_empty());
 
     // A good one: served, and the handler sees who it is, not what the
@@ -362,9 +361,14 @@ async fn mtls_optional_serves_clients_without_a_cert() {
     let dir = standard_dir();
     let s = Wshd::with_config(dir.path(), &mtls_config(&pki, "optional"), &[]);
 
-    let (mut ws, h) = wss(&s.addr, "/testkit?client_cert", pki.client_config(None), &[])
-        .await
-        .unwrap();
+    let (mut ws, h) = wss(
+        &s.addr,
+        "/testkit?client_cert",
+        pki.client_config(None),
+        &[],
+    )
+    .await
+    .unwrap();
     assert_eq!(header(&h, "x-seen-subject"), "(none)");
     assert_eq!(wss_echo(&mut ws, "anon").await, "anon");
     let bob = pki.client("bob");
@@ -495,7 +499,10 @@ async fn per_ip_caps_answer_before_any_tls_handshake() {
 
 /// Runs wshd with `--config` only (no -H/-p: the config's listen list is
 /// the truth) and returns it with every listener's address.
-fn start_listen_list(dir: &Path, toml: &str) -> (std::process::Child, Vec<String>, tempfile::TempDir) {
+fn start_listen_list(
+    dir: &Path,
+    toml: &str,
+) -> (std::process::Child, Vec<String>, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = write_config(tmp.path(), toml);
     let addr_file = tmp.path().join("addr");
@@ -576,7 +583,8 @@ fn check_config_checks_the_pair() {
             .unwrap()
     };
     let out = run(&pki.flags());
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("TLS certificate"), "{text}");
 
@@ -588,6 +596,8 @@ fn check_config_checks_the_pair() {
 
     // At startup, a broken pair stops the server before it serves.
     let r = Wshd::try_start(dir.path(), &flag_refs(&pki.flags()));
-    let log = r.err().expect("wshd must refuse to start with a mismatched key");
+    let log = r
+        .err()
+        .expect("wshd must refuse to start with a mismatched key");
     assert!(log.contains("does not belong to the certificate"), "{log}");
 }
