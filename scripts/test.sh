@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test suite against real builds: Rust unit and integration tests,
 # the Python `websockets` and Node `ws` client suites, the Chromium browser
-# suite, the Autobahn|Testsuite (cases 1-10) and a benchmark smoke run.
+# suite, the Autobahn|Testsuite (cases 1-10, over ws:// and over wss://) and a
+# benchmark smoke run.
 # Each suite installs its own dependencies (pip venv, npm ci) on first use;
 # Debian's chromium and pyenv's Python 2.7 must be present (.ci/run installs
 # chromium). Any failure fails the whole run.
@@ -29,6 +30,9 @@ tests/browser/run.sh
 
 step "Autobahn|Testsuite fuzzingclient, cases 1-10"
 tests/autobahn/run.sh
+
+step "Autobahn|Testsuite fuzzingclient over wss:// (TLS), cases 1-10"
+AUTOBAHN_TLS=1 tests/autobahn/run.sh
 
 step "benchmark smoke run"
 bench/smoke.sh

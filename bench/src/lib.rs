@@ -13,6 +13,8 @@
 //!   `fanout`), each a bounded async function returning a [`Record`].
 //! - [`raw_server`]: the raw tokio-tungstenite echo and chat server, our floor.
 //! - [`limits`]: raises the open-file limit so thousands of sockets fit.
+//! - [`tls`]: the rustls configuration of the wss rows (the same as
+//!   wshd's), the client stream, the runner's test certificate.
 //!
 //! Start reading at `src/bin/wsbench.rs`, which maps the CLI onto the
 //! workloads; the runner lives in `src/bin/wsbench-runner/`.
@@ -23,6 +25,7 @@ pub mod probe;
 pub mod raw_server;
 pub mod record;
 pub mod target;
+pub mod tls;
 pub mod workload;
 
 pub use record::Record;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio_tungstenite::WebSocketStream;
@@ -26,10 +27,13 @@ use tokio_tungstenite::tungstenite::{self, Message};
 const CHAT_BACKLOG: usize = 8192;
 
 /// What the raw server is configured with.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RawConfig {
     /// The per-connection WebSocket config (read buffer size in particular).
     pub websocket: WebSocketConfig,
+    /// Serve TLS with this configuration ([`crate::tls::server_config`],
+    /// the same as wshd's).
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// Shared state of a running raw server.
@@ -90,6 +94,22 @@ impl RawServer {
     #[allow(clippy::result_large_err)]
     async fn session(&self, stream: TcpStream) -> Result<(), tungstenite::Error> {
         stream.set_nodelay(true)?;
+        match &self.config.tls {
+            None => self.websocket(stream).await,
+            Some(tls) => {
+                let stream = tokio_rustls::TlsAcceptor::from(tls.clone())
+                    .accept(stream)
+                    .await?;
+                self.websocket(stream).await
+            }
+        }
+    }
+
+    #[allow(clippy::result_large_err)]
+    async fn websocket<S>(&self, stream: S) -> Result<(), tungstenite::Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let mut route = None;
         let callback = |request: &Request, response: Response| {
             route = match request.uri().path() {
@@ -118,7 +138,10 @@ impl RawServer {
         }
     }
 
-    async fn chat(&self, mut ws: WebSocketStream<TcpStream>) -> Result<(), tungstenite::Error> {
+    async fn chat<S>(&self, mut ws: WebSocketStream<S>) -> Result<(), tungstenite::Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let mut room = self.chat.subscribe();
         loop {
             tokio::select! {
@@ -152,7 +175,10 @@ impl RawServer {
 
 /// Echoes text and binary messages. Control frames, the close reply
 /// included, are answered by the library while we keep reading.
-async fn echo(mut ws: WebSocketStream<TcpStream>) -> Result<(), tungstenite::Error> {
+async fn echo<S>(mut ws: WebSocketStream<S>) -> Result<(), tungstenite::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     while let Some(message) = ws.next().await {
         feed_echo(&mut ws, message?).await?;
         // Batch whatever else is already readable into the same write.
@@ -165,10 +191,13 @@ async fn echo(mut ws: WebSocketStream<TcpStream>) -> Result<(), tungstenite::Err
 }
 
 /// Queues the echo of one data message.
-async fn feed_echo(
-    ws: &mut WebSocketStream<TcpStream>,
+async fn feed_echo<S>(
+    ws: &mut WebSocketStream<S>,
     message: Message,
-) -> Result<(), tungstenite::Error> {
+) -> Result<(), tungstenite::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     match message {
         Message::Text(_) | Message::Binary(_) => ws.feed(message).await,
         _ => Ok(()),

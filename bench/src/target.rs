@@ -10,12 +10,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use anyhow::{Context, bail, ensure};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-/// A client WebSocket over plain TCP.
-pub type Client = WebSocketStream<TcpStream>;
+/// A client WebSocket over plain TCP or TLS.
+pub type Client = WebSocketStream<crate::tls::ClientStream>;
 
 /// Source ports are picked by us, below the kernel's ephemeral range
 /// (32768–60999 by default) so they never collide with the servers' own
@@ -47,15 +47,22 @@ pub struct Target {
     sources: Vec<Source>,
     /// Round-robin cursor over `sources`.
     next_source: AtomicUsize,
+    /// For `wss://`: the client TLS configuration ([`Target::with_ca`]).
+    tls: Option<std::sync::Arc<tokio_rustls::rustls::ClientConfig>>,
+    /// True for a `wss://` URL.
+    secure: bool,
 }
 
 impl Target {
-    /// Parses a `ws://HOST:PORT/PATH` URL whose host is a loopback IP literal
-    /// or `localhost`.
+    /// Parses a `ws://` or `wss://HOST:PORT/PATH` URL whose host is a
+    /// loopback IP literal or `localhost`. A `wss://` target needs
+    /// [`Target::with_ca`] before it can dial.
     pub fn parse(url: &str) -> anyhow::Result<Target> {
-        let rest = url
-            .strip_prefix("ws://")
-            .with_context(|| format!("{url}: only ws:// URLs are supported"))?;
+        let (secure, rest) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+            (Some(rest), _) => (false, rest),
+            (None, Some(rest)) => (true, rest),
+            _ => bail!("{url}: only ws:// and wss:// URLs are supported"),
+        };
         let (authority, _path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let (host, port) = authority
             .rsplit_once(':')
@@ -79,7 +86,23 @@ impl Target {
             addr: SocketAddr::new(ip, port),
             sources: Vec::new(),
             next_source: AtomicUsize::new(0),
+            tls: None,
+            secure,
         })
+    }
+
+    /// Trusts the PEM certificates in `ca` for a `wss://` target.
+    pub fn with_ca(mut self, ca: Option<&std::path::Path>) -> anyhow::Result<Target> {
+        match (self.secure, ca) {
+            (true, Some(ca)) => self.tls = Some(crate::tls::client_config(ca)?),
+            (true, None) => bail!(
+                "{}: a wss:// target needs --ca FILE (the server's CA, PEM)",
+                self.url
+            ),
+            (false, Some(_)) => bail!("{}: --ca is for wss:// targets", self.url),
+            (false, None) => {}
+        }
+        Ok(self)
     }
 
     /// Dials from these local addresses in turn. Each must be loopback and of
@@ -116,9 +139,10 @@ impl Target {
 
     /// The same target with a different path, for routes next to the main one.
     pub fn url_with_path(&self, path: &str) -> String {
-        let rest = &self.url["ws://".len()..];
+        let scheme = if self.secure { "wss://" } else { "ws://" };
+        let rest = &self.url[scheme.len()..];
         let authority_end = rest.find('/').unwrap_or(rest.len());
-        format!("ws://{}{path}", &rest[..authority_end])
+        format!("{scheme}{}{path}", &rest[..authority_end])
     }
 
     /// Opens a TCP connection (from the next source address, if any) and runs
@@ -139,6 +163,17 @@ impl Target {
             .await
             .with_context(|| format!("connecting to {}", self.addr))?;
         stream.set_nodelay(true)?;
+        let stream = match &self.tls {
+            None => crate::tls::ClientStream::Plain(stream),
+            Some(config) => {
+                let name = tokio_rustls::rustls::pki_types::ServerName::from(self.addr.ip());
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, stream)
+                    .await
+                    .with_context(|| format!("TLS handshake with {}", self.addr))?;
+                crate::tls::ClientStream::Tls(Box::new(tls))
+            }
+        };
         let (client, _response) =
             tokio_tungstenite::client_async_with_config(url, stream, Some(config))
                 .await
@@ -200,7 +235,7 @@ mod tests {
             "ws://192.168.1.2:80/echo",
             "ws://8.8.8.8:80/echo",
             "ws://example.com:80/echo",
-            "wss://127.0.0.1:443/echo",
+            "wss://10.0.0.1:443/echo",
             "ws://127.0.0.1/echo",
         ] {
             assert!(Target::parse(url).is_err(), "{url} should be refused");
@@ -213,6 +248,18 @@ mod tests {
         assert!(parse_sources("127.0.0.1,10.1.1.1").is_err());
         let target = Target::parse("ws://127.0.0.1:1/echo").unwrap();
         assert!(target.with_sources(vec!["::1".parse().unwrap()]).is_err());
+    }
+
+    #[test]
+    fn wss_needs_a_ca() {
+        let target = Target::parse("wss://127.0.0.1:443/echo").unwrap();
+        assert!(target.with_ca(None).is_err());
+        assert_eq!(
+            Target::parse("wss://127.0.0.1:443/echo")
+                .unwrap()
+                .url_with_path("/chat"),
+            "wss://127.0.0.1:443/chat"
+        );
     }
 
     #[test]

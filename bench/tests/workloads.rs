@@ -18,9 +18,62 @@ async fn raw_server() -> String {
     let addr = listener.local_addr().unwrap();
     let server = RawServer::new(RawConfig {
         websocket: WebSocketConfig::default().read_buffer_size(4096),
+        tls: None,
     });
     tokio::spawn(server.serve(listener));
     addr.to_string()
+}
+
+/// The raw server over TLS with a certificate made now; returns its address
+/// and the PEM file a client must trust.
+async fn raw_tls_server() -> (String, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "bench-tls-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    bench::tls::make_cert(&cert, &key).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = RawServer::new(RawConfig {
+        websocket: WebSocketConfig::default().read_buffer_size(4096),
+        tls: Some(bench::tls::server_config(&cert, &key).unwrap()),
+    });
+    tokio::spawn(server.serve(listener));
+    (addr.to_string(), cert)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_echo_and_handshakes_verify_cleanly() {
+    let (addr, ca) = raw_tls_server().await;
+    let target = Target::parse(&format!("wss://{addr}/echo"))
+        .unwrap()
+        .with_ca(Some(&ca))
+        .unwrap();
+    let params = echo::EchoParams {
+        connections: 2,
+        size: 70_000,
+        binary: true,
+        in_flight: 2,
+        warmup: Duration::from_millis(50),
+        duration: SHORT,
+        connect_concurrency: 2,
+        rate: None,
+    };
+    let record = echo::run(&target, &params, own_probe()).await;
+    assert!(record.is_ok(), "{record}");
+    assert!(record.get("msgs").unwrap() > 0.0, "{record}");
+    let params = handshake::HandshakeParams {
+        concurrency: 2,
+        warmup: Duration::ZERO,
+        duration: SHORT,
+    };
+    let record = handshake::run(Arc::new(target), &params, None).await;
+    assert!(record.is_ok(), "{record}");
+    assert!(record.get("handshakes").unwrap() > 0.0, "{record}");
+    let _ = std::fs::remove_dir_all(ca.parent().unwrap());
 }
 
 fn own_probe() -> Option<Probe> {

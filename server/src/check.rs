@@ -120,6 +120,26 @@ pub async fn run(settings: &Settings, list: bool, defaulted: bool) -> ExitCode {
         eprintln!("wshd: problem: {p}");
     }
     registry.clear();
+    // The TLS pair, loaded as startup and reloads load it.
+    let mut tls_failed = false;
+    if let Some(t) = &settings.tls {
+        match crate::tls::load(t) {
+            Ok(l) => {
+                for w in &l.warnings {
+                    eprintln!("wshd: warning: {w}");
+                }
+                println!("wshd: TLS certificate {}: {}", t.cert.display(), l.summary);
+            }
+            Err(e) => {
+                eprintln!("wshd: problem: {e}");
+                tls_failed = true;
+            }
+        }
+    }
+    if tls_failed {
+        eprintln!("wshd: configuration test failed: the TLS certificate cannot be served");
+        return ExitCode::FAILURE;
+    }
     if report.problems.is_empty() {
         println!(
             "wshd: configuration test successful: {} route(s) from {}, {used}",

@@ -115,4 +115,12 @@ pub struct Args {
     /// Serve /metrics, /healthz and /readyz on this address (e.g. 127.0.0.1:9999); never the public port. Off by default.
     #[arg(long = "admin", value_name = "ADDR")]
     pub admin: Option<std::net::SocketAddr>,
+
+    /// PEM certificate chain: the listener speaks TLS (wss://, https://); needs --tls-key.
+    #[arg(long = "tls-cert", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key matching --tls-cert.
+    #[arg(long = "tls-key", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }

@@ -54,8 +54,9 @@ pub const SERVER_ONLY_LIMITS: &[&str] = &[
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    /// Address to listen on, `host:port` (`-H`/`-p` override it).
-    pub listen: Option<Spanned<String>>,
+    /// Address to listen on, `host:port` (`-H`/`-p` override it), or a list
+    /// of listeners, each `{ addr = "host:port", tls = true|false }`.
+    pub listen: Option<Spanned<Listen>>,
     /// Directory scanned for `*_wsh.so` handlers, relative to the config file.
     pub handler_dir: Option<PathBuf>,
     /// Static files served on the same port (pywebsocket's `-d`).
@@ -101,6 +102,8 @@ pub struct RawConfig {
     /// `listen` is set.
     #[serde(default)]
     pub admin: RawAdmin,
+    /// `[tls]`: certificate, key and client certificates (tls.rs).
+    pub tls: Option<RawTls>,
 }
 
 /// `[topics]`: caps on the host-owned subscriptions.
@@ -196,6 +199,72 @@ impl PubSubLimits {
 pub struct RawAdmin {
     /// `host:port` of the admin listener (`--admin` overrides it).
     pub listen: Option<Spanned<String>>,
+}
+
+/// `listen`: one address (a plain listener, or TLS when `[tls]` is set), or
+/// a list of listeners with their own `tls` switch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Listen {
+    One(String),
+    Many(Vec<RawListener>),
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // By hand rather than `untagged`: serde's untagged error ("data did
+        // not match any variant") would not say what to write.
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Listen;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "an address such as \"127.0.0.1:9998\", or a list of listeners such as \
+                     [{ addr = \"127.0.0.1:9998\" }, { addr = \"0.0.0.0:9443\", tls = true }]",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Listen, E> {
+                Ok(Listen::One(v.to_owned()))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Listen, A::Error> {
+                let mut all = Vec::new();
+                while let Some(l) = seq.next_element::<RawListener>()? {
+                    all.push(l);
+                }
+                if all.is_empty() {
+                    return Err(de::Error::custom(
+                        "the listen list is empty; name at least one listener",
+                    ));
+                }
+                Ok(Listen::Many(all))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One entry of a `listen` list.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    /// `host:port`.
+    pub addr: String,
+    /// Speak TLS on this listener (needs `[tls] cert` and `key`).
+    #[serde(default)]
+    pub tls: bool,
+}
+
+/// `[tls]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain, leaf first (relative to the config file).
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// PEM CA certificate(s) that client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+    /// `"required"` (the default with `client_ca`) or `"optional"`.
+    pub client_auth: Option<String>,
 }
 
 /// `[limits]` and `[route.limits]`: every field optional so a route can
@@ -485,13 +554,19 @@ impl ConfigFile {
 
     /// Checks that need more than one value at a time.
     fn check(&self) -> Result<(), ConfigError> {
-        if let Some(listen) = &self.raw.listen
-            && listen.get_ref().parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(self.error_at(
-                listen.span(),
-                format!("`{}` is not a socket address; write it as \"127.0.0.1:9998\" or \"[::1]:9998\"", listen.get_ref()),
-            ));
+        if let Some(listen) = &self.raw.listen {
+            let addrs: Vec<&str> = match listen.get_ref() {
+                Listen::One(a) => vec![a],
+                Listen::Many(l) => l.iter().map(|l| l.addr.as_str()).collect(),
+            };
+            for a in addrs {
+                if a.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(self.error_at(
+                        listen.span(),
+                        format!("`{a}` is not a socket address; write it as \"127.0.0.1:9998\" or \"[::1]:9998\""),
+                    ));
+                }
+            }
         }
         if let Some(listen) = &self.raw.admin.listen
             && listen.get_ref().parse::<std::net::SocketAddr>().is_err()

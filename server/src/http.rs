@@ -145,9 +145,10 @@ pub async fn handle(
     peer: SocketAddr,
     slot: Arc<crate::server::Slot>,
     req: Request<Incoming>,
+    client: Option<Arc<crate::tls::ClientCert>>,
 ) -> Result<Response<Body>, Infallible> {
     let attempt = has_token(req.headers(), header::UPGRADE, "websocket");
-    let response = respond(server, peer, slot, req).await;
+    let response = respond(server, peer, slot, req, client).await;
     if attempt && let Ok(r) = &response {
         crate::metrics::handshake(r.status().as_u16());
     }
@@ -159,6 +160,7 @@ async fn respond(
     peer: SocketAddr,
     slot: Arc<crate::server::Slot>,
     mut req: Request<Incoming>,
+    client: Option<Arc<crate::tls::ClientCert>>,
 ) -> Result<Response<Body>, Infallible> {
     if let Some(refusal) = check_request(&req) {
         tracing::debug!(%peer, method = %esc(req.method().as_str()), target = %esc(&req.uri().to_string()), "request refused: {}", refusal.status());
@@ -258,10 +260,9 @@ async fn respond(
         query: req.uri().query().unwrap_or("").to_owned(),
         origin,
         remote_addr: peer.to_string(),
-        headers: headers
-            .iter()
-            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
-            .collect(),
+        // With the verified client certificate's subject and SANs, and never
+        // a client-sent copy of those headers (tls.rs).
+        headers: crate::tls::client_headers(headers, client.as_deref()),
         subprotocols: subprotocols.clone(),
     };
     let decision = if route.instance.has_handshake() {
@@ -334,17 +335,16 @@ async fn respond(
         };
         match upgraded {
             Ok(upgraded) => {
-                // Take the TCP stream back out of hyper: the session then
-                // reads and writes the socket directly, not through the
-                // boxed `dyn Io` and two adapters of `Upgraded` (measurable
-                // per message, and heap per connection). Bytes the client
-                // sent after its request are handed to tungstenite.
-                let parts = match upgraded
-                    .downcast::<TokioIo<WriteDeadline<tokio::net::TcpStream>>>()
-                {
+                // Take the TCP (or TLS) stream back out of hyper: the
+                // session then reads and writes the socket directly, not
+                // through the boxed `dyn Io` and two adapters of `Upgraded`
+                // (measurable per message, and heap per connection). Bytes
+                // the client sent after its request are handed to
+                // tungstenite.
+                let parts = match upgraded.downcast::<TokioIo<WriteDeadline<crate::ws::Stream>>>() {
                     Ok(p) => p,
                     Err(_) => {
-                        tracing::error!(%peer, "upgraded connection is not a TCP stream; dropping it");
+                        tracing::error!(%peer, "upgraded connection is not a wshd stream; dropping it");
                         return opening.abandon().await;
                     }
                 };

@@ -71,6 +71,7 @@ pub mod session;
 pub mod settings;
 pub mod static_files;
 pub mod timers;
+pub mod tls;
 pub mod topics;
 pub mod trust;
 pub mod workers;

@@ -332,6 +332,10 @@ impl Reloader {
         if panic {
             panic!("a test asked this reload to panic");
         }
+        // SIGHUP (and a config change) re-reads the TLS certificate too.
+        if config && let Some(tls) = &self.server.tls {
+            tls.reload();
+        }
         let (mut candidate, mode) = if config {
             match Settings::load(&self.args) {
                 Ok(new) => (new, Mode::Config),
@@ -420,6 +424,8 @@ pub fn keep_restart_only(running: &Settings, new: &mut Settings) -> Vec<String> 
         };
     }
     keep!("listen", listen);
+    keep!("listen", listeners);
+    keep!("tls", tls);
     keep!("workers", workers);
     keep!("limits.max_connections", limits.max_connections);
     keep!("limits.handshake_timeout", limits.handshake_timeout);

@@ -38,6 +38,18 @@ pub struct Settings {
     /// The admin listener's address (`--admin`, `[admin] listen`); `None`:
     /// no admin listener.
     pub admin: Option<SocketAddr>,
+    /// Every listener, in config order; the first one's address is `listen`.
+    pub listeners: Vec<ListenerSpec>,
+    /// `[tls]` or `--tls-cert/--tls-key`: the certificate the TLS listeners
+    /// serve.
+    pub tls: Option<crate::tls::TlsSettings>,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerSpec {
+    pub addr: SocketAddr,
+    pub tls: bool,
 }
 
 /// One `[[route]]`, resolved.
@@ -99,9 +111,35 @@ impl Settings {
         };
         let raw = file.map(|f| &f.raw);
 
-        let file_listen: Option<SocketAddr> = raw
-            .and_then(|r| r.listen.as_ref())
-            .map(|l| l.get_ref().parse().expect("checked when parsing"));
+        let listen_list: Option<Vec<ListenerSpec>> =
+            match raw.and_then(|r| r.listen.as_ref()).map(|l| l.get_ref()) {
+                Some(crate::config::Listen::Many(l)) => Some(
+                    l.iter()
+                        .map(|l| ListenerSpec {
+                            addr: l.addr.parse().expect("checked when parsing"),
+                            tls: l.tls,
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            };
+        if listen_list.is_some() && (args.host.is_some() || args.port.is_some()) {
+            return Err(ConfigError::Other(
+                "-H/--server-host and -p/--port set the address of a single listener, but the \
+                 config file's `listen` is a list of listeners: change the addresses there, or \
+                 drop the flags"
+                    .into(),
+            ));
+        }
+        let file_listen: Option<SocketAddr> = match raw.and_then(|r| r.listen.as_ref()) {
+            Some(l) => match l.get_ref() {
+                crate::config::Listen::One(a) => Some(a.parse().expect("checked when parsing")),
+                crate::config::Listen::Many(l) => {
+                    Some(l[0].addr.parse().expect("checked when parsing"))
+                }
+            },
+            None => None,
+        };
         let host = match &args.host {
             Some(h) => h.clone(),
             None => file_listen
@@ -113,6 +151,29 @@ impl Settings {
             .or(file_listen.map(|a| a.port()))
             .unwrap_or(DEFAULT_PORT);
         let listen = resolve_listen(&host, port)?;
+        let tls = crate::tls::TlsSettings::resolve(args, raw.and_then(|r| r.tls.as_ref()), &rel)?;
+        let listeners = match listen_list {
+            Some(l) => l,
+            // One listener: TLS exactly when a certificate is configured.
+            None => vec![ListenerSpec {
+                addr: listen,
+                tls: tls.is_some(),
+            }],
+        };
+        if tls.is_none() && listeners.iter().any(|l| l.tls) {
+            return Err(ConfigError::Other(
+                "a listener has `tls = true` but no certificate is configured: set [tls] cert and \
+                 key (or --tls-cert and --tls-key)"
+                    .into(),
+            ));
+        }
+        if tls.is_some() && !listeners.iter().any(|l| l.tls) {
+            return Err(ConfigError::Other(
+                "a TLS certificate is configured but no listener has `tls = true`: add `tls = \
+                 true` to a listener in the `listen` list, or drop [tls]"
+                    .into(),
+            ));
+        }
 
         let handler_dir = match (&args.handlers, raw.and_then(|r| r.handler_dir.as_deref())) {
             (Some(d), _) => normalize(d),
@@ -238,6 +299,8 @@ impl Settings {
                 || raw.is_some_and(|r| r.allow_insecure_handler_dir),
             pubsub: crate::config::PubSubLimits::from_raw(raw),
             admin,
+            listeners,
+            tls,
         })
     }
 }

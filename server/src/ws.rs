@@ -14,6 +14,11 @@
 //! clean close, `feed` queues a message (writing what the socket takes now),
 //! `flush` waits until everything queued is written.
 //!
+//! The socket is a [`Stream`]: plain TCP, or TLS (tls.rs). An enum with two
+//! arms rather than a generic keeps the session code (session.rs) one type,
+//! and rather than a `Box<dyn>` keeps the plain path free of an indirect
+//! call: a match per read or write is all it costs.
+//!
 //! It also watches what the peer can make the server hold:
 //! * unfinished incoming messages, followed frame by frame
 //!   ([`FrameTracker`]) and counted against the server-wide budget
@@ -36,11 +41,81 @@ use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
 
 use crate::budget::{FrameTracker, Meter};
 
-/// A server-side WebSocket connection over a TCP stream.
+/// An accepted connection: plain TCP or TLS over TCP. The TLS state is
+/// boxed (it is over a kilobyte), so a plain connection stays small.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    #[inline]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    #[inline]
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    #[inline]
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A server-side WebSocket connection over a TCP or TLS stream.
 #[derive(Debug)]
 pub struct WsConn {
     ctx: WebSocketContext,
-    io: TcpStream,
+    io: Stream,
     /// A read returned the end of the stream or an error; later reads
     /// return `None`, as a fused stream does.
     ended: bool,
@@ -73,7 +148,7 @@ pub enum ReadError {
 /// stream by tungstenite: `Pending` becomes `WouldBlock`, after tokio has
 /// registered the task to be woken when the socket is ready.
 struct Io<'a, 'b> {
-    io: &'a mut TcpStream,
+    io: &'a mut Stream,
     cx: &'a mut Context<'b>,
     tracker: &'a mut FrameTracker,
     heard: &'a mut bool,
@@ -117,8 +192,21 @@ impl Write for Io<'_, '_> {
 
     fn flush(&mut self) -> io::Result<()> {
         // A TCP stream has no user-space buffer; tungstenite's own buffer is
-        // written out by `write`.
-        Ok(())
+        // written out by `write`. TLS keeps records rustls accepted but the
+        // socket did not take yet: those go out here.
+        match self.io {
+            Stream::Plain(_) => Ok(()),
+            Stream::Tls(s) => match Pin::new(&mut **s).poll_flush(self.cx) {
+                Poll::Ready(r) => {
+                    self.last_write_blocked = Some(false);
+                    r
+                }
+                Poll::Pending => {
+                    self.last_write_blocked = Some(true);
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+            },
+        }
     }
 }
 
@@ -133,7 +221,7 @@ fn pending_on_block<T>(r: Result<T, WsError>) -> Poll<Result<T, WsError>> {
 impl WsConn {
     /// Wraps an upgraded socket. `early` holds bytes the client sent right
     /// after its handshake request, which the HTTP layer already read.
-    pub fn new(io: TcpStream, early: Option<Vec<u8>>, config: WebSocketConfig) -> WsConn {
+    pub fn new(io: Stream, early: Option<Vec<u8>>, config: WebSocketConfig) -> WsConn {
         let mut tracker = FrameTracker::default();
         let ctx = match early {
             Some(part) => {
@@ -163,7 +251,7 @@ impl WsConn {
     }
 
     /// The socket, for the lingering close after the WebSocket is done.
-    pub fn get_mut(&mut self) -> &mut TcpStream {
+    pub fn get_mut(&mut self) -> &mut Stream {
         &mut self.io
     }
 

@@ -17,6 +17,8 @@
 #   AUTOBAHN_MARKDOWN    also write the summary as a markdown table to this file
 #   AUTOBAHN_TIMEOUT     seconds allowed for the suite (default: 900)
 #   AUTOBAHN_PYTHON2     Python 2.7 interpreter (default: pyenv 2.7.18)
+#   AUTOBAHN_TLS=1       serve wss:// (a certificate made now with the openssl CLI) and
+#                        fuzz over TLS; reports then default to tests/autobahn/reports-wss
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -26,7 +28,12 @@ source "$HERE/python2.sh"
 
 log() { echo "autobahn: $*" >&2; }
 
-REPORTS="${AUTOBAHN_REPORTS:-$HERE/reports}"
+TLS="${AUTOBAHN_TLS:-0}"
+if [[ "$TLS" == 1 ]]; then
+  REPORTS="${AUTOBAHN_REPORTS:-$HERE/reports-wss}"
+else
+  REPORTS="${AUTOBAHN_REPORTS:-$HERE/reports}"
+fi
 CASES="${AUTOBAHN_CASES:-1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*}"
 EXCLUDE="${AUTOBAHN_EXCLUDE:-12.*,13.*}"
 # Measured: the cases of group 9 that take longest (tiny fragments or chops of
@@ -46,7 +53,7 @@ PY2="$(find_python2)" || { python2_missing; exit 2; }
 
 # Wipe the previous report (stale per-case files would linger), but only a
 # directory that looks like one of ours.
-if [[ -d "$REPORTS" && "$REPORTS" != "$HERE/reports" && -n "$(ls -A "$REPORTS")" && ! -f "$REPORTS/spec.json" ]]; then
+if [[ -d "$REPORTS" && "$REPORTS" != "$HERE/reports" && "$REPORTS" != "$HERE/reports-wss" && -n "$(ls -A "$REPORTS")" && ! -f "$REPORTS/spec.json" ]]; then
   log "error: AUTOBAHN_REPORTS=$REPORTS is not empty and not a previous report; refusing to wipe it"
   exit 2
 fi
@@ -106,10 +113,19 @@ max_message_size = "64MiB"
 max_frame_size = "64MiB"
 EOF
 
+  TLS_ARGS=()
+  if [[ "$TLS" == 1 ]]; then
+    command -v openssl >/dev/null || { log "error: AUTOBAHN_TLS=1 needs the openssl CLI (apt-get install openssl)"; exit 2; }
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -days 2 -subj /CN=localhost \
+      -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" >/dev/null 2>&1
+    TLS_ARGS=(--tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem")
+  fi
+
   ADDR_FILE="$WORK/addr"
   "$BIN" -H 127.0.0.1 -p 0 -w "$HANDLERS" --config "$CONFIG" \
     --addr-file "$ADDR_FILE" --log-level "${WSHD_LOG_LEVEL:-warn}" --no-watch \
-    >"$REPORTS/wshd.log" 2>&1 &
+    ${TLS_ARGS[@]+"${TLS_ARGS[@]}"} >"$REPORTS/wshd.log" 2>&1 &
   SERVER_PID=$!
 
   # Readiness: the server writes "host:port\n" to the addr file once it is
@@ -134,7 +150,12 @@ EOF
     server_log_tail
     exit 1
   fi
-  URL="ws://$ADDR/echo"
+  if [[ "$TLS" == 1 ]]; then
+    # The fuzzingclient (Twisted, pyOpenSSL) does not verify certificates.
+    URL="wss://$ADDR/echo"
+  else
+    URL="ws://$ADDR/echo"
+  fi
   log "wshd (pid $SERVER_PID) listening on $ADDR"
 fi
 

@@ -258,3 +258,39 @@ test('console: screenshot after a session', async () => {
   assertNoPageErrors();
   await page.close();
 });
+
+// --- wss:// -----------------------------------------------------------------
+
+test('wss: a page served over https echoes through wss://', async () => {
+  // Its own wshd (TLS, certificate made at test time) and its own browser
+  // profile: only this profile ignores certificate errors.
+  const tls = await startWshd({ docRoot: WWW, tls: true });
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'wshd-chromium-tls-'));
+  let ctx;
+  try {
+    ctx = await chromium.launchPersistentContext(dir, {
+      executablePath: CHROMIUM,
+      headless: true,
+      args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
+        '--disable-component-update', '--disable-sync', '--ignore-certificate-errors'],
+      timeout: 60000,
+    });
+    const page = await ctx.newPage();
+    const resp = await page.goto(`https://localhost:${tls.port}/index.html`);
+    assert.equal(resp.status(), 200);
+    const echoed = await page.evaluate(async (url) => {
+      const ws = new WebSocket(url);
+      await new Promise((resolve, reject) => { ws.onopen = resolve; ws.onerror = () => reject(new Error('ws error')); });
+      const got = new Promise((resolve) => { ws.onmessage = (e) => resolve(e.data); });
+      ws.send('hello over wss from chromium');
+      const data = await got;
+      ws.close(1000);
+      return data;
+    }, `wss://localhost:${tls.port}/echo`);
+    assert.equal(echoed, 'hello over wss from chromium');
+  } finally {
+    if (ctx) await ctx.close().catch(() => {});
+    await tls.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -156,3 +156,78 @@ def wshd():
             if os.environ.get("WSHD_TEST_VERBOSE"):
                 print((tmp / "wshd.log").read_text(errors="replace"))
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_cert(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1, made now with
+    the openssl CLI; clients trust it as their only CA."""
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return cert, key
+
+
+@dataclass
+class WshdTls:
+    host: str
+    port: int
+    cert: Path
+
+    def wss_url(self, route: str) -> str:
+        # The certificate names localhost: connect by that name.
+        return f"wss://localhost:{self.port}{route}"
+
+
+@pytest.fixture(scope="session")
+def wshd_tls():
+    """A second wshd serving wss:// with a certificate made at test time."""
+    bin_path = _from_root(os.environ.get("WSHD_BIN", "target/debug/wshd"))
+    target_dir = _from_root(os.environ.get("WSHD_TARGET_DIR", "target/debug"))
+    if not bin_path.exists():
+        pytest.fail(f"wshd binary not found: {bin_path} (build it, or set WSHD_BIN)", pytrace=False)
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl CLI is needed to make the test certificate: apt-get install openssl", pytrace=False)
+    tmp = Path(tempfile.mkdtemp(prefix="wshd-py-tls-"))
+    proc = None
+    try:
+        handler_dir = tmp / "handlers"
+        handler_dir.mkdir()
+        shutil.copy2(target_dir / "libecho_wsh.so", handler_dir / "libecho_wsh.so")
+        cert, key = make_cert(tmp)
+        addr_file, log_path = tmp / "addr", tmp / "wshd.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [
+                    str(bin_path), "-H", "127.0.0.1", "-p", "0", "-w", str(handler_dir),
+                    "--tls-cert", str(cert), "--tls-key", str(key), "--addr-file", str(addr_file),
+                ],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        _children.append(proc)
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"wshd (TLS) exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}",
+                            pytrace=False)
+            if time.monotonic() > deadline:
+                pytest.fail(f"wshd (TLS) not listening within 30 s:\n{log_path.read_text(errors='replace')}",
+                            pytrace=False)
+            try:
+                text = addr_file.read_text()
+                if text.endswith("\n"):
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.02)
+        host, _, port = text.strip().rpartition(":")
+        yield WshdTls(host=host, port=int(port), cert=cert)
+    finally:
+        if proc is not None:
+            _stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)

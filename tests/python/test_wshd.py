@@ -266,3 +266,20 @@ def test_static_paths_outside_the_root_are_404(wshd, path):
     status, body = _http(wshd, "GET", path)
     assert status == 404
     assert b"max_message_size" not in body
+
+
+# --- TLS ---------------------------------------------------------------------
+
+
+@async_test
+async def test_wss_echo(wshd_tls):
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(wshd_tls.cert))
+    async with ws_connect(wshd_tls.wss_url("/echo"), ssl=ctx, open_timeout=TIMEOUT) as ws:
+        assert ws.transport.get_extra_info("ssl_object").selected_alpn_protocol() in (None, "http/1.1")
+        await ws.send("hello over wss")
+        assert await recv(ws) == "hello over wss"
+        big = os.urandom(200_000)
+        await ws.send(big)
+        assert await recv(ws) == big

@@ -1,7 +1,7 @@
 //! raw-echo: the raw tokio-tungstenite peer (`/echo` and `/chat`).
 //!
 //! ```text
-//! raw-echo --port 0 --addr-file /tmp/raw.addr [--read-buffer-size 4096]
+//! raw-echo --port 0 --addr-file /tmp/raw.addr [--read-buffer-size 4096] [--tls-cert C --tls-key K]
 //! ```
 //!
 //! Prints `listening on HOST:PORT` once bound and, with `--addr-file`, writes
@@ -39,6 +39,12 @@ struct Args {
     /// Runtime worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Serve wss:// with this PEM certificate (rustls, ring, as wshd does).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,7 +74,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("listening on {bound}");
 
-    let server = RawServer::new(RawConfig { websocket });
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(bench::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let server = RawServer::new(RawConfig { websocket, tls });
     let mut terminate = signal(SignalKind::terminate())?;
     tokio::select! {
         result = server.clone().serve(listener) => result.context("accepting")?,

@@ -118,9 +118,12 @@ enum Mode {
 
 #[derive(Debug, Args)]
 struct TargetArgs {
-    /// Loopback ws:// URL of the route to load.
+    /// Loopback ws:// or wss:// URL of the route to load.
     #[arg(long)]
     url: String,
+    /// For wss://: the PEM certificate(s) to trust (the server's, or its CA).
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
     /// Comma-separated loopback source addresses to spread connections over
     /// (e.g. 127.0.0.1,127.0.0.2).
     #[arg(long, default_value = "")]
@@ -277,6 +280,8 @@ async fn run(cli: Cli) -> anyhow::Result<Record> {
 
 impl TargetArgs {
     fn resolve(&self) -> anyhow::Result<Target> {
-        Target::parse(&self.url)?.with_sources(parse_sources(&self.sources)?)
+        Target::parse(&self.url)?
+            .with_ca(self.ca.as_deref())?
+            .with_sources(parse_sources(&self.sources)?)
     }
 }

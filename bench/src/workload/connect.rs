@@ -132,7 +132,11 @@ pub(crate) async fn close_all(clients: Vec<Client>) {
     let closing = stream::iter(clients)
         .map(|mut client| async move {
             let _ = timeout(Duration::from_secs(2), client.close(None)).await;
-            let _ = client.get_ref().set_zero_linger();
+            let tcp = match client.get_ref() {
+                crate::tls::ClientStream::Plain(s) => s,
+                crate::tls::ClientStream::Tls(s) => s.get_ref().0,
+            };
+            let _ = tcp.set_zero_linger();
         })
         .buffer_unordered(256)
         .collect::<Vec<()>>();

@@ -19,7 +19,10 @@
 //! * `?reject_euro=N`: rejects with 403 and a body of N bytes of `€`
 //!   (rounded down to whole characters);
 //! * `?reject=TEXT`: rejects with 403 and TEXT, percent-decoded, as the body
-//!   (so a test can put control bytes in a body the server logs).
+//!   (so a test can put control bytes in a body the server logs);
+//! * `?client_cert`: answers with the response headers `x-seen-subject` and
+//!   `x-seen-san` holding the request's `wshd-client-subject` and
+//!   `wshd-client-san` (the verified TLS client certificate), or `(none)`.
 //!
 //! Build: `cargo build -p testkit-handler` → `target/debug/libtestkit_wsh.so`
 //! (serves the handler named `testkit`).
@@ -151,6 +154,17 @@ impl Handler for Testkit {
         resp: &mut HandshakeResponse<'_>,
     ) -> Result<(), String> {
         for pair in req.query().split('&') {
+            if pair == "client_cert" {
+                for (from, to) in [
+                    ("wshd-client-subject", "x-seen-subject"),
+                    ("wshd-client-san", "x-seen-san"),
+                ] {
+                    let v = req.header(from).map(String::from_utf8_lossy);
+                    resp.add_header(to, v.as_deref().unwrap_or("(none)"))
+                        .map_err(|e| e.to_string())?;
+                }
+                continue;
+            }
             let body = match pair.split_once('=') {
                 Some(("reject_euro", n)) => {
                     let n: usize = n.parse().map_err(|_| format!("testkit: bad {pair}"))?;

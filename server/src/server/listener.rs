@@ -5,6 +5,11 @@
 //! gets a tiny fixed 429 or 503 with `Retry-After`, written with a short
 //! timeout. Answering is bounded too: at most `reject_slots` sockets are
 //! open only to be answered; beyond that an excess socket is closed at once.
+//!
+//! A TLS listener does the same checks first, so a refused client costs no
+//! handshake; then the TLS handshake (tls.rs) and the HTTP request that
+//! follows share one `handshake_timeout`. Every listener shares the same
+//! caps: `max_connections` counts the whole server.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +25,7 @@ use super::per_ip::{PerIp, RateLog, Verdict};
 use super::{Server, Slot};
 use crate::config::Limits;
 use crate::workers::Workers;
+use crate::ws::Stream;
 
 /// How long a refused client gets to take its 429/503 and hang up.
 const REJECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -77,25 +83,39 @@ struct Admission {
     logs: [RateLog; 4],
 }
 
-/// Starts the accept loop on the connection runtime, so what it accepts is
-/// registered there. The returned task ends at shutdown.
+/// One bound socket to serve, TLS or not.
+pub struct Bound {
+    pub listener: std::net::TcpListener,
+    /// `Some`: every connection starts with a TLS handshake.
+    pub tls: Option<Arc<crate::tls::Tls>>,
+}
+
+/// Starts one accept loop per listener on the connection runtime, so what
+/// they accept is registered there. The returned tasks end at shutdown.
 pub fn listen(
-    listener: std::net::TcpListener,
+    listeners: Vec<Bound>,
     server: &Arc<Server>,
     workers: &Workers,
     limits: &Limits,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    listener.set_nonblocking(true)?;
-    let adm = Admission {
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let adm = Arc::new(Admission {
         slots: Arc::new(Semaphore::new(limits.max_connections)),
         rejecting: Arc::new(Semaphore::new(limits.reject_slots)),
         per_ip: Arc::new(PerIp::new(limits)),
         handshake_timeout: limits.handshake_timeout,
         logs: Default::default(),
-    };
-    Ok(workers
-        .handle()
-        .spawn(accept_loop(listener, server.clone(), adm)))
+    });
+    let mut tasks = Vec::new();
+    for b in listeners {
+        b.listener.set_nonblocking(true)?;
+        tasks.push(workers.handle().spawn(accept_loop(
+            b.listener,
+            server.clone(),
+            adm.clone(),
+            b.tls,
+        )));
+    }
+    Ok(tasks)
 }
 
 /// Keepalive and no Nagle on an accepted socket.
@@ -111,7 +131,12 @@ pub fn tune(stream: &TcpStream) -> std::io::Result<()> {
 /// The accept loop. Accept errors (EMFILE when out of file descriptors,
 /// ECONNABORTED) back off and retry: the server neither exits nor spins, and
 /// open connections are unaffected.
-async fn accept_loop(listener: std::net::TcpListener, server: Arc<Server>, adm: Admission) {
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    server: Arc<Server>,
+    adm: Arc<Admission>,
+    tls: Option<Arc<crate::tls::Tls>>,
+) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -161,8 +186,45 @@ async fn accept_loop(listener: std::net::TcpListener, server: Arc<Server>, adm: 
             _permit: permit,
             _per_ip: per_ip,
         });
-        let task = serve_http(stream, peer, server.clone(), slot, adm.handshake_timeout);
-        tokio::spawn(server.tracker.track_future(task));
+        match &tls {
+            None => {
+                let task = serve_http(
+                    Stream::Plain(stream),
+                    peer,
+                    server.clone(),
+                    slot,
+                    adm.handshake_timeout,
+                    None,
+                    None,
+                );
+                tokio::spawn(server.tracker.track_future(task));
+            }
+            Some(tls) => {
+                let tls = tls.clone();
+                let srv = server.clone();
+                let limit = adm.handshake_timeout;
+                let task = async move {
+                    // One deadline for the TLS handshake and the HTTP
+                    // request head after it.
+                    let deadline = tokio::time::Instant::now() + limit;
+                    let Some((stream, client)) = tls.accept(stream, peer, deadline).await else {
+                        return;
+                    };
+                    let stream = Stream::Tls(Box::new(stream));
+                    serve_http(
+                        stream,
+                        peer,
+                        srv,
+                        slot,
+                        limit,
+                        client.map(Arc::new),
+                        Some(deadline),
+                    )
+                    .await
+                };
+                tokio::spawn(server.tracker.track_future(task));
+            }
+        }
     }
 }
 
@@ -200,17 +262,38 @@ fn refuse(adm: &Admission, mut stream: TcpStream, peer: SocketAddr, why: Refusal
 }
 
 /// One accepted connection: HTTP/1.1 until it upgrades to a WebSocket
-/// session (http.rs) or closes.
+/// session (http.rs) or closes. `first_by`: the first request's head must
+/// have arrived by then (TLS: the handshake already used part of
+/// `handshake_timeout`), else the connection closes.
 fn serve_http(
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     srv: Arc<Server>,
     slot: Arc<Slot>,
     handshake_timeout: Duration,
+    client: Option<Arc<crate::tls::ClientCert>>,
+    first_by: Option<tokio::time::Instant>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let shutdown = srv.shutdown.clone();
     let io = crate::write_deadline::WriteDeadline::new(stream, srv.write_timeout, peer);
-    let svc = service_fn(move |req| crate::http::handle(srv.clone(), peer, slot.clone(), req));
+    let got_request = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = got_request.clone();
+    let svc = service_fn(move |req| {
+        seen.store(true, std::sync::atomic::Ordering::Relaxed);
+        crate::http::handle(srv.clone(), peer, slot.clone(), req, client.clone())
+    });
+    // Ends when `first_by` passes before any request arrived; pending
+    // forever otherwise (hyper's own header_read_timeout covers the rest).
+    let first_request_late = async move {
+        let Some(at) = first_by else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep_until(at).await;
+        if got_request.load(std::sync::atomic::Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+        tracing::debug!(%peer, "no request within handshake_timeout after the TLS handshake; closing");
+    };
     async move {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -223,6 +306,7 @@ fn serve_http(
             r = conn.as_mut() => {
                 if let Err(e) = r { tracing::debug!(%peer, "http connection: {e}"); }
             }
+            _ = first_request_late => {}
             _ = shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;

@@ -60,6 +60,9 @@ pub struct Server {
     pub write_timeout: Duration,
     /// `max_buffered_bytes`: unfinished incoming messages, server-wide.
     pub budget: Arc<crate::budget::Budget>,
+    /// The live TLS certificate, when a listener speaks TLS (reloaded on
+    /// SIGHUP).
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Server {
@@ -118,6 +121,28 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(SocketAddr) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    let tls = settings.listeners.first().is_some_and(|l| l.tls);
+    run_on(
+        settings,
+        args,
+        vec![(listener, tls)],
+        triggers,
+        shutdown,
+        |addrs| ready(addrs[0]),
+    )
+    .await
+}
+
+/// [`run`] on several bound listeners, each `(socket, tls)`; `ready` gets
+/// their addresses in the same order.
+pub async fn run_on(
+    settings: Settings,
+    args: Args,
+    listeners: Vec<(std::net::TcpListener, bool)>,
+    triggers: Triggers,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(&[SocketAddr]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     // The admin listener first, so /readyz says 503 while handlers load
     // and a taken admin port fails before any handler's init runs.
     let health = Arc::new(crate::admin::Health::default());
@@ -130,6 +155,17 @@ pub async fn run(
             Some(crate::admin::start(a, health.clone(), limits).await?)
         }
         None => None,
+    };
+    // The certificate first: a broken pair fails in milliseconds, before
+    // any handler's init runs.
+    let tls = match (&settings.tls, listeners.iter().any(|l| l.1)) {
+        (Some(t), true) => {
+            Some(crate::tls::Tls::new(t.clone()).map_err(|e| anyhow::anyhow!("{e}"))?)
+        }
+        (None, true) => anyhow::bail!(
+            "a listener speaks TLS but no certificate is configured: set [tls] cert and key"
+        ),
+        _ => None,
     };
     // Sealed memfds, or a fresh private directory (removed when the loader
     // is dropped) where memfds are refused: see loader.rs.
@@ -150,7 +186,11 @@ pub async fn run(
         .map(StaticFiles::new)
         .transpose()?;
 
-    let addr: SocketAddr = listener.local_addr()?;
+    let addrs = listeners
+        .iter()
+        .map(|l| l.0.local_addr())
+        .collect::<Result<Vec<SocketAddr>, _>>()?;
+    let addr = addrs[0];
     let server = Arc::new(Server {
         table,
         conns,
@@ -162,12 +202,16 @@ pub async fn run(
         budget: Arc::new(crate::budget::Budget::new(
             settings.limits.max_buffered_bytes,
         )),
+        tls: tls.clone(),
     });
     let workers = Workers::start(settings.workers)
         .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))?;
     health.set_workers(workers.handle().clone());
     let routes = registry.table().primary_routes().len();
     tracing::info!(%addr, routes, workers = workers.threads(), handler_dir = %settings.handler_dir.display(), "listening");
+    for (a, (_, is_tls)) in addrs.iter().zip(&listeners) {
+        tracing::info!(addr = %a, tls = is_tls, "listener");
+    }
     if is_root() {
         tracing::warn!(
             "running as root: handler libraries run with full privileges; prefer a dedicated user"
@@ -188,8 +232,28 @@ pub async fn run(
         watcher,
         server.clone(),
     ));
-    let accept = listener::listen(listener, &server, &workers, &settings.limits)?;
-    ready(addr)?;
+    // The certificate files are watched like the handlers are.
+    let _tls_watch = match &tls {
+        Some(t) if settings.reload.watch => match t.watch(settings.reload.debounce) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot watch the TLS certificate files: {e}; send SIGHUP after renewing them"
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let bound = listeners
+        .into_iter()
+        .map(|(listener, is_tls)| listener::Bound {
+            listener,
+            tls: if is_tls { tls.clone() } else { None },
+        })
+        .collect();
+    let accept = listener::listen(bound, &server, &workers, &settings.limits)?;
+    ready(&addrs)?;
     health.set_ready();
 
     shutdown.await;
@@ -212,7 +276,9 @@ pub async fn run(
     }
     server.tracker.close();
     reloader.abort();
-    let _ = accept.await;
+    for a in accept {
+        let _ = a.await;
+    }
     tokio::select! {
         _ = server.tracker.wait() => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(deadline) => tracing::warn!("shutdown deadline passed with {} connections open; exiting", server.conns.len()),

@@ -17,27 +17,32 @@ pub async fn serve(args: Args, settings: Settings, log: LogHandle) -> anyhow::Re
         settings.workers,
     );
     let signals = Signals::install()?;
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
-    // Accepted on the connection runtime (workers.rs), not on this one.
-    let listener = listener.into_std()?;
+    let mut listeners = Vec::new();
+    for l in &settings.listeners {
+        let listener = tokio::net::TcpListener::bind(l.addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", l.addr))?;
+        // Accepted on the connection runtime (workers.rs), not on this one.
+        listeners.push((listener.into_std()?, l.tls));
+    }
     let triggers = Triggers::new();
     let shutdown = signals.spawn(triggers.sender(), log);
     let pid_file = settings.pid_file.clone();
     let addr_file = args.addr_file.clone();
-    let ready = |addr| -> anyhow::Result<()> {
+    let ready = |addrs: &[std::net::SocketAddr]| -> anyhow::Result<()> {
         if let Some(p) = &pid_file {
             pidfile::write_pid(p)?;
         }
         if let Some(p) = &addr_file {
-            pidfile::write_replace(p, &format!("{addr}\n"))
+            // One line per listener, in config order.
+            let lines: String = addrs.iter().map(|a| format!("{a}\n")).collect();
+            pidfile::write_replace(p, &lines)
                 .map_err(|e| anyhow::anyhow!("cannot write the addr file {}: {e}", p.display()))?;
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         Ok(())
     };
-    let result = super::run(settings, args, listener, triggers, shutdown, ready).await;
+    let result = super::run_on(settings, args, listeners, triggers, shutdown, ready).await;
     if let Some(p) = &pid_file {
         pidfile::remove_pid(p);
     }

@@ -15,4 +15,5 @@ mod security_load;
 mod security_send;
 mod security_session;
 mod serving;
+mod tls;
 mod topics;

@@ -6,7 +6,7 @@
 //   WSHD_TARGET_DIR  where the handler .so files are (default target/debug)
 // Relative values are taken from the repository root.
 
-import { spawn } from 'node:child_process';
+import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -38,6 +38,19 @@ export function configToml({ maxMessageSize = '1MiB', allowedOrigins = ['http://
   ].join('\n');
 }
 
+/**
+ * A self-signed certificate for localhost and 127.0.0.1, made now with the
+ * openssl CLI in `dir`.  Returns { certPath, keyPath, certPem }.
+ */
+export function makeCert(dir) {
+  const certPath = path.join(dir, 'cert.pem');
+  const keyPath = path.join(dir, 'key.pem');
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+    '-nodes', '-keyout', keyPath, '-out', certPath, '-days', '2', '-subj', '/CN=localhost',
+    '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1'], { stdio: 'ignore' });
+  return { certPath, keyPath, certPem: fs.readFileSync(certPath, 'utf8') };
+}
+
 const running = new Set();
 process.on('exit', () => {
   for (const child of running) {
@@ -47,9 +60,12 @@ process.on('exit', () => {
 
 /**
  * Start wshd.  Resolves to { port, host, httpUrl, wsUrl(route), stop(), log(), handlerDir }.
- * Options: config (TOML text, default configToml()), docRoot, timeoutMs.
+ * Options: config (TOML text, default configToml()), docRoot, timeoutMs, tls
+ * (serve wss:// with a certificate made by makeCert; the result then also
+ * has certPem and wssUrl(route), which names localhost as the certificate
+ * does).
  */
-export async function startWshd({ config = configToml(), docRoot = null, timeoutMs = 30000 } = {}) {
+export async function startWshd({ config = configToml(), docRoot = null, timeoutMs = 30000, tls = false } = {}) {
   const bin = fromRoot(process.env.WSHD_BIN || 'target/debug/wshd');
   const targetDir = fromRoot(process.env.WSHD_TARGET_DIR || 'target/debug');
   if (!fs.existsSync(bin)) throw new Error(`wshd binary not found: ${bin} (build it, or set WSHD_BIN)`);
@@ -72,6 +88,8 @@ export async function startWshd({ config = configToml(), docRoot = null, timeout
   const args = ['-H', '127.0.0.1', '-p', '0', '-w', handlerDir, '--config', configPath,
     '--addr-file', addrFile, '--log-level', 'info'];
   if (docRoot) args.push('-d', docRoot);
+  const cert = tls ? makeCert(tmp) : null;
+  if (cert) args.push('--tls-cert', cert.certPath, '--tls-key', cert.keyPath);
 
   let output = '';
   const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -138,6 +156,8 @@ export async function startWshd({ config = configToml(), docRoot = null, timeout
     port,
     httpUrl: `http://${hostPort}`,
     wsUrl: (route) => `ws://${hostPort}${route}`,
+    wssUrl: (route) => `wss://localhost:${port}${route}`,
+    certPem: cert ? cert.certPem : null,
     stop,
     log: () => output,
     exited: () => exited,

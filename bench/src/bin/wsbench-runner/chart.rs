@@ -26,6 +26,8 @@ fn colour(peer: PeerKind) -> RGBColor {
         PeerKind::NodeWs => RGBColor(0x2c, 0xa0, 0x2c),
         PeerKind::Pywebsocket => RGBColor(0x1f, 0x77, 0xb4),
         PeerKind::WshdAdmin => RGBColor(0x94, 0x67, 0xbd),
+        PeerKind::WshdTls => RGBColor(0x17, 0xbe, 0xcf),
+        PeerKind::Raw4kTls => RGBColor(0xc5, 0xb0, 0xd5),
     }
 }
 

@@ -47,15 +47,15 @@ static STOP: AtomicBool = AtomicBool::new(false);
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// CI smoke run: one short round, wshd and raw (4 KiB) only, tiny sizes;
+    /// CI smoke run: one short round, wshd and raw (4 KiB), plain and over TLS, tiny sizes;
     /// writes the report to a temp dir and fails on any error.
     #[arg(long)]
     smoke: bool,
     /// Rounds (default 3, smoke 1).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: Option<u32>,
-    /// Peers to run, comma-separated: wshd, raw, raw4k, ws, pyws
-    /// (default all; smoke: wshd,raw4k).
+    /// Peers to run, comma-separated: wshd, wshd1, raw, raw4k, raw4k1, ws, pyws, wshd-tls, raw4k-tls
+    /// (default all; smoke: wshd,raw4k,wshd-tls,raw4k-tls).
     #[arg(long, value_delimiter = ',')]
     peers: Option<Vec<String>>,
     /// Only these workloads (keys as in the report), comma-separated.
@@ -164,6 +164,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
                     progress.inc(1);
                     continue;
                 };
+                // The TLS peers take the wss rows only.
+                if kind.is_tls() && !workload.tls {
+                    progress.inc(1);
+                    continue;
+                }
                 if workload.fresh_server || !slot.as_mut().is_some_and(RunningPeer::is_alive) {
                     *slot = None;
                     *starts += 1;
@@ -338,7 +343,9 @@ fn select_workloads(args: &Args) -> anyhow::Result<Vec<Workload>> {
 fn select_peers(args: &Args) -> anyhow::Result<Vec<PeerKind>> {
     let keys: Vec<String> = match &args.peers {
         Some(keys) => keys.clone(),
-        None if args.smoke => vec!["wshd".to_owned(), "raw4k".to_owned()],
+        None if args.smoke => ["wshd", "raw4k", "wshd-tls", "raw4k-tls"]
+            .map(str::to_owned)
+            .to_vec(),
         None => PeerKind::ALL.iter().map(|p| p.key().to_owned()).collect(),
     };
     let mut peers = Vec::new();
@@ -403,6 +410,11 @@ fn run_wsbench(
         .args(&workload.args)
         .arg("--url")
         .arg(&url)
+        .args(if peer.kind.is_tls() {
+            vec!["--ca".into(), layout.tls_cert().into_os_string()]
+        } else {
+            Vec::new()
+        })
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)

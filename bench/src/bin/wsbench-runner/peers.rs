@@ -47,11 +47,17 @@ pub enum PeerKind {
     WshdAdmin,
     /// pywebsocket3 standalone with its example echo handler.
     Pywebsocket,
+    /// wshd serving wss:// (rustls, ring) with a test certificate; measured
+    /// on the echo and handshake workloads that say `tls`.
+    WshdTls,
+    /// raw-echo with a 4 KiB buffer over the same rustls configuration: the
+    /// reference for `WshdTls`.
+    Raw4kTls,
 }
 
 impl PeerKind {
     /// Every peer, in table order.
-    pub const ALL: [PeerKind; 8] = [
+    pub const ALL: [PeerKind; 10] = [
         PeerKind::Wshd,
         PeerKind::Wshd1,
         PeerKind::Raw,
@@ -60,6 +66,8 @@ impl PeerKind {
         PeerKind::NodeWs,
         PeerKind::Pywebsocket,
         PeerKind::WshdAdmin,
+        PeerKind::WshdTls,
+        PeerKind::Raw4kTls,
     ];
 
     /// The short name used on the command line and in results.
@@ -73,6 +81,8 @@ impl PeerKind {
             PeerKind::NodeWs => "ws",
             PeerKind::Pywebsocket => "pyws",
             PeerKind::WshdAdmin => "wshdm",
+            PeerKind::WshdTls => "wshd-tls",
+            PeerKind::Raw4kTls => "raw4k-tls",
         }
     }
 
@@ -87,6 +97,8 @@ impl PeerKind {
             PeerKind::NodeWs => "Node ws",
             PeerKind::Pywebsocket => "pywebsocket3",
             PeerKind::WshdAdmin => "wshd, admin listener on (`--admin`: metrics kept)",
+            PeerKind::WshdTls => "wshd over TLS (wss://, rustls + ring)",
+            PeerKind::Raw4kTls => "raw tokio-tungstenite over TLS (4 KiB, same rustls config)",
         }
     }
 
@@ -101,13 +113,25 @@ impl PeerKind {
     pub fn floor(self) -> PeerKind {
         match self {
             PeerKind::Wshd1 | PeerKind::Raw4k1 => PeerKind::Raw4k1,
+            // Over TLS the floor is raw over the same TLS: the ratio is
+            // wshd's cost, not rustls'.
+            PeerKind::WshdTls | PeerKind::Raw4kTls => PeerKind::Raw4kTls,
             _ => PeerKind::Raw4k,
         }
     }
 
     /// True for the wshd peers.
     pub fn is_wshd(self) -> bool {
-        matches!(self, PeerKind::Wshd | PeerKind::Wshd1 | PeerKind::WshdAdmin)
+        matches!(
+            self,
+            PeerKind::Wshd | PeerKind::Wshd1 | PeerKind::WshdAdmin | PeerKind::WshdTls
+        )
+    }
+
+    /// True for the peers that serve wss:// (and take only the workloads
+    /// marked `tls`).
+    pub fn is_tls(self) -> bool {
+        matches!(self, PeerKind::WshdTls | PeerKind::Raw4kTls)
     }
 
     /// The chat route, when the peer has one.
@@ -139,6 +163,21 @@ impl Layout {
     /// Where peer installs (venv, sdist) are cached between runs.
     pub fn peer_cache(&self) -> PathBuf {
         self.target_dir.join("bench-peers")
+    }
+
+    /// The test certificate the TLS peers serve and wsbench trusts (made
+    /// by [`Layout::tls_files`]).
+    pub fn tls_cert(&self) -> PathBuf {
+        self.run_dir.join("tls-cert.pem")
+    }
+
+    /// Makes the test certificate and key once per run; returns their paths.
+    pub fn tls_files(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let (cert, key) = (self.tls_cert(), self.run_dir.join("tls-key.pem"));
+        if !cert.exists() || !key.exists() {
+            bench::tls::make_cert(&cert, &key).context("making the test certificate")?;
+        }
+        Ok((cert, key))
     }
 }
 
@@ -186,9 +225,10 @@ impl RunningPeer {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// `ws://ADDR/PATH`.
+    /// `ws://ADDR/PATH`, or `wss://` for a TLS peer.
     pub fn url(&self, path: &str) -> String {
-        format!("ws://{}{path}", self.addr)
+        let scheme = if self.kind.is_tls() { "wss" } else { "ws" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 }
 
@@ -322,7 +362,7 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
         args
     };
     match kind {
-        PeerKind::Raw | PeerKind::Raw4k | PeerKind::Raw4k1 => {
+        PeerKind::Raw | PeerKind::Raw4k | PeerKind::Raw4k1 | PeerKind::Raw4kTls => {
             let program = release.join("raw-echo");
             if !program.exists() {
                 bail!("{} is missing; build the bench crate", program.display());
@@ -334,6 +374,15 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
             if kind == PeerKind::Raw4k1 {
                 args.extend(["--threads".to_owned(), "1".to_owned()]);
             }
+            if kind.is_tls() {
+                let (cert, key) = layout.tls_files()?;
+                args.extend([
+                    "--tls-cert".to_owned(),
+                    cert.display().to_string(),
+                    "--tls-key".to_owned(),
+                    key.display().to_string(),
+                ]);
+            }
             Ok(Launch {
                 kind,
                 program,
@@ -343,7 +392,7 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
                 version: String::new(),
             })
         }
-        PeerKind::Wshd | PeerKind::Wshd1 | PeerKind::WshdAdmin => {
+        PeerKind::Wshd | PeerKind::Wshd1 | PeerKind::WshdAdmin | PeerKind::WshdTls => {
             let program = release.join("wshd");
             // Each peer its own copies: never overwrite a loaded library.
             let handlers = layout.run_dir.join(format!("{}-handlers", kind.key()));
@@ -379,6 +428,15 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
             }
             if kind == PeerKind::WshdAdmin {
                 args.extend(["--admin".to_owned(), "127.0.0.1:0".to_owned()]);
+            }
+            if kind.is_tls() {
+                let (cert, key) = layout.tls_files()?;
+                args.extend([
+                    "--tls-cert".to_owned(),
+                    cert.display().to_string(),
+                    "--tls-key".to_owned(),
+                    key.display().to_string(),
+                ]);
             }
             Ok(Launch {
                 kind,

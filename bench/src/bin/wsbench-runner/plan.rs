@@ -74,6 +74,8 @@ pub struct Workload {
     pub columns: &'static [Column],
     /// Kill `wsbench` if it runs longer than this.
     pub budget: Duration,
+    /// Also run against the TLS peers (wss://): the echo and handshake rows.
+    pub tls: bool,
 }
 
 impl Workload {
@@ -92,6 +94,7 @@ fn echo(key: &'static str, title: &'static str, args: Vec<&'static str>) -> Work
         fresh_server: false,
         columns: ECHO_COLUMNS,
         budget: Duration::from_secs(90),
+        tls: false,
     }
 }
 
@@ -104,6 +107,7 @@ fn idle(key: &'static str, title: &'static str, args: Vec<&'static str>) -> Work
         fresh_server: true,
         columns: IDLE_COLUMNS,
         budget: Duration::from_secs(180),
+        tls: false,
     }
 }
 
@@ -116,6 +120,8 @@ fn handshake(args: Vec<&'static str>) -> Workload {
         fresh_server: false,
         columns: HANDSHAKE_COLUMNS,
         budget: Duration::from_secs(90),
+        // A TLS handshake is most of a wss connection's cost.
+        tls: true,
     }
 }
 
@@ -128,7 +134,14 @@ fn fanout(key: &'static str, title: &'static str, args: Vec<&'static str>) -> Wo
         fresh_server: false,
         columns: FANOUT_COLUMNS,
         budget: Duration::from_secs(120),
+        tls: false,
     }
+}
+
+/// Marks a workload to run against the TLS peers too.
+fn wss(mut workload: Workload) -> Workload {
+    workload.tls = true;
+    workload
 }
 
 /// The full run: about 50 s per peer per round.
@@ -144,11 +157,11 @@ pub fn full() -> Vec<Workload> {
             "Echo 32 B text, C=1",
             with(vec!["echo", "-c", "1", "-s", "32"]),
         ),
-        echo(
+        wss(echo(
             "echo-32-c100",
             "Echo 32 B text, C=100",
             with(vec!["echo", "-c", "100", "-s", "32"]),
-        ),
+        )),
         echo(
             "echo-32-c1000",
             "Echo 32 B text, C=1000",
@@ -165,11 +178,11 @@ pub fn full() -> Vec<Workload> {
                 "echo", "-c", "1000", "-s", "32", "--rate", "20", "-d", "4", "-w", "1",
             ],
         ),
-        echo(
+        wss(echo(
             "echo-64k-c10",
             "Echo 64 KiB binary, C=10",
             with(vec!["echo", "-c", "10", "-s", "65536", "--binary"]),
-        ),
+        )),
         idle(
             "idle-10k",
             "10,000 idle connections",
@@ -205,11 +218,11 @@ pub fn smoke() -> Vec<Workload> {
         args
     };
     let mut workloads = vec![
-        echo(
+        wss(echo(
             "echo-32-c10",
             "Echo 32 B text, C=10",
             with(vec!["echo", "-c", "10", "-s", "32"]),
-        ),
+        )),
         echo(
             "echo-4k-c2",
             "Echo 4 KiB binary, C=2, 4 in flight",
