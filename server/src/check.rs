@@ -2,6 +2,12 @@
 //! handler the way startup would (the same loader: sealed memfds, or a fresh
 //! private directory that is removed afterwards), print what would be served
 //! and every problem, and exit. Nothing is sent to a running server.
+//!
+//! `--list` therefore shows what a start with this config and directory
+//! would serve: every version `serving` with a 100% share, and the full
+//! SHA-256 of each file, ready to paste into `sha256 = "..."` of a
+//! `[[route]]`. A running server's canaries, drains and quarantines are in
+//! its log: each rollout step is one line (registry.rs, rollout.rs).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,7 +16,7 @@ use arc_swap::ArcSwap;
 
 use crate::host_api::Connections;
 use crate::loader::Loader;
-use crate::registry::{Mode, Registry};
+use crate::registry::{Mode, Registry, RouteStatus};
 use crate::routing::RouteTable;
 use crate::settings::Settings;
 
@@ -33,37 +39,9 @@ pub async fn run(settings: &Settings, list: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let table = registry.table();
-    let routes = table.primary_routes();
+    let routes = registry.status();
     if list || !report.problems.is_empty() {
-        println!(
-            "{:<24} {:<14} {:<10} {:<6} {:<13} FILE",
-            "PATH", "HANDLER", "VERSION", "ABI", "HASH"
-        );
-        for r in &routes {
-            let lib = &r.instance.lib;
-            let aliases: Vec<&str> = table
-                .routes
-                .iter()
-                .filter(|(p, x)| Arc::ptr_eq(x, r) && **p != r.path)
-                .map(|(p, _)| &**p)
-                .collect();
-            let path = if aliases.is_empty() {
-                r.path.to_string()
-            } else {
-                format!("{} ({})", r.path, aliases.join(", "))
-            };
-            println!(
-                "{:<24} {:<14} {:<10} {:<6} {:<13} {}{}",
-                path,
-                lib.desc.name,
-                lib.desc.version,
-                format!("{}.{}", lib.desc.abi_major, lib.desc.abi_minor),
-                lib.short_hash(),
-                lib.source.display(),
-                if lib.may_block() { "  [may block]" } else { "" }
-            );
-        }
+        print_list(&routes);
     }
     for p in &report.problems {
         eprintln!("wshd: problem: {p}");
@@ -82,5 +60,35 @@ pub async fn run(settings: &Settings, list: bool) -> ExitCode {
             report.problems.len()
         );
         ExitCode::FAILURE
+    }
+}
+
+/// One line per route version: state, share of new connections, hash.
+fn print_list(routes: &[RouteStatus]) {
+    println!(
+        "{:<24} {:<14} {:<10} {:<6} {:<11} {:>5}  {:<64}  FILE",
+        "PATH", "HANDLER", "VERSION", "ABI", "STATE", "SHARE", "SHA256"
+    );
+    for r in routes {
+        let path = if r.aliases.is_empty() {
+            r.path.to_string()
+        } else {
+            format!("{} ({})", r.path, r.aliases.join(", "))
+        };
+        for v in &r.versions {
+            let lib = &v.instance.lib;
+            println!(
+                "{:<24} {:<14} {:<10} {:<6} {:<11} {:>4}%  {:<64}  {}{}",
+                path,
+                lib.desc.name,
+                lib.desc.version,
+                format!("{}.{}", lib.desc.abi_major, lib.desc.abi_minor),
+                v.state,
+                v.share,
+                lib.hash,
+                lib.source.display(),
+                if lib.may_block() { "  [may block]" } else { "" }
+            );
+        }
     }
 }

@@ -83,6 +83,9 @@ pub struct Instance {
     /// Window over which drained connections are closed, in milliseconds.
     drain_window_ms: AtomicU64,
     blocking: Option<Arc<Semaphore>>,
+    /// Panics, failed callbacks and 5xx handshakes, for rollout thresholds
+    /// and quarantine (rollout.rs).
+    pub health: crate::rollout::Health,
 }
 
 impl Instance {
@@ -129,6 +132,7 @@ impl Instance {
             drain: CancellationToken::new(),
             live: AtomicUsize::new(0),
             drain_window_ms: AtomicU64::new(0),
+            health: Default::default(),
         })
     }
 
@@ -184,6 +188,10 @@ impl Instance {
                     format!("handler failed the handshake ({})", status_name(rc)),
                 ));
             }
+            this.health.panicked_if(rc);
+            if let Some((status, _)) = &b.reject {
+                this.health.handshake(*status);
+            }
             b
         })
         .await
@@ -207,6 +215,7 @@ impl Instance {
             let rc = with_outbox(conn, &mut outbox, None, || unsafe {
                 cb(handler.get(), conn, &mut state)
             });
+            this.health.callback(rc);
             let r = if rc == WSHD_OK {
                 Ok(ConnState(state))
             } else {
@@ -239,7 +248,7 @@ impl Instance {
         let _running = self.lib.enter(Callback::OnMessage);
         // SAFETY: callback from a validated descriptor; `data` is borrowed
         // for the call and text payloads were UTF-8-validated by tungstenite.
-        with_outbox(conn, outbox, Some(inbound), || unsafe {
+        let rc = with_outbox(conn, outbox, Some(inbound), || unsafe {
             cb(
                 self.handler.get(),
                 state.get(),
@@ -248,7 +257,11 @@ impl Instance {
                 data.as_ptr(),
                 data.len(),
             )
-        })
+        });
+        if rc != WSHD_OK {
+            self.health.callback(rc);
+        }
+        rc
     }
 
     /// `on_message`, on whichever thread the handler's flags require.

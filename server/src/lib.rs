@@ -25,6 +25,8 @@
 //! * [`routing`]: the route table, swapped atomically on reload.
 //! * [`registry`]: loaded versions and instances; reconciles the handler
 //!   directory and config into a new route table.
+//! * [`rollout`]: canary/rollback/quarantine state machine per route, and
+//!   each instance's fault counters.
 //! * [`scan`]: finds `NAME_wsh.so` files.
 //! * [`loader`] + [`elf`]: sealed memfds (or a private fallback directory),
 //!   ELF checks, `dlopen`, descriptor validation.
@@ -58,6 +60,7 @@ pub mod logging;
 pub mod logsafe;
 pub mod registry;
 pub mod reload;
+pub mod rollout;
 pub mod routing;
 pub mod scan;
 pub mod server;

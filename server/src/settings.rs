@@ -33,6 +33,8 @@ pub struct Settings {
     /// Load handler files that fail the trust check (trust.rs), warning at
     /// every load, instead of refusing them.
     pub allow_insecure_handler_dir: bool,
+    /// `[rollout]`: canary, rollback and quarantine for every route.
+    pub rollout: crate::rollout::Policy,
 }
 
 /// One `[[route]]`, resolved.
@@ -46,6 +48,10 @@ pub struct RouteSpec {
     pub allowed_origins: Option<Vec<OriginRule>>,
     pub limits: Limits,
     pub config_text: String,
+    /// `[rollout]` overlaid with `[route.rollout]`.
+    pub rollout: crate::rollout::Policy,
+    /// `sha256 = "..."`: the only handler bytes this route loads.
+    pub sha256: Option<String>,
 }
 
 /// A place in the config file.
@@ -152,6 +158,8 @@ impl Settings {
             .and_then(|r| r.shutdown.timeout)
             .map_or(Duration::from_secs(10), |d| d.0);
 
+        let rollout = crate::rollout::Policy::default()
+            .overlay(raw.map(|r| &r.rollout).unwrap_or(&Default::default()));
         let mut routes = Vec::new();
         if let (Some(file), Some(raw)) = (file, raw) {
             for r in &raw.routes {
@@ -172,6 +180,8 @@ impl Settings {
                     allowed_origins: r.allowed_origins.clone(),
                     limits: limits.overlay(&r.limits),
                     config_text,
+                    rollout: rollout.overlay(&r.rollout),
+                    sha256: r.sha256.as_ref().map(|p| p.get_ref().0.clone()),
                 });
             }
         }
@@ -211,6 +221,7 @@ impl Settings {
             config_path: args.config.clone(),
             allow_insecure_handler_dir: args.allow_insecure_handler_dir
                 || raw.is_some_and(|r| r.allow_insecure_handler_dir),
+            rollout,
         })
     }
 }
