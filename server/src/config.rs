@@ -1129,9 +1129,13 @@ mod tests {
         );
         let e = f.unwrap_err().to_string();
         assert!(e.contains("sha256") && e.contains("64 hex digits"), "{e}");
-        let e = parse("[rollout]\ncanary_percent = 101\n").unwrap_err().to_string();
+        let e = parse("[rollout]\ncanary_percent = 101\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("0 to 100"), "{e}");
-        let e = parse("[rollout]\nquarantine_faults = 0\n").unwrap_err().to_string();
+        let e = parse("[rollout]\nquarantine_faults = 0\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("greater than 0"), "{e}");
         let pin = "A".repeat(64);
         let f = parse(&format!(

@@ -125,6 +125,8 @@ struct RouteState {
     /// The stable version is quarantined with nothing to fall back to: when
     /// to warn again.
     warn_at: Option<Instant>,
+    /// New connections since the canary started (routing.rs `pick`).
+    picked: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How often a quarantined version without a fallback is warned about.
@@ -208,12 +210,7 @@ impl Registry {
     pub fn next_deadline(&self) -> Option<Instant> {
         self.routes
             .values()
-            .flat_map(|r| {
-                [
-                    r.rollout.deadline().map(Instant::from_std),
-                    r.warn_at,
-                ]
-            })
+            .flat_map(|r| [r.rollout.deadline().map(Instant::from_std), r.warn_at])
             .flatten()
             .min()
     }
@@ -290,7 +287,8 @@ impl Registry {
                 why: why.clone(),
             });
         }
-        let conflicted: HashSet<String> = scanned.conflicts.iter().map(|(n, _)| n.clone()).collect();
+        let conflicted: HashSet<String> =
+            scanned.conflicts.iter().map(|(n, _)| n.clone()).collect();
         for (name, paths) in &scanned.conflicts {
             let list: Vec<_> = paths.iter().map(|p| p.display().to_string()).collect();
             let message = format!(
@@ -354,7 +352,8 @@ impl Registry {
                 .filter(|r| r.handler == found.name)
                 .filter_map(|r| r.sha256.as_deref().map(|p| (r.path.as_str(), p)))
                 .collect();
-            let pinned_ok = |lib: &Library| pins.is_empty() || pins.iter().any(|(_, p)| *p == lib.hash);
+            let pinned_ok =
+                |lib: &Library| pins.is_empty() || pins.iter().any(|(_, p)| *p == lib.hash);
             match self
                 .refresh(&found.path, &pins, &mut dirs, s.allow_insecure_handler_dir)
                 .await
@@ -558,12 +557,7 @@ impl Registry {
         // The scanned routes, then the config's, which override a scanned
         // route with the same path.
         let mut wants: BTreeMap<String, Want> = BTreeMap::new();
-        for name in scanned
-            .scan
-            .found
-            .keys()
-            .chain(scanned.conflicted.iter())
-        {
+        for name in scanned.scan.found.keys().chain(scanned.conflicted.iter()) {
             wants.insert(
                 format!("/{name}"),
                 Want {
@@ -607,7 +601,9 @@ impl Registry {
                 continue;
             };
             let config_text = want.spec.map_or("", |r| r.config_text.as_str());
-            let policy = want.spec.map_or_else(|| s.rollout.clone(), |r| r.rollout.clone());
+            let policy = want
+                .spec
+                .map_or_else(|| s.rollout.clone(), |r| r.rollout.clone());
             let (origins, limits) = match want.spec {
                 Some(r) => (r.allowed_origins.clone(), r.limits.clone()),
                 None => (None, s.limits.clone()),
@@ -631,6 +627,7 @@ impl Registry {
                             last_good: None,
                             rejected: None,
                             warn_at: None,
+                            picked: Arc::default(),
                         }
                     }
                     Err(error) => {
@@ -652,13 +649,16 @@ impl Registry {
                         // Unchanged: keep every instance as it is.
                     } else if st.rollout.canary.is_some() && same(&st.rollout.stable) {
                         report.changed += 1;
-                        let step = st
-                            .rollout
-                            .roll_back("the handler file is back to the serving version".into());
+                        let step = st.rollout.roll_back(
+                            "the handler file is back to the serving version".into(),
+                            false,
+                        );
                         settle(&path, &mut st, step, &mut self.files, drain_now);
-                    } else if st.rejected.as_ref().is_some_and(|(g, c)| {
-                        *g == lib.generation && c == config_text
-                    }) {
+                    } else if st
+                        .rejected
+                        .as_ref()
+                        .is_some_and(|(g, c)| *g == lib.generation && c == config_text)
+                    {
                         // Rolled back or quarantined: reported when it happened.
                     } else {
                         match self.init(lib.clone(), path.clone(), config_text).await {
@@ -718,6 +718,7 @@ impl Registry {
                 st.warn_at = None;
             }
             Offer::Canary { replaced_canary } => {
+                st.picked = Arc::default();
                 tracing::info!(
                     route = %path,
                     "canary started: {desc} gets {}% of new connections for {:?}, {} keeps the rest{}",
@@ -759,10 +760,13 @@ impl Registry {
             if let Some(c) = &st.rollout.canary {
                 let faults = c.version.health.faults_within(window, now.into_std());
                 let step = if rollout::quarantine_due(faults, &st.policy) {
-                    Some(st.rollout.roll_back(format!(
-                        "{faults} faults within {window:?}, more than quarantine_faults = {}",
-                        st.policy.quarantine_faults
-                    )))
+                    Some(st.rollout.roll_back(
+                        format!(
+                            "{faults} faults within {window:?}, more than quarantine_faults = {}",
+                            st.policy.quarantine_faults
+                        ),
+                        true,
+                    ))
                 } else {
                     let counts = c.version.health.counts();
                     st.rollout.evaluate(counts, &st.policy, now.into_std())
@@ -822,10 +826,7 @@ impl Registry {
             .or_default()
             .quarantined = Some((stable.lib.hash.clone(), "quarantined"));
         st.rejected = Some((stable.lib.generation, stable.config_text.clone()));
-        let fallback = st
-            .last_good
-            .clone()
-            .filter(|l| l.hash != stable.lib.hash);
+        let fallback = st.last_good.clone().filter(|l| l.hash != stable.lib.hash);
         let mut failed = None;
         if let Some(lib) = fallback {
             match self.init(lib, path.clone(), &stable.config_text).await {
@@ -873,7 +874,7 @@ impl Registry {
                 st.limits.clone(),
             );
             if let Some(c) = &st.rollout.canary {
-                route = route.with_canary(c.version.clone(), c.percent);
+                route = route.with_canary(c.version.clone(), c.percent, st.picked.clone());
             }
             let route = Arc::new(route);
             for alias in &st.aliases {
@@ -980,23 +981,33 @@ fn settle(
             }
             st.warn_at = None;
         }
-        Step::RolledBack { canary, why } => {
+        Step::RolledBack {
+            canary,
+            why,
+            automatic,
+        } => {
             let stable = &st.rollout.stable;
             let moved = rollout::handover_back(&canary, stable);
             tracing::warn!(
                 route = %path,
                 "rolled back {}: {why}; new connections go to {}, {} canary connections \
-                 drain now ({moved} handed over)",
+                 drain {} ({moved} handed over)",
                 canary.describe(),
                 stable.describe(),
-                canary.live.load(Ordering::Relaxed).saturating_sub(moved)
+                canary.live.load(Ordering::Relaxed).saturating_sub(moved),
+                if automatic { "now" } else { "after drain_timeout" }
             );
-            if canary.lib.hash != stable.lib.hash {
-                files.entry(canary.lib.source.clone()).or_default().quarantined =
-                    Some((canary.lib.hash.clone(), "rolled back"));
+            if automatic {
+                if canary.lib.hash != stable.lib.hash {
+                    files
+                        .entry(canary.lib.source.clone())
+                        .or_default()
+                        .quarantined = Some((canary.lib.hash.clone(), "rolled back"));
+                }
+                st.rejected = Some((canary.lib.generation, canary.config_text.clone()));
+                // Known bad: its connections do not wait for drain_timeout.
+                drain_now.insert(canary.id);
             }
-            st.rejected = Some((canary.lib.generation, canary.config_text.clone()));
-            drain_now.insert(canary.id);
         }
     }
 }

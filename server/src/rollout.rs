@@ -17,8 +17,11 @@
 //! `Arc<Instance>` and turns each [`Step`] into one log line, a new route
 //! table, and the retirement of what is no longer served.
 //!
-//! Rollback drains the canary's open connections at once (Close 1012 spread
-//! over `drain_window`): the version is known bad. Where both versions
+//! An automatic rollback (a threshold crossed) drains the canary's open
+//! connections at once (Close 1012 spread over `drain_window`): the version
+//! is known bad, and its bytes are not rolled out again until the file
+//! changes. A manual rollback drains them after `drain_timeout`, like any
+//! replaced version, and leaves the bytes eligible. Where both versions
 //! support connection handover (issue #15 section 1, not yet in the ABI),
 //! [`handover_back`] is the hook that moves them to the stable version
 //! instead; today it moves none.
@@ -76,8 +79,12 @@ impl Policy {
             max_5xx_handshakes: raw
                 .max_5xx_handshakes
                 .map_or(self.max_5xx_handshakes, u64::from),
-            quarantine_faults: raw.quarantine_faults.map_or(self.quarantine_faults, |c| c.0),
-            quarantine_window: raw.quarantine_window.map_or(self.quarantine_window, |d| d.0),
+            quarantine_faults: raw
+                .quarantine_faults
+                .map_or(self.quarantine_faults, |c| c.0),
+            quarantine_window: raw
+                .quarantine_window
+                .map_or(self.quarantine_window, |d| d.0),
         }
     }
 }
@@ -226,7 +233,14 @@ pub enum Step<V> {
     /// The canary became the stable version; `old` is to be retired.
     Promoted { old: V, why: String },
     /// The canary is gone; `canary` is to be handed over back or drained.
-    RolledBack { canary: V, why: String },
+    /// `automatic`: a threshold was crossed, so its bytes are known bad
+    /// and are not rolled out again; a manual rollback (canary_percent 0,
+    /// the file put back) leaves them eligible.
+    RolledBack {
+        canary: V,
+        why: String,
+        automatic: bool,
+    },
 }
 
 impl<V: Clone> Rollout<V> {
@@ -289,7 +303,7 @@ impl<V: Clone> Rollout<V> {
         .into_iter()
         .find(|(_, n, max, _)| n > max);
         if let Some((what, n, max, key)) = crossed {
-            return Some(self.roll_back(format!("{n} {what}, more than {key} = {max}")));
+            return Some(self.roll_back(format!("{what}: {n}, more than {key} = {max}"), true));
         }
         if now >= c.until {
             return Some(self.promote(format!(
@@ -306,7 +320,7 @@ impl<V: Clone> Rollout<V> {
         self.canary.as_ref()?;
         match policy.canary_percent {
             100 => Some(self.promote("canary_percent set to 100 (manual promote)".into())),
-            0 => Some(self.roll_back("canary_percent set to 0 (manual rollback)".into())),
+            0 => Some(self.roll_back("canary_percent set to 0 (manual rollback)".into(), false)),
             p => {
                 if let Some(c) = self.canary.as_mut() {
                     c.percent = p;
@@ -317,9 +331,13 @@ impl<V: Clone> Rollout<V> {
     }
 
     /// Ends a canary in favour of the stable version.
-    pub fn roll_back(&mut self, why: String) -> Step<V> {
+    pub fn roll_back(&mut self, why: String, automatic: bool) -> Step<V> {
         let canary = self.canary.take().expect("a canary to roll back").version;
-        Step::RolledBack { canary, why }
+        Step::RolledBack {
+            canary,
+            why,
+            automatic,
+        }
     }
 
     fn promote(&mut self, why: String) -> Step<V> {
@@ -440,7 +458,11 @@ mod tests {
             let mut r = Rollout::new("v1");
             r.offer("v2", &p, t0);
             match r.evaluate(counts, &p, t0) {
-                Some(Step::RolledBack { canary: "v2", why }) => assert!(why.contains(word), "{why}"),
+                Some(Step::RolledBack {
+                    canary: "v2",
+                    why,
+                    automatic: true,
+                }) => assert!(why.contains(word), "{why}"),
                 other => panic!("{other:?}"),
             }
             assert_eq!(r.stable, "v1");
@@ -463,7 +485,11 @@ mod tests {
         r.offer("v3", &policy(10), t0);
         assert!(matches!(
             r.reconfigure(&policy(0)),
-            Some(Step::RolledBack { canary: "v3", .. })
+            Some(Step::RolledBack {
+                canary: "v3",
+                automatic: false,
+                ..
+            })
         ));
         assert_eq!(r.stable, "v2");
         assert_eq!(r.offer("v4", &policy(0), t0), Offer::Refused);

@@ -25,8 +25,9 @@ pub struct Route {
     /// A version on probation (rollout.rs): the same route with the
     /// canary's instance, and its share of new connections.
     pub canary: Option<(Arc<Route>, u8)>,
-    /// New connections so far, for the canary split.
-    picked: AtomicU64,
+    /// New connections since the canary started, for the split. Shared
+    /// with the registry so a republished table continues the count.
+    picked: Arc<AtomicU64>,
 }
 
 impl Route {
@@ -44,12 +45,19 @@ impl Route {
             limits,
             ws_config,
             canary: None,
-            picked: AtomicU64::new(0),
+            picked: Arc::default(),
         }
     }
 
-    /// This route, with `canary` taking `percent` of new connections.
-    pub fn with_canary(mut self, canary: Arc<Instance>, percent: u8) -> Route {
+    /// This route, with `canary` taking `percent` of new connections;
+    /// `picked` counts the connections split so far.
+    pub fn with_canary(
+        mut self,
+        canary: Arc<Instance>,
+        percent: u8,
+        picked: Arc<AtomicU64>,
+    ) -> Route {
+        self.picked = picked;
         let c = Route::new(
             self.path.clone(),
             canary,

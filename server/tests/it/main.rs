@@ -6,6 +6,7 @@ mod faults;
 mod fuzz;
 mod lifecycle;
 mod reload;
+mod rollout;
 mod security_accept;
 mod security_config;
 mod security_edges;
