@@ -3,11 +3,12 @@
 //! private directory that is removed afterwards), print what would be served
 //! and every problem, and exit. Nothing is sent to a running server.
 //!
-//! `--list` therefore shows what a start with this config and directory
-//! would serve: every version `serving` with a 100% share, and the full
-//! SHA-256 of each file, ready to paste into `sha256 = "..."` of a
-//! `[[route]]`. A running server's canaries, drains and quarantines are in
-//! its log: each rollout step is one line (registry.rs, rollout.rs).
+//! `--list` shows what a start with this config and directory would serve:
+//! every version `serving` with a 100% share, and the full SHA-256 of each
+//! file, ready to paste into `sha256 = "..."` of a `[[route]]`. With
+//! `status_file` set, it first prints the table the running server wrote
+//! there: its canaries, shares, draining and quarantined versions
+//! (status.rs). Each rollout step is also one log line.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use arc_swap::ArcSwap;
 
 use crate::host_api::Connections;
 use crate::loader::Loader;
-use crate::registry::{Mode, Registry, RouteStatus};
+use crate::registry::{Mode, Registry};
 use crate::routing::RouteTable;
 use crate::settings::Settings;
 
@@ -31,7 +32,13 @@ pub async fn run(settings: &Settings, list: bool) -> ExitCode {
     };
     let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
     let mut registry = Registry::new(loader, Arc::new(Connections::default()), table);
-    let report = match registry.apply(settings, Mode::Startup).await {
+    // This process is not the server: it must not replace the running
+    // server's status file with its own table.
+    let own = Settings {
+        status_file: None,
+        ..settings.clone()
+    };
+    let report = match registry.apply(&own, Mode::Startup).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("wshd: {e}");
@@ -40,8 +47,15 @@ pub async fn run(settings: &Settings, list: bool) -> ExitCode {
         }
     };
     let routes = registry.status();
+    if list && let Some(path) = &settings.status_file {
+        match crate::status::read_running(path) {
+            Ok(text) => println!("running server ({}):\n{text}", path.display()),
+            Err(why) => println!("{why}"),
+        }
+        println!("a start with this configuration would serve:");
+    }
     if list || !report.problems.is_empty() {
-        print_list(&routes);
+        print!("{}", crate::status::render(&routes));
     }
     for p in &report.problems {
         eprintln!("wshd: problem: {p}");
@@ -60,35 +74,5 @@ pub async fn run(settings: &Settings, list: bool) -> ExitCode {
             report.problems.len()
         );
         ExitCode::FAILURE
-    }
-}
-
-/// One line per route version: state, share of new connections, hash.
-fn print_list(routes: &[RouteStatus]) {
-    println!(
-        "{:<24} {:<14} {:<10} {:<6} {:<11} {:>5}  {:<64}  FILE",
-        "PATH", "HANDLER", "VERSION", "ABI", "STATE", "SHARE", "SHA256"
-    );
-    for r in routes {
-        let path = if r.aliases.is_empty() {
-            r.path.to_string()
-        } else {
-            format!("{} ({})", r.path, r.aliases.join(", "))
-        };
-        for v in &r.versions {
-            let lib = &v.instance.lib;
-            println!(
-                "{:<24} {:<14} {:<10} {:<6} {:<11} {:>4}%  {:<64}  {}{}",
-                path,
-                lib.desc.name,
-                lib.desc.version,
-                format!("{}.{}", lib.desc.abi_major, lib.desc.abi_minor),
-                v.state,
-                v.share,
-                lib.hash,
-                lib.source.display(),
-                if lib.may_block() { "  [may block]" } else { "" }
-            );
-        }
     }
 }

@@ -95,6 +95,9 @@ pub struct RawConfig {
     /// (`[route.rollout]` overrides it per route).
     #[serde(default)]
     pub rollout: RawRollout,
+    /// Where a running server writes its live route table (versions,
+    /// shares, states) for `wshd --list`. Default: not written.
+    pub status_file: Option<PathBuf>,
 }
 
 /// `[limits]` and `[route.limits]`: every field optional so a route can

@@ -27,6 +27,8 @@
 //!   directory and config into a new route table.
 //! * [`rollout`]: canary/rollback/quarantine state machine per route, and
 //!   each instance's fault counters.
+//! * [`status`]: the `--list` table, and the live copy a running server
+//!   writes to `status_file`.
 //! * [`scan`]: finds `NAME_wsh.so` files.
 //! * [`loader`] + [`elf`]: sealed memfds (or a private fallback directory),
 //!   ELF checks, `dlopen`, descriptor validation.
@@ -67,6 +69,7 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod static_files;
+pub mod status;
 pub mod trust;
 pub mod workers;
 pub mod write_deadline;

@@ -42,6 +42,7 @@ use crate::rollout::{self, Offer, Policy, Rollout, Step};
 use crate::routing::{Route, RouteTable};
 use crate::scan;
 use crate::settings::Settings;
+use crate::status::{RouteStatus, VersionStatus};
 use crate::trust;
 
 /// How strict [`Registry::apply`] is about problems.
@@ -132,22 +133,9 @@ struct RouteState {
 /// How often a quarantined version without a fallback is warned about.
 const QUARANTINE_WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// One version of a route, for `--list`.
-#[derive(Debug, Clone)]
-pub struct VersionStatus {
-    pub instance: Arc<Instance>,
-    /// Share of new connections, in percent.
-    pub share: u8,
-    pub state: &'static str,
-}
-
-/// One route, for `--list`.
-#[derive(Debug, Clone)]
-pub struct RouteStatus {
-    pub path: Arc<str>,
-    pub aliases: Vec<String>,
-    pub versions: Vec<VersionStatus>,
-}
+/// While a retired version still drains, the status file is rewritten this
+/// often so its open-connection counts stay current.
+const STATUS_REFRESH: Duration = Duration::from_secs(5);
 
 /// Owns the loaded libraries and live instances; only the reload task (and
 /// startup) touches it.
@@ -162,6 +150,10 @@ pub struct Registry {
     init_timeout: Duration,
     /// Woken by any instance's fault (rollout::Health).
     alarm: Arc<Notify>,
+    /// `status_file`: where the live table goes (status.rs).
+    status_file: Option<PathBuf>,
+    /// When to rewrite the status file while versions drain.
+    status_at: Option<Instant>,
 }
 
 /// What the wanted routes are, before anything is loaded.
@@ -192,6 +184,8 @@ impl Registry {
             draining: Vec::new(),
             init_timeout: Duration::from_secs(10),
             alarm: Arc::new(Notify::new()),
+            status_file: None,
+            status_at: None,
         }
     }
 
@@ -212,7 +206,25 @@ impl Registry {
             .values()
             .flat_map(|r| [r.rollout.deadline().map(Instant::from_std), r.warn_at])
             .flatten()
+            .chain(self.status_at)
             .min()
+    }
+
+    /// Writes the live table to `status_file`, if set; while versions
+    /// drain, schedules the next rewrite.
+    fn write_status(&mut self) {
+        let Some(path) = self.status_file.clone() else {
+            return;
+        };
+        let routes = self.status();
+        if let Err(e) = crate::status::write(&path, &routes) {
+            tracing::warn!(
+                "cannot write status_file {}: {e}; `wshd --list` will not show this server's \
+                 rollouts (check the directory exists and is writable by this user)",
+                path.display()
+            );
+        }
+        self.status_at = (!self.draining.is_empty()).then(|| Instant::now() + STATUS_REFRESH);
     }
 
     /// Every route's versions, shares and states, sorted by path.
@@ -270,6 +282,8 @@ impl Registry {
             .await;
         self.publish();
         self.retire(before, &s.reload, &drain_now);
+        self.status_file = s.status_file.clone();
+        self.write_status();
         Ok(report)
     }
 
@@ -784,6 +798,9 @@ impl Registry {
         if changed > 0 {
             self.publish();
             self.retire(before, &s.reload, &drain_now);
+        }
+        if changed > 0 || self.status_at.is_some_and(|at| now >= at) {
+            self.write_status();
         }
         changed
     }

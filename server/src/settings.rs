@@ -35,6 +35,8 @@ pub struct Settings {
     pub allow_insecure_handler_dir: bool,
     /// `[rollout]`: canary, rollback and quarantine for every route.
     pub rollout: crate::rollout::Policy,
+    /// Where the running server writes its live route table (status.rs).
+    pub status_file: Option<PathBuf>,
 }
 
 /// One `[[route]]`, resolved.
@@ -158,6 +160,18 @@ impl Settings {
             .and_then(|r| r.shutdown.timeout)
             .map_or(Duration::from_secs(10), |d| d.0);
 
+        let status_file = raw.and_then(|r| r.status_file.as_deref()).map(rel);
+        if let Some(f) = &status_file
+            && f.starts_with(&handler_dir)
+        {
+            // Each write would be a change under the watched directory: a
+            // reload that writes it again, forever.
+            return Err(ConfigError::Other(format!(
+                "status_file {} is inside handler_dir {}; put it outside, e.g. in /run/wshd/",
+                f.display(),
+                handler_dir.display()
+            )));
+        }
         let rollout = crate::rollout::Policy::default()
             .overlay(raw.map(|r| &r.rollout).unwrap_or(&Default::default()));
         let mut routes = Vec::new();
@@ -222,6 +236,7 @@ impl Settings {
             allow_insecure_handler_dir: args.allow_insecure_handler_dir
                 || raw.is_some_and(|r| r.allow_insecure_handler_dir),
             rollout,
+            status_file,
         })
     }
 }

@@ -48,10 +48,54 @@ async fn canary_takes_its_share_and_a_sighup_at_100_promotes_it() {
     let (dir, target) = dir_with(&v1);
     let cfg_dir = tempfile::tempdir().unwrap();
     let rollout = "[rollout]\ncanary_percent = 10\ncanary_period = \"1h\"\n";
-    let cfg = write_config(cfg_dir.path(), &format!("{FAST}{rollout}"));
+    let cfg = write_config(
+        cfg_dir.path(),
+        &format!("status_file = \"status\"\n{FAST}{rollout}"),
+    );
     let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
     std::fs::copy(&v2, &target).unwrap();
     srv.wait_log("canary started").await;
+
+    // `--list` with the same config shows the running server's table,
+    // once the server has rewritten it after the step it logged.
+    let status = cfg_dir.path().join("status");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&status).is_ok_and(|s| s.contains("canary")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status file never showed the canary"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wshd"))
+        .args(["--list", "--config"])
+        .arg(&cfg)
+        .arg("-w")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let running = stdout
+        .split("a start with this configuration would serve")
+        .next()
+        .unwrap();
+    assert!(running.contains("running server"), "{stdout}");
+    let line = |state: &str| {
+        running
+            .lines()
+            .find(|l| l.starts_with("/c_echo") && l.contains(state))
+            .unwrap_or_else(|| panic!("no {state} line in {stdout}"))
+            .to_owned()
+    };
+    let (serving, canary) = (line("serving"), line("canary"));
+    assert!(
+        serving.contains(" 90%") && serving.contains(&sha256_of(&v1)),
+        "{stdout}"
+    );
+    assert!(
+        canary.contains(" 10%") && canary.contains(&sha256_of(&v2)),
+        "{stdout}"
+    );
 
     // 1000 new connections, 20 at a time: 100 +- 30 reach the canary.
     let url = srv.url("/c_echo");
@@ -284,4 +328,22 @@ async fn a_sighup_at_0_rolls_the_canary_back_by_hand_and_it_may_come_back() {
         v
     };
     assert_eq!(replies, ["n0", "v2:n1"]);
+}
+
+#[test]
+fn a_status_file_inside_the_handler_dir_is_refused() {
+    // Every write would be a change under the watched directory, and so a
+    // reload that writes it again.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let inside = dir.path().join("status");
+    let cfg = write_config(
+        cfg_dir.path(),
+        &format!("status_file = \"{}\"\n", inside.display()),
+    );
+    let err = match Wshd::try_start(dir.path(), &["--config", cfg.to_str().unwrap()]) {
+        Ok(_) => panic!("started with status_file inside handler_dir"),
+        Err(log) => log,
+    };
+    assert!(err.contains("is inside handler_dir"), "{err}");
 }
