@@ -19,7 +19,9 @@
 //! * `?reject_euro=N`: rejects with 403 and a body of N bytes of `€`
 //!   (rounded down to whole characters);
 //! * `?reject=TEXT`: rejects with 403 and TEXT, percent-decoded, as the body
-//!   (so a test can put control bytes in a body the server logs).
+//!   (so a test can put control bytes in a body the server logs);
+//! * `?fail_handshake`: the handshake callback fails, which the server
+//!   answers with 500 (for the rollout's `max_5xx_handshakes`).
 //!
 //! Build: `cargo build -p testkit-handler` → `target/debug/libtestkit_wsh.so`
 //! (serves the handler named `testkit`).
@@ -157,6 +159,9 @@ impl Handler for Testkit {
                     "€".repeat(n / 3)
                 }
                 Some(("reject", text)) => percent_decode(text),
+                None if pair == "fail_handshake" => {
+                    return Err("testkit: asked to fail the handshake".into());
+                }
                 _ => continue,
             };
             return resp.reject(403, &body).map_err(|e| e.to_string());

@@ -347,3 +347,40 @@ fn a_status_file_inside_the_handler_dir_is_refused() {
     };
     assert!(err.contains("is inside handler_dir"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_canary_failing_handshakes_with_5xx_is_rolled_back() {
+    // A config change makes a new instance, which rolls out like new bytes.
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "testkit", "libtestkit_wsh.so");
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let with = |changed: bool| {
+        format!(
+            "{FAST}[rollout]\ncanary_percent = 50\ncanary_period = \"1h\"\nmax_5xx_handshakes = 1\n\
+             [[route]]\npath = \"/tk\"\nhandler = \"testkit\"\n{}",
+            if changed {
+                "[route.config]\nfail_init = false\n"
+            } else {
+                ""
+            }
+        )
+    };
+    let cfg = write_config(cfg_dir.path(), &with(false));
+    let srv = Wshd::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    write_config(cfg_dir.path(), &with(true));
+    srv.signal("HUP");
+    srv.wait_log("canary started").await;
+
+    // Alternating split: stable, canary, stable, canary. One 500 from the
+    // canary stays within max_5xx_handshakes = 1; the second crosses it.
+    for _ in 0..4 {
+        match tokio_tungstenite::connect_async(srv.url("/tk?fail_handshake")).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status().as_u16(), 500)
+            }
+            other => panic!("expected a 500, got {other:?}"),
+        }
+    }
+    let log = srv.wait_log("rolled back").await;
+    assert!(log.contains("max_5xx_handshakes = 1"), "{log}");
+}
