@@ -384,3 +384,22 @@ async fn a_canary_failing_handshakes_with_5xx_is_rolled_back() {
     let log = srv.wait_log("rolled back").await;
     assert!(log.contains("max_5xx_handshakes = 1"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_healthy_canary_is_promoted_when_its_period_ends() {
+    let (_b, v1, v2, _) = versions();
+    let (dir, target) = dir_with(&v1);
+    let rollout = "[rollout]\ncanary_percent = 50\ncanary_period = \"300ms\"\n";
+    let srv = Wshd::with_config(dir.path(), &format!("{FAST}{rollout}"), &[]);
+    std::fs::copy(&v2, &target).unwrap();
+    srv.wait_log("canary started").await;
+    // Nothing else happens: the period's end alone promotes it.
+    let log = srv.wait_log("promoted").await;
+    assert!(log.contains("passed under every threshold"), "{log}");
+    let url = srv.url("/c_echo");
+    for i in 0..4 {
+        let mut ws = connect(&url).await;
+        let msg = format!("p{i}");
+        assert_eq!(echo_once(&mut ws, &msg).await, format!("v2:{msg}"));
+    }
+}
