@@ -47,6 +47,12 @@
  *                             invalid pointer (SIGSEGV), "abort" calls
  *                             abort(), "thread-exit" starts a thread that
  *                             calls exit(0)
+ *
+ * For the server's rollout tests (a broken new version):
+ *
+ *   -DECHO_FAIL_MESSAGES      on_message fails every message with
+ *                             WSHD_ERR_HANDLER, so each connection's first
+ *                             message closes it with 1011
  */
 #include <stdlib.h>
 #include <string.h>
@@ -197,6 +203,15 @@ static int32_t echo_on_message(void *handler, void *conn_state, wshd_conn_id con
   (void)conn_state; /* no on_open, so always NULL */
 #if defined(WSHD_TEST_CRASH)
   maybe_crash(data, len);
+#endif
+#if defined(ECHO_FAIL_MESSAGES)
+  (void)h;
+  (void)conn;
+  (void)kind;
+  (void)data;
+  (void)len;
+  (void)rc;
+  return WSHD_ERR_HANDLER;
 #endif
   rc = echo_send(h->host, conn, kind, data, len);
   if (rc == WSHD_ERR_CLOSED) {

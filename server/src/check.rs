@@ -7,6 +7,13 @@
 //! configuration, 1 when it would but some handler file would not be served.
 //! Given neither `--config` nor `-w`, they check the installed service's
 //! config file ([`default_config`]).
+//!
+//! `--list` shows what a start with this config and directory would serve:
+//! every version `serving` with a 100% share, and the full SHA-256 of each
+//! file, ready to paste into `sha256 = "..."` of a `[[route]]`. With
+//! `status_file` set, it first prints the table the running server wrote
+//! there: its canaries, shares, draining and quarantined versions
+//! (status.rs). Each rollout step is also one log line.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,7 +82,13 @@ pub async fn run(settings: &Settings, list: bool, defaulted: bool) -> ExitCode {
     };
     let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
     let mut registry = Registry::new(loader, Arc::new(Connections::default()), table);
-    let report = match registry.apply(settings, Mode::Startup).await {
+    // This process is not the server: it must not replace the running
+    // server's status file with its own table.
+    let own = Settings {
+        status_file: None,
+        ..settings.clone()
+    };
+    let report = match registry.apply(&own, Mode::Startup).await {
         Ok(r) => r,
         Err(e) => {
             // Fatal at startup too: the server would exit with the same status.
@@ -84,37 +97,16 @@ pub async fn run(settings: &Settings, list: bool, defaulted: bool) -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    let table = registry.table();
-    let routes = table.primary_routes();
-    if list || !report.problems.is_empty() {
-        println!(
-            "{:<24} {:<14} {:<10} {:<6} {:<13} FILE",
-            "PATH", "HANDLER", "VERSION", "ABI", "HASH"
-        );
-        for r in &routes {
-            let lib = &r.instance.lib;
-            let aliases: Vec<&str> = table
-                .routes
-                .iter()
-                .filter(|(p, x)| Arc::ptr_eq(x, r) && **p != r.path)
-                .map(|(p, _)| &**p)
-                .collect();
-            let path = if aliases.is_empty() {
-                r.path.to_string()
-            } else {
-                format!("{} ({})", r.path, aliases.join(", "))
-            };
-            println!(
-                "{:<24} {:<14} {:<10} {:<6} {:<13} {}{}",
-                path,
-                lib.desc.name,
-                lib.desc.version,
-                format!("{}.{}", lib.desc.abi_major, lib.desc.abi_minor),
-                lib.short_hash(),
-                lib.source.display(),
-                if lib.may_block() { "  [may block]" } else { "" }
-            );
+    let routes = registry.status();
+    if list && let Some(path) = &settings.status_file {
+        match crate::status::read_running(path) {
+            Ok(text) => println!("running server ({}):\n{text}", path.display()),
+            Err(why) => println!("{why}"),
         }
+        println!("a start with this configuration would serve:");
+    }
+    if list || !report.problems.is_empty() {
+        print!("{}", crate::status::render(&routes));
     }
     for p in &report.problems {
         eprintln!("wshd: problem: {p}");

@@ -104,6 +104,13 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     /// `[tls]`: certificate, key and client certificates (tls.rs).
     pub tls: Option<RawTls>,
+    /// Canary rollout, rollback and quarantine for every route
+    /// (`[route.rollout]` overrides it per route).
+    #[serde(default)]
+    pub rollout: RawRollout,
+    /// Where a running server writes its live route table (versions,
+    /// shares, states) for `wshd --list`. Default: not written.
+    pub status_file: Option<PathBuf>,
 }
 
 /// `[topics]`: caps on the host-owned subscriptions.
@@ -328,6 +335,70 @@ pub struct RawRoute {
     pub limits: RawLimits,
     /// Passed to the handler's init as TOML text.
     pub config: Option<toml::Table>,
+    /// Overrides `[rollout]` for this route.
+    #[serde(default)]
+    pub rollout: RawRollout,
+    /// The only handler bytes this route may load: lowercase hex SHA-256
+    /// of the file (`wshd --list` prints it).
+    pub sha256: Option<Spanned<Sha256Pin>>,
+}
+
+/// `[rollout]` and `[route.rollout]`: every field optional so a route can
+/// override only what it names. Resolved into
+/// [`crate::rollout::Policy`].
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollout {
+    /// Share of new connections a new version gets during its canary
+    /// period, 0..=100. 100 switches at once; 0 rolls a running canary
+    /// back and refuses new versions.
+    pub canary_percent: Option<Percent>,
+    pub canary_period: Option<Dur>,
+    /// Rollback when the canary's handler panics more than this often.
+    pub max_panics: Option<u32>,
+    /// Rollback when the canary's callbacks fail (connection closed with
+    /// 1011) more than this often.
+    pub max_1011_closes: Option<u32>,
+    /// Rollback when the canary fails or refuses more than this many
+    /// handshakes with a 5xx status.
+    pub max_5xx_handshakes: Option<u32>,
+    /// Quarantine a version whose callbacks fail (panic or 1011) more than
+    /// this many times within `quarantine_window`.
+    pub quarantine_faults: Option<Count>,
+    pub quarantine_window: Option<Dur>,
+}
+
+/// A percentage, 0..=100.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Percent(pub u8);
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        if !(0..=100).contains(&v) {
+            return Err(de::Error::custom(format!(
+                "{v} is not a percentage; write a whole number from 0 to 100"
+            )));
+        }
+        Ok(Percent(v as u8))
+    }
+}
+
+/// A pinned SHA-256: 64 hex digits, stored lowercase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sha256Pin(pub String);
+
+impl<'de> Deserialize<'de> for Sha256Pin {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(de::Error::custom(format!(
+                "`{s}` is not a SHA-256; write the 64 hex digits that `wshd --list` or \
+                 `sha256sum FILE` prints"
+            )));
+        }
+        Ok(Sha256Pin(s.to_ascii_lowercase()))
+    }
 }
 
 /// Resolved limits with defaults applied.
@@ -1275,6 +1346,33 @@ mod tests {
             err.to_string().contains("only allowed in [limits]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn rollout_keys_parse_and_are_checked() {
+        let f = parse(
+            "[rollout]\ncanary_percent = 10\ncanary_period = \"30s\"\nmax_panics = 0\n\
+             [[route]]\npath = \"/a\"\nhandler = \"a\"\nsha256 = \"AB\"\n",
+        );
+        let e = f.unwrap_err().to_string();
+        assert!(e.contains("sha256") && e.contains("64 hex digits"), "{e}");
+        let e = parse("[rollout]\ncanary_percent = 101\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("0 to 100"), "{e}");
+        let e = parse("[rollout]\nquarantine_faults = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("greater than 0"), "{e}");
+        let pin = "A".repeat(64);
+        let f = parse(&format!(
+            "[[route]]\npath = \"/a\"\nhandler = \"a\"\nsha256 = \"{pin}\"\n\
+             [route.rollout]\ncanary_percent = 5\n"
+        ))
+        .unwrap();
+        let r = &f.raw.routes[0];
+        assert_eq!(r.sha256.as_ref().unwrap().get_ref().0, "a".repeat(64));
+        assert_eq!(r.rollout.canary_percent, Some(Percent(5)));
     }
 
     #[test]

@@ -78,6 +78,18 @@ pub enum LoadError {
 }
 
 impl LoadError {
+    /// The file the error is about.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            LoadError::Io { path, .. }
+            | LoadError::NotElf { path, .. }
+            | LoadError::Dlopen { path, .. }
+            | LoadError::NoEntry { path, .. }
+            | LoadError::OutOfKeys { path, .. }
+            | LoadError::Abi { path, .. } => path,
+        }
+    }
+
     /// Whether the load failed for lack of a resource (EMFILE, ENFILE,
     /// ENOMEM) rather than because of the file: the same bytes may load on
     /// a later attempt, so they must not be remembered as broken.
@@ -110,6 +122,99 @@ pub enum InitError {
     /// init did not return within the time limit; the instance is abandoned.
     #[error("handler `{handler}` init did not finish within {secs} s")]
     Timeout { handler: String, secs: u64 },
+    /// init unwound through the host (a bug in the handler or the host).
+    #[error("handler `{handler}` init crashed: {message}")]
+    Crashed { handler: String, message: String },
+}
+
+/// Why a handler file's current bytes are not used. The previous version
+/// of the file keeps serving where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum FileProblem {
+    /// stat or read failed: check permissions.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The trust check (trust.rs) refused the file or a directory above it.
+    #[error("refused {}: {why}", path.display())]
+    Untrusted { path: PathBuf, why: String },
+    /// The loader refused the bytes.
+    #[error("refused {}: {error}", error.path().display())]
+    Load { error: LoadError },
+    /// The same bytes failed before; a change to the file retries.
+    #[error("{} is unchanged since it failed to load", path.display())]
+    StillBroken { path: PathBuf },
+    /// A route pins other bytes (`sha256` in `[[route]]`).
+    #[error(
+        "refused {}: its SHA-256 is {found}, but route {route} pins sha256 = \"{pinned}\"; \
+         install the approved build, or review this one and set sha256 to its hash",
+        path.display()
+    )]
+    PinMismatch {
+        path: PathBuf,
+        route: String,
+        found: String,
+        pinned: String,
+    },
+    /// These bytes were quarantined or rolled back; new bytes are loaded.
+    #[error(
+        "not loading {} again: these bytes (sha256 {hash}) were {why}; install a fixed build",
+        path.display()
+    )]
+    Quarantined {
+        path: PathBuf,
+        hash: String,
+        why: &'static str,
+    },
+}
+
+/// One problem a reconcile met; none of them stopped the others. Each says
+/// what happened and what serves instead.
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    /// The scanner skipped a file (not a regular file, outside the root...).
+    #[error("skipped {}: {why}", path.display())]
+    Skipped { path: PathBuf, why: String },
+    /// Two files claim one path.
+    #[error("{message} (keeping what served /{name} before)")]
+    Conflict { name: String, message: String },
+    /// A config route names a handler that is not there.
+    #[error("route {route}: {message}; not serving it")]
+    MissingHandler { route: String, message: String },
+    /// A file's new bytes are not used; `outcome` says what serves.
+    #[error("{problem}; {outcome}")]
+    File {
+        problem: FileProblem,
+        outcome: String,
+    },
+    /// A new instance could not be created; `outcome` says what serves.
+    #[error("{error}; {outcome}")]
+    Init { error: InitError, outcome: String },
+}
+
+impl Problem {
+    /// Whether a later attempt may succeed without any change (EMFILE,
+    /// ENFILE, ENOMEM): the reload task retries those.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Problem::File {
+                problem: FileProblem::Load { error },
+                ..
+            } => error.is_transient(),
+            Problem::File {
+                problem: FileProblem::Io { source, .. },
+                ..
+            } => matches!(
+                source.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// A human name for a WSHD status code.

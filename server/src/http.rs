@@ -167,7 +167,9 @@ async fn respond(
         return Ok(refusal);
     }
     let path = req.uri().path().to_owned();
-    let route = server.table.load().get(&path).cloned();
+    // During a canary rollout the route picks which version serves this
+    // connection (routing.rs); everything below sees just that version.
+    let route = server.table.load().get(&path).map(|r| r.pick());
     let Some(route) = route else {
         if let Some(files) = server.static_files() {
             return Ok(files.serve(req).await);

@@ -85,6 +85,9 @@ pub struct Instance {
     blocking: Option<Arc<Semaphore>>,
     /// This route and generation's counters (metrics.rs).
     pub metrics: Arc<crate::metrics::RouteMetrics>,
+    /// Panics, failed callbacks and 5xx handshakes, for rollout thresholds
+    /// and quarantine (rollout.rs).
+    pub health: crate::rollout::Health,
 }
 
 impl Instance {
@@ -138,6 +141,7 @@ impl Instance {
             live: AtomicUsize::new(0),
             drain_window_ms: AtomicU64::new(0),
             metrics,
+            health: Default::default(),
         })
     }
 
@@ -195,6 +199,10 @@ impl Instance {
                     format!("handler failed the handshake ({})", status_name(rc)),
                 ));
             }
+            this.health.panicked_if(rc);
+            if let Some((status, _)) = &b.reject {
+                this.health.handshake(*status);
+            }
             b
         })
         .await
@@ -220,6 +228,7 @@ impl Instance {
                 cb(handler.get(), conn, &mut state)
             });
             this.metrics.finish(crate::metrics::Cb::Open, t, rc);
+            this.health.callback(rc);
             let r = if rc == WSHD_OK {
                 Ok(ConnState(state))
             } else {
@@ -264,6 +273,9 @@ impl Instance {
             )
         });
         self.metrics.finish(crate::metrics::Cb::Message, t, rc);
+        if rc != WSHD_OK {
+            self.health.callback(rc);
+        }
         rc
     }
 

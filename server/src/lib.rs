@@ -25,6 +25,10 @@
 //! * [`routing`]: the route table, swapped atomically on reload.
 //! * [`registry`]: loaded versions and instances; reconciles the handler
 //!   directory and config into a new route table.
+//! * [`rollout`]: canary/rollback/quarantine state machine per route, and
+//!   each instance's fault counters.
+//! * [`status`]: the `--list` table, and the live copy a running server
+//!   writes to `status_file`.
 //! * [`scan`]: finds `NAME_wsh.so` files.
 //! * [`loader`] + [`elf`]: sealed memfds (or a private fallback directory),
 //!   ELF checks, `dlopen`, descriptor validation.
@@ -64,12 +68,14 @@ pub mod logsafe;
 pub mod metrics;
 pub mod registry;
 pub mod reload;
+pub mod rollout;
 pub mod routing;
 pub mod scan;
 pub mod server;
 pub mod session;
 pub mod settings;
 pub mod static_files;
+pub mod status;
 pub mod timers;
 pub mod tls;
 pub mod topics;

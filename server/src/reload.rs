@@ -261,13 +261,25 @@ pub async fn run(
         server,
     };
     let mut retry: Option<Retry> = None;
+    // Rollouts (rollout.rs) move on a fault, which notifies the alarm, and
+    // at their deadlines (end of a canary period, quarantine warnings).
+    let alarm = r.registry.alarm();
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
     loop {
-        let first = match &retry {
-            Some(p) => tokio::select! {
-                t = rx.recv() => t,
-                _ = tokio::time::sleep_until(p.at) => Some(if p.config { Trigger::Signal } else { Trigger::Files }),
-            },
-            None => rx.recv().await,
+        let rollout_at = r.registry.next_deadline();
+        let first = tokio::select! {
+            t = rx.recv() => t,
+            _ = tokio::time::sleep_until(retry.as_ref().map_or(far, |p| p.at)), if retry.is_some() => {
+                Some(if retry.as_ref().is_some_and(|p| p.config) { Trigger::Signal } else { Trigger::Files })
+            }
+            _ = alarm.notified() => {
+                r.tick().await;
+                continue;
+            }
+            _ = tokio::time::sleep_until(rollout_at.unwrap_or(far)), if rollout_at.is_some() => {
+                r.tick().await;
+                continue;
+            }
         };
         let Some(first) = first else { return };
         let mut config = first != Trigger::Files || retry.as_ref().is_some_and(|p| p.config);
@@ -326,6 +338,18 @@ pub async fn run(
 }
 
 impl Reloader {
+    /// Moves rollouts along (registry.rs `tick`), under the same panic
+    /// supervision as a reload step.
+    async fn tick(&mut self) {
+        let tick = CatchUnwind(Box::pin(self.registry.tick(&self.settings)));
+        if let Err(msg) = tick.await {
+            tracing::error!(
+                "rollout check panicked: {msg}; the routes keep the versions they had (report \
+                 this as a bug)"
+            );
+        }
+    }
+
     /// One reload: re-read the config if asked, rewatch the handler
     /// directory if it changed, reconcile.
     async fn step(&mut self, config: bool, panic: bool) -> Outcome {
@@ -366,8 +390,8 @@ impl Reloader {
                 });
                 for p in &report.problems {
                     tracing::error!("reload: {p}");
-                    if transient_problem.is_none() && transient(p) {
-                        transient_problem = Some(p.clone());
+                    if transient_problem.is_none() && p.is_transient() {
+                        transient_problem = Some(p.to_string());
                     }
                 }
                 if mode == Mode::Config {

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tungstenite::protocol::WebSocketConfig;
 
@@ -21,6 +22,12 @@ pub struct Route {
     pub limits: Limits,
     /// tungstenite settings derived from `limits`.
     pub ws_config: WebSocketConfig,
+    /// A version on probation (rollout.rs): the same route with the
+    /// canary's instance, and its share of new connections.
+    pub canary: Option<(Arc<Route>, u8)>,
+    /// New connections since the canary started, for the split. Shared
+    /// with the registry so a republished table continues the count.
+    picked: Arc<AtomicU64>,
 }
 
 impl Route {
@@ -37,6 +44,44 @@ impl Route {
             allowed_origins,
             limits,
             ws_config,
+            canary: None,
+            picked: Arc::default(),
+        }
+    }
+
+    /// This route, with `canary` taking `percent` of new connections;
+    /// `picked` counts the connections split so far.
+    pub fn with_canary(
+        mut self,
+        canary: Arc<Instance>,
+        percent: u8,
+        picked: Arc<AtomicU64>,
+    ) -> Route {
+        self.picked = picked;
+        let c = Route::new(
+            self.path.clone(),
+            canary,
+            self.allowed_origins.clone(),
+            self.limits.clone(),
+        );
+        self.canary = Some((Arc::new(c), percent));
+        self
+    }
+
+    /// The route a new connection is served by: the canary's for its share
+    /// of connections (an even, deterministic split: see
+    /// [`crate::rollout::to_canary`]), this one otherwise.
+    pub fn pick(self: &Arc<Route>) -> Arc<Route> {
+        match &self.canary {
+            Some((c, percent)) => {
+                let n = self.picked.fetch_add(1, Ordering::Relaxed);
+                if crate::rollout::to_canary(n, *percent) {
+                    c.clone()
+                } else {
+                    self.clone()
+                }
+            }
+            None => self.clone(),
         }
     }
 

@@ -43,6 +43,10 @@ pub struct Settings {
     /// `[tls]` or `--tls-cert/--tls-key`: the certificate the TLS listeners
     /// serve.
     pub tls: Option<crate::tls::TlsSettings>,
+    /// `[rollout]`: canary, rollback and quarantine for every route.
+    pub rollout: crate::rollout::Policy,
+    /// Where the running server writes its live route table (status.rs).
+    pub status_file: Option<PathBuf>,
 }
 
 /// One listening socket.
@@ -63,6 +67,10 @@ pub struct RouteSpec {
     pub allowed_origins: Option<Vec<OriginRule>>,
     pub limits: Limits,
     pub config_text: String,
+    /// `[rollout]` overlaid with `[route.rollout]`.
+    pub rollout: crate::rollout::Policy,
+    /// `sha256 = "..."`: the only handler bytes this route loads.
+    pub sha256: Option<String>,
 }
 
 /// A place in the config file.
@@ -222,6 +230,20 @@ impl Settings {
             .and_then(|r| r.shutdown.timeout)
             .map_or(Duration::from_secs(10), |d| d.0);
 
+        let status_file = raw.and_then(|r| r.status_file.as_deref()).map(rel);
+        if let Some(f) = &status_file
+            && f.starts_with(&handler_dir)
+        {
+            // Each write would be a change under the watched directory: a
+            // reload that writes it again, forever.
+            return Err(ConfigError::Other(format!(
+                "status_file {} is inside handler_dir {}; put it outside, e.g. in /run/wshd/",
+                f.display(),
+                handler_dir.display()
+            )));
+        }
+        let rollout = crate::rollout::Policy::default()
+            .overlay(raw.map(|r| &r.rollout).unwrap_or(&Default::default()));
         let mut routes = Vec::new();
         if let (Some(file), Some(raw)) = (file, raw) {
             for r in &raw.routes {
@@ -242,6 +264,8 @@ impl Settings {
                     allowed_origins: r.allowed_origins.clone(),
                     limits: limits.overlay(&r.limits),
                     config_text,
+                    rollout: rollout.overlay(&r.rollout),
+                    sha256: r.sha256.as_ref().map(|p| p.get_ref().0.clone()),
                 });
             }
         }
@@ -301,6 +325,8 @@ impl Settings {
             admin,
             listeners,
             tls,
+            rollout,
+            status_file,
         })
     }
 }

@@ -23,6 +23,8 @@
 //! * `?client_cert`: answers with the response headers `x-seen-subject` and
 //!   `x-seen-san` holding the request's `wshd-client-subject` and
 //!   `wshd-client-san` (the verified TLS client certificate), or `(none)`.
+//! * `?fail_handshake`: the handshake callback fails, which the server
+//!   answers with 500 (for the rollout's `max_5xx_handshakes`).
 //!
 //! Build: `cargo build -p testkit-handler` → `target/debug/libtestkit_wsh.so`
 //! (serves the handler named `testkit`).
@@ -171,6 +173,9 @@ impl Handler for Testkit {
                     "€".repeat(n / 3)
                 }
                 Some(("reject", text)) => percent_decode(text),
+                None if pair == "fail_handshake" => {
+                    return Err("testkit: asked to fail the handshake".into());
+                }
                 _ => continue,
             };
             return resp.reject(403, &body).map_err(|e| e.to_string());

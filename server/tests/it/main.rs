@@ -8,6 +8,7 @@ mod install;
 mod lifecycle;
 mod metrics;
 mod reload;
+mod rollout;
 mod security_accept;
 mod security_config;
 mod security_edges;
