@@ -97,6 +97,9 @@ pub struct RawConfig {
     /// Handler timer caps (ABI 1.2 `set_timer`).
     #[serde(default)]
     pub timers: RawTimers,
+    /// Topics across nodes through Redis (docs/cluster.md); absent: this
+    /// node alone, no Redis needed.
+    pub cluster: Option<crate::cluster::RawCluster>,
 }
 
 /// `[topics]`: caps on the host-owned subscriptions.

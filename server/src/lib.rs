@@ -35,7 +35,8 @@
 //!   handler callbacks.
 //! * [`host_api`] + [`handshake`]: the function table handlers call.
 //! * [`topics`], [`timers`]: host-owned publish/subscribe membership and
-//!   handler timers (ABI 1.2).
+//!   handler timers (ABI 1.2); [`cluster`]: topics across nodes through
+//!   Redis pub/sub (`[cluster]`).
 //! * [`reload`]: notify watcher, debounce, retries, supervision, SIGHUP.
 //! * [`logging`]: tracing setup and log reopening; [`logsafe`]: escaping
 //!   client-controlled values before they are logged.
@@ -47,6 +48,7 @@
 pub mod budget;
 pub mod check;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod crash;
 pub mod elf;

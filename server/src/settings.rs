@@ -35,6 +35,9 @@ pub struct Settings {
     pub allow_insecure_handler_dir: bool,
     /// `[topics]` and `[timers]` caps.
     pub pubsub: crate::config::PubSubLimits,
+    /// `[cluster]`, if configured. Read at startup only: a config reload
+    /// does not reconnect.
+    pub cluster: Option<crate::cluster::ClusterSettings>,
 }
 
 /// One `[[route]]`, resolved.
@@ -220,6 +223,11 @@ impl Settings {
             allow_insecure_handler_dir: args.allow_insecure_handler_dir
                 || raw.is_some_and(|r| r.allow_insecure_handler_dir),
             pubsub: crate::config::PubSubLimits::from_raw(raw),
+            cluster: raw
+                .and_then(|r| r.cluster.as_ref())
+                .map(crate::cluster::ClusterSettings::from_raw)
+                .transpose()
+                .map_err(ConfigError::Other)?,
         })
     }
 }
