@@ -29,7 +29,7 @@
 //! * **Faults.** A failed connect, a failed command or the end of the
 //!   subscriber stream (Redis restarted, or it cut a slow subscriber through
 //!   `client-output-buffer-limit pubsub`) marks the link down; it reconnects
-//!   with a capped backoff (100 ms doubling to 5 s) and subscribes again to
+//!   with a capped backoff (100 ms doubling to 2 s) and subscribes again to
 //!   every topic that still has local subscribers. Drops are logged at most
 //!   once per second.
 
@@ -68,7 +68,10 @@ const PUBLISH_BATCH: usize = 256;
 /// incoming messages.
 const SUBSCRIBE_BATCH: usize = 512;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Capped low enough that cross-node delivery is back within a few seconds
+/// of Redis returning; an attempt against a down Redis costs one refused
+/// connect.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Connecting (TCP + AUTH + first reply) may take this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// One command's reply may take this long before the link counts Redis as
@@ -359,6 +362,24 @@ impl Link {
     }
 }
 
+/// Connects once and sends `PING`, for `wshd -t`: `Err` says why Redis is
+/// not usable right now.
+pub async fn probe(settings: &ClusterSettings) -> Result<(), String> {
+    let client = redis::Client::open(settings.redis.as_str()).map_err(|e| e.to_string())?;
+    let cfg = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// Why a connected session ended.
 #[derive(Debug)]
 enum Down {
@@ -418,12 +439,13 @@ pub async fn run(
         }
         let sleep = tokio::time::sleep(backoff);
         tokio::pin!(sleep);
-        // Keep logging drops and discarding the queue while waiting.
+        // Keep logging drops while waiting.
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = &mut sleep => break,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => drop_log.tick(&link, false),
+                _ = tick.tick() => drop_log.tick(&link, false),
             }
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -434,18 +456,23 @@ pub async fn run(
 /// Logs dropped cross-node messages at most once per second.
 struct DropLog {
     last: u64,
+    at: tokio::time::Instant,
 }
 
 impl DropLog {
     fn new(link: &Link) -> DropLog {
         DropLog {
             last: link.stats.dropped.load(Ordering::Relaxed),
+            at: tokio::time::Instant::now(),
         }
     }
 
+    /// Call it as often as convenient: it logs the drops since the last
+    /// line, if any, and if that line is at least a second old.
     fn tick(&mut self, link: &Link, up: bool) {
         let now = link.stats.dropped.load(Ordering::Relaxed);
-        if now > self.last {
+        if now > self.last && self.at.elapsed() >= Duration::from_secs(1) {
+            self.at = tokio::time::Instant::now();
             let why = if up {
                 "the outgoing queue was full ([cluster] queue)"
             } else {
@@ -503,7 +530,7 @@ async fn session(
         settings.describe()
     );
 
-    let mut second = tokio::time::interval(Duration::from_secs(1));
+    let mut second = tokio::time::interval(Duration::from_millis(250));
     let mut beat = tokio::time::interval(settings.count_interval);
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
     let result = loop {
@@ -618,6 +645,13 @@ async fn sync_subscriptions(
         if !add.is_empty() {
             let channels: Vec<String> = add.iter().map(|n| link.channel(n)).collect();
             sink.subscribe(channels).await?;
+            tracing::debug!(
+                "cluster: subscribed to {}",
+                add.iter()
+                    .map(|n| crate::logsafe::esc(n.as_bytes()).to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
             subscribed.extend(add);
         }
         if !del.is_empty() {
@@ -634,6 +668,13 @@ async fn sync_subscriptions(
                     .ignore();
             }
             pipe.query_async::<()>(conn).await?;
+            tracing::debug!(
+                "cluster: unsubscribed from {}",
+                del.iter()
+                    .map(|n| crate::logsafe::esc(n.as_bytes()).to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
         }
         // Yield between batches so incoming messages keep flowing.
         tokio::task::yield_now().await;
