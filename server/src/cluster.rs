@@ -99,8 +99,8 @@ pub struct RawCluster {
     pub count_interval: Option<Dur>,
 }
 
-/// `[cluster]` resolved and checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `[cluster]` resolved and checked. Its `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClusterSettings {
     pub redis: String,
     pub node_id: String,
@@ -159,6 +159,18 @@ impl ClusterSettings {
     }
 }
 
+impl std::fmt::Debug for ClusterSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSettings")
+            .field("redis", &self.describe())
+            .field("node_id", &self.node_id)
+            .field("channel_prefix", &self.channel_prefix)
+            .field("queue", &self.queue)
+            .field("count_interval", &self.count_interval)
+            .finish()
+    }
+}
+
 fn check_id(key: &str, v: &str, empty_ok: bool) -> Result<(), String> {
     if (!empty_ok && v.is_empty()) || v.len() > MAX_ID_LEN || v.chars().any(char::is_control) {
         return Err(format!(
@@ -183,8 +195,14 @@ pub fn redact(url: &str) -> String {
 }
 
 /// Hostname, pid and a random suffix: unique per process even when two
-/// nodes share a host, and readable in `CLIENT LIST`-style debugging.
+/// nodes share a host. Chosen once per process, so a config reload does not
+/// see a changed node id.
 fn default_node_id() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(new_node_id).clone()
+}
+
+fn new_node_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -776,7 +794,13 @@ mod tests {
         r.node_id = None;
         let id = ClusterSettings::from_raw(&r).unwrap().node_id;
         assert!(!id.is_empty() && id.len() <= MAX_ID_LEN, "{id}");
-        assert_ne!(id, ClusterSettings::from_raw(&r).unwrap().node_id);
+        assert_eq!(
+            id,
+            ClusterSettings::from_raw(&r).unwrap().node_id,
+            "stable across config reloads"
+        );
+        assert_ne!(new_node_id(), new_node_id(), "random per process");
+        assert!(!format!("{s:?}").contains("pw"), "Debug hides the password");
     }
 
     #[test]

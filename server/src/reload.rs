@@ -431,6 +431,7 @@ pub fn keep_restart_only(running: &Settings, new: &mut Settings) -> Vec<String> 
     keep!("log_level", log_level);
     keep!("pid_file", pid_file);
     keep!("shutdown.timeout", shutdown_timeout);
+    keep!("cluster", cluster);
     warnings
 }
 
