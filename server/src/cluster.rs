@@ -366,6 +366,14 @@ impl Link {
         format!("{}count:{topic}", self.prefix)
     }
 
+    /// Forgets the changes seen so far: while the link is down they do not
+    /// matter (reconnecting subscribes to whatever exists then), and
+    /// forgetting them keeps the set small during a long outage with
+    /// subscription churn.
+    fn clear_dirty(&self) {
+        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     fn take_dirty(&self, max: usize) -> Vec<Arc<str>> {
         let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
         if d.len() <= max {
@@ -463,7 +471,10 @@ pub async fn run(
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = &mut sleep => break,
-                _ = tick.tick() => drop_log.tick(&link, false),
+                _ = tick.tick() => {
+                    drop_log.tick(&link, false);
+                    link.clear_dirty();
+                }
             }
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -532,8 +543,10 @@ async fn session(
 
     // Subscribe to every topic that has local subscribers now; later
     // changes arrive through `dirty`. Marking them all dirty (instead of
-    // walking twice) keeps one code path.
+    // walking twice) keeps one code path. A topic created after the clear
+    // is marked by its creation or listed by `names`, or both.
     let mut subscribed: HashSet<Arc<str>> = HashSet::new();
+    link.clear_dirty();
     for name in topics.names() {
         link.topic_changed(&name);
     }
