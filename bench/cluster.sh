@@ -52,7 +52,7 @@ APID="${PIDS[1]}"
 # 0.5 s warm-up (not measured) covers that.
 
 run() { "$BIN/wsbench" --label "$1" --server-pid "$2" fanout "${@:3}" -d "$D" -w 0.5; }
-for spec in "1 1000" "1000 20"; do
+for spec in "1 1000" "1 20000" "1000 20" "1000 200"; do
   set -- $spec; N=$1; RATE=$2
   run "one node, $N subscribers" "$APID" --url "ws://$A/chat?room=same$N" -n "$N" --rate "$RATE"
   run "across nodes, $N subscribers" "$APID" --url "ws://$A/chat?room=x$N" \
