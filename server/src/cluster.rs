@@ -436,8 +436,16 @@ pub async fn run(
     let mut announced_down = false;
     let mut drop_log = DropLog::new(&link);
     loop {
-        let err = match session(&client, &link, &mut rx, topics, &settings, &stop, &mut drop_log)
-            .await
+        let err = match session(
+            &client,
+            &link,
+            &mut rx,
+            topics,
+            &settings,
+            &stop,
+            &mut drop_log,
+        )
+        .await
         {
             Ok(Down::Shutdown) => break,
             Ok(Down::Lost(e)) => {
@@ -780,7 +788,10 @@ mod tests {
         assert!(decode(b"").is_none());
         assert!(decode(&[9, 1, 0]).is_none(), "unknown version");
         assert!(decode(&[1, 3, 0]).is_none(), "unknown kind");
-        assert!(decode(&[1, 1, 5, b'a']).is_none(), "id longer than the rest");
+        assert!(
+            decode(&[1, 1, 5, b'a']).is_none(),
+            "id longer than the rest"
+        );
         assert!(decode(&[1, 1, 0, 0xff]).is_none(), "text that is not UTF-8");
     }
 

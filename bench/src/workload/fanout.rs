@@ -73,14 +73,8 @@ pub async fn run(target: Arc<Target>, params: &FanoutParams, probe: Option<Probe
             record.param("subscriber_url", sub_url.as_str());
             // The publisher first (it stays at index 0), then the remote
             // subscribers.
-            let (mut clients, failures) = dial_all(
-                &target,
-                &target.url,
-                1,
-                1,
-                small_client_config(),
-            )
-            .await;
+            let (mut clients, failures) =
+                dial_all(&target, &target.url, 1, 1, small_client_config()).await;
             let (subs, f) = dial_all(
                 &target,
                 sub_url,

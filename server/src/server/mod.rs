@@ -215,9 +215,7 @@ pub async fn run(
 /// Starts the `[cluster]` link, if configured: the task that carries topics
 /// to and from Redis (cluster.rs). It never delays startup: an unreachable
 /// Redis is retried in the background while local delivery works.
-fn start_cluster(
-    settings: &Settings,
-) -> Option<(CancellationToken, tokio::task::JoinHandle<()>)> {
+fn start_cluster(settings: &Settings) -> Option<(CancellationToken, tokio::task::JoinHandle<()>)> {
     let cs = settings.cluster.clone()?;
     let (link, rx) = crate::cluster::Link::new(&cs);
     let topics = crate::topics::global();

@@ -130,7 +130,9 @@ fn check_exactly_once_in_order(got: &[String], publishers: &[&str], per: usize, 
     let mut next: HashMap<&str, usize> = publishers.iter().map(|p| (*p, 0)).collect();
     for m in got {
         let (p, i) = m.rsplit_once('-').unwrap();
-        let want = next.get_mut(p).unwrap_or_else(|| panic!("{who}: stray {m}"));
+        let want = next
+            .get_mut(p)
+            .unwrap_or_else(|| panic!("{who}: stray {m}"));
         assert_eq!(
             i.parse::<usize>().unwrap(),
             *want,
