@@ -175,6 +175,7 @@ async fn fanout_delivers_every_message_to_every_receiver() {
         warmup: Duration::from_millis(50),
         duration: SHORT,
         connect_concurrency: 4,
+        subscriber_url: None,
     };
     let record = fanout::run(target, &params, None).await;
     assert!(record.is_ok(), "{record}");
@@ -194,6 +195,7 @@ async fn fanout_against_an_echo_route_reports_loss() {
         warmup: Duration::ZERO,
         duration: Duration::from_millis(200),
         connect_concurrency: 4,
+        subscriber_url: None,
     };
     let record = tokio::time::timeout(Duration::from_secs(30), fanout::run(target, &params, None))
         .await

@@ -267,6 +267,14 @@ typedef struct wshd_host_api {
   /* Cancel a pending timer: WSHD_OK and on_timer will not be called for it,
    * or WSHD_ERR_STATE if it is not pending (fired, cancelled, unknown). */
   int32_t (*cancel_timer)(void *ctx, uint64_t timer_id);
+
+  /* ABI 1.2: the number of subscribers of topic across every node of a
+   * cluster ([cluster] in the server's config), or a negative status.
+   * Approximate: this node's exact count plus the other nodes' counts as
+   * last exchanged (every few seconds, for topics with a subscriber on this
+   * node).  Without a cluster, the same as subscribers().  Never waits on
+   * the network. */
+  int64_t (*subscribers_cluster)(void *ctx, wshd_str topic);
 } wshd_host_api;
 
 /* struct_size of a host table that has log_level (ABI 1.1 and later). */
@@ -274,7 +282,7 @@ typedef struct wshd_host_api {
 /* struct_size of an ABI 1.2 host table: broadcast and the topic and timer
  * functions (ABI 1.2 and later). */
 #define WSHD_HOST_API_SIZE_1_2                                                                     \
-  (offsetof(wshd_host_api, cancel_timer) + sizeof(int32_t (*)(void *, uint64_t)))
+  (offsetof(wshd_host_api, subscribers_cluster) + sizeof(int64_t (*)(void *, wshd_str)))
 
 typedef struct wshd_descriptor {
   uint32_t magic;      /* WSHD_MAGIC */

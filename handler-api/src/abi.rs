@@ -215,6 +215,13 @@ pub type wshd_publish_fn = unsafe extern "C" fn(
 /// Host function (ABI 1.2): the number of subscribers of `topic` on this
 /// server, or a negative status.
 pub type wshd_subscribers_fn = unsafe extern "C" fn(ctx: *mut c_void, topic: wshd_str) -> i64;
+/// Host function (ABI 1.2): the number of subscribers of `topic` across
+/// every node of a cluster (`[cluster]`), or a negative status. Approximate:
+/// this node's exact count plus the other nodes' counts as last exchanged
+/// (every few seconds, and only for topics with a subscriber on this node).
+/// Without a cluster, the same as `subscribers`. Never waits on the network.
+pub type wshd_subscribers_cluster_fn =
+    unsafe extern "C" fn(ctx: *mut c_void, topic: wshd_str) -> i64;
 /// Host function (ABI 1.2): call `on_timer` once after `delay_ms`, for
 /// connection `conn` (0: for the instance). Returns the timer id (> 0) or a
 /// negative status.
@@ -281,6 +288,9 @@ pub struct wshd_host_api {
     pub set_timer: wshd_set_timer_fn,
     /// ABI 1.2: cancel a timer.
     pub cancel_timer: wshd_cancel_timer_fn,
+    /// ABI 1.2: the approximate number of subscribers of a topic across a
+    /// cluster.
+    pub subscribers_cluster: wshd_subscribers_cluster_fn,
 }
 
 /// `struct_size` of an ABI 1.0 host table: everything before `log_level`.
@@ -289,9 +299,9 @@ pub const WSHD_HOST_API_SIZE_1_0: usize = std::mem::offset_of!(wshd_host_api, lo
 pub const WSHD_HOST_API_SIZE_1_1: usize =
     WSHD_HOST_API_SIZE_1_0 + std::mem::size_of::<wshd_log_level_fn>();
 /// `struct_size` of an ABI 1.2 host table: `broadcast` and the topic and
-/// timer functions, up to `cancel_timer` (ABI 1.2 and later).
-pub const WSHD_HOST_API_SIZE_1_2: usize =
-    std::mem::offset_of!(wshd_host_api, cancel_timer) + std::mem::size_of::<wshd_cancel_timer_fn>();
+/// timer functions, up to `subscribers_cluster` (ABI 1.2 and later).
+pub const WSHD_HOST_API_SIZE_1_2: usize = std::mem::offset_of!(wshd_host_api, subscribers_cluster)
+    + std::mem::size_of::<wshd_subscribers_cluster_fn>();
 
 // SAFETY: the host API table is immutable after creation and every function in
 // it is documented as thread-safe; host_ctx is only ever passed back to those
@@ -405,12 +415,12 @@ const _: () = {
     assert!(std::mem::size_of::<wshd_str>() == 16);
     assert!(std::mem::size_of::<wshd_header>() == 32);
     assert!(std::mem::size_of::<wshd_handshake_req>() == 112);
-    assert!(std::mem::size_of::<wshd_host_api>() == 144);
+    assert!(std::mem::size_of::<wshd_host_api>() == 152);
     // ABI 1.0 hosts (wshd before log_level) built 72-byte tables, 1.1 hosts
-    // (before broadcast) 80-byte ones, 1.2 hosts 144-byte ones.
+    // (before broadcast) 80-byte ones, 1.2 hosts 152-byte ones.
     assert!(WSHD_HOST_API_SIZE_1_0 == 72);
     assert!(WSHD_HOST_API_SIZE_1_1 == 80);
-    assert!(WSHD_HOST_API_SIZE_1_2 == 144);
+    assert!(WSHD_HOST_API_SIZE_1_2 == 152);
     assert!(std::mem::size_of::<wshd_descriptor>() == 120);
     assert!(WSHD_DESCRIPTOR_SIZE_1_0 == 112);
     assert!(WSHD_DESCRIPTOR_SIZE_1_2 == 120);

@@ -297,6 +297,16 @@ impl HostApi {
         unsafe { ((*t).subscribers)((*t).host_ctx, wshd_str::from_str(topic)) }
     }
 
+    /// `subscribers_cluster` (ABI 1.2).
+    pub(crate) fn subscribers_cluster(self, topic: &str) -> i64 {
+        if !self.has_1_2() {
+            return WSHD_ERR_UNSUPPORTED.into();
+        }
+        let t = self.t();
+        // SAFETY: as in `topic_call`.
+        unsafe { ((*t).subscribers_cluster)((*t).host_ctx, wshd_str::from_str(topic)) }
+    }
+
     /// `set_timer` (ABI 1.2): the timer id, or a negative status.
     pub(crate) fn set_timer(self, conn: wshd_conn_id, delay_ms: u64) -> i64 {
         if !self.has_1_2() {
@@ -1057,6 +1067,10 @@ mod tests {
             Err(crate::SendError::Unsupported)
         );
         assert_eq!(host.subscribers("room"), Err(crate::SendError::Unsupported));
+        assert_eq!(
+            host.subscribers_cluster("room"),
+            Err(crate::SendError::Unsupported)
+        );
         let second = std::time::Duration::from_secs(1);
         assert_eq!(host.set_timer(second), Err(crate::SendError::Unsupported));
         assert_eq!(conn.set_timer(second), Err(crate::SendError::Unsupported));

@@ -110,6 +110,16 @@ impl Host {
         count(self.api.subscribers(topic))
     }
 
+    /// The number of subscribers of `topic` across every node of a cluster
+    /// (ABI 1.2): this server's exact count plus the other nodes' counts as
+    /// last exchanged through Redis, so approximate (a few seconds old, and
+    /// the other nodes are counted only for topics with a subscriber here).
+    /// Without `[cluster]`, the same as [`Host::subscribers`]. Never waits
+    /// on the network.
+    pub fn subscribers_cluster(&self, topic: &str) -> Result<usize, SendError> {
+        count(self.api.subscribers_cluster(topic))
+    }
+
     /// Calls [`Handler::timer`](crate::Handler::timer) once, after `delay`,
     /// with no connection (ABI 1.2). The timer is dropped when this
     /// instance is destroyed; it never fires into another version. Returns

@@ -778,6 +778,8 @@ impl<H: Handler> TestHost<H> {
             subscribers: fake_subscribers,
             set_timer: fake_set_timer,
             cancel_timer: fake_cancel_timer,
+            // One node: the cluster count is the local count.
+            subscribers_cluster: fake_subscribers,
         }));
         // SAFETY: the table and its context are leaked, so valid forever, and
         // the fake functions are thread-safe.

@@ -201,7 +201,7 @@ fn rust_facts() -> BTreeMap<String, String> {
             struct_size, abi_major, abi_minor, host_ctx, send, ping, close, log,
             hs_select_subprotocol, hs_add_header, hs_reject, log_level, broadcast,
             subscribe, unsubscribe, is_subscribed, publish, subscribers, set_timer,
-            cancel_timer,
+            cancel_timer, subscribers_cluster,
         }
         wshd_descriptor {
             magic, abi_major, abi_minor, struct_size, flags, name, version, build_info,

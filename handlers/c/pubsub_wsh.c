@@ -11,6 +11,7 @@
  *   pubx TOPIC TEXT      the same, except to myself    -> "pubx N"
  *   big TOPIC BYTES      publish BYTES bytes (binary)  -> "big N"
  *   count TOPIC          subscribers of TOPIC          -> "count N"
+ *   ccount TOPIC         subscribers across a cluster  -> "ccount N"
  *   threads TOPIC T N    T threads publish N messages "tI-J" each to TOPIC,
  *                        concurrently; the last one done publishes "done"
  *                                                      -> "threads started"
@@ -163,6 +164,8 @@ static int32_t pubsub_on_message(void *handler, void *state, wshd_conn_id conn, 
     snprintf(out, sizeof out, "big %lld", (long long)n);
   } else if (IS("count")) {
     snprintf(out, sizeof out, "count %lld", (long long)h->subscribers(ctx, topic));
+  } else if (IS("ccount")) {
+    snprintf(out, sizeof out, "ccount %lld", (long long)h->subscribers_cluster(ctx, topic));
   } else if (IS("threads")) {
     int threads = atoi(num), count = atoi(strchr(num, ' ') ? strchr(num, ' ') + 1 : "0");
     pthread_mutex_lock(&ps->lock);

@@ -111,6 +111,17 @@ pub async fn run(settings: &Settings, list: bool, defaulted: bool) -> ExitCode {
     for p in &report.problems {
         eprintln!("wshd: problem: {p}");
     }
+    // Redis is a run-time dependency the server retries in the background:
+    // unreachable now is worth a warning, not a failed check.
+    if let Some(c) = &settings.cluster
+        && let Err(e) = crate::cluster::probe(c).await
+    {
+        eprintln!(
+            "wshd: warning: [cluster] redis at {} is unreachable ({e}); wshd would start, serve \
+             local topics and retry in the background, with cross-node delivery down until it answers",
+            c.describe()
+        );
+    }
     registry.clear();
     // The TLS pair, loaded as startup and reloads load it.
     let mut tls_failed = false;

@@ -111,6 +111,9 @@ pub struct RawConfig {
     /// Where a running server writes its live route table (versions,
     /// shares, states) for `wshd --list`. Default: not written.
     pub status_file: Option<PathBuf>,
+    /// Topics across nodes through Redis (docs/cluster.md); absent: this
+    /// node alone, no Redis needed.
+    pub cluster: Option<crate::cluster::RawCluster>,
 }
 
 /// `[topics]`: caps on the host-owned subscriptions.

@@ -133,6 +133,7 @@ pub fn new_host_api(
             subscribers: host_subscribers,
             set_timer: host_set_timer,
             cancel_timer: host_cancel_timer,
+            subscribers_cluster: host_subscribers_cluster,
         },
         ctx,
     }))
@@ -845,6 +846,18 @@ unsafe extern "C" fn host_subscribers(ctx: *mut c_void, topic: wshd_str) -> i64 
     // SAFETY: as in host_subscribe.
     match unsafe { topic_call(ctx, topic) } {
         Ok((_, name)) => crate::topics::global().subscribers(name) as i64,
+        Err(rc) => rc.into(),
+    }
+}
+
+/// `subscribers_cluster` (ABI 1.2): never waits on Redis (cluster.rs caches
+/// the other nodes' counts).
+unsafe extern "C" fn host_subscribers_cluster(ctx: *mut c_void, topic: wshd_str) -> i64 {
+    // SAFETY: as in host_subscribe.
+    match unsafe { topic_call(ctx, topic) } {
+        Ok((_, name)) => {
+            i64::try_from(crate::topics::global().subscribers_cluster(name)).unwrap_or(i64::MAX)
+        }
         Err(rc) => rc.into(),
     }
 }

@@ -39,7 +39,8 @@
 //!   handler callbacks.
 //! * [`host_api`] + [`handshake`]: the function table handlers call.
 //! * [`topics`], [`timers`]: host-owned publish/subscribe membership and
-//!   handler timers (ABI 1.2).
+//!   handler timers (ABI 1.2); [`cluster`]: topics across nodes through
+//!   Redis pub/sub (`[cluster]`).
 //! * [`reload`]: notify watcher, debounce, retries, supervision, SIGHUP.
 //! * [`logging`]: tracing setup and log reopening; [`logsafe`]: escaping
 //!   client-controlled values before they are logged.
@@ -54,6 +55,7 @@ pub mod admin;
 pub mod budget;
 pub mod check;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod crash;
 pub mod elf;

@@ -470,6 +470,7 @@ pub fn keep_restart_only(running: &Settings, new: &mut Settings) -> Vec<String> 
     keep!("pid_file", pid_file);
     keep!("shutdown.timeout", shutdown_timeout);
     keep!("admin.listen", admin);
+    keep!("cluster", cluster);
     warnings
 }
 

@@ -47,6 +47,9 @@ pub struct Settings {
     pub rollout: crate::rollout::Policy,
     /// Where the running server writes its live route table (status.rs).
     pub status_file: Option<PathBuf>,
+    /// `[cluster]`, if configured. Read at startup only: a config reload
+    /// does not reconnect.
+    pub cluster: Option<crate::cluster::ClusterSettings>,
 }
 
 /// One listening socket.
@@ -327,6 +330,11 @@ impl Settings {
             tls,
             rollout,
             status_file,
+            cluster: raw
+                .and_then(|r| r.cluster.as_ref())
+                .map(crate::cluster::ClusterSettings::from_raw)
+                .transpose()
+                .map_err(ConfigError::Other)?,
         })
     }
 }

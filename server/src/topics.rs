@@ -97,6 +97,9 @@ pub struct Topics {
     count: AtomicUsize,
     max_per_connection: AtomicUsize,
     max_topics: AtomicUsize,
+    /// `[cluster]`: the link to the other nodes, set once at startup. Absent,
+    /// a publish costs one extra load and branch.
+    cluster: OnceLock<Arc<crate::cluster::Link>>,
 }
 
 impl Default for Topics {
@@ -130,7 +133,30 @@ impl Topics {
             count: AtomicUsize::new(0),
             max_per_connection: AtomicUsize::new(max_per_connection),
             max_topics: AtomicUsize::new(max_topics),
+            cluster: OnceLock::new(),
         }
+    }
+
+    /// Connects these topics to the other nodes (once, at startup): topics
+    /// appearing and disappearing are reported to `link`, and publishes are
+    /// forwarded to it. `false` if a link was already set.
+    pub fn set_cluster(&self, link: Arc<crate::cluster::Link>) -> bool {
+        self.cluster.set(link).is_ok()
+    }
+
+    /// The cluster link, if `[cluster]` is configured.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Link>> {
+        self.cluster.get()
+    }
+
+    /// Whether `name` has local subscribers (its topic exists).
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+
+    /// The names of every topic with local subscribers (a snapshot).
+    pub fn names(&self) -> Vec<Arc<str>> {
+        self.map.iter().map(|e| e.key().clone()).collect()
     }
 
     /// Sets the caps (at startup and on every config reload). Lowering a cap
@@ -170,6 +196,11 @@ impl Topics {
                     len: AtomicUsize::new(0),
                 });
                 e.insert(topic.clone());
+                // Under the shard lock, so the link sees appearances and
+                // removals of one name in the order they happened.
+                if let Some(link) = self.cluster.get() {
+                    link.topic_changed(&topic.name);
+                }
                 Ok(topic)
             }
         }
@@ -265,6 +296,9 @@ impl Topics {
         });
         if removed.is_some() {
             self.count.fetch_sub(1, Ordering::Relaxed);
+            if let Some(link) = self.cluster.get() {
+                link.topic_changed(&topic.name);
+            }
         }
     }
 
@@ -278,8 +312,42 @@ impl Topics {
     /// Offers `msg` to every subscriber of `name` except connection
     /// `exclude` (0: none) through `deliver`, which gets a clone of `msg`
     /// (its payload is shared, not copied) and returns the ABI status of
-    /// that one delivery. Returns how many were `WSHD_OK`.
+    /// that one delivery. Returns how many were `WSHD_OK` (on this node:
+    /// with `[cluster]`, the message then goes to the other nodes too, not
+    /// counted).
     pub fn publish(
+        &self,
+        name: &str,
+        msg: &Message,
+        exclude: wshd_conn_id,
+        deliver: impl FnMut(&Subscriber, Message) -> i32,
+    ) -> usize {
+        let n = self.fan_out(name, msg, exclude, deliver);
+        if let Some(link) = self.cluster.get() {
+            link.forward(name, msg);
+        }
+        n
+    }
+
+    /// Delivers a message that another node published (through the
+    /// cluster link) to this node's subscribers, like a local publish but
+    /// without forwarding it again.
+    pub fn deliver_remote(&self, name: &str, msg: &Message) -> usize {
+        self.fan_out(name, msg, 0, |s, m| s.conn.offer(s.id, &s.route, m))
+    }
+
+    /// Subscribers of `name` across the cluster: this node's exact count
+    /// plus the other nodes' counts as of the last heartbeat (approximate).
+    /// Without `[cluster]`, the local count.
+    pub fn subscribers_cluster(&self, name: &str) -> u64 {
+        let local = self.subscribers(name) as u64;
+        match self.cluster.get() {
+            Some(link) => local + link.remote_subscribers(name),
+            None => local,
+        }
+    }
+
+    fn fan_out(
         &self,
         name: &str,
         msg: &Message,

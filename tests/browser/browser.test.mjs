@@ -7,6 +7,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import net from 'node:net';
+import { spawn } from 'node:child_process';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { chromium } from 'playwright-core';
 import { startWshd, configToml, REPO_ROOT } from '../node/lib/wshd.mjs';
@@ -198,6 +200,96 @@ test('chat page: a reload of chat between two pages does not split the room', as
     await alice.close();
     await bob.close();
     await server.stop();
+  }
+});
+
+/** A free loopback port (bound, read, released). */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** Resolves once something accepts connections on `port`. */
+async function waitPort(port, what) {
+  const deadline = Date.now() + WAIT;
+  for (;;) {
+    const ok = await new Promise((resolve) => {
+      const s = net.connect(port, '127.0.0.1');
+      s.once('connect', () => { s.destroy(); resolve(true); });
+      s.once('error', () => resolve(false));
+    });
+    if (ok) return;
+    assert.ok(Date.now() < deadline, `${what} never listened on ${port}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+async function waitLog(server, needle) {
+  const deadline = Date.now() + WAIT;
+  while (!server.log().includes(needle)) {
+    assert.ok(Date.now() < deadline, `log never showed ${needle}:\n${server.log()}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/**
+ * Sends `text` from `from` until `to` shows it: the first tries may go out
+ * before `to`'s node has subscribed to the room's Redis channel (cross-node
+ * delivery is at most once, with no replay).
+ */
+async function sendUntilSeen(from, to, text, seenAs) {
+  const deadline = Date.now() + WAIT;
+  for (;;) {
+    await from.fill('#text', text);
+    await from.press('#text', 'Enter');
+    const line = to.locator('#messages li').filter({ hasText: seenAs });
+    try {
+      await line.first().waitFor({ timeout: 300 });
+      return;
+    } catch {
+      assert.ok(Date.now() < deadline, `${seenAs} never reached the other node`);
+    }
+  }
+}
+
+test('chat page: two pages on two wshd nodes sharing one Redis chat with each other', async () => {
+  // A Redis of its own on a free port, stopped by PID.
+  const port = await freePort();
+  const redis = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '',
+    '--appendonly', 'no'], { stdio: 'ignore' });
+  const nodes = [];
+  const pages = [];
+  try {
+    await waitPort(port, 'redis-server');
+    for (const id of ['b1', 'b2']) {
+      const config = configToml() + `\n[cluster]\nredis = "redis://127.0.0.1:${port}"\nnode_id = "${id}"\n`;
+      const node = await startWshd({ config, docRoot: WWW });
+      nodes.push(node);
+      await waitLog(node, 'cross-node delivery is up');
+    }
+    const [alice, bob] = [await newPage(), await newPage()];
+    pages.push(alice, bob);
+    await alice.goto(`${nodes[0].httpUrl}/chat.html?name=alice&room=cluster`);
+    await bob.goto(`${nodes[1].httpUrl}/chat.html?name=bob&room=cluster`);
+    for (const p of pages) {
+      await p.locator('#status[data-state="open"]').waitFor({ timeout: WAIT });
+    }
+    assert.notEqual(nodes[0].port, nodes[1].port);
+    await sendUntilSeen(alice, bob, 'hi bob, from node 1', 'alice:hi bob, from node 1');
+    await sendUntilSeen(bob, alice, 'hello alice, from node 2', 'bob:hello alice, from node 2');
+    fs.mkdirSync(ARTIFACTS, { recursive: true });
+    await bob.screenshot({ path: path.join(ARTIFACTS, 'chat-cluster.png') });
+    assertNoPageErrors();
+  } finally {
+    for (const p of pages) await p.close();
+    for (const n of nodes) await n.stop();
+    redis.kill('SIGKILL');
   }
 });
 

@@ -113,6 +113,11 @@ enum Mode {
         /// Connections opened at once during set-up.
         #[arg(long, default_value_t = 64)]
         connect_concurrency: usize,
+        /// Subscribers connect here instead of --url: another node of a
+        /// wshd [cluster], so every delivery but the publisher's own copy
+        /// crosses Redis (docs/cluster.md).
+        #[arg(long)]
+        subscriber_url: Option<String>,
     },
 }
 
@@ -260,6 +265,7 @@ async fn run(cli: Cli) -> anyhow::Result<Record> {
             size,
             window,
             connect_concurrency,
+            subscriber_url,
         } => {
             let (warmup, duration) = window.durations();
             let params = fanout::FanoutParams {
@@ -269,6 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<Record> {
                 warmup,
                 duration,
                 connect_concurrency,
+                subscriber_url,
             };
             fanout::run(Arc::new(target.resolve()?), &params, probe).await
         }

@@ -43,6 +43,9 @@ pub struct FanoutParams {
     pub duration: Duration,
     /// Connections opened at once while setting up.
     pub connect_concurrency: usize,
+    /// Where the subscribers connect, if not to the publisher's URL: another
+    /// wshd node of a `[cluster]`, so every delivery crosses Redis.
+    pub subscriber_url: Option<String>,
 }
 
 /// Runs the fan-out workload against `target`, which must be a chat route.
@@ -55,20 +58,45 @@ pub async fn run(target: Arc<Target>, params: &FanoutParams, probe: Option<Probe
         .param("duration_s", params.duration.as_secs_f64())
         .param("warmup_s", params.warmup.as_secs_f64());
 
-    let (mut clients, mut failures) = dial_all(
-        &target,
-        &target.url,
-        params.subscribers + 1,
-        params.connect_concurrency,
-        small_client_config(),
-    )
-    .await;
+    let (mut clients, mut failures) = match &params.subscriber_url {
+        None => {
+            dial_all(
+                &target,
+                &target.url,
+                params.subscribers + 1,
+                params.connect_concurrency,
+                small_client_config(),
+            )
+            .await
+        }
+        Some(sub_url) => {
+            record.param("subscriber_url", sub_url.as_str());
+            // The publisher first (it stays at index 0), then the remote
+            // subscribers.
+            let (mut clients, failures) =
+                dial_all(&target, &target.url, 1, 1, small_client_config()).await;
+            let (subs, f) = dial_all(
+                &target,
+                sub_url,
+                params.subscribers,
+                params.connect_concurrency,
+                small_client_config(),
+            )
+            .await;
+            clients.extend(subs);
+            record.absorb(f);
+            (clients, failures)
+        }
+    };
     if clients.len() < 2 {
         failures.error("fewer than two connections on the chat route");
         record.absorb(failures);
         return record;
     }
-    let receivers = clients.len();
+    // Across nodes, only the remote copies are measured: the publisher's
+    // own copy (delivered by its node) is read but not counted.
+    let cross = params.subscriber_url.is_some();
+    let receivers = clients.len() - usize::from(cross);
     record.metric("receivers", receivers as f64);
     let publisher = clients.swap_remove(0);
     let (mut sink, own_copies) = publisher.split();
@@ -80,7 +108,12 @@ pub async fn run(target: Arc<Target>, params: &FanoutParams, probe: Option<Probe
         timeline,
         size: params.size,
     };
-    let mut handles = vec![tokio::spawn(receive(own_copies, shape))];
+    let own = tokio::spawn(receive(own_copies, shape));
+    let (mut handles, own) = if cross {
+        (Vec::new(), Some(own))
+    } else {
+        (vec![own], None)
+    };
     handles.extend(
         clients
             .into_iter()
@@ -113,6 +146,9 @@ pub async fn run(target: Arc<Target>, params: &FanoutParams, probe: Option<Probe
     }
 
     let outcomes: Vec<ReceiverOutcome> = join_all(handles, &mut failures).await;
+    if let Some(own) = own {
+        let _ = own.await;
+    }
     let _ = sink.close().await;
     let mut latency = Latency::default();
     for outcome in outcomes {

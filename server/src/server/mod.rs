@@ -232,6 +232,7 @@ pub async fn run_on(
         watcher,
         server.clone(),
     ));
+    let cluster = start_cluster(&settings);
     // The certificate files are watched like the handlers are.
     let _tls_watch = match &tls {
         Some(t) if settings.reload.watch => match t.watch(settings.reload.debounce) {
@@ -283,10 +284,36 @@ pub async fn run_on(
         _ = server.tracker.wait() => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(deadline) => tracing::warn!("shutdown deadline passed with {} connections open; exiting", server.conns.len()),
     }
+    if let Some((stop, task)) = cluster {
+        stop.cancel();
+        let _ = task.await;
+    }
     if let Some(state) = &state {
         let _ = std::fs::remove_dir_all(state);
     }
     Ok(())
+}
+
+/// Starts the `[cluster]` link, if configured: the task that carries topics
+/// to and from Redis (cluster.rs). It never delays startup: an unreachable
+/// Redis is retried in the background while local delivery works.
+fn start_cluster(settings: &Settings) -> Option<(CancellationToken, tokio::task::JoinHandle<()>)> {
+    let cs = settings.cluster.clone()?;
+    let (link, rx) = crate::cluster::Link::new(&cs);
+    let topics = crate::topics::global();
+    if !topics.set_cluster(link.clone()) {
+        tracing::warn!("cluster: a link is already running in this process; not starting another");
+        return None;
+    }
+    tracing::info!(
+        node_id = %cs.node_id,
+        prefix = %cs.channel_prefix,
+        "cluster: connecting to redis at {}",
+        cs.describe()
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(crate::cluster::run(cs, link, rx, topics, stop.clone()));
+    Some((stop, task))
 }
 
 fn is_root() -> bool {
