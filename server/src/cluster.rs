@@ -32,8 +32,14 @@
 //!   with a capped backoff (100 ms doubling to 2 s) and subscribes again to
 //!   every topic that still has local subscribers. Drops are logged at most
 //!   once per second.
+//! * **TLS.** A `rediss://` URL connects through rustls with the `ring`
+//!   provider (the one the listeners use; no OpenSSL, no aws-lc-rs). The
+//!   server certificate is checked against the system's roots, or only
+//!   against `tls_ca` when that is set (a private CA). Certificate checks
+//!   cannot be turned off: the redis crate's `#insecure` fragment is refused.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -97,6 +103,10 @@ pub struct RawCluster {
     pub queue: Option<Bounded<1_000_000>>,
     /// How often cluster-wide counts are refreshed.
     pub count_interval: Option<Dur>,
+    /// PEM file with the CA certificate(s) that signed Redis's TLS
+    /// certificate, for a `rediss://` URL (relative to the config file).
+    /// Default: the system's root store.
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// `[cluster]` resolved and checked. Its `Debug` hides the password.
@@ -107,30 +117,59 @@ pub struct ClusterSettings {
     pub channel_prefix: String,
     pub queue: usize,
     pub count_interval: Duration,
+    /// `tls_ca` resolved against the config file's directory.
+    pub tls_ca: Option<PathBuf>,
+    /// Its PEM, read when the config is read: a missing or unreadable file
+    /// fails `wshd -t` and startup rather than every reconnect.
+    pub tls_ca_pem: Option<Vec<u8>>,
 }
 
 impl ClusterSettings {
-    /// Checks `raw` and fills in the defaults. The URL is parsed, not
-    /// connected to: an unreachable Redis is a run-time condition.
-    pub fn from_raw(raw: &RawCluster) -> Result<ClusterSettings, String> {
+    /// Checks `raw` and fills in the defaults; `rel` resolves a path
+    /// relative to the config file. The URL is parsed, not connected to: an
+    /// unreachable Redis is a run-time condition.
+    pub fn from_raw(
+        raw: &RawCluster,
+        rel: impl Fn(&Path) -> PathBuf,
+    ) -> Result<ClusterSettings, String> {
         let url = raw.redis.trim();
-        if url.starts_with("rediss://") {
+        let tls = url.starts_with("rediss://");
+        if !tls && !url.starts_with("redis://") {
             return Err(format!(
-                "[cluster] redis = \"{}\": rediss:// (TLS) is not supported yet; use redis:// on a \
-                 private network or a TLS tunnel (stunnel, spiped) to Redis (docs/cluster.md)",
+                "[cluster] redis = \"{}\": write a redis:// or rediss:// (TLS) URL, e.g. \
+                 \"redis://127.0.0.1:6379\" or \"rediss://:password@host:6380/0\"",
                 redact(url)
             ));
         }
-        if !url.starts_with("redis://") {
+        if tls && url.contains('#') {
+            // The redis crate reads `#insecure` as "skip certificate checks";
+            // wshd does not offer that (a private CA goes in tls_ca).
             return Err(format!(
-                "[cluster] redis = \"{}\": write a redis:// URL, e.g. \"redis://127.0.0.1:6379\" or \
-                 \"redis://:password@host:6379/0\"",
+                "[cluster] redis = \"{}\": remove the #fragment; certificate checks cannot be \
+                 turned off: for a private CA set [cluster] tls_ca = \"ca.pem\"",
                 redact(url)
             ));
         }
-        redis::Client::open(url).map_err(|e| {
+        let (tls_ca, tls_ca_pem) = match &raw.tls_ca {
+            None => (None, None),
+            Some(_) if !tls => {
+                return Err(format!(
+                    "[cluster] tls_ca is set but redis = \"{}\" is not TLS: write the URL as \
+                     rediss://, or drop tls_ca",
+                    redact(url)
+                ));
+            }
+            Some(p) => {
+                let path = rel(p);
+                let pem = read_ca(&path)?;
+                (Some(path), Some(pem))
+            }
+        };
+        let settings_url = url.to_string();
+        client(&settings_url, tls_ca_pem.as_deref()).map_err(|e| {
             format!(
-                "[cluster] redis = \"{}\": {e}; write e.g. \"redis://127.0.0.1:6379\"",
+                "[cluster] redis = \"{}\": {e}; write e.g. \"redis://127.0.0.1:6379\" or \
+                 \"rediss://host:6380\"",
                 redact(url)
             )
         })?;
@@ -145,12 +184,23 @@ impl ClusterSettings {
             .unwrap_or_else(|| DEFAULT_CHANNEL_PREFIX.into());
         check_id("channel_prefix", &channel_prefix, true)?;
         Ok(ClusterSettings {
-            redis: url.to_string(),
+            redis: settings_url,
             node_id,
             channel_prefix,
             queue: raw.queue.map_or(DEFAULT_QUEUE, |q| q.0),
             count_interval: raw.count_interval.map_or(DEFAULT_COUNT_INTERVAL, |d| d.0),
+            tls_ca,
+            tls_ca_pem,
         })
+    }
+
+    /// Whether the link speaks TLS to Redis (`rediss://`).
+    pub fn is_tls(&self) -> bool {
+        self.redis.starts_with("rediss://")
+    }
+
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        client(&self.redis, self.tls_ca_pem.as_deref())
     }
 
     /// Where Redis is, without the password, for logs.
@@ -167,7 +217,83 @@ impl std::fmt::Debug for ClusterSettings {
             .field("channel_prefix", &self.channel_prefix)
             .field("queue", &self.queue)
             .field("count_interval", &self.count_interval)
+            .field("tls_ca", &self.tls_ca)
             .finish()
+    }
+}
+
+/// Reads `tls_ca` and checks that it holds at least one PEM certificate.
+fn read_ca(path: &Path) -> Result<Vec<u8>, String> {
+    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+    let pem = std::fs::read(path).map_err(|e| {
+        format!(
+            "[cluster] tls_ca = {}: cannot read it ({e}); give the PEM file of the CA that signed \
+             Redis's certificate (relative paths are relative to the config file)",
+            path.display()
+        )
+    })?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            format!(
+                "[cluster] tls_ca = {}: not valid PEM ({e}); give a file of \
+                 -----BEGIN CERTIFICATE----- blocks",
+                path.display()
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!(
+            "[cluster] tls_ca = {}: holds no certificate; give a file of -----BEGIN CERTIFICATE----- \
+             blocks (the CA that signed Redis's certificate)",
+            path.display()
+        ));
+    }
+    Ok(pem)
+}
+
+/// The redis client for `url`: with `ca` (PEM) as its only trusted roots
+/// for a `rediss://` URL, else the system's roots.
+fn client(url: &str, ca: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
+    ensure_crypto_provider();
+    match ca {
+        Some(ca) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.to_vec()),
+            },
+        ),
+        None => redis::Client::open(url),
+    }
+}
+
+/// The redis crate builds its rustls config with `ClientConfig::builder()`,
+/// which uses the process-wide default provider and, when none is
+/// installed, picks the one enabled in rustls's features, panicking if
+/// there are two (e.g. a workspace build that unifies in aws-lc-rs). The
+/// listeners pass `ring` explicitly; installing it here as the default,
+/// once, makes the redis side use the same provider whatever the features.
+fn ensure_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means another provider was installed first, which rustls then
+        // uses: fine too.
+        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// Appended to a connect error that looks like a certificate problem.
+fn tls_hint(settings: &ClusterSettings, err: &str) -> &'static str {
+    let e = err.to_ascii_lowercase();
+    if !settings.is_tls() || !(e.contains("certificate") || e.contains("tls")) {
+        return "";
+    }
+    if settings.tls_ca.is_some() {
+        " (check that [cluster] tls_ca is the CA that signed Redis's certificate and that the \
+         certificate names the host in the URL)"
+    } else {
+        " (the system's roots do not vouch for Redis's certificate: for a private CA set \
+         [cluster] tls_ca = \"ca.pem\")"
     }
 }
 
@@ -391,14 +517,14 @@ impl Link {
 /// Connects once and sends `PING`, for `wshd -t`: `Err` says why Redis is
 /// not usable right now.
 pub async fn probe(settings: &ClusterSettings) -> Result<(), String> {
-    let client = redis::Client::open(settings.redis.as_str()).map_err(|e| e.to_string())?;
+    let client = settings.client().map_err(|e| e.to_string())?;
     let cfg = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(2)));
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&cfg)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("{e}{}", tls_hint(settings, &e.to_string())))?;
     redis::cmd("PING")
         .query_async::<String>(&mut conn)
         .await
@@ -424,7 +550,7 @@ pub async fn run(
 ) {
     let mut rx = rx.0;
     let where_ = settings.describe();
-    let client = match redis::Client::open(settings.redis.as_str()) {
+    let client = match settings.client() {
         Ok(c) => c,
         Err(e) => {
             // Checked when the config was read; kept for completeness.
@@ -542,7 +668,7 @@ async fn session(
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&cfg)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("{e}{}", tls_hint(settings, &e.to_string())))?;
     let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
         .await
         .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))?
@@ -778,6 +904,10 @@ async fn heartbeat(
 mod tests {
     use super::*;
 
+    fn from_raw(raw: &RawCluster) -> Result<ClusterSettings, String> {
+        ClusterSettings::from_raw(raw, |p| Path::new("/etc/wshd").join(p))
+    }
+
     #[test]
     fn envelopes_round_trip_and_bad_ones_are_refused() {
         let env = encode(b"node-1", &Message::text("héllo")).unwrap();
@@ -803,24 +933,28 @@ mod tests {
             channel_prefix: None,
             queue: None,
             count_interval: None,
+            tls_ca: None,
         };
-        let s = ClusterSettings::from_raw(&raw("redis://:pw@127.0.0.1:6379/0")).unwrap();
+        let s = from_raw(&raw("redis://:pw@127.0.0.1:6379/0")).unwrap();
         assert_eq!(s.channel_prefix, "wshd:");
         assert_eq!(s.queue, DEFAULT_QUEUE);
         assert_eq!(s.describe(), "redis://:***@127.0.0.1:6379/0");
-        let e = ClusterSettings::from_raw(&raw("rediss://h:6380")).unwrap_err();
-        assert!(e.contains("not supported yet"), "{e}");
-        let e = ClusterSettings::from_raw(&raw("http://h")).unwrap_err();
+        let s = from_raw(&raw("rediss://:pw@h:6380")).unwrap();
+        assert!(s.is_tls() && s.tls_ca.is_none());
+        assert_eq!(s.describe(), "rediss://:***@h:6380");
+        let e = from_raw(&raw("rediss://h:6380/#insecure")).unwrap_err();
+        assert!(e.contains("cannot be turned off"), "{e}");
+        let e = from_raw(&raw("http://h")).unwrap_err();
         assert!(e.contains("redis://"), "{e}");
         let mut r = raw("redis://h");
         r.node_id = Some(String::new());
-        assert!(ClusterSettings::from_raw(&r).is_err());
+        assert!(from_raw(&r).is_err());
         r.node_id = None;
-        let id = ClusterSettings::from_raw(&r).unwrap().node_id;
+        let id = from_raw(&r).unwrap().node_id;
         assert!(!id.is_empty() && id.len() <= MAX_ID_LEN, "{id}");
         assert_eq!(
             id,
-            ClusterSettings::from_raw(&r).unwrap().node_id,
+            from_raw(&r).unwrap().node_id,
             "stable across config reloads"
         );
         assert_ne!(new_node_id(), new_node_id(), "random per process");
@@ -828,13 +962,40 @@ mod tests {
     }
 
     #[test]
+    fn tls_ca_is_read_relative_to_the_config_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = |url: &str, ca: &str| RawCluster {
+            redis: url.into(),
+            node_id: Some("n1".into()),
+            channel_prefix: None,
+            queue: None,
+            count_interval: None,
+            tls_ca: Some(ca.into()),
+        };
+        let rel = |p: &Path| dir.path().join(p);
+        let e = ClusterSettings::from_raw(&raw("rediss://h", "ca.pem"), rel).unwrap_err();
+        assert!(e.contains("cannot read it") && e.contains("ca.pem"), "{e}");
+        std::fs::write(dir.path().join("ca.pem"), "not a certificate\n").unwrap();
+        let e = ClusterSettings::from_raw(&raw("rediss://h", "ca.pem"), rel).unwrap_err();
+        assert!(e.contains("holds no certificate"), "{e}");
+        let ca = rcgen::generate_simple_self_signed(vec!["ca".to_string()]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+        let s = ClusterSettings::from_raw(&raw("rediss://h", "ca.pem"), rel).unwrap();
+        assert_eq!(s.tls_ca.as_deref(), Some(&*dir.path().join("ca.pem")));
+        assert_eq!(s.tls_ca_pem.as_deref(), Some(ca.cert.pem().as_bytes()));
+        let e = ClusterSettings::from_raw(&raw("redis://h", "ca.pem"), rel).unwrap_err();
+        assert!(e.contains("is not TLS"), "{e}");
+    }
+
+    #[test]
     fn a_link_that_is_down_drops_and_counts() {
-        let s = ClusterSettings::from_raw(&RawCluster {
+        let s = from_raw(&RawCluster {
             redis: "redis://127.0.0.1:1".into(),
             node_id: Some("n".into()),
             channel_prefix: None,
             queue: Some(Bounded(2)),
             count_interval: None,
+            tls_ca: None,
         })
         .unwrap();
         let (link, _rx) = Link::new(&s);
