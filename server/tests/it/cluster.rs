@@ -6,6 +6,9 @@
 //! Readiness is always a real condition: Redis answering on its port, a
 //! node's log saying its link is up or that it subscribed to a topic's
 //! channel.
+//!
+//! The `rediss://` tests run Redis with `--tls-port` and a CA and server
+//! certificate that rcgen makes at test time.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,13 +45,47 @@ async fn wait_port(port: u16, what: &str) {
 struct Redis {
     port: u16,
     child: Option<Child>,
+    /// How it listens: `--port P`, or TLS only (`--port 0 --tls-port P` and
+    /// the certificate files), plus `--requirepass`.
+    listen_args: Vec<String>,
 }
 
 impl Redis {
     async fn start() -> Redis {
+        let port = free_port();
+        Redis::start_with(port, vec!["--port".into(), port.to_string()]).await
+    }
+
+    /// Redis speaking TLS only, with the server certificate of `pki`, and
+    /// a password if `pass` is given.
+    async fn start_tls(pki: &Pki, pass: Option<&str>) -> Redis {
+        let port = free_port();
+        let path = |n: &str| pki.dir.path().join(n).display().to_string();
+        let mut args: Vec<String> = vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            path("cert.pem"),
+            "--tls-key-file".into(),
+            path("key.pem"),
+            "--tls-ca-cert-file".into(),
+            path("ca.pem"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
+        if let Some(p) = pass {
+            args.extend(["--requirepass".into(), p.into()]);
+        }
+        Redis::start_with(port, args).await
+    }
+
+    async fn start_with(port: u16, listen_args: Vec<String>) -> Redis {
         let mut r = Redis {
-            port: free_port(),
+            port,
             child: None,
+            listen_args,
         };
         r.restart().await;
         r
@@ -57,7 +94,7 @@ impl Redis {
     /// Starts it (again) on the same port.
     async fn restart(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+            .args(&self.listen_args)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -85,12 +122,51 @@ impl Drop for Redis {
     }
 }
 
+/// A test CA and the certificate it signs for Redis (localhost and
+/// 127.0.0.1), as ca.pem, cert.pem and key.pem in a temp dir.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+        Pki { dir }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+}
+
 /// A node's config: fast reloads, fast count heartbeats.
 fn node_config(redis: &str, id: &str) -> String {
     format!(
         "[reload]\ndebounce = \"50ms\"\ndrain_timeout = \"60s\"\n\n\
          [cluster]\nredis = \"{redis}\"\nnode_id = \"{id}\"\ncount_interval = \"200ms\"\n"
     )
+}
+
+/// A node's config for a `rediss://` Redis trusting only `ca`.
+fn tls_node_config(redis: &str, id: &str, ca: &Path) -> String {
+    format!("{}tls_ca = \"{}\"\n", node_config(redis, id), ca.display())
 }
 
 fn chat_dir() -> tempfile::TempDir {
@@ -330,8 +406,8 @@ async fn the_cluster_wide_count_adds_up_the_nodes() {
 }
 
 /// `wshd -t` with an unreachable Redis warns and succeeds: Redis is a
-/// run-time dependency the server retries, not a config error. A rediss://
-/// URL is refused with a way out.
+/// run-time dependency the server retries, not a config error. The same
+/// holds for a rediss:// URL.
 #[tokio::test(flavor = "multi_thread")]
 async fn check_config_warns_about_an_unreachable_redis() {
     let dir = chat_dir();
@@ -354,18 +430,134 @@ async fn check_config_warns_about_an_unreachable_redis() {
     assert!(err.contains("warning: [cluster]"), "{err}");
     assert!(err.contains("unreachable"), "{err}");
 
-    std::fs::write(&cfg, "[cluster]\nredis = \"rediss://127.0.0.1:6380\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        format!("[cluster]\nredis = \"rediss://127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let (code, err) = check_config(&cfg, dir.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("warning: [cluster] redis at rediss://"),
+        "{err}"
+    );
+}
+
+/// Runs `wshd -t` on `cfg`: exit code and stderr.
+fn check_config(cfg: &Path, handlers: &Path) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_wshd"))
         .arg("-t")
         .arg("--config")
-        .arg(&cfg)
+        .arg(cfg)
         .arg("-w")
-        .arg(dir.path())
+        .arg(handlers)
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("not supported yet"), "{err}");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `wshd -t` on a rediss:// URL with a password and a `tls_ca` relative to
+/// the config file: against a TLS Redis it connects, authenticates and
+/// answers PING, so no warning. A `tls_ca` that is missing fails the check
+/// (exit 2) naming the file; one from another CA makes the probe warn with
+/// a hint at tls_ca.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_accepts_rediss_with_a_ca_relative_to_the_config() {
+    let pki = Pki::new("redis test CA");
+    let other = Pki::new("another CA");
+    let redis = Redis::start_tls(&pki, Some("s3cret")).await;
+    let dir = chat_dir();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(pki.ca(), cfg_dir.path().join("ca.pem")).unwrap();
+    std::fs::copy(other.ca(), cfg_dir.path().join("other.pem")).unwrap();
+    let body = |ca: &str| {
+        format!(
+            "[cluster]\nredis = \"rediss://:s3cret@127.0.0.1:{}\"\ntls_ca = \"{ca}\"\n",
+            redis.port
+        )
+    };
+    let cfg = write_config(cfg_dir.path(), &body("ca.pem"));
+    let (code, err) = check_config(&cfg, dir.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("warning: [cluster]"), "{err}");
+    assert!(!err.contains("s3cret"), "the password leaked: {err}");
+
+    std::fs::write(&cfg, body("missing.pem")).unwrap();
+    let (code, err) = check_config(&cfg, dir.path());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("tls_ca") && err.contains("missing.pem"),
+        "{err}"
+    );
+
+    std::fs::write(&cfg, body("other.pem")).unwrap();
+    let (code, err) = check_config(&cfg, dir.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("warning: [cluster]"), "{err}");
+    assert!(err.contains("check that [cluster] tls_ca"), "{err}");
+}
+
+/// Two nodes on a TLS-only Redis that wants a password share a room
+/// (rediss://:password@ and tls_ca), both ways, each message once.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_nodes_share_a_room_over_rediss_with_a_password() {
+    let pki = Pki::new("redis test CA");
+    let redis = Redis::start_tls(&pki, Some("s3cret")).await;
+    let url = format!("rediss://:s3cret@127.0.0.1:{}", redis.port);
+    let dir = chat_dir();
+    let mut nodes = Vec::new();
+    for id in ["n1", "n2"] {
+        let n = Wshd::with_config(dir.path(), &tls_node_config(&url, id, &pki.ca()), &[]);
+        let log = n.wait_log("cross-node delivery is up").await;
+        assert!(
+            log.contains("rediss://:***@127.0.0.1") && !log.contains("s3cret"),
+            "{log}"
+        );
+        nodes.push(n);
+    }
+    let mut a = join(&nodes[0], "r", 1).await;
+    let mut b = join(&nodes[1], "r", 1).await;
+    a.send(Message::text("from-a")).await.unwrap();
+    b.send(Message::text("from-b")).await.unwrap();
+    for c in [&mut a, &mut b] {
+        let mut got = read_n(c, 2).await;
+        got.sort();
+        assert_eq!(got, ["from-a", "from-b"]);
+    }
+    a.send(Message::text("marker")).await.unwrap();
+    for c in [&mut a, &mut b] {
+        assert_eq!(recv_text(c).await, "marker", "a duplicate came late");
+    }
+}
+
+/// A node whose tls_ca is not the CA that signed Redis's certificate never
+/// gets its link up: it logs that cross-node delivery is down, with a hint
+/// at tls_ca, and its local chat keeps working. A node with the right CA
+/// on the same Redis is up (the failure is the certificate, not Redis).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_with_the_wrong_tls_ca_says_so_and_keeps_local_chat() {
+    let pki = Pki::new("redis test CA");
+    let other = Pki::new("another CA");
+    let redis = Redis::start_tls(&pki, None).await;
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let dir = chat_dir();
+    let good = Wshd::with_config(dir.path(), &tls_node_config(&url, "good", &pki.ca()), &[]);
+    good.wait_log("cross-node delivery is up").await;
+    drop(good);
+    let bad = Wshd::with_config(dir.path(), &tls_node_config(&url, "bad", &other.ca()), &[]);
+    let log = bad.wait_log("cross-node delivery is down").await;
+    assert!(log.contains("check that [cluster] tls_ca"), "{log}");
+    assert!(!log.contains("cross-node delivery is up"), "{log}");
+    let mut a = connect(&bad.url("/chat?room=r")).await;
+    let mut a2 = connect(&bad.url("/chat?room=r")).await;
+    bad.wait_log("joined (2 members)").await;
+    a.send(Message::text("local")).await.unwrap();
+    assert_eq!(recv_text(&mut a).await, "local");
+    assert_eq!(recv_text(&mut a2).await, "local");
+    assert!(!bad.log().contains("panicked"));
 }
 
 /// Debian's nginx, started with the config docs/cluster.md shows (see
