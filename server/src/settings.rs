@@ -332,7 +332,7 @@ impl Settings {
             status_file,
             cluster: raw
                 .and_then(|r| r.cluster.as_ref())
-                .map(|c| crate::cluster::ClusterSettings::from_raw(c, &rel))
+                .map(|c| crate::cluster::ClusterSettings::from_raw(c, rel))
                 .transpose()
                 .map_err(ConfigError::Other)?,
         })
