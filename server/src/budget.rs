@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
-use crate::host_api::ConnShared;
+use crate::mailbox::ConnShared;
 
 /// The server-wide count of bytes held by unfinished messages.
 #[derive(Debug)]

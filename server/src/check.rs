@@ -22,8 +22,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::cli::{Args, DEFAULT_CONFIG, exit};
-use crate::host_api::Connections;
 use crate::loader::Loader;
+use crate::mailbox::Connections;
 use crate::registry::{Mode, Registry};
 use crate::routing::RouteTable;
 use crate::settings::Settings;

@@ -1,5 +1,6 @@
 //! The host API: the `wshd_host_api` function table handed to each handler
-//! instance, and the connection map it sends through.
+//! instance. The connections it sends to, and their mailboxes, live in
+//! [`crate::mailbox`].
 //!
 //! Contract (see `wshd_handler.h`): every function is thread-safe, never
 //! blocks and never calls back into the handler. Connections are addressed by
@@ -12,12 +13,12 @@
 //!   with no lock and no channel; the session writes the outbox to the socket
 //!   as one batch when the callback returns.
 //! * Any other send (another connection, another thread) looks the id up in
-//!   [`Connections`] and pushes onto that connection's bounded queue
-//!   ([`ConnShared`]), waking its session.
+//!   [`Connections`](crate::mailbox::Connections) and pushes onto that connection's bounded queue
+//!   ([`ConnShared`](crate::mailbox::ConnShared)), waking its session.
 //!
 //! Both paths are bounded in messages (`send_queue`) and in payload bytes
 //! (`send_queue_bytes`); past either, the route's slow-consumer policy
-//! applies ([`ConnShared::offer`]). Under `close`, what was queued for the
+//! applies ([`ConnShared::offer`](crate::mailbox::ConnShared::offer)). Under `close`, what was queued for the
 //! connection is dropped right then, so a reader that stopped reading does
 //! not hold memory until its write times out.
 //!
@@ -29,23 +30,22 @@
 //! message's buffer instead of copying it.
 //!
 //! ABI 1.2 also adds topics (`subscribe`, `publish`, ...: membership lives
-//! in [`crate::topics`], delivery goes through [`ConnShared::offer`] like a
+//! in [`crate::topics`], delivery goes through [`ConnShared::offer`](crate::mailbox::ConnShared::offer) like a
 //! broadcast) and timers (`set_timer`, `cancel_timer`: [`crate::timers`]).
 #![allow(unsafe_code)]
 
 use std::cell::Cell;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::task::{Context, Poll, Waker};
 
-use dashmap::DashMap;
 use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use wshd_handler_api::abi::*;
 
 use crate::config::SlowConsumer;
+use crate::mailbox::{ConnShared, Connections, fits};
 
 /// Per-instance context behind `host_ctx`. Leaked on purpose: a handler
 /// thread that outlives its instance must still find valid memory here, and
@@ -88,7 +88,7 @@ impl HostCtx {
 
     /// Connection `conn` if it is open and belongs to this instance.
     pub(crate) fn own_conn(&self, conn: wshd_conn_id) -> Option<Arc<ConnShared>> {
-        let shared = self.conns.get(&conn).map(|e| e.value().clone())?;
+        let shared = self.conns.get(conn)?;
         (shared.owner == self.instance).then_some(shared)
     }
 }
@@ -145,283 +145,6 @@ pub struct HostApiBox {
     pub api: wshd_host_api,
     pub ctx: &'static HostCtx,
 }
-
-/// What the host shares with one open connection's session: the queue that
-/// sends from outside the connection's own callbacks go through, out-of-band
-/// close requests, and server events (shutdown, drain).
-///
-/// Everything reaches the session through this one per-connection
-/// [`Wakeup`]. Server-wide events are delivered by walking [`Connections`]
-/// rather than by having every session wait on a shared `CancellationToken`,
-/// whose `Notified` takes a lock shared by every connection each time it is
-/// polled.
-///
-/// The queue is a `VecDeque` that allocates only when something is queued,
-/// so an idle connection costs a few hundred bytes here (a channel would
-/// allocate its first block of slots up front, for every connection).
-#[derive(Debug)]
-pub struct ConnShared {
-    /// The instance that owns the connection.
-    pub owner: u64,
-    pub slow_consumer: SlowConsumer,
-    /// Queue capacity in messages.
-    limit: usize,
-    /// Queue capacity in payload bytes (an empty queue takes any message).
-    limit_bytes: usize,
-    queue: std::sync::Mutex<Queue>,
-    /// Wakes the session when the queue or the close request changes.
-    pub wakeup: Wakeup,
-    /// A close the session should perform after draining the queue.
-    close_request: std::sync::Mutex<Option<CloseFrame>>,
-    /// [`ConnShared::SHUTDOWN`] and [`ConnShared::RETIRED`] bits not yet seen
-    /// by the session.
-    events: AtomicU8,
-    /// The topics this connection is subscribed to (ABI 1.2).
-    pub(crate) topics: std::sync::Mutex<crate::topics::ConnTopics>,
-    /// This connection's pending and fired timers (ABI 1.2).
-    pub(crate) timers: std::sync::Mutex<crate::timers::ConnTimers>,
-    /// A timer fired and waits for the session: checked on every wake-up
-    /// without taking the `timers` lock.
-    pub(crate) timer_fired: AtomicBool,
-}
-
-/// Wakes one session task from any thread.
-///
-/// Not `tokio::sync::Notify`: a pending `Notified` takes its `Notify`'s lock
-/// each time it is polled, and a session is polled at least once per
-/// message. Here the session registers its task's waker once and keeps a
-/// copy, so a poll with the same waker is one load of `pending`; only
-/// [`Wakeup::wake`], which is rare next to messages, takes the lock.
-#[derive(Debug, Default)]
-pub struct Wakeup {
-    /// Set by `wake`, cleared by the poll that reports it.
-    pending: AtomicBool,
-    waker: std::sync::Mutex<Option<Waker>>,
-}
-
-impl Wakeup {
-    /// Makes the next (or current) poll ready and wakes the registered task.
-    /// Wakes that come before the session sees them count as one.
-    pub fn wake(&self) {
-        self.pending.store(true, Ordering::Release);
-        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = waker.as_ref() {
-            w.wake_by_ref();
-        }
-    }
-
-    /// Ready once for any number of `wake` calls since it was last ready.
-    /// `registered` is the caller's copy of the waker it last registered.
-    pub fn poll(&self, cx: &mut Context<'_>, registered: &mut Option<Waker>) -> Poll<()> {
-        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            let w = cx.waker().clone();
-            *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(w.clone());
-            *registered = Some(w);
-        }
-        // After registering: a `wake` that stored `pending` before we
-        // registered released the lock we then took, so we see it here; one
-        // that comes later finds the waker and wakes us again.
-        if self.pending.load(Ordering::Relaxed) && self.pending.swap(false, Ordering::Acquire) {
-            return Poll::Ready(());
-        }
-        Poll::Pending
-    }
-}
-
-/// Why a message could not be queued.
-#[derive(Debug, PartialEq, Eq)]
-pub enum QueueError {
-    /// Past the message or byte bound.
-    Full,
-    /// The slow-consumer policy closed the connection; nothing more is taken.
-    Shed,
-}
-
-/// One connection's outgoing messages.
-#[derive(Debug, Default)]
-struct Queue {
-    msgs: std::collections::VecDeque<Message>,
-    /// Payload bytes in `msgs`.
-    bytes: usize,
-    /// Set by [`ConnShared::shed`]: the queue was dropped for good.
-    shed: bool,
-}
-
-/// Whether one more message of `len` bytes fits beside `count` messages of
-/// `bytes` bytes. An empty queue takes any message, so a message larger than
-/// the byte bound is not refused for its size alone (it still needs a
-/// reader that keeps up).
-fn fits(count: usize, bytes: usize, limit: usize, limit_bytes: usize, len: usize) -> bool {
-    count == 0 || (count < limit && bytes.saturating_add(len) <= limit_bytes)
-}
-
-impl ConnShared {
-    pub fn new(
-        owner: u64,
-        limit: usize,
-        limit_bytes: usize,
-        slow_consumer: SlowConsumer,
-    ) -> ConnShared {
-        ConnShared {
-            owner,
-            slow_consumer,
-            limit,
-            limit_bytes,
-            queue: Default::default(),
-            wakeup: Default::default(),
-            close_request: Default::default(),
-            events: AtomicU8::new(0),
-            topics: Default::default(),
-            timers: Default::default(),
-            timer_fired: AtomicBool::new(false),
-        }
-    }
-
-    /// Event: the server is shutting down; close with 1001.
-    pub const SHUTDOWN: u8 = 1;
-    /// Event: the connection's handler version was retired and its drain
-    /// timeout passed; close with 1012.
-    pub const RETIRED: u8 = 2;
-
-    /// Tells the session about a server event and wakes it.
-    pub fn signal(&self, event: u8) {
-        self.events.fetch_or(event, Ordering::Release);
-        self.wakeup.wake();
-    }
-
-    /// The events signalled since the last call.
-    pub fn take_events(&self) -> u8 {
-        // A plain load first: on the common wake-up (a queued message) no
-        // event is pending and the cache line stays shared.
-        if self.events.load(Ordering::Relaxed) == 0 {
-            return 0;
-        }
-        self.events.swap(0, Ordering::Acquire)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Queues a message for the session to write, within the bounds; no
-    /// policy (see [`ConnShared::offer`]).
-    pub fn push(&self, msg: Message) -> Result<(), QueueError> {
-        {
-            let mut q = self.lock();
-            if q.shed {
-                return Err(QueueError::Shed);
-            }
-            let len = msg.len();
-            if !fits(q.msgs.len(), q.bytes, self.limit, self.limit_bytes, len) {
-                return Err(QueueError::Full);
-            }
-            q.bytes += len;
-            q.msgs.push_back(msg);
-        }
-        self.wakeup.wake();
-        Ok(())
-    }
-
-    /// Queues one message for connection `conn` and applies the
-    /// slow-consumer policy if it does not fit: the delivery step shared by
-    /// `send`, `broadcast` and anything else that fans a message out (a
-    /// message's payload is a shared `Bytes`, so each recipient gets a cheap
-    /// clone). Returns the ABI status for that one delivery; it never blocks.
-    /// `route` is for the log line.
-    pub fn offer(&self, conn: wshd_conn_id, route: &str, msg: Message) -> i32 {
-        match self.push(msg) {
-            Ok(()) => WSHD_OK,
-            Err(QueueError::Shed) => WSHD_ERR_CLOSED,
-            Err(QueueError::Full) => {
-                if self.slow_consumer == SlowConsumer::Close
-                    && let Some((msgs, bytes)) = self.shed()
-                {
-                    tracing::info!(
-                        conn,
-                        route,
-                        dropped_msgs = msgs,
-                        dropped_bytes = bytes,
-                        "send queue full: closing slow consumer with 1008"
-                    );
-                }
-                WSHD_ERR_BACKPRESSURE
-            }
-        }
-    }
-
-    /// The slow-consumer close: drops (frees) everything queued right away,
-    /// refuses every later message and asks the session to close with 1008;
-    /// only the close frame is left to send. `Some((messages, bytes))`
-    /// dropped, or `None` if the queue was already shed.
-    pub fn shed(&self) -> Option<(usize, usize)> {
-        let dropped = {
-            let mut q = self.lock();
-            if q.shed {
-                return None;
-            }
-            q.shed = true;
-            q.bytes = 0;
-            std::mem::take(&mut q.msgs)
-        };
-        let counts = (dropped.len(), dropped.iter().map(Message::len).sum());
-        // Freed here, outside the lock (a payload shared with other queues
-        // just loses a reference).
-        drop(dropped);
-        self.request_close(1008, "slow consumer");
-        Some(counts)
-    }
-
-    /// Moves up to `max` queued messages into `out`.
-    pub fn take(&self, out: &mut Vec<Message>, max: usize) {
-        let mut q = self.lock();
-        let n = q.msgs.len().min(max);
-        let start = out.len();
-        out.extend(q.msgs.drain(..n));
-        let taken: usize = out[start..].iter().map(Message::len).sum();
-        q.bytes -= taken;
-        if q.msgs.is_empty() && q.msgs.capacity() > 64 {
-            // Give back the memory a burst needed.
-            q.msgs = Default::default();
-        }
-    }
-
-    /// Whether messages are waiting.
-    pub fn has_queued(&self) -> bool {
-        !self.lock().msgs.is_empty()
-    }
-
-    /// Messages and payload bytes waiting now.
-    pub fn queued(&self) -> (usize, usize) {
-        let q = self.lock();
-        (q.msgs.len(), q.bytes)
-    }
-
-    /// Asks the session to drain its queue and close with `code`. The first
-    /// request wins.
-    pub fn request_close(&self, code: u16, reason: &str) {
-        let mut slot = self.close_request.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some(CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.to_owned().into(),
-            });
-        }
-        drop(slot);
-        self.wakeup.wake();
-    }
-
-    /// The pending close request, if any.
-    pub fn take_close_request(&self) -> Option<CloseFrame> {
-        self.close_request
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-    }
-}
-
-/// Every open connection by id. Sharded, so sends from many threads rarely
-/// contend.
-pub type Connections = DashMap<wshd_conn_id, Arc<ConnShared>>;
 
 /// Messages a callback queued for its own connection (the fast path).
 #[derive(Debug)]
@@ -524,7 +247,7 @@ fn deliver(ctx: &HostCtx, conn: wshd_conn_id, msg: Message) -> i32 {
 /// Queues one message for one connection of instance `ctx` (not checking
 /// `revoked`): through the outbox when a callback for `conn` is running on
 /// this thread, so the message stays in order with that callback's other
-/// sends, otherwise through the connection's queue ([`ConnShared::offer`]).
+/// sends, otherwise through the connection's queue ([`ConnShared::offer`](crate::mailbox::ConnShared::offer)).
 /// Either way the connection's bounds and slow-consumer policy apply.
 /// Unknown, closed and other instances' connections get `WSHD_ERR_CLOSED`.
 ///
@@ -535,7 +258,7 @@ pub fn enqueue(ctx: &HostCtx, conn: wshd_conn_id, msg: Message) -> i32 {
     if let Some(cur) = fast {
         return outbox_push(ctx, cur, msg);
     }
-    let Some(shared) = ctx.conns.get(&conn).map(|e| e.value().clone()) else {
+    let Some(shared) = ctx.conns.get(conn) else {
         return WSHD_ERR_CLOSED;
     };
     if shared.owner != ctx.instance {
@@ -581,7 +304,7 @@ fn outbox_push(ctx: &HostCtx, mut cur: Current, msg: Message) -> i32 {
             outbox.msgs = Vec::new();
             cur.outbox_bytes = 0;
             CURRENT.with(|c| c.set(Some(cur)));
-            if let Some(shared) = ctx.conns.get(&conn).map(|e| e.value().clone())
+            if let Some(shared) = ctx.conns.get(conn)
                 && shared.owner == ctx.instance
             {
                 shared.shed();
@@ -1045,77 +768,12 @@ mod tests {
     }
 
     /// A waker that counts its wakes.
-    struct Counter(std::sync::atomic::AtomicUsize);
-    impl std::task::Wake for Counter {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-    fn counter() -> (Arc<Counter>, Waker) {
-        let c = Arc::new(Counter(Default::default()));
-        (c.clone(), Waker::from(c))
-    }
-    fn wakes(c: &Counter) -> usize {
-        c.0.load(Ordering::SeqCst)
-    }
-
-    #[test]
-    fn wakeups_before_a_poll_make_it_ready_once() {
-        let w = Wakeup::default();
-        let (_, waker) = counter();
-        let mut cx = Context::from_waker(&waker);
-        let mut registered = None;
-        assert!(w.poll(&mut cx, &mut registered).is_pending());
-        w.wake();
-        w.wake();
-        assert!(w.poll(&mut cx, &mut registered).is_ready());
-        assert!(
-            w.poll(&mut cx, &mut registered).is_pending(),
-            "two wakes before the poll are one"
-        );
-    }
-
-    #[test]
-    fn a_wake_from_another_thread_wakes_the_registered_task() {
-        let w = Arc::new(Wakeup::default());
-        let (count, waker) = counter();
-        let mut cx = Context::from_waker(&waker);
-        let mut registered = None;
-        assert!(w.poll(&mut cx, &mut registered).is_pending());
-        std::thread::spawn({
-            let w = w.clone();
-            move || w.wake()
-        })
-        .join()
-        .unwrap();
-        assert_eq!(wakes(&count), 1);
-        assert!(w.poll(&mut cx, &mut registered).is_ready());
-    }
-
-    #[test]
-    fn a_poll_with_another_waker_moves_the_registration() {
-        let w = Wakeup::default();
-        let (old_count, old) = counter();
-        let (new_count, new) = counter();
-        let mut registered = None;
-        assert!(
-            w.poll(&mut Context::from_waker(&old), &mut registered)
-                .is_pending()
-        );
-        assert!(
-            w.poll(&mut Context::from_waker(&new), &mut registered)
-                .is_pending()
-        );
-        w.wake();
-        assert_eq!((wakes(&old_count), wakes(&new_count)), (0, 1));
-    }
-
     #[test]
     fn send_to_unknown_or_foreign_conn_is_closed() {
         let conns = Arc::new(Connections::default());
         let a = api(&conns);
         let shared = Arc::new(ConnShared::new(99, 2, 1 << 20, SlowConsumer::Error));
-        conns.insert(5, shared.clone());
+        conns.register(5, shared.clone(), &[]);
         // SAFETY: a valid context and a valid (ptr, len).
         let rc = unsafe { (a.api.send)(a.api.host_ctx, 5, WSHD_MSG_TEXT, b"hi".as_ptr(), 2) };
         assert_eq!(rc, WSHD_ERR_CLOSED, "another instance's connection");
@@ -1130,7 +788,7 @@ mod tests {
         let conns = Arc::new(Connections::default());
         let a = api(&conns);
         let shared = Arc::new(ConnShared::new(7, 1, 1 << 20, SlowConsumer::Close));
-        conns.insert(5, shared.clone());
+        conns.register(5, shared.clone(), &[]);
         // SAFETY: valid context and buffers.
         let send = |data: &[u8], kind| unsafe {
             (a.api.send)(a.api.host_ctx, 5, kind, data.as_ptr(), data.len())
@@ -1314,7 +972,7 @@ mod tests {
         let a = api(&conns);
         // Room for 100 messages but only 10 bytes.
         let shared = Arc::new(ConnShared::new(7, 100, 10, SlowConsumer::Error));
-        conns.insert(5, shared.clone());
+        conns.register(5, shared.clone(), &[]);
         assert_eq!(send(a, 5, b"123456"), WSHD_OK);
         assert_eq!(send(a, 5, b"1234"), WSHD_OK, "exactly at the bound");
         assert_eq!(send(a, 5, b"x"), WSHD_ERR_BACKPRESSURE, "one byte past it");
@@ -1335,7 +993,7 @@ mod tests {
         let conns = Arc::new(Connections::default());
         let a = api(&conns);
         let shared = Arc::new(ConnShared::new(7, 100, 1000, SlowConsumer::Close));
-        conns.insert(5, shared.clone());
+        conns.register(5, shared.clone(), &[]);
         let big = bytes::Bytes::from(vec![7u8; 600]);
         assert_eq!(shared.offer(5, "/t", Message::Binary(big.clone())), WSHD_OK);
         assert_eq!(
@@ -1367,7 +1025,7 @@ mod tests {
         let conns = Arc::new(Connections::default());
         let a = api(&conns);
         let shared = Arc::new(ConnShared::new(7, 100, 1000, SlowConsumer::Close));
-        conns.insert(42, shared.clone());
+        conns.register(42, shared.clone(), &[]);
         assert_eq!(send(a, 42, b"from another thread"), WSHD_OK);
         let mut outbox = Outbox {
             limit: 100,
@@ -1421,9 +1079,9 @@ mod tests {
         let fast = Arc::new(ConnShared::new(7, 100, 1 << 20, SlowConsumer::Close));
         let slow = Arc::new(ConnShared::new(7, 1, 1 << 20, SlowConsumer::Close));
         let foreign = Arc::new(ConnShared::new(99, 100, 1 << 20, SlowConsumer::Close));
-        conns.insert(1, fast.clone());
-        conns.insert(2, slow.clone());
-        conns.insert(3, foreign.clone());
+        conns.register(1, fast.clone(), &[]);
+        conns.register(2, slow.clone(), &[]);
+        conns.register(3, foreign.clone(), &[]);
         assert_eq!(
             send(a, 2, b"backlog"),
             WSHD_OK,
@@ -1479,7 +1137,7 @@ mod tests {
         let conns = Arc::new(Connections::default());
         let a = api(&conns);
         let other = Arc::new(ConnShared::new(7, 100, 1 << 20, SlowConsumer::Close));
-        conns.insert(2, other.clone());
+        conns.register(2, other.clone(), &[]);
         let inbound = bytes::Bytes::from_static(b"relay me");
         let mut outbox = Outbox {
             limit: 100,
@@ -1536,8 +1194,8 @@ mod tests {
         let b = new_host_api(8, "t".into(), "/t".into(), conns.clone());
         let mine = Arc::new(ConnShared::new(7, 100, 1 << 20, SlowConsumer::Close));
         let theirs = Arc::new(ConnShared::new(8, 100, 1 << 20, SlowConsumer::Close));
-        conns.insert(101, mine.clone());
-        conns.insert(102, theirs.clone());
+        conns.register(101, mine.clone(), &[]);
+        conns.register(102, theirs.clone(), &[]);
         let name = "unit:publish";
         // SAFETY: valid contexts; the names are borrowed.
         unsafe {
@@ -1585,7 +1243,7 @@ mod tests {
         let conns = Arc::new(Connections::default());
         let a = api(&conns);
         let me = Arc::new(ConnShared::new(7, 100, 1 << 20, SlowConsumer::Close));
-        conns.insert(201, me.clone());
+        conns.register(201, me.clone(), &[]);
         let name = "unit:order";
         // SAFETY: a valid context and a borrowed name.
         let rc = unsafe { (a.api.subscribe)(a.api.host_ctx, 201, topic(name)) };
@@ -1630,7 +1288,7 @@ mod tests {
         let a = api(&conns);
         a.ctx.has_on_timer.store(true, Ordering::Relaxed);
         let me = Arc::new(ConnShared::new(7, 100, 1 << 20, SlowConsumer::Close));
-        conns.insert(301, me.clone());
+        conns.register(301, me.clone(), &[]);
         let t = crate::timers::global();
         let fired = t.set(a.ctx, 301, 0).unwrap();
         let cancelled = t.set(a.ctx, 301, 0).unwrap();

@@ -25,8 +25,9 @@ use wshd_handler_api::abi::*;
 
 use crate::error::{InitError, status_name};
 use crate::handshake::{HandshakeBuilder, HandshakeInput};
-use crate::host_api::{Connections, HostApiBox, Outbox, new_host_api, with_outbox};
+use crate::host_api::{HostApiBox, Outbox, new_host_api, with_outbox};
 use crate::loader::{Callback, Library};
+use crate::mailbox::Connections;
 
 /// Concurrent callbacks of one MAY_BLOCK instance on the blocking pool.
 pub const BLOCKING_PER_INSTANCE: usize = 64;
@@ -377,7 +378,7 @@ impl Instance {
     /// cancelled since it fired is skipped. Stops at the first non-OK
     /// status, which the session treats like one from `on_message`.
     ///
-    /// [`ConnShared::take_fired_timers`]: crate::host_api::ConnShared::take_fired_timers
+    /// [`ConnShared::take_fired_timers`]: crate::mailbox::ConnShared::take_fired_timers
     pub async fn timers(
         self: &Arc<Self>,
         state: ConnState,

@@ -67,6 +67,7 @@ pub mod instance;
 pub mod loader;
 pub mod logging;
 pub mod logsafe;
+pub mod mailbox;
 pub mod metrics;
 pub mod registry;
 pub mod reload;

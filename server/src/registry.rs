@@ -35,9 +35,9 @@ use tokio::time::Instant;
 
 use crate::config::{Limits, OriginRule, ReloadSettings};
 use crate::error::{ConfigError, FileProblem, InitError, Problem};
-use crate::host_api::{ConnShared, Connections};
 use crate::instance::Instance;
 use crate::loader::{Library, Loader};
+use crate::mailbox::{ConnShared, Connections};
 use crate::rollout::{self, Offer, Policy, Rollout, Step};
 use crate::routing::{Route, RouteTable};
 use crate::scan;
@@ -1064,12 +1064,7 @@ fn retire(
             let conns = conns.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(t).await;
-                // Cancel first: a session registering during the walk below
-                // checks the token after it is in `conns` (session.rs).
-                inst.drain.cancel();
-                for c in conns.iter().filter(|c| c.owner == inst.id) {
-                    c.signal(ConnShared::RETIRED);
-                }
+                conns.cancel_and_signal(&inst.drain, ConnShared::RETIRED, |c| c.owner == inst.id);
             });
         }
     }

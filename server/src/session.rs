@@ -6,7 +6,7 @@
 //! The loop is a single task that owns the socket: a `select!` over the
 //! peer's next frame, the connection's one wake-up (its send queue,
 //! out-of-band close requests, the handler version's drain and server
-//! shutdown all arrive through [`ConnShared`]) and one timer. Sends a
+//! shutdown all arrive through [`ConnShared`](crate::mailbox::ConnShared)) and one timer. Sends a
 //! handler makes during its own callback come back in the [`Outbox`] and are
 //! written as one batch with one flush.
 //!
@@ -34,8 +34,9 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message, error::CapacityError};
 use wshd_handler_api::abi::{WSHD_ERR_PANIC, WSHD_OK};
 
-use crate::host_api::{ConnShared, Outbox};
+use crate::host_api::Outbox;
 use crate::instance::ConnState;
+use crate::mailbox::ConnShared;
 use crate::routing::Route;
 use crate::server::Server;
 use crate::ws::ReadError;
@@ -125,16 +126,17 @@ pub async fn open(
         route.limits.send_queue_bytes,
         route.limits.slow_consumer,
     ));
-    server.conns.insert(id, shared.clone());
-    // Shutdown and drain are signalled by walking `server.conns` after the
-    // token is cancelled; a session registering concurrently may have been
-    // missed by that walk, but then it sees the token here.
-    if server.shutdown.is_cancelled() {
-        shared.signal(ConnShared::SHUTDOWN);
-    }
-    if inst.drain.is_cancelled() {
-        shared.signal(ConnShared::RETIRED);
-    }
+    // Shutdown and drain reach open connections by a walk of
+    // `server.conns` (mailbox.rs); registering checks both tokens, so a
+    // connection the walk missed still sees the event.
+    server.conns.register(
+        id,
+        shared.clone(),
+        &[
+            (&server.shutdown, ConnShared::SHUTDOWN),
+            (&inst.drain, ConnShared::RETIRED),
+        ],
+    );
     inst.live.fetch_add(1, Ordering::Relaxed);
     inst.metrics.opened();
     tracing::info!(parent: &span, subprotocol = %crate::logsafe::esc(protocol.unwrap_or("")), "open");
@@ -180,7 +182,7 @@ impl Opening {
             shared,
             ..
         } = self;
-        server.conns.remove(&id);
+        server.conns.unregister(id);
         leave(&shared);
         let inst = &route.instance;
         if let Ok(st) = opened {
@@ -560,7 +562,7 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
 
         // Unregister first, so sends from handler threads from now on get
         // WSHD_ERR_CLOSED; then on_close, exactly once per successful on_open.
-        server.conns.remove(&id);
+        server.conns.unregister(id);
         leave(&shared);
         let close = close.unwrap_or_else(dropped);
         if let Some(st) = state {

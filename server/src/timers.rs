@@ -33,7 +33,8 @@ use wshd_handler_api::abi::{
     WSHD_ERR_UNSUPPORTED, WSHD_OK, wshd_conn_id,
 };
 
-use crate::host_api::{ConnShared, HostCtx};
+use crate::host_api::HostCtx;
+use crate::mailbox::ConnShared;
 
 /// Default `[timers] max_per_connection`.
 pub const DEFAULT_MAX_PER_CONNECTION: usize = 64;
@@ -43,7 +44,7 @@ pub const DEFAULT_MAX_PER_INSTANCE: usize = 1024;
 /// rather than overflowing the clock.
 pub const MAX_DELAY_MS: u64 = 365 * 24 * 3600 * 1000;
 
-/// One connection's timers, kept in its [`ConnShared`].
+/// One connection's timers, kept in its [`ConnShared`](crate::mailbox::ConnShared).
 #[derive(Debug, Default)]
 pub struct ConnTimers {
     /// Pending timer ids (set, not yet delivered or cancelled).
@@ -300,7 +301,8 @@ impl ConnShared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host_api::{Connections, new_host_api};
+    use crate::host_api::new_host_api;
+    use crate::mailbox::Connections;
 
     #[tokio::test]
     async fn the_instance_cap_refuses_and_destroy_drops_its_timers() {

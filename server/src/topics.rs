@@ -15,10 +15,10 @@
 //!   itself, inside its callback, whose copy goes out with the callback's
 //!   sends); publishes to different topics never contend. The
 //!   fan-out only pushes a clone of one `Message` (a reference to one shared
-//!   payload) onto each subscriber's bounded queue ([`ConnShared::offer`]),
+//!   payload) onto each subscriber's bounded queue ([`ConnShared::offer`](crate::mailbox::ConnShared::offer)),
 //!   which never blocks, so the lock is held for microseconds per hundred
 //!   subscribers, and nothing is allocated per subscriber.
-//! * Each connection's own list of topics sits in its [`ConnShared`]
+//! * Each connection's own list of topics sits in its [`ConnShared`](crate::mailbox::ConnShared)
 //!   (`ConnTopics`): it enforces the per-connection cap, answers
 //!   `is_subscribed`, and lets the session drop every subscription in one
 //!   call when the connection closes ([`Topics::leave_all`]). Its `closed`
@@ -40,7 +40,7 @@ use dashmap::DashMap;
 use tungstenite::Message;
 use wshd_handler_api::abi::{WSHD_ERR_CLOSED, WSHD_ERR_INVALID, WSHD_ERR_LIMIT, wshd_conn_id};
 
-use crate::host_api::ConnShared;
+use crate::mailbox::ConnShared;
 
 /// The longest topic name, in bytes.
 pub const MAX_TOPIC_LEN: usize = 256;
@@ -81,7 +81,7 @@ impl Topic {
     }
 }
 
-/// One connection's subscriptions, kept in its [`ConnShared`].
+/// One connection's subscriptions, kept in its [`ConnShared`](crate::mailbox::ConnShared).
 #[derive(Debug, Default)]
 pub struct ConnTopics {
     list: Vec<Arc<Topic>>,

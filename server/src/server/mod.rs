@@ -31,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cli::Args;
-use crate::host_api::Connections;
 use crate::loader::Loader;
+use crate::mailbox::Connections;
 use crate::registry::{Mode, Registry};
 use crate::reload::{self, Trigger};
 use crate::routing::RouteTable;
@@ -269,12 +269,11 @@ pub async fn run_on(
         "shutting down: closing connections with 1001, waiting up to {deadline:?}"
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    server.shutdown.cancel();
-    // After the cancel: a session registering during this walk checks the
-    // token itself once it is in `conns` (session.rs).
-    for c in server.conns.iter() {
-        c.signal(crate::host_api::ConnShared::SHUTDOWN);
-    }
+    server.conns.cancel_and_signal(
+        &server.shutdown,
+        crate::mailbox::ConnShared::SHUTDOWN,
+        |_| true,
+    );
     server.tracker.close();
     reloader.abort();
     for a in accept {
