@@ -327,3 +327,43 @@ pub fn write_config(dir: &Path, body: &str) -> PathBuf {
     std::fs::write(&p, body).unwrap();
     p
 }
+
+/// The resident set of process `pid`, in bytes (`VmRSS` of
+/// `/proc/<pid>/status`), for the tests that bound what clients make the
+/// server hold.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status");
+    kb * 1024
+}
+
+/// Connects and upgrades a raw client (one that reads and writes bytes
+/// itself, e.g. never reads); returns the socket right after the 101, with
+/// no byte of what follows consumed.
+pub async fn raw_upgrade(addr: &str, path: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(upgrade_request(path, "Sec-WebSocket-Version: 13\r\n").as_bytes())
+        .await
+        .unwrap();
+    // Read the response head byte by byte, so no frame after it is consumed.
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .expect("no upgrade response")
+            .unwrap();
+        assert!(n == 1, "connection closed during the upgrade: {head:?}");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}

@@ -7,8 +7,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -81,26 +80,6 @@ fn label_values(scrape: &str, label: &str) -> std::collections::BTreeSet<String>
         .flat_map(|l| l.match_indices(&key).map(move |(i, _)| &l[i + key.len()..]))
         .map(|rest| rest[..rest.find('"').unwrap()].to_owned())
         .collect()
-}
-
-/// Connects and upgrades a raw client that then never reads.
-async fn raw_upgrade(addr: &str, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(upgrade_request(path, "Sec-WebSocket-Version: 13\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
-            .await
-            .expect("no upgrade response")
-            .unwrap();
-        assert_eq!(n, 1, "closed during the upgrade: {head:?}");
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
-    s
 }
 
 const TRAFFIC_CONFIG: &str = "[limits]\nsend_queue = 4\nclose_timeout = \"1s\"\nwrite_timeout = \"60s\"\n\

@@ -12,31 +12,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
 
-/// Connects and upgrades a raw client; returns the socket after the 101.
-async fn raw_upgrade(srv: &Wshd, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(&srv.addr).await.unwrap();
-    s.write_all(upgrade_request(path, "Sec-WebSocket-Version: 13\r\n").as_bytes())
-        .await
-        .unwrap();
-    // Read the response head byte by byte, so no frame after it is consumed.
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
-            .await
-            .expect("no upgrade response")
-            .unwrap();
-        assert!(n == 1, "connection closed during the upgrade: {head:?}");
-        head.push(b[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    s
-}
-
 /// A server frame: opcode and payload.
 async fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
     let mut h = [0u8; 2];
@@ -85,9 +60,7 @@ fn frame_header(first: u8, len: usize) -> Vec<u8> {
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    rss(pid) / 1024
 }
 
 const MIB: u64 = 1 << 20;
@@ -112,7 +85,7 @@ async fn unfinished_frames_stay_within_the_budget_and_rss_with_them() {
     const N: usize = 16;
     let mut clients = Vec::new();
     for _ in 0..N {
-        let mut s = raw_upgrade(&srv, "/echo").await;
+        let mut s = raw_upgrade(&srv.addr, "/echo").await;
         let mut bytes = frame_header(0x82, 1 << 20);
         bytes.resize(bytes.len() + 1_000_000, b'x');
         clients.push(tokio::spawn(async move {
@@ -167,7 +140,7 @@ async fn the_connection_holding_the_most_is_the_one_cut() {
     );
     // The big one: a fragment of 1,000,000 bytes (a message not finished),
     // then a ping; its pong proves the server has read the fragment.
-    let mut big = raw_upgrade(&srv, "/echo").await;
+    let mut big = raw_upgrade(&srv.addr, "/echo").await;
     let mut bytes = frame_header(0x02, 1_000_000);
     bytes.resize(bytes.len() + 1_000_000, b'x');
     bytes.extend(client_frame(0x9, b"sync"));
@@ -181,7 +154,7 @@ async fn the_connection_holding_the_most_is_the_one_cut() {
     // budget, and each smaller than the big one.
     let mut small = Vec::new();
     for _ in 0..4 {
-        let mut s = raw_upgrade(&srv, "/echo").await;
+        let mut s = raw_upgrade(&srv.addr, "/echo").await;
         let mut bytes = frame_header(0x82, 400_000);
         bytes.resize(bytes.len() + 300_000, b'y');
         s.write_all(&bytes).await.unwrap();
@@ -215,7 +188,7 @@ async fn the_connection_holding_the_most_is_the_one_cut() {
 async fn a_stalled_message_is_closed_with_1008_after_message_timeout() {
     let dir = standard_dir();
     let srv = Wshd::with_config(dir.path(), "[limits]\nmessage_timeout = \"1s\"\n", &[]);
-    let mut s = raw_upgrade(&srv, "/echo").await;
+    let mut s = raw_upgrade(&srv.addr, "/echo").await;
     let mut bytes = frame_header(0x82, 1000);
     bytes.resize(bytes.len() + 100, b'x');
     s.write_all(&bytes).await.unwrap();
@@ -236,7 +209,7 @@ async fn pings_keep_answering_clients_open_and_silent_ones_get_1001() {
         &[],
     );
     // A silent raw client: pings arrive, then the idle close.
-    let mut silent = raw_upgrade(&srv, "/echo").await;
+    let mut silent = raw_upgrade(&srv.addr, "/echo").await;
     let (op, _) = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut silent))
         .await
         .unwrap()
@@ -275,7 +248,7 @@ async fn a_ping_flooder_that_never_reads_is_dropped_after_write_timeout() {
         "[limits]\nwrite_timeout = \"1s\"\nping_interval = \"1h\"\nidle_timeout = \"1h\"\n",
         &[],
     );
-    let mut s = raw_upgrade(&srv, "/echo").await;
+    let mut s = raw_upgrade(&srv.addr, "/echo").await;
     let ping = client_frame(0x9, &[b'p'; 125]);
     let burst: Vec<u8> = ping
         .iter()
@@ -318,7 +291,7 @@ async fn a_slow_consumer_is_gone_within_close_timeout() {
         &[],
     );
     // A member that never reads.
-    let mut stuck = raw_upgrade(&srv, "/chat").await;
+    let mut stuck = raw_upgrade(&srv.addr, "/chat").await;
     // A member that reads everything and sends big messages.
     let ws = connect(&srv.url("/chat")).await;
     let (mut tx, mut rx) = ws.split();

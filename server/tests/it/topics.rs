@@ -263,16 +263,6 @@ async fn a_subscriber_that_never_reads_is_dropped_and_the_others_get_everything(
     assert_eq!(cmd(&mut publisher, "count feed").await, "count 999");
 }
 
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status");
-    kb * 1024
-}
-
 /// A 1 MiB publish to 1,000 subscribers costs the server about one copy
 /// of the message, not 1,000: every queue holds a reference to the same
 /// bytes.
