@@ -35,7 +35,7 @@
 
 use std::cell::Cell;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 
@@ -89,7 +89,7 @@ impl HostCtx {
     /// Connection `conn` if it is open and belongs to this instance.
     pub(crate) fn own_conn(&self, conn: wshd_conn_id) -> Option<Arc<ConnShared>> {
         let shared = self.conns.get(&conn).map(|e| e.value().clone())?;
-        (shared.owner == self.instance).then_some(shared)
+        (shared.owner() == self.instance).then_some(shared)
     }
 }
 
@@ -161,8 +161,9 @@ pub struct HostApiBox {
 /// allocate its first block of slots up front, for every connection).
 #[derive(Debug)]
 pub struct ConnShared {
-    /// The instance that owns the connection.
-    pub owner: u64,
+    /// The instance that owns the connection; changes when a handover moves
+    /// the connection to another version (session.rs).
+    owner: AtomicU64,
     pub slow_consumer: SlowConsumer,
     /// Queue capacity in messages.
     limit: usize,
@@ -256,6 +257,17 @@ fn fits(count: usize, bytes: usize, limit: usize, limit_bytes: usize, len: usize
 }
 
 impl ConnShared {
+    /// The id of the instance that owns the connection now.
+    pub fn owner(&self) -> u64 {
+        self.owner.load(Ordering::SeqCst)
+    }
+
+    /// Hands the connection to instance `owner` (a handover): from now on
+    /// the previous owner's calls for it get `WSHD_ERR_CLOSED`.
+    pub fn set_owner(&self, owner: u64) {
+        self.owner.store(owner, Ordering::SeqCst);
+    }
+
     pub fn new(
         owner: u64,
         limit: usize,
@@ -263,7 +275,7 @@ impl ConnShared {
         slow_consumer: SlowConsumer,
     ) -> ConnShared {
         ConnShared {
-            owner,
+            owner: AtomicU64::new(owner),
             slow_consumer,
             limit,
             limit_bytes,
@@ -282,6 +294,10 @@ impl ConnShared {
     /// Event: the connection's handler version was retired and its drain
     /// timeout passed; close with 1012.
     pub const RETIRED: u8 = 2;
+    /// Event: the connection's handler version was replaced by one it can
+    /// hand the connection over to (`Instance::handover_to`); move at the
+    /// next message boundary.
+    pub const HANDOVER: u8 = 4;
 
     /// Tells the session about a server event and wakes it.
     pub fn signal(&self, event: u8) {
@@ -538,7 +554,7 @@ pub fn enqueue(ctx: &HostCtx, conn: wshd_conn_id, msg: Message) -> i32 {
     let Some(shared) = ctx.conns.get(&conn).map(|e| e.value().clone()) else {
         return WSHD_ERR_CLOSED;
     };
-    if shared.owner != ctx.instance {
+    if shared.owner() != ctx.instance {
         return WSHD_ERR_CLOSED;
     }
     if let Message::Close(Some(f)) = msg {
@@ -582,7 +598,7 @@ fn outbox_push(ctx: &HostCtx, mut cur: Current, msg: Message) -> i32 {
             cur.outbox_bytes = 0;
             CURRENT.with(|c| c.set(Some(cur)));
             if let Some(shared) = ctx.conns.get(&conn).map(|e| e.value().clone())
-                && shared.owner == ctx.instance
+                && shared.owner() == ctx.instance
             {
                 shared.shed();
             }

@@ -936,8 +936,41 @@ impl Registry {
             } else {
                 reload.drain_timeout
             };
+            self.hand_over(&old, reload.handover_max_bytes);
             retire(&old, timeout, reload.drain_window, &self.conns);
             self.draining.push(Arc::downgrade(&old));
+        }
+    }
+
+    /// Connection handover (ABI 1.2): when `old` and the version now
+    /// serving its route both support it, tells each of `old`'s connections
+    /// to move there at its next message boundary. Those that cannot move
+    /// stay and drain through [`retire`] as usual.
+    fn hand_over(&self, old: &Arc<Instance>, max_bytes: usize) {
+        let table = self.table.load();
+        let Some(route) = table.get(&old.route) else {
+            return;
+        };
+        let new = &route.instance;
+        if new.id == old.id || !rollout::can_hand_over(old, new) {
+            return;
+        }
+        old.set_handover(crate::instance::Handover {
+            route: route.clone(),
+            max_bytes,
+        });
+        tracing::info!(
+            route = %old.route,
+            "handing over the {} open connections of {} to {} (connection handover)",
+            old.live.load(Ordering::Relaxed),
+            old.describe(),
+            new.describe()
+        );
+        // After set_handover: a session opening on `old` from now on sees
+        // the successor itself (session.rs); one already registered is in
+        // `conns` and gets the event.
+        for c in self.conns.iter().filter(|c| c.owner() == old.id) {
+            c.signal(ConnShared::HANDOVER);
         }
     }
 
@@ -1067,7 +1100,7 @@ fn retire(
                 // Cancel first: a session registering during the walk below
                 // checks the token after it is in `conns` (session.rs).
                 inst.drain.cancel();
-                for c in conns.iter().filter(|c| c.owner == inst.id) {
+                for c in conns.iter().filter(|c| c.owner() == inst.id) {
                     c.signal(ConnShared::RETIRED);
                 }
             });
