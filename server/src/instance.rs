@@ -95,6 +95,8 @@ pub struct Instance {
     /// and stayed (they drain), for the log and `--list`.
     pub moved_out: AtomicUsize,
     pub stayed: AtomicUsize,
+    /// Connections handed over to this version from an older one.
+    pub moved_in: AtomicUsize,
 }
 
 /// Where a retired instance's connections move (see [`Instance::handover_to`]).
@@ -223,6 +225,7 @@ impl Instance {
             handover: Default::default(),
             moved_out: AtomicUsize::new(0),
             stayed: AtomicUsize::new(0),
+            moved_in: AtomicUsize::new(0),
         })
     }
 
@@ -612,6 +615,20 @@ impl Instance {
             }
             Err(rc) => Err((HandoverError::Import(rc), state)),
         }
+    }
+
+    /// `--list`'s note on handover: connections moved in, moved out and
+    /// that stayed (failed to move), for a version that supports it.
+    pub fn handover_note(&self) -> String {
+        if !self.supports_handover() {
+            return String::new();
+        }
+        format!(
+            "  [handover: {} in, {} out, {} stayed]",
+            self.moved_in.load(Ordering::Relaxed),
+            self.moved_out.load(Ordering::Relaxed),
+            self.stayed.load(Ordering::Relaxed)
+        )
     }
 
     /// Handler name, version and generation for log fields.

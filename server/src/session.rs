@@ -1035,6 +1035,7 @@ async fn hand_over(
             shared.set_owner(new.id);
             crate::timers::global().moved(shared);
             new.live.fetch_add(1, Ordering::Relaxed);
+            new.moved_in.fetch_add(1, Ordering::Relaxed);
             inst.live.fetch_sub(1, Ordering::Relaxed);
             inst.moved_out.fetch_add(1, Ordering::Relaxed);
             *state = Some(new_state);
