@@ -205,7 +205,7 @@ mod tests {
             format: StateFormat::V2,
             refuse_import: false,
         };
-        assert!(c.import(conn, b"nonsense").is_err());
+        assert!(c.import(conn, b"not a state").is_err());
         assert_eq!(c.import(conn, &5u64.to_le_bytes()).unwrap().count, 5);
     }
 }
