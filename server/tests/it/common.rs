@@ -40,6 +40,7 @@ pub fn built_handlers() -> &'static Path {
                 "origin-check-handler",
             ])
             .args(["-p", "testkit-handler", "-p", "blocking-handler"])
+            .args(["-p", "counter-handler"])
             .status()
             .expect("run cargo build for the handlers");
         assert!(status.success(), "building the example handlers failed");
@@ -318,6 +319,7 @@ pub fn standard_dir() -> tempfile::TempDir {
     install(dir.path(), "origin_check", "liborigin_check_wsh.so");
     install(dir.path(), "testkit", "libtestkit_wsh.so");
     install(dir.path(), "blocking", "libblocking_wsh.so");
+    install(dir.path(), "counter", "libcounter_wsh.so");
     dir
 }
 
