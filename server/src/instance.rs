@@ -650,7 +650,7 @@ impl Drop for Instance {
         let ctx = self.host.ctx;
         let mut what = self.describe();
         let moved = self.moved_out.load(Ordering::Relaxed);
-        if moved > 0 || self.supports_handover() {
+        if moved > 0 || self.stayed.load(Ordering::Relaxed) > 0 {
             what += &format!(
                 " ({moved} connections handed over, {} stayed)",
                 self.stayed.load(Ordering::Relaxed)

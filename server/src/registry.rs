@@ -1093,10 +1093,16 @@ fn retire(
                 "retired {}: {live} open connections get Close 1012 after {t:?}, spread over {window:?}",
                 inst.describe(),
             );
-            let inst = inst.clone();
+            // Weak: the instance must be destroyed as soon as its last
+            // connection is gone (closed, or handed over to another
+            // version), not when this timer ends.
+            let weak = Arc::downgrade(inst);
             let conns = conns.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(t).await;
+                let Some(inst) = weak.upgrade() else {
+                    return;
+                };
                 // Cancel first: a session registering during the walk below
                 // checks the token after it is in `conns` (session.rs).
                 inst.drain.cancel();
