@@ -32,8 +32,8 @@ use crate::abi::{
     wshd_handshake_req, wshd_header, wshd_host_api, wshd_str,
 };
 use crate::abi::{wshd_export_out, wshd_on_export_fn, wshd_on_import_fn};
-use crate::handover::Handover;
 use crate::handler::{Handler, HandshakeRequest, HandshakeResponse, Message};
+use crate::handover::Handover;
 use crate::host::Host;
 use crate::logging;
 

@@ -55,11 +55,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::abi::{
-    wshd_export_out,
     WSHD_ABI_MAJOR, WSHD_ABI_MINOR, WSHD_ERR_CLOSED, WSHD_ERR_HANDLER, WSHD_ERR_INVALID,
     WSHD_ERR_PANIC, WSHD_ERR_REVOKED, WSHD_ERR_STATE, WSHD_ERR_UNSUPPORTED, WSHD_F_MAY_BLOCK,
     WSHD_MAGIC, WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id, wshd_descriptor,
-    wshd_handshake, wshd_handshake_req, wshd_header, wshd_host_api, wshd_str,
+    wshd_export_out, wshd_handshake, wshd_handshake_req, wshd_header, wshd_host_api, wshd_str,
 };
 use crate::glue::{self, Export, Exported, HostApi};
 use crate::host::{Conn, Host, SendError};
@@ -1002,11 +1001,7 @@ impl<H: Handler> TestHost<H> {
         let (Some(export), Some(import)) = (self.desc.on_export, to.desc.on_import) else {
             return Err(CallError(WSHD_ERR_UNSUPPORTED));
         };
-        unsafe extern "C" fn write(
-            out: *mut wshd_export_out,
-            data: *const u8,
-            len: usize,
-        ) -> i32 {
+        unsafe extern "C" fn write(out: *mut wshd_export_out, data: *const u8, len: usize) -> i32 {
             // SAFETY: `out` is the buffer hand_over passed, whose host_buf
             // is its Vec; the data is borrowed for the call.
             let (out, data) = unsafe { (&mut *out, crate::glue::bytes(data, len)) };
@@ -1031,7 +1026,13 @@ impl<H: Handler> TestHost<H> {
         let mut new_state = std::ptr::null_mut();
         // SAFETY: a live handler; the bytes are borrowed for the call.
         CallError::check(unsafe {
-            import(to.handler, conn.id(), buf.as_ptr(), buf.len(), &mut new_state)
+            import(
+                to.handler,
+                conn.id(),
+                buf.as_ptr(),
+                buf.len(),
+                &mut new_state,
+            )
         })?;
         self.conns.remove(&conn.id());
         self.rec.lock().open.remove(&conn.id());

@@ -317,7 +317,9 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                 && ws.unfinished_since().is_none()
             {
                 handover_pending = false;
-                if let Some(moved) = Box::pin(hand_over(&inst, &shared, id, &mut state, &span)).await {
+                if let Some(moved) =
+                    Box::pin(hand_over(&inst, &shared, id, &mut state, &span)).await
+                {
                     inst = moved.route.instance.clone();
                     route = moved.route;
                     // The new version serves it: the old one's drain does
@@ -610,7 +612,10 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
         inst.live.fetch_sub(1, Ordering::Relaxed);
         // The generation that counted the open counts the close, also for
         // a connection that moved since.
-        let metrics = stats.metrics.clone().unwrap_or_else(|| inst.metrics.clone());
+        let metrics = stats
+            .metrics
+            .clone()
+            .unwrap_or_else(|| inst.metrics.clone());
         metrics.closed(close.code);
         // Both slow-consumer paths (this session's outbox, a sender's queue
         // in host_api.rs) close with exactly this code and reason.

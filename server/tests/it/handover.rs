@@ -93,7 +93,10 @@ fn load(
 async fn warm(warmed: &AtomicUsize, n: usize) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while warmed.load(Ordering::SeqCst) < n {
-        assert!(std::time::Instant::now() < deadline, "clients never got going");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "clients never got going"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
@@ -130,7 +133,10 @@ async fn counter_under_load_moves_every_connection_through_20_reinstalls() {
         RELOADS,
         "one handover per reinstall:\n{log}"
     );
-    assert!(!log.contains("closing with 1012"), "nothing drained:\n{log}");
+    assert!(
+        !log.contains("closing with 1012"),
+        "nothing drained:\n{log}"
+    );
     assert!(!log.contains("stays on"), "every handover worked:\n{log}");
     // Every old version was destroyed once its connections had moved.
     srv.wait_log_count(
@@ -162,7 +168,10 @@ async fn without_handover_support_the_same_reinstall_drains_with_1012() {
 async fn counted(url: &str, n: usize) -> Client {
     let mut ws = connect(url).await;
     for i in 1..=n {
-        assert_eq!(echo_once(&mut ws, &format!("m{i}")).await, format!("{i}: m{i}"));
+        assert_eq!(
+            echo_once(&mut ws, &format!("m{i}")).await,
+            format!("{i}: m{i}")
+        );
     }
     ws
 }
@@ -200,11 +209,7 @@ async fn an_export_over_handover_max_bytes_is_refused_and_the_connection_drains(
     let dir = tempfile::tempdir().unwrap();
     install(dir.path(), "counter", "libcounter_wsh.so");
     // counter's JSON state is ~30 bytes: over a 16-byte cap.
-    let srv = Wshd::with_config(
-        dir.path(),
-        &config("1s", "handover_max_bytes = 16\n"),
-        &[],
-    );
+    let srv = Wshd::with_config(dir.path(), &config("1s", "handover_max_bytes = 16\n"), &[]);
     let mut ws = counted(&srv.url("/counter"), 2).await;
     reinstall(dir.path(), "counter", 1);
     let log = srv.wait_log("over handover_max_bytes (16 bytes)").await;
