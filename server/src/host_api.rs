@@ -1142,6 +1142,33 @@ mod tests {
     }
 
     #[test]
+    fn after_a_handover_the_old_version_is_refused_and_the_new_one_sends() {
+        let conns = Arc::new(Connections::default());
+        let (old, new) = (
+            api(&conns),
+            new_host_api(8, "t".into(), "/t".into(), conns.clone()),
+        );
+        let shared = Arc::new(ConnShared::new(7, 8, 1 << 20, SlowConsumer::Error));
+        conns.insert(5, shared.clone());
+        // SAFETY: valid contexts and buffers.
+        let send = |a: &HostApiBox| unsafe {
+            (a.api.send)(a.api.host_ctx, 5, WSHD_MSG_TEXT, b"hi".as_ptr(), 2)
+        };
+        assert_eq!((send(old), send(new)), (WSHD_OK, WSHD_ERR_CLOSED));
+        shared.set_owner(8);
+        assert_eq!(
+            (send(old), send(new)),
+            (WSHD_ERR_CLOSED, WSHD_OK),
+            "a moved connection belongs to its new version only"
+        );
+        // SAFETY: a valid context and topic.
+        let sub = |a: &HostApiBox| unsafe {
+            (a.api.subscribe)(a.api.host_ctx, 5, wshd_str::from_str("t"))
+        };
+        assert_eq!(sub(old), WSHD_ERR_CLOSED);
+    }
+
+    #[test]
     fn queue_full_and_revoked() {
         let conns = Arc::new(Connections::default());
         let a = api(&conns);

@@ -319,7 +319,6 @@ pub fn standard_dir() -> tempfile::TempDir {
     install(dir.path(), "origin_check", "liborigin_check_wsh.so");
     install(dir.path(), "testkit", "libtestkit_wsh.so");
     install(dir.path(), "blocking", "libblocking_wsh.so");
-    install(dir.path(), "counter", "libcounter_wsh.so");
     dir
 }
 
