@@ -284,6 +284,17 @@ typedef struct wshd_host_api {
 #define WSHD_HOST_API_SIZE_1_2                                                                     \
   (offsetof(wshd_host_api, subscribers_cluster) + sizeof(int64_t (*)(void *, wshd_str)))
 
+/* ABI 1.2, CONNECTION HANDOVER.  The host-owned buffer on_export writes a
+ * connection's state into, valid only during that call.  Append bytes with
+ * out->write(out, data, len): WSHD_OK, or WSHD_ERR_LIMIT (nothing appended)
+ * once the total would pass max_len ([reload] handover_max_bytes); the
+ * export then fails and the connection stays on its version. */
+typedef struct wshd_export_out {
+  void *host_buf; /* opaque */
+  int32_t (*write)(struct wshd_export_out *out, const uint8_t *data, size_t len);
+  size_t max_len;
+} wshd_export_out;
+
 typedef struct wshd_descriptor {
   uint32_t magic;      /* WSHD_MAGIC */
   uint16_t abi_major;  /* WSHD_ABI_MAJOR the handler was built against */
@@ -318,6 +329,21 @@ typedef struct wshd_descriptor {
    * instance's timer they are NULL and 0.  A host of ABI 1.0 or 1.1 never
    * reads this field (set struct_size = sizeof(wshd_descriptor)). */
   int32_t (*on_timer)(void *handler, void *conn_state, wshd_conn_id conn, uint64_t timer_id);
+
+  /* ABI 1.2, optional, both or neither: CONNECTION HANDOVER (docs/abi.md).
+   * When a new version of a route replaces this one and both have these
+   * callbacks, each open connection moves between two of its callbacks:
+   * the old version's on_export writes its state into out, the new
+   * version's on_import rebuilds it (data is borrowed for the call), then
+   * the old version's on_export is called once more with out == NULL: free
+   * conn_state, the connection is gone from this version (no on_close; its
+   * timers were dropped; sends to it from this version get
+   * WSHD_ERR_CLOSED).  A non-OK on_export or on_import leaves the
+   * connection on the old version, which then drains it as without
+   * handover.  A host that predates these fields never reads them. */
+  int32_t (*on_export)(void *handler, void *conn_state, wshd_conn_id conn, wshd_export_out *out);
+  int32_t (*on_import)(void *handler, wshd_conn_id conn, const uint8_t *data, size_t len,
+                       void **out_conn_state);
 } wshd_descriptor;
 
 /* struct_size of an ABI 1.0 or 1.1 descriptor (everything before on_timer). */
@@ -326,6 +352,11 @@ typedef struct wshd_descriptor {
 #define WSHD_DESCRIPTOR_SIZE_1_2                                                                   \
   (offsetof(wshd_descriptor, on_timer) +                                                           \
    sizeof(int32_t (*)(void *, void *, wshd_conn_id, uint64_t)))
+
+/* struct_size of a descriptor that has on_export and on_import (all of 1.2). */
+#define WSHD_DESCRIPTOR_SIZE_HANDOVER                                                              \
+  (offsetof(wshd_descriptor, on_import) +                                                          \
+   sizeof(int32_t (*)(void *, wshd_conn_id, const uint8_t *, size_t, void **)))
 
 /* The only symbol a handler exports. */
 const wshd_descriptor *wshd_entry_v1(void);

@@ -354,6 +354,48 @@ pub type wshd_on_timer_fn = unsafe extern "C" fn(
     conn: wshd_conn_id,
     timer: u64,
 ) -> i32;
+/// Host function (ABI 1.2, handover): append `len` bytes to an export
+/// buffer. `WSHD_OK`, or `WSHD_ERR_LIMIT` (nothing appended) when the total
+/// would exceed `out.max_len`; the export then fails.
+pub type wshd_export_write_fn =
+    unsafe extern "C" fn(out: *mut wshd_export_out, data: *const u8, len: usize) -> i32;
+
+/// ABI 1.2 (handover): the host-owned buffer `on_export` writes one
+/// connection's state into. Valid only during that `on_export` call.
+#[repr(C)]
+#[derive(Debug)]
+pub struct wshd_export_out {
+    /// Opaque host data; pass `out` itself to `write`.
+    pub host_buf: *mut c_void,
+    /// Append bytes to the buffer.
+    pub write: wshd_export_write_fn,
+    /// The most bytes the buffer takes in total (`[reload]
+    /// handover_max_bytes`).
+    pub max_len: usize,
+}
+
+/// Handler callback (ABI 1.2, optional): serialize connection `conn`'s state
+/// into `out` so another version can rebuild it in `on_import`. Called
+/// between two of the connection's callbacks. `out == NULL` is the release
+/// call: the connection has moved to another version; free `conn_state`
+/// (no other callback for `conn` follows in this version, not `on_close`).
+pub type wshd_on_export_fn = unsafe extern "C" fn(
+    handler: *mut c_void,
+    conn_state: *mut c_void,
+    conn: wshd_conn_id,
+    out: *mut wshd_export_out,
+) -> i32;
+/// Handler callback (ABI 1.2, optional): rebuild connection `conn`'s state
+/// from bytes another version's `on_export` wrote (borrowed for the call).
+/// A non-OK status refuses the connection, which stays on the old version.
+pub type wshd_on_import_fn = unsafe extern "C" fn(
+    handler: *mut c_void,
+    conn: wshd_conn_id,
+    data: *const u8,
+    len: usize,
+    out_conn_state: *mut *mut c_void,
+) -> i32;
+
 /// Handler callback: free the instance.
 pub type wshd_destroy_fn = unsafe extern "C" fn(handler: *mut c_void);
 
@@ -393,6 +435,13 @@ pub struct wshd_descriptor {
     /// before this field: the host reads it only when `struct_size` is at
     /// least [`WSHD_DESCRIPTOR_SIZE_1_2`].
     pub on_timer: Option<wshd_on_timer_fn>,
+    /// ABI 1.2, optional (connection handover): serialize a connection's
+    /// state, or free it once the connection moved (`out == NULL`). Read
+    /// only when `struct_size` is at least [`WSHD_DESCRIPTOR_SIZE_HANDOVER`].
+    pub on_export: Option<wshd_on_export_fn>,
+    /// ABI 1.2, optional (connection handover): rebuild a connection's
+    /// state from another version's export.
+    pub on_import: Option<wshd_on_import_fn>,
 }
 
 /// `struct_size` of an ABI 1.0 or 1.1 descriptor: everything before
@@ -401,6 +450,12 @@ pub const WSHD_DESCRIPTOR_SIZE_1_0: usize = std::mem::offset_of!(wshd_descriptor
 /// `struct_size` of a descriptor that has `on_timer` (ABI 1.2 and later).
 pub const WSHD_DESCRIPTOR_SIZE_1_2: usize =
     WSHD_DESCRIPTOR_SIZE_1_0 + std::mem::size_of::<Option<wshd_on_timer_fn>>();
+
+/// `struct_size` of a descriptor that has `on_export` and `on_import` (the
+/// end of the ABI 1.2 descriptor). Descriptors of early 1.2 builds end at
+/// `on_timer`; the host reads these two fields only past this size.
+pub const WSHD_DESCRIPTOR_SIZE_HANDOVER: usize = std::mem::offset_of!(wshd_descriptor, on_import)
+    + std::mem::size_of::<Option<wshd_on_import_fn>>();
 
 // SAFETY: the descriptor is static, immutable data.
 unsafe impl Sync for wshd_descriptor {}
@@ -421,7 +476,9 @@ const _: () = {
     assert!(WSHD_HOST_API_SIZE_1_0 == 72);
     assert!(WSHD_HOST_API_SIZE_1_1 == 80);
     assert!(WSHD_HOST_API_SIZE_1_2 == 152);
-    assert!(std::mem::size_of::<wshd_descriptor>() == 120);
+    assert!(std::mem::size_of::<wshd_descriptor>() == 136);
     assert!(WSHD_DESCRIPTOR_SIZE_1_0 == 112);
     assert!(WSHD_DESCRIPTOR_SIZE_1_2 == 120);
+    assert!(WSHD_DESCRIPTOR_SIZE_HANDOVER == 136);
+    assert!(std::mem::size_of::<wshd_export_out>() == 24);
 };

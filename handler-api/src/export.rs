@@ -18,6 +18,9 @@
 /// * `version = "..."`: defaults to the crate's `CARGO_PKG_VERSION`.
 /// * `flags = MAY_BLOCK`: the callbacks may block, so the server runs them
 ///   on a separate thread pool.
+/// * `handover`: the type implements [`Handover`](crate::Handover), so a
+///   reload moves its open connections to the new version instead of
+///   draining them (`export_handler!(Counter, handover)`).
 ///
 /// The descriptor also carries the flags `WSHD_F_RUST_SDK` and
 /// `WSHD_F_PANIC_UNWIND` and a `build_info` string (SDK version, compiler,
@@ -41,10 +44,13 @@ macro_rules! export_handler {
     (@opts $ty:ty, [$b:expr], flags = $($f:ident)|+ $(, $($rest:tt)*)?) => {
         $crate::export_handler!(@opts $ty, [$b $(.flags($crate::glue::flag::$f))+] $(, $($rest)*)?);
     };
+    (@opts $ty:ty, [$b:expr], handover $(, $($rest:tt)*)?) => {
+        $crate::export_handler!(@opts $ty, [$b.handover()] $(, $($rest)*)?);
+    };
     (@opts $ty:ty, [$b:expr], $($bad:tt)+) => {
         ::core::compile_error!(::core::concat!(
             "export_handler!: unexpected `", ::core::stringify!($($bad)+),
-            "`; the options are name = \"...\", version = \"...\" and flags = MAY_BLOCK"
+            "`; the options are name = \"...\", version = \"...\", flags = MAY_BLOCK and handover"
         ));
     };
     (@emit $ty:ty, $b:expr) => {

@@ -31,7 +31,9 @@ use crate::abi::{
     WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id, wshd_descriptor, wshd_handshake,
     wshd_handshake_req, wshd_header, wshd_host_api, wshd_str,
 };
+use crate::abi::{wshd_export_out, wshd_on_export_fn, wshd_on_import_fn};
 use crate::handler::{Handler, HandshakeRequest, HandshakeResponse, Message};
+use crate::handover::Handover;
 use crate::host::Host;
 use crate::logging;
 
@@ -805,6 +807,84 @@ pub unsafe extern "C" fn t_destroy<H: Handler>(handler: *mut c_void) {
     }
 }
 
+/// `on_export` (ABI 1.2, handover): writes the connection's state into
+/// `out`, or with `out == NULL` frees it (the connection moved).
+///
+/// # Safety
+/// Called by the host as `wshd_descriptor.on_export`; `handler` and
+/// `conn_state` are what `t_init::<H>` and `t_on_open::<H>` (or
+/// `t_on_import::<H>`) returned; `out` is null or valid for this call.
+pub unsafe extern "C" fn t_on_export<H: Handover>(
+    handler: *mut c_void,
+    conn_state: *mut c_void,
+    conn: wshd_conn_id,
+    out: *mut wshd_export_out,
+) -> i32 {
+    if out.is_null() {
+        // The release call: take the state back and drop it, without close.
+        if let Some(p) = NonNull::new(conn_state.cast::<H::ConnState>()) {
+            // SAFETY: the pointer came from Box::into_raw in t_on_open::<H>
+            // or t_on_import::<H>, and the release call is its last use.
+            let state = unsafe { Box::from_raw(p.as_ptr()) };
+            // A panicking Drop must not unwind into the host.
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(state)));
+        }
+        return WSHD_OK;
+    }
+    // SAFETY: as in t_on_handshake.
+    let Some(inst) = (unsafe { handler.cast::<Instance<H>>().as_ref() }) else {
+        return WSHD_ERR_INVALID;
+    };
+    let api = inst.host.api;
+    // SAFETY: as in t_on_message: this connection's state, and no other
+    // callback of the connection runs now.
+    let Some(state) = (unsafe { conn_state.cast::<H::ConnState>().as_ref() }) else {
+        log_error::<H>(api, format_args!("on_export: no state for conn {conn}"));
+        return WSHD_ERR_INVALID;
+    };
+    let bytes = match guarded(api, || inst.handler.export(state)) {
+        Ok(b) => b,
+        Err(panic) => return report::<H>(api, "on_export", Some(conn), Err(panic)),
+    };
+    // SAFETY: `out` is non-null and valid for this call (host contract);
+    // its write function takes exactly these arguments.
+    unsafe { ((*out).write)(out, bytes.as_ptr(), bytes.len()) }
+}
+
+/// `on_import` (ABI 1.2, handover): rebuilds a connection's state from
+/// another version's export.
+///
+/// # Safety
+/// Called by the host as `wshd_descriptor.on_import`; `handler` is what
+/// `t_init::<H>` returned; `data` is borrowed for the call.
+pub unsafe extern "C" fn t_on_import<H: Handover>(
+    handler: *mut c_void,
+    conn: wshd_conn_id,
+    data: *const u8,
+    len: usize,
+    out_conn_state: *mut *mut c_void,
+) -> i32 {
+    // SAFETY: as in t_on_handshake.
+    let Some(inst) = (unsafe { handler.cast::<Instance<H>>().as_ref() }) else {
+        return WSHD_ERR_INVALID;
+    };
+    if out_conn_state.is_null() {
+        return WSHD_ERR_INVALID;
+    }
+    let api = inst.host.api;
+    // SAFETY: the bytes are borrowed for this call.
+    let payload = unsafe { bytes(data, len) };
+    let handle = inst.host.conn(conn);
+    let (outcome, state) = match guarded(api, || inst.handler.import(handle, payload)) {
+        Ok(Ok(state)) => (Ok(Ok(())), Box::into_raw(Box::new(state)).cast()),
+        Ok(Err(e)) => (Ok(Err(e)), std::ptr::null_mut()),
+        Err(panic) => (Err(panic), std::ptr::null_mut()),
+    };
+    // SAFETY: non-null, the host's slot for this connection's new state.
+    unsafe { out_conn_state.write(state) };
+    report::<H>(api, "on_import", Some(conn), outcome)
+}
+
 // ---------------------------------------------------------------------------
 // The descriptor, built in const context by `export_handler!`.
 
@@ -850,6 +930,8 @@ pub struct Export<H> {
     name: &'static str,
     version: &'static str,
     flags: u32,
+    on_export: Option<wshd_on_export_fn>,
+    on_import: Option<wshd_on_import_fn>,
     _handler: PhantomData<fn() -> H>,
 }
 
@@ -862,6 +944,8 @@ impl<H: Handler> Export<H> {
             name: default_name(crate_name),
             version,
             flags: WSHD_F_RUST_SDK | unwind,
+            on_export: None,
+            on_import: None,
             _handler: PhantomData,
         }
     }
@@ -902,7 +986,18 @@ impl<H: Handler> Export<H> {
             on_close: Some(t_on_close::<H>),
             destroy: Some(t_destroy::<H>),
             on_timer: Some(t_on_timer::<H>),
+            on_export: self.on_export,
+            on_import: self.on_import,
         }
+    }
+}
+
+impl<H: Handover> Export<H> {
+    /// Declares connection handover (`export_handler!(T, handover)`).
+    pub const fn handover(mut self) -> Self {
+        self.on_export = Some(t_on_export::<H>);
+        self.on_import = Some(t_on_import::<H>);
+        self
     }
 }
 

@@ -86,6 +86,7 @@ mod export;
 #[doc(hidden)]
 pub mod glue;
 mod handler;
+pub mod handover;
 mod host;
 mod logging;
 pub mod rules;
@@ -99,6 +100,7 @@ pub mod contract {
 pub use handler::{
     Handler, HandshakeRequest, HandshakeResponse, Header, Headers, Message, Subprotocols,
 };
+pub use handover::Handover;
 pub use host::{Conn, Host, SendError};
 /// The `log` crate the SDK forwards to the server; use its macros.
 pub use log;

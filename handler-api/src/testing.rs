@@ -58,7 +58,7 @@ use crate::abi::{
     WSHD_ABI_MAJOR, WSHD_ABI_MINOR, WSHD_ERR_CLOSED, WSHD_ERR_HANDLER, WSHD_ERR_INVALID,
     WSHD_ERR_PANIC, WSHD_ERR_REVOKED, WSHD_ERR_STATE, WSHD_ERR_UNSUPPORTED, WSHD_F_MAY_BLOCK,
     WSHD_MAGIC, WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id, wshd_descriptor,
-    wshd_handshake, wshd_handshake_req, wshd_header, wshd_host_api, wshd_str,
+    wshd_export_out, wshd_handshake, wshd_handshake_req, wshd_header, wshd_host_api, wshd_str,
 };
 use crate::glue::{self, Export, Exported, HostApi};
 use crate::host::{Conn, Host, SendError};
@@ -744,6 +744,18 @@ impl<H: Handler> TestHost<H> {
         Self::init_with(Box::leak(Box::new(desc)), config)
     }
 
+    /// Like [`TestHost::init`], with connection handover declared
+    /// (`export_handler!(H, handover)`), for [`TestHost::hand_over`].
+    pub fn init_handover(config: &str) -> Result<TestHost<H>, InitError>
+    where
+        H: crate::Handover,
+    {
+        let desc = Export::<H>::new("testing", "0.0.0", cfg!(panic = "unwind"))
+            .handover()
+            .build();
+        Self::init_with(Box::leak(Box::new(desc)), config)
+    }
+
     /// Runs `init` through the descriptor `export_handler!(H)` exported.
     pub fn init_exported(config: &str) -> Result<TestHost<H>, InitError>
     where
@@ -970,6 +982,67 @@ impl<H: Handler> TestHost<H> {
                 )
             };
         }
+    }
+
+    /// Moves `conn` to `to` as the server does at a reload (ABI 1.2
+    /// handover): this host's `on_export` (at most `max_bytes`), `to`'s
+    /// `on_import`, then the release call (`on_export` with no buffer; no
+    /// `on_close`). Returns the connection in `to` (same id). On an error
+    /// the connection stays open here, as on the server.
+    pub fn hand_over<H2: Handler>(
+        &mut self,
+        conn: Conn,
+        to: &mut TestHost<H2>,
+        max_bytes: usize,
+    ) -> Result<Conn, CallError> {
+        let Some(&state) = self.conns.get(&conn.id()) else {
+            panic!("{conn:?} is not open in this TestHost");
+        };
+        let (Some(export), Some(import)) = (self.desc.on_export, to.desc.on_import) else {
+            return Err(CallError(WSHD_ERR_UNSUPPORTED));
+        };
+        unsafe extern "C" fn write(out: *mut wshd_export_out, data: *const u8, len: usize) -> i32 {
+            // SAFETY: `out` is the buffer hand_over passed, whose host_buf
+            // is its Vec; the data is borrowed for the call.
+            let (out, data) = unsafe { (&mut *out, crate::glue::bytes(data, len)) };
+            // SAFETY: as above.
+            let buf = unsafe { &mut *out.host_buf.cast::<Vec<u8>>() };
+            if buf.len() + data.len() > out.max_len {
+                return crate::abi::WSHD_ERR_LIMIT;
+            }
+            buf.extend_from_slice(data);
+            WSHD_OK
+        }
+        let mut buf: Vec<u8> = Vec::new();
+        let mut out = wshd_export_out {
+            host_buf: (&mut buf as *mut Vec<u8>).cast(),
+            write,
+            max_len: max_bytes,
+        };
+        // SAFETY: a live handler, this connection's state, and a buffer
+        // valid for the call.
+        CallError::check(unsafe { export(self.handler, state, conn.id(), &mut out) })?;
+        assert!(!to.handler.is_null(), "the target handler was destroyed");
+        let mut new_state = std::ptr::null_mut();
+        // SAFETY: a live handler; the bytes are borrowed for the call.
+        CallError::check(unsafe {
+            import(
+                to.handler,
+                conn.id(),
+                buf.as_ptr(),
+                buf.len(),
+                &mut new_state,
+            )
+        })?;
+        self.conns.remove(&conn.id());
+        self.rec.lock().open.remove(&conn.id());
+        // As the server does: the old version's timers for it are dropped.
+        self.forget_conn(conn.id());
+        // SAFETY: the release call, the state's last use in this host.
+        unsafe { export(self.handler, state, conn.id(), std::ptr::null_mut()) };
+        to.rec.lock().open.insert(conn.id());
+        to.conns.insert(conn.id(), new_state);
+        Ok(Host::new(to.api).conn(conn.id()))
     }
 
     /// Whether the connection is open (opened and not yet closed).

@@ -206,7 +206,9 @@ fn rust_facts() -> BTreeMap<String, String> {
         wshd_descriptor {
             magic, abi_major, abi_minor, struct_size, flags, name, version, build_info,
             init, on_handshake, on_open, on_message, on_close, destroy, on_timer,
+            on_export, on_import,
         }
+        wshd_export_out { host_buf, write, max_len }
     }
     constants! { facts;
         WSHD_MAGIC, WSHD_ABI_MAJOR, WSHD_ABI_MINOR,
@@ -216,7 +218,7 @@ fn rust_facts() -> BTreeMap<String, String> {
         WSHD_LOG_ERROR, WSHD_LOG_WARN, WSHD_LOG_INFO, WSHD_LOG_DEBUG, WSHD_LOG_TRACE,
         WSHD_F_MAY_BLOCK, WSHD_F_PANIC_UNWIND, WSHD_F_RUST_SDK,
         WSHD_HOST_API_SIZE_1_1, WSHD_HOST_API_SIZE_1_2,
-        WSHD_DESCRIPTOR_SIZE_1_0, WSHD_DESCRIPTOR_SIZE_1_2,
+        WSHD_DESCRIPTOR_SIZE_1_0, WSHD_DESCRIPTOR_SIZE_1_2, WSHD_DESCRIPTOR_SIZE_HANDOVER,
     }
     facts.insert(
         "symbol WSHD_ENTRY_SYMBOL".into(),
@@ -236,6 +238,7 @@ fn header_parser_sees_every_struct_and_constant() {
             "wshd_header",
             "wshd_handshake_req",
             "wshd_host_api",
+            "wshd_export_out",
             "wshd_descriptor"
         ]
     );

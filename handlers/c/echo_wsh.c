@@ -280,6 +280,8 @@ static const wshd_descriptor DESCRIPTOR = {
     echo_on_close,
     echo_destroy,
     NULL, /* on_timer (ABI 1.2): no timers */
+    NULL, /* on_export (ABI 1.2): no connection handover; a reload drains */
+    NULL, /* on_import (ABI 1.2) */
 };
 
 #if defined(WSHD_NO_ENTRY)

@@ -314,6 +314,8 @@ pub struct RawReload {
     pub debounce: Option<DurOrZero>,
     pub drain_timeout: Option<DrainTimeout>,
     pub drain_window: Option<DurOrZero>,
+    /// Cap on one connection's exported handover state (ABI 1.2).
+    pub handover_max_bytes: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -576,6 +578,9 @@ pub struct ReloadSettings {
     pub drain_timeout: Option<Duration>,
     /// After the drain timeout, closes (1012) are spread over this window.
     pub drain_window: Duration,
+    /// Connection handover: the most bytes one connection's `on_export`
+    /// may write; a bigger export is refused and the connection drains.
+    pub handover_max_bytes: usize,
 }
 
 impl Default for ReloadSettings {
@@ -585,6 +590,7 @@ impl Default for ReloadSettings {
             debounce: Duration::from_millis(50),
             drain_timeout: Some(Duration::from_secs(60)),
             drain_window: Duration::from_secs(10),
+            handover_max_bytes: 1 << 20,
         }
     }
 }

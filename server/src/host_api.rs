@@ -89,7 +89,7 @@ impl HostCtx {
     /// Connection `conn` if it is open and belongs to this instance.
     pub(crate) fn own_conn(&self, conn: wshd_conn_id) -> Option<Arc<ConnShared>> {
         let shared = self.conns.get(conn)?;
-        (shared.owner == self.instance).then_some(shared)
+        (shared.owner() == self.instance).then_some(shared)
     }
 }
 
@@ -261,7 +261,7 @@ pub fn enqueue(ctx: &HostCtx, conn: wshd_conn_id, msg: Message) -> i32 {
     let Some(shared) = ctx.conns.get(conn) else {
         return WSHD_ERR_CLOSED;
     };
-    if shared.owner != ctx.instance {
+    if shared.owner() != ctx.instance {
         return WSHD_ERR_CLOSED;
     }
     if let Message::Close(Some(f)) = msg {
@@ -305,7 +305,7 @@ fn outbox_push(ctx: &HostCtx, mut cur: Current, msg: Message) -> i32 {
             cur.outbox_bytes = 0;
             CURRENT.with(|c| c.set(Some(cur)));
             if let Some(shared) = ctx.conns.get(conn)
-                && shared.owner == ctx.instance
+                && shared.owner() == ctx.instance
             {
                 shared.shed();
             }
@@ -781,6 +781,33 @@ mod tests {
         let rc = unsafe { (a.api.send)(a.api.host_ctx, 6, WSHD_MSG_TEXT, b"hi".as_ptr(), 2) };
         assert_eq!(rc, WSHD_ERR_CLOSED, "unknown connection");
         assert!(!shared.has_queued());
+    }
+
+    #[test]
+    fn after_a_handover_the_old_version_is_refused_and_the_new_one_sends() {
+        let conns = Arc::new(Connections::default());
+        let (old, new) = (
+            api(&conns),
+            new_host_api(8, "t".into(), "/t".into(), conns.clone()),
+        );
+        let shared = Arc::new(ConnShared::new(7, 8, 1 << 20, SlowConsumer::Error));
+        conns.register(5, shared.clone(), &[]);
+        // SAFETY: valid contexts and buffers.
+        let send = |a: &HostApiBox| unsafe {
+            (a.api.send)(a.api.host_ctx, 5, WSHD_MSG_TEXT, b"hi".as_ptr(), 2)
+        };
+        assert_eq!((send(old), send(new)), (WSHD_OK, WSHD_ERR_CLOSED));
+        shared.set_owner(8);
+        assert_eq!(
+            (send(old), send(new)),
+            (WSHD_ERR_CLOSED, WSHD_OK),
+            "a moved connection belongs to its new version only"
+        );
+        // SAFETY: a valid context and topic.
+        let sub = |a: &HostApiBox| unsafe {
+            (a.api.subscribe)(a.api.host_ctx, 5, wshd_str::from_str("t"))
+        };
+        assert_eq!(sub(old), WSHD_ERR_CLOSED);
     }
 
     #[test]

@@ -330,6 +330,9 @@ async fn respond(
     .await;
     let shutdown = server.shutdown.clone();
     let tracker = server.tracker.clone();
+    // Copied out: the task must not hold the route (and so its instance)
+    // for the connection's life; a handover moves the session to another.
+    let ws_config = route.ws_config;
     tracker.spawn(async move {
         let upgraded = tokio::select! {
             u = on_upgrade => u,
@@ -357,7 +360,7 @@ async fn respond(
                 // for the connection's life.
                 let early = (!parts.read_buf.is_empty()).then(|| parts.read_buf.to_vec());
                 drop(parts.read_buf);
-                let ws = crate::ws::WsConn::new(stream, early, route.ws_config);
+                let ws = crate::ws::WsConn::new(stream, early, ws_config);
                 opening.run(ws).await;
             }
             Err(e) => {

@@ -89,6 +89,86 @@ pub struct Instance {
     /// Panics, failed callbacks and 5xx handshakes, for rollout thresholds
     /// and quarantine (rollout.rs).
     pub health: crate::rollout::Health,
+    /// Connection handover (ABI 1.2): where this retired version's
+    /// connections move, set by the registry when both versions support it.
+    handover: std::sync::Mutex<Option<Handover>>,
+    /// Connections handed over to another version / that failed to move
+    /// and stayed (they drain), for the log and `--list`.
+    pub moved_out: AtomicUsize,
+    pub stayed: AtomicUsize,
+    /// Connections handed over to this version from an older one.
+    pub moved_in: AtomicUsize,
+}
+
+/// Where a retired instance's connections move (see [`Instance::handover_to`]).
+#[derive(Debug, Clone)]
+pub struct Handover {
+    /// The new version's route (its `instance` imports the connections).
+    pub route: Arc<crate::routing::Route>,
+    /// The most bytes one export may take (`[reload] handover_max_bytes`).
+    pub max_bytes: usize,
+}
+
+/// Why a connection did not move; it stays on its version and drains.
+#[derive(Debug)]
+pub enum HandoverError {
+    /// `on_export` failed with this status.
+    Export(i32),
+    /// The export passed `[reload] handover_max_bytes`.
+    TooBig(usize),
+    /// `on_import` of the new version refused the state.
+    Import(i32),
+}
+
+impl std::fmt::Display for HandoverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandoverError::Export(rc) => write!(f, "on_export failed ({})", status_name(*rc)),
+            HandoverError::TooBig(max) => write!(
+                f,
+                "the exported state is over handover_max_bytes ({max} bytes); raise [reload] \
+                 handover_max_bytes or export less"
+            ),
+            HandoverError::Import(rc) => write!(
+                f,
+                "the new version's on_import refused the state ({})",
+                status_name(*rc)
+            ),
+        }
+    }
+}
+
+/// The host side of `wshd_export_out`: the bytes so far and whether a
+/// write went past the cap.
+struct ExportBuf {
+    data: Vec<u8>,
+    over: bool,
+}
+
+/// `wshd_export_out.write`: appends within `max_len`, else refuses.
+unsafe extern "C" fn export_write(out: *mut wshd_export_out, data: *const u8, len: usize) -> i32 {
+    // SAFETY: the host passed `out` to on_export and it is valid for that
+    // call, whose host_buf is an `ExportBuf` it owns; handlers call write
+    // only during on_export.
+    let Some(out) = (unsafe { out.as_mut() }) else {
+        return WSHD_ERR_INVALID;
+    };
+    // SAFETY: as above.
+    let buf = unsafe { &mut *out.host_buf.cast::<ExportBuf>() };
+    if len == 0 {
+        return WSHD_OK;
+    }
+    if data.is_null() {
+        return WSHD_ERR_INVALID;
+    }
+    if buf.data.len().saturating_add(len) > out.max_len {
+        buf.over = true;
+        return WSHD_ERR_LIMIT;
+    }
+    // SAFETY: the handler passes `len` readable bytes at `data` for the call.
+    buf.data
+        .extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
+    WSHD_OK
 }
 
 impl Instance {
@@ -143,6 +223,10 @@ impl Instance {
             drain_window_ms: AtomicU64::new(0),
             metrics,
             health: Default::default(),
+            handover: Default::default(),
+            moved_out: AtomicUsize::new(0),
+            stayed: AtomicUsize::new(0),
+            moved_in: AtomicUsize::new(0),
         })
     }
 
@@ -428,6 +512,126 @@ impl Instance {
         .await
     }
 
+    /// Whether the handler has `on_export` and `on_import` (ABI 1.2).
+    pub fn supports_handover(&self) -> bool {
+        let cb = &self.lib.desc.callbacks;
+        cb.on_export.is_some() && cb.on_import.is_some()
+    }
+
+    /// Where this (retired) instance's connections move, if anywhere.
+    pub fn handover_to(&self) -> Option<Handover> {
+        self.handover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Makes `to` this instance's successor for connection handover.
+    pub fn set_handover(&self, to: Handover) {
+        *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
+    }
+
+    /// Moves one connection's handler state from this version to `to`
+    /// (ABI 1.2 handover), between two of its callbacks: `on_export` here
+    /// (at most `max_bytes`), `on_import` there, then the release call here
+    /// (`on_export` with a NULL buffer). On `Err` the state is still this
+    /// version's and is handed back.
+    pub async fn hand_over(
+        self: &Arc<Self>,
+        state: ConnState,
+        conn: wshd_conn_id,
+        to: &Arc<Instance>,
+        max_bytes: usize,
+    ) -> Result<ConnState, (HandoverError, ConnState)> {
+        let (Some(export), Some(import)) = (
+            self.lib.desc.callbacks.on_export,
+            to.lib.desc.callbacks.on_import,
+        ) else {
+            return Err((HandoverError::Export(WSHD_ERR_UNSUPPORTED), state));
+        };
+        let handler = self.handler;
+        let (rc, buf, state) = self
+            .dispatch(move |this| {
+                let _running = this.lib.enter(Callback::OnExport);
+                let mut buf = ExportBuf {
+                    data: Vec::new(),
+                    over: false,
+                };
+                let mut out = wshd_export_out {
+                    host_buf: (&mut buf as *mut ExportBuf).cast(),
+                    write: export_write,
+                    max_len: max_bytes,
+                };
+                // SAFETY: callback from a validated descriptor; the state is
+                // this connection's and none of its callbacks runs now;
+                // `out` and its buffer outlive the call.
+                let rc = unsafe { export(handler.get(), state.get(), conn, &mut out) };
+                this.health.panicked_if(rc);
+                (rc, buf, state)
+            })
+            .await;
+        if buf.over {
+            return Err((HandoverError::TooBig(max_bytes), state));
+        }
+        if rc != WSHD_OK {
+            return Err((HandoverError::Export(rc), state));
+        }
+        let new_handler = to.handler;
+        let data = buf.data;
+        let imported = to
+            .dispatch(move |this| {
+                let _running = this.lib.enter(Callback::OnImport);
+                let mut new_state: *mut c_void = std::ptr::null_mut();
+                // SAFETY: callback from a validated descriptor; the bytes
+                // are borrowed for the call; `new_state` is a valid
+                // out-pointer.
+                let rc = unsafe {
+                    import(
+                        new_handler.get(),
+                        conn,
+                        data.as_ptr(),
+                        data.len(),
+                        &mut new_state,
+                    )
+                };
+                this.health.panicked_if(rc);
+                if rc == WSHD_OK {
+                    Ok(ConnState(new_state))
+                } else {
+                    Err(rc)
+                }
+            })
+            .await;
+        match imported {
+            Ok(new_state) => {
+                self.dispatch(move |this| {
+                    let _running = this.lib.enter(Callback::OnExport);
+                    // SAFETY: the release call: the connection moved, the
+                    // handler frees its state; this is the state's last use
+                    // in this version (no on_close follows).
+                    unsafe { export(handler.get(), state.get(), conn, std::ptr::null_mut()) };
+                })
+                .await;
+                Ok(new_state)
+            }
+            Err(rc) => Err((HandoverError::Import(rc), state)),
+        }
+    }
+
+    /// `--list`'s note on handover: connections moved in, moved out and
+    /// that stayed (failed to move), for a version that supports it.
+    pub fn handover_note(&self) -> String {
+        if !self.supports_handover() {
+            return String::new();
+        }
+        format!(
+            "  [handover: {} in, {} out, {} stayed]",
+            self.moved_in.load(Ordering::Relaxed),
+            self.moved_out.load(Ordering::Relaxed),
+            self.stayed.load(Ordering::Relaxed)
+        )
+    }
+
     /// Handler name, version and generation for log fields.
     pub fn describe(&self) -> String {
         format!(
@@ -445,7 +649,14 @@ impl Drop for Instance {
         let destroy = self.lib.desc.callbacks.destroy;
         let handler = self.handler;
         let ctx = self.host.ctx;
-        let what = self.describe();
+        let mut what = self.describe();
+        let moved = self.moved_out.load(Ordering::Relaxed);
+        if moved > 0 || self.stayed.load(Ordering::Relaxed) > 0 {
+            what += &format!(
+                " ({moved} connections handed over, {} stayed)",
+                self.stayed.load(Ordering::Relaxed)
+            );
+        }
         let route = self.route.clone();
         let lib = self.lib.clone();
         let run = move || {

@@ -77,7 +77,7 @@ pub struct Library {
     /// What the descriptor said, copied out of the library.
     pub desc: Descriptor,
     /// One preformatted crash label per callback ([`Callback`]).
-    labels: [Label; 6],
+    labels: [Label; 8],
     /// Keeps the handle; with RTLD_NODELETE dropping it never unmaps.
     _lib: libloading::os::unix::Library,
 }
@@ -91,16 +91,20 @@ pub enum Callback {
     OnMessage,
     OnClose,
     Destroy,
+    OnExport,
+    OnImport,
 }
 
 impl Callback {
-    const ALL: [Callback; 6] = [
+    const ALL: [Callback; 8] = [
         Callback::Init,
         Callback::OnHandshake,
         Callback::OnOpen,
         Callback::OnMessage,
         Callback::OnClose,
         Callback::Destroy,
+        Callback::OnExport,
+        Callback::OnImport,
     ];
 
     fn name(self) -> &'static str {
@@ -111,6 +115,8 @@ impl Callback {
             Callback::OnMessage => "on_message",
             Callback::OnClose => "on_close",
             Callback::Destroy => "destroy",
+            Callback::OnExport => "on_export",
+            Callback::OnImport => "on_import",
         }
     }
 }
@@ -143,6 +149,11 @@ pub struct Callbacks {
     pub destroy: Option<wshd_destroy_fn>,
     /// ABI 1.2; `None` for older descriptors.
     pub on_timer: Option<wshd_on_timer_fn>,
+    /// ABI 1.2 connection handover; both set, or both `None` (a descriptor
+    /// with only one of them cannot hand over and is treated as having
+    /// neither).
+    pub on_export: Option<wshd_on_export_fn>,
+    pub on_import: Option<wshd_on_import_fn>,
 }
 
 impl Library {
@@ -724,6 +735,8 @@ fn read_descriptor(ptr: *const wshd_descriptor, source: &Path) -> Result<Descrip
             on_close: d.on_close,
             destroy: d.destroy,
             on_timer: d.on_timer,
+            on_export: d.on_export.and(d.on_import).and(d.on_export),
+            on_import: d.on_export.and(d.on_import),
         },
     })
 }

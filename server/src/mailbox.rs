@@ -14,7 +14,7 @@
 //! glue lives in [`crate::host_api`]; topic membership in [`crate::topics`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use dashmap::DashMap;
@@ -41,8 +41,9 @@ use crate::config::SlowConsumer;
 /// allocate its first block of slots up front, for every connection).
 #[derive(Debug)]
 pub struct ConnShared {
-    /// The instance that owns the connection.
-    pub owner: u64,
+    /// The instance that owns the connection; changes when a handover moves
+    /// the connection to another version (session.rs).
+    owner: AtomicU64,
     pub slow_consumer: SlowConsumer,
     /// Queue capacity in messages.
     limit: usize,
@@ -142,6 +143,17 @@ pub(crate) fn fits(
 }
 
 impl ConnShared {
+    /// The id of the instance that owns the connection now.
+    pub fn owner(&self) -> u64 {
+        self.owner.load(Ordering::SeqCst)
+    }
+
+    /// Hands the connection to instance `owner` (a handover): from now on
+    /// the previous owner's calls for it get `WSHD_ERR_CLOSED`.
+    pub fn set_owner(&self, owner: u64) {
+        self.owner.store(owner, Ordering::SeqCst);
+    }
+
     pub fn new(
         owner: u64,
         limit: usize,
@@ -149,7 +161,7 @@ impl ConnShared {
         slow_consumer: SlowConsumer,
     ) -> ConnShared {
         ConnShared {
-            owner,
+            owner: AtomicU64::new(owner),
             slow_consumer,
             limit,
             limit_bytes,
@@ -168,6 +180,10 @@ impl ConnShared {
     /// Event: the connection's handler version was retired and its drain
     /// timeout passed; close with 1012.
     pub const RETIRED: u8 = 2;
+    /// Event: the connection's handler version was replaced by one it can
+    /// hand the connection over to (`Instance::handover_to`); move at the
+    /// next message boundary.
+    pub const HANDOVER: u8 = 4;
 
     /// Tells the session about a server event and wakes it.
     pub fn signal(&self, event: u8) {
@@ -461,7 +477,7 @@ mod tests {
         conns.register(11, b.clone(), &[]);
         conns.register(12, c.clone(), &[]);
         let drain = CancellationToken::new();
-        conns.cancel_and_signal(&drain, ConnShared::RETIRED, |s| s.owner == 1);
+        conns.cancel_and_signal(&drain, ConnShared::RETIRED, |s| s.owner() == 1);
         assert!(drain.is_cancelled());
         assert_eq!(a.take_events(), ConnShared::RETIRED);
         assert_eq!(b.take_events(), 0);

@@ -936,9 +936,41 @@ impl Registry {
             } else {
                 reload.drain_timeout
             };
+            self.hand_over(&old, reload.handover_max_bytes);
             retire(&old, timeout, reload.drain_window, &self.conns);
             self.draining.push(Arc::downgrade(&old));
         }
+    }
+
+    /// Connection handover (ABI 1.2): when `old` and the version now
+    /// serving its route both support it, tells each of `old`'s connections
+    /// to move there at its next message boundary. Those that cannot move
+    /// stay and drain through [`retire`] as usual.
+    fn hand_over(&self, old: &Arc<Instance>, max_bytes: usize) {
+        let table = self.table.load();
+        let Some(route) = table.get(&old.route) else {
+            return;
+        };
+        let new = &route.instance;
+        if new.id == old.id || !rollout::can_hand_over(old, new) {
+            return;
+        }
+        old.set_handover(crate::instance::Handover {
+            route: route.clone(),
+            max_bytes,
+        });
+        tracing::info!(
+            route = %old.route,
+            "handing over the {} open connections of {} to {} (connection handover)",
+            old.live.load(Ordering::Relaxed),
+            old.describe(),
+            new.describe()
+        );
+        // After set_handover: a session opening on `old` from now on sees
+        // the successor itself (session.rs); one already registered is in
+        // `conns` and gets the event.
+        self.conns
+            .for_each(|c| c.owner() == old.id, |c| c.signal(ConnShared::HANDOVER));
     }
 
     async fn init(
@@ -1060,11 +1092,17 @@ fn retire(
                 "retired {}: {live} open connections get Close 1012 after {t:?}, spread over {window:?}",
                 inst.describe(),
             );
-            let inst = inst.clone();
+            // Weak: the instance must be destroyed as soon as its last
+            // connection is gone (closed, or handed over to another
+            // version), not when this timer ends.
+            let weak = Arc::downgrade(inst);
             let conns = conns.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(t).await;
-                conns.cancel_and_signal(&inst.drain, ConnShared::RETIRED, |c| c.owner == inst.id);
+                let Some(inst) = weak.upgrade() else {
+                    return;
+                };
+                conns.cancel_and_signal(&inst.drain, ConnShared::RETIRED, |c| c.owner() == inst.id);
             });
         }
     }

@@ -22,9 +22,9 @@
 //! is known bad, and its bytes are not rolled out again until the file
 //! changes. A manual rollback drains them after `drain_timeout`, like any
 //! replaced version, and leaves the bytes eligible. Where both versions
-//! support connection handover (issue #15 section 1, not yet in the ABI),
-//! [`handover_back`] is the hook that moves them to the stable version
-//! instead; today it moves none.
+//! support connection handover (ABI 1.2 `on_export`/`on_import`), the
+//! canary's connections move back to the stable version instead
+//! ([`handover_back`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -352,12 +352,24 @@ impl<V: Clone> Rollout<V> {
     }
 }
 
-/// Moves the open connections of `from` (a rolled-back canary) to `to`
-/// where both versions support connection handover, and returns how many
-/// moved; the rest drain. The handover ABI (issue #15 section 1) is not in
-/// the handler ABI yet, so no connection moves today.
-pub fn handover_back<V>(_from: &V, _to: &V) -> usize {
-    0
+/// Whether connections of `from` can be handed over to `to`: both have
+/// `on_export` and `on_import` (ABI 1.2) and they are different instances.
+pub fn can_hand_over(from: &crate::instance::Instance, to: &crate::instance::Instance) -> bool {
+    from.id != to.id && from.supports_handover() && to.supports_handover()
+}
+
+/// How many open connections of `from` (a rolled-back canary) are handed
+/// back to `to` (the stable version) instead of draining: all of them when
+/// both versions support connection handover, none otherwise. The move
+/// itself is the same as for any retired version (`Registry::retire` hands
+/// them over, each session moves between two messages); one whose export
+/// or import fails stays and drains.
+pub fn handover_back(from: &crate::instance::Instance, to: &crate::instance::Instance) -> usize {
+    if can_hand_over(from, to) {
+        from.live.load(Ordering::Relaxed)
+    } else {
+        0
+    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,11 @@ pub struct Route {
     /// New connections since the canary started, for the split. Shared
     /// with the registry so a republished table continues the count.
     picked: Arc<AtomicU64>,
+    /// With a canary: this route without it, which `pick` gives the stable
+    /// share, so their sessions do not keep the canary's instance alive
+    /// after a rollback (it must be destroyed once its connections moved
+    /// back or closed).
+    stable: Option<Arc<Route>>,
 }
 
 impl Route {
@@ -46,6 +51,7 @@ impl Route {
             ws_config,
             canary: None,
             picked: Arc::default(),
+            stable: None,
         }
     }
 
@@ -65,6 +71,12 @@ impl Route {
             self.limits.clone(),
         );
         self.canary = Some((Arc::new(c), percent));
+        self.stable = Some(Arc::new(Route::new(
+            self.path.clone(),
+            self.instance.clone(),
+            self.allowed_origins.clone(),
+            self.limits.clone(),
+        )));
         self
     }
 
@@ -78,7 +90,7 @@ impl Route {
                 if crate::rollout::to_canary(n, *percent) {
                     c.clone()
                 } else {
-                    self.clone()
+                    self.stable.clone().unwrap_or_else(|| self.clone())
                 }
             }
             None => self.clone(),

@@ -137,6 +137,10 @@ pub async fn open(
             (&inst.drain, ConnShared::RETIRED),
         ],
     );
+    // Likewise for a handover the registry started during the walk.
+    if inst.handover_to().is_some() {
+        shared.signal(ConnShared::HANDOVER);
+    }
     inst.live.fetch_add(1, Ordering::Relaxed);
     inst.metrics.opened();
     tracing::info!(parent: &span, subprotocol = %crate::logsafe::esc(protocol.unwrap_or("")), "open");
@@ -212,7 +216,10 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
         opened,
     } = opening;
     async move {
-        let inst = route.instance.clone();
+        // Both change when a handover moves the connection to another
+        // version of its handler (see `hand_over`).
+        let mut route = route;
+        let mut inst = route.instance.clone();
         let limits = &route.limits;
         let wt = limits.write_timeout;
         let mut stats = Stats {
@@ -292,6 +299,9 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
         let mut drain_at: Option<Instant> = None;
         let mut reply_by: Option<Instant> = None;
         let mut batch: Vec<Message> = Vec::new();
+        // The registry asked this connection to move to a new version
+        // (ConnShared::HANDOVER); done at the next message boundary.
+        let mut handover_pending = false;
 
         while !matches!(
             close,
@@ -300,6 +310,33 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                 ..
             })
         ) {
+            // Between two messages: no callback of this connection is
+            // running (each is awaited below, on the blocking pool too) and
+            // no fragmented message is half read.
+            if handover_pending
+                && close.is_none()
+                && deferred.is_none()
+                && ws.unfinished_since().is_none()
+            {
+                handover_pending = false;
+                if let Some(moved) =
+                    Box::pin(hand_over(&inst, &shared, id, &mut state, &span)).await
+                {
+                    inst = moved.route.instance.clone();
+                    route = moved.route;
+                    // The new version serves it: the old one's drain does
+                    // not apply any more.
+                    draining = false;
+                    drain_at = None;
+                    // The new version may have been replaced in turn
+                    // before the connection reached it.
+                    handover_pending = inst.handover_to().is_some();
+                    if inst.drain.is_cancelled() {
+                        shared.signal(ConnShared::RETIRED);
+                    }
+                }
+            }
+            let limits = &route.limits;
             if let Some(f) = deferred.take() {
                 tracing::debug!(parent: &span, "close requested while a write waited for the peer; closing now");
                 start_close(
@@ -469,7 +506,12 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                     } else if shared.has_queued() {
                         shared.wakeup.wake();
                     }
-                    if events & ConnShared::RETIRED != 0 && close.is_none() && !draining {
+                    if events & ConnShared::HANDOVER != 0 {
+                        handover_pending = true;
+                    }
+                    // A connection that moved ignores a drain signal its old
+                    // version sent before the move.
+                    if events & ConnShared::RETIRED != 0 && close.is_none() && !draining && inst.drain.is_cancelled() {
                         draining = true;
                         let delay = inst.drain_delay(id);
                         tracing::debug!(parent: &span, "handler version retired: closing with 1012 in {delay:?}");
@@ -570,14 +612,20 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                 .await;
         }
         inst.live.fetch_sub(1, Ordering::Relaxed);
-        inst.metrics.closed(close.code);
+        // The generation that counted the open counts the close, also for
+        // a connection that moved since.
+        let metrics = stats
+            .metrics
+            .clone()
+            .unwrap_or_else(|| inst.metrics.clone());
+        metrics.closed(close.code);
         // Both slow-consumer paths (this session's outbox, a sender's queue
         // in host_api.rs) close with exactly this code and reason.
         if close.code == 1008
             && close.reason == "slow consumer"
             && matches!(close.by, Closer::Server)
         {
-            inst.metrics.slow_consumer();
+            metrics.slow_consumer();
         }
         // Dropping `ws` closes the socket; tungstenite already sent or answered
         // the close frame.
@@ -964,4 +1012,58 @@ fn fire_timers<'a>(
         }
         Ok(())
     })
+}
+
+/// Moves the connection to the version its handler was replaced by
+/// (ABI 1.2 handover; the caller checked it is between two messages):
+/// export from `inst`, import into the new version, then switch the owner
+/// (from now on `inst`'s sends to it get `WSHD_ERR_CLOSED`), drop the old
+/// version's timers for it and free the old state. Host-owned state
+/// (subscriptions, queued frames) stays with `shared`. `Some` with the new
+/// version's route once moved; `None` when it stays (nothing to move to,
+/// or the export or import failed: it then drains as without handover).
+async fn hand_over(
+    inst: &Arc<crate::instance::Instance>,
+    shared: &ConnShared,
+    id: u64,
+    state: &mut Option<ConnState>,
+    span: &tracing::Span,
+) -> Option<crate::instance::Handover> {
+    let to = inst.handover_to()?;
+    let new = &to.route.instance;
+    if shared.owner() != inst.id || new.id == inst.id {
+        return None;
+    }
+    let st = state.take()?;
+    match inst.hand_over(st, id, new, to.max_bytes).await {
+        Ok(new_state) => {
+            // Owner first: a timer the old version sets from now on is
+            // refused, and the ones it set are dropped just after.
+            shared.set_owner(new.id);
+            crate::timers::global().moved(shared);
+            new.live.fetch_add(1, Ordering::Relaxed);
+            new.moved_in.fetch_add(1, Ordering::Relaxed);
+            inst.live.fetch_sub(1, Ordering::Relaxed);
+            inst.moved_out.fetch_add(1, Ordering::Relaxed);
+            *state = Some(new_state);
+            tracing::info!(
+                parent: span,
+                "handed over from {} to {}",
+                inst.describe(),
+                new.describe()
+            );
+            Some(to)
+        }
+        Err((e, st)) => {
+            *state = Some(st);
+            inst.stayed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                parent: span,
+                "handover to {} failed: {e}; the connection stays on {} and drains",
+                new.describe(),
+                inst.describe()
+            );
+            None
+        }
+    }
 }

@@ -214,6 +214,9 @@ impl Settings {
             reload.debounce = r.debounce.map_or(reload.debounce, |d| d.0);
             reload.drain_timeout = r.drain_timeout.map_or(reload.drain_timeout, |d| d.0);
             reload.drain_window = r.drain_window.map_or(reload.drain_window, |d| d.0);
+            reload.handover_max_bytes = r
+                .handover_max_bytes
+                .map_or(reload.handover_max_bytes, |b| b.0);
         }
         if let Some(d) = &args.drain_timeout {
             reload.drain_timeout = if d == "never" {

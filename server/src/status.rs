@@ -50,7 +50,7 @@ pub fn render(routes: &[RouteStatus]) -> String {
             let lib = &v.instance.lib;
             let _ = writeln!(
                 out,
-                "{:<24} {:<14} {:<10} {:<6} {:<11} {:>4}% {:>6}  {:<64}  {}{}",
+                "{:<24} {:<14} {:<10} {:<6} {:<11} {:>4}% {:>6}  {:<64}  {}{}{}",
                 path,
                 lib.desc.name,
                 lib.desc.version,
@@ -60,7 +60,8 @@ pub fn render(routes: &[RouteStatus]) -> String {
                 v.instance.live.load(std::sync::atomic::Ordering::Relaxed),
                 lib.hash,
                 lib.source.display(),
-                if lib.may_block() { "  [may block]" } else { "" }
+                if lib.may_block() { "  [may block]" } else { "" },
+                v.instance.handover_note()
             );
         }
     }

@@ -258,6 +258,18 @@ impl Timers {
         self.abort_all(&ids);
     }
 
+    /// The connection moved to another handler version (handover): the old
+    /// version's pending and fired timers for it are dropped, so none fires
+    /// into the new version; the new version may set its own.
+    pub fn moved(&self, shared: &ConnShared) {
+        let ids = {
+            let mut mine = lock(shared);
+            mine.fired.clear();
+            std::mem::take(&mut mine.ids)
+        };
+        self.abort_all(&ids);
+    }
+
     /// Drops the instance timers of a destroyed instance.
     pub fn drop_instance(&self, ctx: &HostCtx) {
         let ids = std::mem::take(&mut *lock_ids(ctx));

@@ -40,6 +40,7 @@ pub fn built_handlers() -> &'static Path {
                 "origin-check-handler",
             ])
             .args(["-p", "testkit-handler", "-p", "blocking-handler"])
+            .args(["-p", "counter-handler"])
             .status()
             .expect("run cargo build for the handlers");
         assert!(status.success(), "building the example handlers failed");

@@ -5,6 +5,7 @@ mod cluster;
 mod common;
 mod faults;
 mod fuzz;
+mod handover;
 mod install;
 mod lifecycle;
 mod metrics;

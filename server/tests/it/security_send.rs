@@ -155,7 +155,7 @@ static int32_t on_message(void *handler, void *state, wshd_conn_id conn, uint32_
 static const wshd_descriptor DESCRIPTOR = {
     WSHD_MAGIC, WSHD_ABI_MAJOR, DECLARED_MINOR, sizeof(wshd_descriptor), 0u,
     {HNAME, sizeof(HNAME) - 1}, {"1.0.0", 5}, {"security_send test", 18},
-    init, NULL, NULL, on_message, NULL, NULL, NULL,
+    init, NULL, NULL, on_message, NULL, NULL, NULL, NULL, NULL,
 };
 
 const wshd_descriptor *wshd_entry_v1(void) { return &DESCRIPTOR; }
