@@ -19,6 +19,7 @@ use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
+use crate::tls::Pki;
 
 /// A free loopback TCP port (bound, read, released).
 fn free_port() -> u16 {
@@ -60,7 +61,7 @@ impl Redis {
     /// a password if `pass` is given.
     async fn start_tls(pki: &Pki, pass: Option<&str>) -> Redis {
         let port = free_port();
-        let path = |n: &str| pki.dir.path().join(n).display().to_string();
+        let path = |n: &str| pki.path(n).display().to_string();
         let mut args: Vec<String> = vec![
             "--port".into(),
             "0".into(),
@@ -122,38 +123,13 @@ impl Drop for Redis {
     }
 }
 
-/// A test CA and the certificate it signs for Redis (localhost and
-/// 127.0.0.1), as ca.pem, cert.pem and key.pem in a temp dir.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
-        Pki { dir }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
+/// A test CA with a certificate for Redis (localhost and 127.0.0.1) as
+/// ca.pem, cert.pem and key.pem: the TLS tests' PKI.
+fn redis_pki(name: &str) -> Pki {
+    let pki = Pki::new(name);
+    let leaf = pki.server();
+    pki.install(&leaf.cert_pem, &leaf.key_pem);
+    pki
 }
 
 /// A node's config: fast reloads, fast count heartbeats.
@@ -466,13 +442,13 @@ fn check_config(cfg: &Path, handlers: &Path) -> (Option<i32>, String) {
 /// a hint at tls_ca.
 #[tokio::test(flavor = "multi_thread")]
 async fn check_config_accepts_rediss_with_a_ca_relative_to_the_config() {
-    let pki = Pki::new("redis test CA");
-    let other = Pki::new("another CA");
+    let pki = redis_pki("redis test CA");
+    let other = redis_pki("another CA");
     let redis = Redis::start_tls(&pki, Some("s3cret")).await;
     let dir = chat_dir();
     let cfg_dir = tempfile::tempdir().unwrap();
-    std::fs::copy(pki.ca(), cfg_dir.path().join("ca.pem")).unwrap();
-    std::fs::copy(other.ca(), cfg_dir.path().join("other.pem")).unwrap();
+    std::fs::copy(pki.path("ca.pem"), cfg_dir.path().join("ca.pem")).unwrap();
+    std::fs::copy(other.path("ca.pem"), cfg_dir.path().join("other.pem")).unwrap();
     let body = |ca: &str| {
         format!(
             "[cluster]\nredis = \"rediss://:s3cret@127.0.0.1:{}\"\ntls_ca = \"{ca}\"\n",
@@ -504,13 +480,17 @@ async fn check_config_accepts_rediss_with_a_ca_relative_to_the_config() {
 /// (rediss://:password@ and tls_ca), both ways, each message once.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_share_a_room_over_rediss_with_a_password() {
-    let pki = Pki::new("redis test CA");
+    let pki = redis_pki("redis test CA");
     let redis = Redis::start_tls(&pki, Some("s3cret")).await;
     let url = format!("rediss://:s3cret@127.0.0.1:{}", redis.port);
     let dir = chat_dir();
     let mut nodes = Vec::new();
     for id in ["n1", "n2"] {
-        let n = Wshd::with_config(dir.path(), &tls_node_config(&url, id, &pki.ca()), &[]);
+        let n = Wshd::with_config(
+            dir.path(),
+            &tls_node_config(&url, id, &pki.path("ca.pem")),
+            &[],
+        );
         let log = n.wait_log("cross-node delivery is up").await;
         assert!(
             log.contains("rediss://:***@127.0.0.1") && !log.contains("s3cret"),
@@ -539,15 +519,23 @@ async fn two_nodes_share_a_room_over_rediss_with_a_password() {
 /// on the same Redis is up (the failure is the certificate, not Redis).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_with_the_wrong_tls_ca_says_so_and_keeps_local_chat() {
-    let pki = Pki::new("redis test CA");
-    let other = Pki::new("another CA");
+    let pki = redis_pki("redis test CA");
+    let other = redis_pki("another CA");
     let redis = Redis::start_tls(&pki, None).await;
     let url = format!("rediss://127.0.0.1:{}", redis.port);
     let dir = chat_dir();
-    let good = Wshd::with_config(dir.path(), &tls_node_config(&url, "good", &pki.ca()), &[]);
+    let good = Wshd::with_config(
+        dir.path(),
+        &tls_node_config(&url, "good", &pki.path("ca.pem")),
+        &[],
+    );
     good.wait_log("cross-node delivery is up").await;
     drop(good);
-    let bad = Wshd::with_config(dir.path(), &tls_node_config(&url, "bad", &other.ca()), &[]);
+    let bad = Wshd::with_config(
+        dir.path(),
+        &tls_node_config(&url, "bad", &other.path("ca.pem")),
+        &[],
+    );
     let log = bad.wait_log("cross-node delivery is down").await;
     assert!(log.contains("check that [cluster] tls_ca"), "{log}");
     assert!(!log.contains("cross-node delivery is up"), "{log}");

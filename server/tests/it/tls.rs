@@ -31,20 +31,20 @@ use crate::common::*;
 type Wss = WebSocketStream<TlsStream<TcpStream>>;
 
 /// A test CA and what it signs, written as PEM files in a temp dir.
-struct Pki {
+pub(crate) struct Pki {
     dir: tempfile::TempDir,
     ca: CertifiedIssuer<'static, KeyPair>,
 }
 
 /// A certificate and its key, PEM and DER.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
+pub(crate) struct Leaf {
+    pub(crate) cert_pem: String,
+    pub(crate) key_pem: String,
     der: CertificateDer<'static>,
 }
 
 impl Pki {
-    fn new(name: &str) -> Pki {
+    pub(crate) fn new(name: &str) -> Pki {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.distinguished_name.push(DnType::CommonName, name);
@@ -58,12 +58,12 @@ impl Pki {
         Pki { dir, ca }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
     /// A server certificate for localhost and 127.0.0.1.
-    fn server(&self) -> Leaf {
+    pub(crate) fn server(&self) -> Leaf {
         let p =
             CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
         self.sign(p)
@@ -91,7 +91,7 @@ impl Pki {
 
     /// Installs `cert` and `key` as cert.pem / key.pem, each replaced by a
     /// rename as certbot does.
-    fn install(&self, cert: &str, key: &str) {
+    pub(crate) fn install(&self, cert: &str, key: &str) {
         for (name, body) in [("key.pem", key), ("cert.pem", cert)] {
             let tmp = self.path(&format!(".{name}.tmp"));
             std::fs::write(&tmp, body).unwrap();
