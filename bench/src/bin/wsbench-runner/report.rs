@@ -15,6 +15,9 @@ use crate::results::{Results, Stat};
 /// Marks the reload section, which regeneration keeps as it finds it.
 const RELOAD_BEGIN: &str = "<!-- reload-bench:begin -->";
 const RELOAD_END: &str = "<!-- reload-bench:end -->";
+/// Marks the cross-node section (`bench/cluster.sh`), kept the same way.
+const CLUSTER_BEGIN: &str = "<!-- cluster-bench:begin -->";
+const CLUSTER_END: &str = "<!-- cluster-bench:end -->";
 
 /// What the report says about where and with what it ran.
 #[derive(Debug, Default)]
@@ -213,6 +216,16 @@ pub fn render(input: &ReportInput<'_>, previous: Option<&str>) -> String {
     out.push_str(&reload_section(previous));
     out.push_str("\n\n");
 
+    let _ = writeln!(out, "## Across nodes (Redis)\n");
+    out.push_str(&kept_section(
+        previous,
+        CLUSTER_BEGIN,
+        CLUSTER_END,
+        "TODO: measured by `bench/cluster.sh`, pending. Cross-node fan-out through Redis goes \
+         here; the runner keeps whatever stands between these markers.",
+    ));
+    out.push_str("\n\n");
+
     if !input.unavailable.is_empty() {
         let _ = writeln!(out, "## Peers not measured\n");
         for (peer, why) in input.unavailable {
@@ -226,19 +239,26 @@ pub fn render(input: &ReportInput<'_>, previous: Option<&str>) -> String {
 
 /// The reload section from a previous report, or the pending placeholder.
 fn reload_section(previous: Option<&str>) -> String {
-    if let Some(text) = previous
-        && let (Some(begin), Some(end)) = (text.find(RELOAD_BEGIN), text.find(RELOAD_END))
-        && begin < end
-    {
-        return text[begin..end + RELOAD_END.len()].to_owned();
-    }
-    format!(
-        "{RELOAD_BEGIN}\n\
-         TODO: measured by the reload bench, pending. Reload latency and dropped connections or \
+    kept_section(
+        previous,
+        RELOAD_BEGIN,
+        RELOAD_END,
+        "TODO: measured by the reload bench, pending. Reload latency and dropped connections or \
          messages during 100 handler reloads under echo load go here; the runner keeps whatever \
-         stands between these markers when it regenerates this file.\n\
-         {RELOAD_END}"
+         stands between these markers when it regenerates this file.",
     )
+}
+
+/// The section between `begin` and `end` in a previous report (written by
+/// another tool), or `placeholder` between fresh markers.
+fn kept_section(previous: Option<&str>, begin: &str, end: &str, placeholder: &str) -> String {
+    if let Some(text) = previous
+        && let (Some(b), Some(e)) = (text.find(begin), text.find(end))
+        && b < e
+    {
+        return text[b..e + end.len()].to_owned();
+    }
+    format!("{begin}\n{placeholder}\n{end}")
 }
 
 /// A target from the issue, stated as a bound on one figure.
@@ -472,6 +492,19 @@ mod tests {
         assert_eq!(
             reload_section(Some(&filled)),
             format!("{RELOAD_BEGIN}\nreload p99 3 ms\n{RELOAD_END}")
+        );
+    }
+
+    #[test]
+    fn the_cluster_section_survives_regeneration() {
+        let filled = format!("x\n{CLUSTER_BEGIN}\ncross-node p50 1 ms\n{CLUSTER_END}\ny");
+        assert_eq!(
+            kept_section(Some(&filled), CLUSTER_BEGIN, CLUSTER_END, "pending"),
+            format!("{CLUSTER_BEGIN}\ncross-node p50 1 ms\n{CLUSTER_END}")
+        );
+        assert_eq!(
+            kept_section(None, CLUSTER_BEGIN, CLUSTER_END, "pending"),
+            format!("{CLUSTER_BEGIN}\npending\n{CLUSTER_END}")
         );
     }
 
