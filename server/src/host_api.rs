@@ -650,7 +650,26 @@ unsafe extern "C" fn host_send(
 
 /// A text or binary message holding `data`: a slice of the inbound message
 /// when `data` lies inside it, otherwise one copy. Text must be UTF-8.
+///
+/// With `WSHD_SEND_NO_COMPRESS` in `kind`, the message is a ready frame
+/// (`Message::Frame`), which the connection writes as it is: never
+/// compressed (ws.rs).
 fn message(kind: u32, data: &[u8]) -> Result<Message, i32> {
+    if kind & WSHD_SEND_NO_COMPRESS != 0 {
+        use tungstenite::protocol::frame::Frame;
+        use tungstenite::protocol::frame::coding::{Data, OpCode};
+        let op = if kind & !WSHD_SEND_NO_COMPRESS == WSHD_MSG_TEXT {
+            Data::Text
+        } else {
+            Data::Binary
+        };
+        let msg = message(kind & !WSHD_SEND_NO_COMPRESS, data)?;
+        return Ok(Message::Frame(Frame::message(
+            msg.into_data(),
+            OpCode::Data(op),
+            true,
+        )));
+    }
     if kind != WSHD_MSG_TEXT && kind != WSHD_MSG_BINARY {
         return Err(WSHD_ERR_INVALID);
     }

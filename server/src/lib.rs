@@ -58,6 +58,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod crash;
+pub mod deflate;
 pub mod elf;
 pub mod error;
 pub mod handshake;
