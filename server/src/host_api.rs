@@ -1059,6 +1059,34 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, target: wshd_str, ms
 mod tests {
     use super::*;
 
+    #[test]
+    fn no_compress_flag_makes_a_ready_frame() {
+        use tungstenite::protocol::frame::coding::{Data, OpCode};
+        let m = message(WSHD_MSG_TEXT | WSHD_SEND_NO_COMPRESS, b"secret").unwrap();
+        let Message::Frame(f) = m else {
+            panic!("not a ready frame: {m:?}")
+        };
+        assert_eq!(f.header().opcode, OpCode::Data(Data::Text));
+        assert!(f.header().is_final && !f.header().rsv1);
+        assert_eq!(&f.payload()[..], b"secret");
+        let m = message(WSHD_MSG_BINARY | WSHD_SEND_NO_COMPRESS, &[1, 2]).unwrap();
+        assert!(matches!(m, Message::Frame(f) if f.header().opcode == OpCode::Data(Data::Binary)));
+        // The flag does not excuse a bad kind or bad text.
+        assert_eq!(
+            message(7 | WSHD_SEND_NO_COMPRESS, b"x").unwrap_err(),
+            WSHD_ERR_INVALID
+        );
+        assert_eq!(
+            message(WSHD_MSG_TEXT | WSHD_SEND_NO_COMPRESS, &[0xff]).unwrap_err(),
+            WSHD_ERR_INVALID
+        );
+        // Without it, plain messages (compressible on a deflate connection).
+        assert!(matches!(
+            message(WSHD_MSG_TEXT, b"x").unwrap(),
+            Message::Text(_)
+        ));
+    }
+
     fn api(conns: &Arc<Connections>) -> &'static HostApiBox {
         new_host_api(7, "t".into(), "/t".into(), conns.clone())
     }

@@ -565,3 +565,32 @@ impl WsConn {
         self.flush().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    #[test]
+    fn data_is_compressed_unless_marked_or_short() {
+        let text = "{\"k\":\"v\"},".repeat(100);
+        let Message::Frame(f) = compressed(Message::text(text.clone()), 15) else {
+            panic!("not compressed")
+        };
+        assert!(f.header().rsv1 && f.header().is_final);
+        assert_eq!(f.header().opcode, OpCode::Data(Data::Text));
+        assert!(f.payload().len() < text.len() / 4);
+        // A handler's WSHD_SEND_NO_COMPRESS send (a ready frame) and short
+        // messages stay as they are.
+        let ready = Frame::message(bytes::Bytes::from(text), OpCode::Data(Data::Text), true);
+        let Message::Frame(f) = compressed(Message::Frame(ready), 15) else {
+            panic!("changed")
+        };
+        assert!(!f.header().rsv1);
+        assert!(matches!(
+            compressed(Message::text("short"), 15),
+            Message::Text(_)
+        ));
+    }
+}
