@@ -234,10 +234,10 @@ pub fn encode(node_id: &[u8], msg: &Message) -> Option<Vec<u8>> {
         Message::Frame(f) => match f.header().opcode {
             tungstenite::protocol::frame::coding::OpCode::Data(
                 tungstenite::protocol::frame::coding::Data::Text,
-            ) => (KIND_TEXT, f.payload().as_ref()),
+            ) => (KIND_TEXT, f.payload()),
             tungstenite::protocol::frame::coding::OpCode::Data(
                 tungstenite::protocol::frame::coding::Data::Binary,
-            ) => (KIND_BINARY, f.payload().as_ref()),
+            ) => (KIND_BINARY, f.payload()),
             _ => return None,
         },
         _ => return None,

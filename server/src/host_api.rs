@@ -1068,7 +1068,7 @@ mod tests {
         };
         assert_eq!(f.header().opcode, OpCode::Data(Data::Text));
         assert!(f.header().is_final && !f.header().rsv1);
-        assert_eq!(&f.payload()[..], b"secret");
+        assert_eq!(f.payload(), b"secret");
         let m = message(WSHD_MSG_BINARY | WSHD_SEND_NO_COMPRESS, &[1, 2]).unwrap();
         assert!(matches!(m, Message::Frame(f) if f.header().opcode == OpCode::Data(Data::Binary)));
         // The flag does not excuse a bad kind or bad text.
