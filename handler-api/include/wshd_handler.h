@@ -141,6 +141,9 @@ enum {
 };
 
 enum { WSHD_MSG_TEXT = 1, WSHD_MSG_BINARY = 2 };
+/* OR into the kind of send/broadcast/publish: never compress this message
+   (permessage-deflate). Older hosts refuse it with WSHD_ERR_INVALID. */
+enum { WSHD_SEND_NO_COMPRESS = 1 << 8 };
 
 enum {
   WSHD_LOG_ERROR = 1,

@@ -51,6 +51,13 @@ pub const WSHD_ERR_HANDLER: i32 = -101;
 pub const WSHD_MSG_TEXT: u32 = 1;
 /// Message kind: binary.
 pub const WSHD_MSG_BINARY: u32 = 2;
+/// Send flag, OR-ed into the `kind` of `send`, `broadcast` and `publish`:
+/// never compress this message, even on a connection that negotiated
+/// permessage-deflate (data that is already compressed, or secrets that
+/// must not share a compressed frame with attacker-chosen text). Hosts
+/// before it refuse the flag with `WSHD_ERR_INVALID`; a handler can resend
+/// without it.
+pub const WSHD_SEND_NO_COMPRESS: u32 = 1 << 8;
 
 /// Log level: error.
 pub const WSHD_LOG_ERROR: u32 = 1;

@@ -218,6 +218,22 @@ impl Conn {
         SendError::check(self.api.send(self.id, WSHD_MSG_BINARY, data))
     }
 
+    /// Queues a text or binary message that is never compressed, even when
+    /// the connection negotiated permessage-deflate: for data that is
+    /// already compressed, or secrets that must not share a compressed
+    /// message with text an attacker chose. On a host that predates the
+    /// flag it fails with `SendError::Invalid`-like status; send plainly then.
+    pub fn send_uncompressed(&self, msg: Message<'_>) -> Result<(), SendError> {
+        let (kind, data) = match msg {
+            Message::Text(text) => (WSHD_MSG_TEXT, text.as_bytes()),
+            Message::Binary(data) => (WSHD_MSG_BINARY, data),
+        };
+        SendError::check(
+            self.api
+                .send(self.id, kind | crate::abi::WSHD_SEND_NO_COMPRESS, data),
+        )
+    }
+
     /// Queues a ping with at most 125 bytes of payload.
     pub fn ping(&self, payload: &[u8]) -> Result<(), SendError> {
         SendError::check(self.api.ping(self.id, payload))

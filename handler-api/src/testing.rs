@@ -342,7 +342,7 @@ unsafe extern "C" fn fake_send(
     let (rec, data) = unsafe { (recorder(ctx), glue::bytes(data, len)) };
     let mut r = rec.lock();
     status(rec.usable(&r, conn).and_then(|()| {
-        let msg = match kind {
+        let msg = match kind & !crate::abi::WSHD_SEND_NO_COMPRESS {
             WSHD_MSG_TEXT => Sent::Text(
                 std::str::from_utf8(data)
                     .map_err(|_| WSHD_ERR_INVALID)?
@@ -372,6 +372,7 @@ unsafe extern "C" fn fake_broadcast(
     if rec.revoked.load(Ordering::Acquire) {
         return WSHD_ERR_REVOKED;
     }
+    let kind = kind & !crate::abi::WSHD_SEND_NO_COMPRESS;
     let text = kind == WSHD_MSG_TEXT && std::str::from_utf8(payload).is_ok();
     if !text && kind != WSHD_MSG_BINARY {
         return WSHD_ERR_INVALID;
@@ -481,6 +482,7 @@ unsafe extern "C" fn fake_publish(
     };
     // SAFETY: borrowed for the call.
     let payload = unsafe { glue::bytes(data, len) };
+    let kind = kind & !crate::abi::WSHD_SEND_NO_COMPRESS;
     let text = kind == WSHD_MSG_TEXT && std::str::from_utf8(payload).is_ok();
     if !text && kind != WSHD_MSG_BINARY {
         return WSHD_ERR_INVALID.into();

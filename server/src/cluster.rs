@@ -355,6 +355,17 @@ pub fn encode(node_id: &[u8], msg: &Message) -> Option<Vec<u8>> {
     let (kind, payload): (u8, &[u8]) = match msg {
         Message::Text(t) => (KIND_TEXT, t.as_bytes()),
         Message::Binary(b) => (KIND_BINARY, b),
+        // A "do not compress" send (host_api.rs): relayed as a plain
+        // message, since the envelope has no flag for it.
+        Message::Frame(f) => match f.header().opcode {
+            tungstenite::protocol::frame::coding::OpCode::Data(
+                tungstenite::protocol::frame::coding::Data::Text,
+            ) => (KIND_TEXT, f.payload()),
+            tungstenite::protocol::frame::coding::OpCode::Data(
+                tungstenite::protocol::frame::coding::Data::Binary,
+            ) => (KIND_BINARY, f.payload()),
+            _ => return None,
+        },
         _ => return None,
     };
     let mut out = Vec::with_capacity(3 + node_id.len() + payload.len());

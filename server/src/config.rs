@@ -346,6 +346,20 @@ pub struct RawRoute {
     /// The only handler bytes this route may load: lowercase hex SHA-256
     /// of the file (`wshd --list` prints it).
     pub sha256: Option<Spanned<Sha256Pin>>,
+    /// permessage-deflate on this route: `"off"` (the default) or `"on"`.
+    pub compression: Option<Compression>,
+}
+
+/// A route's `compression`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Never negotiate permessage-deflate.
+    #[default]
+    Off,
+    /// Accept a client's permessage-deflate offer (RFC 7692), always with
+    /// no context takeover (deflate.rs).
+    On,
 }
 
 /// `[rollout]` and `[route.rollout]`: every field optional so a route can
@@ -462,6 +476,8 @@ pub struct Limits {
     /// A connection from which nothing (pongs included) arrived for this
     /// long is closed with 1001 "idle timeout".
     pub idle_timeout: Duration,
+    /// permessage-deflate: set per route (`[[route]] compression`).
+    pub compression: Compression,
 }
 
 impl Default for Limits {
@@ -486,6 +502,7 @@ impl Default for Limits {
             message_timeout: Duration::from_secs(30),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
+            compression: Compression::Off,
         }
     }
 }

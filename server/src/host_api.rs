@@ -373,7 +373,26 @@ unsafe extern "C" fn host_send(
 
 /// A text or binary message holding `data`: a slice of the inbound message
 /// when `data` lies inside it, otherwise one copy. Text must be UTF-8.
+///
+/// With `WSHD_SEND_NO_COMPRESS` in `kind`, the message is a ready frame
+/// (`Message::Frame`), which the connection writes as it is: never
+/// compressed (ws.rs).
 fn message(kind: u32, data: &[u8]) -> Result<Message, i32> {
+    if kind & WSHD_SEND_NO_COMPRESS != 0 {
+        use tungstenite::protocol::frame::Frame;
+        use tungstenite::protocol::frame::coding::{Data, OpCode};
+        let op = if kind & !WSHD_SEND_NO_COMPRESS == WSHD_MSG_TEXT {
+            Data::Text
+        } else {
+            Data::Binary
+        };
+        let msg = message(kind & !WSHD_SEND_NO_COMPRESS, data)?;
+        return Ok(Message::Frame(Frame::message(
+            msg.into_data(),
+            OpCode::Data(op),
+            true,
+        )));
+    }
     if kind != WSHD_MSG_TEXT && kind != WSHD_MSG_BINARY {
         return Err(WSHD_ERR_INVALID);
     }
@@ -762,6 +781,34 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, target: wshd_str, ms
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_compress_flag_makes_a_ready_frame() {
+        use tungstenite::protocol::frame::coding::{Data, OpCode};
+        let m = message(WSHD_MSG_TEXT | WSHD_SEND_NO_COMPRESS, b"secret").unwrap();
+        let Message::Frame(f) = m else {
+            panic!("not a ready frame: {m:?}")
+        };
+        assert_eq!(f.header().opcode, OpCode::Data(Data::Text));
+        assert!(f.header().is_final && !f.header().rsv1);
+        assert_eq!(f.payload(), b"secret");
+        let m = message(WSHD_MSG_BINARY | WSHD_SEND_NO_COMPRESS, &[1, 2]).unwrap();
+        assert!(matches!(m, Message::Frame(f) if f.header().opcode == OpCode::Data(Data::Binary)));
+        // The flag does not excuse a bad kind or bad text.
+        assert_eq!(
+            message(7 | WSHD_SEND_NO_COMPRESS, b"x").unwrap_err(),
+            WSHD_ERR_INVALID
+        );
+        assert_eq!(
+            message(WSHD_MSG_TEXT | WSHD_SEND_NO_COMPRESS, &[0xff]).unwrap_err(),
+            WSHD_ERR_INVALID
+        );
+        // Without it, plain messages (compressible on a deflate connection).
+        assert!(matches!(
+            message(WSHD_MSG_TEXT, b"x").unwrap(),
+            Message::Text(_)
+        ));
+    }
 
     fn api(conns: &Arc<Connections>) -> &'static HostApiBox {
         new_host_api(7, "t".into(), "/t".into(), conns.clone())

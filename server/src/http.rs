@@ -317,6 +317,24 @@ async fn respond(
         }
     }
 
+    // permessage-deflate (deflate.rs), where the route allows it and the
+    // client offers it.
+    let deflate = match route.limits.compression {
+        crate::config::Compression::On => crate::deflate::negotiate(
+            headers
+                .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        ),
+        crate::config::Compression::Off => None,
+    };
+    if let Some(p) = &deflate {
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_str(&p.response()).expect("ASCII"),
+        );
+    }
+
     let on_upgrade = hyper::upgrade::on(&mut req);
     // on_open before the 101 goes out: see `session::Opening`.
     let opening = session::open(
@@ -360,7 +378,7 @@ async fn respond(
                 // for the connection's life.
                 let early = (!parts.read_buf.is_empty()).then(|| parts.read_buf.to_vec());
                 drop(parts.read_buf);
-                let ws = crate::ws::WsConn::new(stream, early, ws_config);
+                let ws = crate::ws::WsConn::with_deflate(stream, early, ws_config, deflate);
                 opening.run(ws).await;
             }
             Err(e) => {

@@ -21,7 +21,9 @@
 //! * [`write_deadline`]: ends an HTTP connection whose peer stops reading.
 //! * [`session`]: one WebSocket connection's loop, close handshake and access
 //!   line; [`ws`]: its socket; [`budget`]: the server-wide budget for
-//!   unfinished incoming messages.
+//!   unfinished incoming messages; [`deflate`]: permessage-deflate
+//!   (RFC 7692) negotiation and the inflating transcoder in front of
+//!   tungstenite.
 //! * [`routing`]: the route table, swapped atomically on reload.
 //! * [`registry`]: loaded versions and instances; reconciles the handler
 //!   directory and config into a new route table.
@@ -58,6 +60,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod crash;
+pub mod deflate;
 pub mod elf;
 pub mod error;
 pub mod handshake;

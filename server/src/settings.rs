@@ -268,7 +268,10 @@ impl Settings {
                         column,
                     }),
                     allowed_origins: r.allowed_origins.clone(),
-                    limits: limits.overlay(&r.limits),
+                    limits: crate::config::Limits {
+                        compression: r.compression.unwrap_or_default(),
+                        ..limits.overlay(&r.limits)
+                    },
                     config_text,
                     rollout: rollout.overlay(&r.rollout),
                     sha256: r.sha256.as_ref().map(|p| p.get_ref().0.clone()),

@@ -40,6 +40,7 @@ use tungstenite::error::Error as WsError;
 use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
 
 use crate::budget::{FrameTracker, Meter};
+use crate::deflate::{Inflow, Params};
 
 /// An accepted connection: plain TCP or TLS over TCP. The TLS state is
 /// boxed (it is over a kilobyte), so a plain connection stays small.
@@ -132,6 +133,16 @@ pub struct WsConn {
     heard: bool,
     /// Since when output tungstenite holds could not be written.
     blocked_since: Option<Instant>,
+    /// permessage-deflate, when negotiated (deflate.rs). Boxed: most
+    /// connections do without.
+    deflate: Option<Box<Deflate>>,
+}
+
+/// A connection's permessage-deflate side.
+#[derive(Debug)]
+struct Deflate {
+    params: Params,
+    inflow: Inflow,
 }
 
 /// Why [`WsConn::next`] failed.
@@ -152,6 +163,8 @@ struct Io<'a, 'b> {
     cx: &'a mut Context<'b>,
     tracker: &'a mut FrameTracker,
     heard: &'a mut bool,
+    /// Inflates compressed messages before tungstenite reads them.
+    inflow: Option<&'a mut Inflow>,
     /// How the last write call went: `Some(true)` if it would have blocked.
     /// tungstenite writes its buffer until it is empty or a write blocks, so
     /// the last call tells whether output is left over.
@@ -160,19 +173,36 @@ struct Io<'a, 'b> {
 
 impl Read for Io<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut buf = ReadBuf::new(buf);
-        match Pin::new(&mut *self.io).poll_read(self.cx, &mut buf) {
-            Poll::Ready(Ok(())) => {
-                let got = buf.filled();
-                if !got.is_empty() {
-                    *self.heard = true;
-                    self.tracker.feed(got);
-                }
-                Ok(got.len())
+        let (io, cx, heard) = (&mut *self.io, &mut *self.cx, &mut *self.heard);
+        let mut src = |b: &mut [u8]| raw_read(io, cx, heard, b);
+        let n = match self.inflow.as_deref_mut() {
+            None => src(buf)?,
+            Some(inflow) => inflow.read(buf, &mut src)?,
+        };
+        // What tungstenite gets: with permessage-deflate, inflated frames.
+        self.tracker.feed(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// One read from the socket; `Pending` becomes `WouldBlock`.
+fn raw_read(
+    io: &mut Stream,
+    cx: &mut Context<'_>,
+    heard: &mut bool,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let mut buf = ReadBuf::new(buf);
+    match Pin::new(io).poll_read(cx, &mut buf) {
+        Poll::Ready(Ok(())) => {
+            let n = buf.filled().len();
+            if n > 0 {
+                *heard = true;
             }
-            Poll::Ready(Err(e)) => Err(e),
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+            Ok(n)
         }
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
     }
 }
 
@@ -210,6 +240,27 @@ impl Write for Io<'_, '_> {
     }
 }
 
+/// A text or binary message as one compressed (RSV1) frame, when that makes
+/// it smaller; anything else as it is. A handler's "do not compress" sends
+/// arrive as ready frames (`Message::Frame`) and pass unchanged.
+fn compressed(msg: Message, bits: u8) -> Message {
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let (op, data) = match &msg {
+        Message::Text(t) => (Data::Text, bytes::Bytes::from(t.clone())),
+        Message::Binary(b) => (Data::Binary, b.clone()),
+        _ => return msg,
+    };
+    match crate::deflate::compress(&data, bits) {
+        Some(z) => {
+            let mut f = Frame::message(z, OpCode::Data(op), true);
+            f.header_mut().rsv1 = true;
+            Message::Frame(f)
+        }
+        None => msg,
+    }
+}
+
 /// `WouldBlock` means "woken later": the context was registered.
 fn pending_on_block<T>(r: Result<T, WsError>) -> Poll<Result<T, WsError>> {
     match r {
@@ -222,6 +273,24 @@ impl WsConn {
     /// Wraps an upgraded socket. `early` holds bytes the client sent right
     /// after its handshake request, which the HTTP layer already read.
     pub fn new(io: Stream, early: Option<Vec<u8>>, config: WebSocketConfig) -> WsConn {
+        WsConn::with_deflate(io, early, config, None)
+    }
+
+    /// [`WsConn::new`], with permessage-deflate when `deflate` is given.
+    pub fn with_deflate(
+        io: Stream,
+        mut early: Option<Vec<u8>>,
+        config: WebSocketConfig,
+        deflate: Option<Params>,
+    ) -> WsConn {
+        // Early bytes may hold compressed frames: they go through the
+        // inflater like the rest.
+        let deflate = deflate.map(|params| {
+            Box::new(Deflate {
+                params,
+                inflow: Inflow::new(config.max_frame_size.unwrap_or(usize::MAX), early.take()),
+            })
+        });
         let mut tracker = FrameTracker::default();
         let ctx = match early {
             Some(part) => {
@@ -240,7 +309,13 @@ impl WsConn {
             unfinished_since: None,
             heard: false,
             blocked_since: None,
+            deflate,
         }
+    }
+
+    /// Whether permessage-deflate is in effect.
+    pub fn compressed(&self) -> bool {
+        self.deflate.is_some()
     }
 
     /// Counts this connection's unfinished messages against the server's
@@ -301,6 +376,7 @@ impl WsConn {
             cx,
             tracker: &mut self.tracker,
             heard: &mut self.heard,
+            inflow: self.deflate.as_deref_mut().map(|d| &mut d.inflow),
             last_write_blocked: None,
         };
         // Output is waiting for the peer: write it before reading more.
@@ -322,6 +398,7 @@ impl WsConn {
             cx,
             tracker: &mut self.tracker,
             heard: &mut self.heard,
+            inflow: self.deflate.as_deref_mut().map(|d| &mut d.inflow),
             last_write_blocked: None,
         };
         let r = self.ctx.read(io);
@@ -386,6 +463,7 @@ impl WsConn {
             WebSocketContext::new(Role::Server, Some(empty)),
         ));
         self.ended = true;
+        self.deflate = None;
         self.tracker = FrameTracker::default();
         self.unfinished_since = None;
         // Gives the bytes back to the budget and leaves it.
@@ -425,6 +503,10 @@ impl WsConn {
         if !self.ready {
             self.flush().await?;
         }
+        let msg = match &self.deflate {
+            Some(d) => compressed(msg, d.params.server_max_window_bits),
+            None => msg,
+        };
         let mut msg = Some(msg);
         std::future::poll_fn(|cx| {
             let io = &mut Io {
@@ -432,6 +514,7 @@ impl WsConn {
                 cx,
                 tracker: &mut self.tracker,
                 heard: &mut self.heard,
+                inflow: self.deflate.as_deref_mut().map(|d| &mut d.inflow),
                 last_write_blocked: None,
             };
             let msg = msg.take().expect("polled once");
@@ -459,6 +542,7 @@ impl WsConn {
                 cx,
                 tracker: &mut self.tracker,
                 heard: &mut self.heard,
+                inflow: self.deflate.as_deref_mut().map(|d| &mut d.inflow),
                 last_write_blocked: None,
             };
             let r = self.ctx.flush(io);
@@ -479,5 +563,34 @@ impl WsConn {
     pub async fn send(&mut self, msg: Message) -> Result<(), WsError> {
         self.feed(msg).await?;
         self.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    #[test]
+    fn data_is_compressed_unless_marked_or_short() {
+        let text = "{\"k\":\"v\"},".repeat(100);
+        let Message::Frame(f) = compressed(Message::text(text.clone()), 15) else {
+            panic!("not compressed")
+        };
+        assert!(f.header().rsv1 && f.header().is_final);
+        assert_eq!(f.header().opcode, OpCode::Data(Data::Text));
+        assert!(f.payload().len() < text.len() / 4);
+        // A handler's WSHD_SEND_NO_COMPRESS send (a ready frame) and short
+        // messages stay as they are.
+        let ready = Frame::message(bytes::Bytes::from(text), OpCode::Data(Data::Text), true);
+        let Message::Frame(f) = compressed(Message::Frame(ready), 15) else {
+            panic!("changed")
+        };
+        assert!(!f.header().rsv1);
+        assert!(matches!(
+            compressed(Message::text("short"), 15),
+            Message::Text(_)
+        ));
     }
 }

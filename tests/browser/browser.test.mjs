@@ -386,3 +386,28 @@ test('wss: a page served over https echoes through wss://', async () => {
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('permessage-deflate: Chromium negotiates it on a route with compression = "on" and echoes through it', async () => {
+  const config = configToml() + '\n[[route]]\npath = "/echo"\nhandler = "echo"\ncompression = "on"\n';
+  const server = await startWshd({ config, docRoot: WWW });
+  try {
+    const page = await newPage();
+    await page.goto(`${server.httpUrl}/index.html`);
+    const got = await page.evaluate(async (url) => {
+      const ws = new WebSocket(url);
+      await new Promise((resolve, reject) => { ws.onopen = resolve; ws.onerror = reject; });
+      const text = JSON.stringify(Array.from({ length: 200 }, (_, i) => ({ id: i, name: `user${i}` })));
+      const echo = new Promise((resolve) => { ws.onmessage = (e) => resolve(e.data); });
+      ws.send(text);
+      const back = await echo;
+      ws.close();
+      return { extensions: ws.extensions, same: back === text };
+    }, server.wsUrl('/echo'));
+    assert.match(got.extensions, /^permessage-deflate/, `extensions: ${got.extensions}`);
+    assert.ok(got.same, 'the compressed echo came back unchanged');
+    await page.close();
+  } finally {
+    await server.stop();
+  }
+  assertNoPageErrors();
+});

@@ -43,6 +43,12 @@ def config_toml(allowed_origins=(ALLOWED_ORIGIN,), subprotocols=("chat.v2", "cha
             f"allowed_origins = {toml_list(allowed_origins)}",
             f"subprotocols = {toml_list(subprotocols)}",
             "",
+            # The echo handler again, with permessage-deflate.
+            "[[route]]",
+            'path = "/echo_deflate"',
+            'handler = "echo"',
+            'compression = "on"',
+            "",
         ]
     )
 

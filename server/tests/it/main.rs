@@ -3,6 +3,7 @@
 
 mod cluster;
 mod common;
+mod compression;
 mod faults;
 mod fuzz;
 mod handover;
