@@ -653,15 +653,30 @@ pub unsafe extern "C" fn t_on_open<H: Handler>(
     }
     let api = inst.host.api;
     let handle = inst.host.conn(conn);
-    let (outcome, state) = match guarded(api, || inst.handler.open(handle)) {
-        // Box of a zero-sized state does not allocate.
+    let outcome = guarded(api, || inst.handler.open(handle));
+    // SAFETY: non-null, the host's slot for this connection's state.
+    let outcome = unsafe { store_state(outcome, out_conn_state) };
+    report::<H>(api, "on_open", Some(conn), outcome)
+}
+
+/// Writes a connection state that `on_open` or `on_import` made into the
+/// host's slot (boxed; a zero-sized state does not allocate), or null when
+/// the callback failed or panicked, and returns the outcome without it.
+///
+/// # Safety
+/// `slot` is non-null and writable: the host's out-pointer for the state.
+unsafe fn store_state<S>(
+    outcome: Result<Result<S, String>, String>,
+    slot: *mut *mut c_void,
+) -> Result<Result<(), String>, String> {
+    let (outcome, state) = match outcome {
         Ok(Ok(state)) => (Ok(Ok(())), Box::into_raw(Box::new(state)).cast()),
         Ok(Err(e)) => (Ok(Err(e)), std::ptr::null_mut()),
         Err(panic) => (Err(panic), std::ptr::null_mut()),
     };
-    // SAFETY: non-null, the host's slot for this connection's state.
-    unsafe { out_conn_state.write(state) };
-    report::<H>(api, "on_open", Some(conn), outcome)
+    // SAFETY: the caller's contract.
+    unsafe { slot.write(state) };
+    outcome
 }
 
 /// `on_message`: one complete message.
@@ -875,13 +890,9 @@ pub unsafe extern "C" fn t_on_import<H: Handover>(
     // SAFETY: the bytes are borrowed for this call.
     let payload = unsafe { bytes(data, len) };
     let handle = inst.host.conn(conn);
-    let (outcome, state) = match guarded(api, || inst.handler.import(handle, payload)) {
-        Ok(Ok(state)) => (Ok(Ok(())), Box::into_raw(Box::new(state)).cast()),
-        Ok(Err(e)) => (Ok(Err(e)), std::ptr::null_mut()),
-        Err(panic) => (Err(panic), std::ptr::null_mut()),
-    };
+    let outcome = guarded(api, || inst.handler.import(handle, payload));
     // SAFETY: non-null, the host's slot for this connection's new state.
-    unsafe { out_conn_state.write(state) };
+    let outcome = unsafe { store_state(outcome, out_conn_state) };
     report::<H>(api, "on_import", Some(conn), outcome)
 }
 
