@@ -496,15 +496,28 @@ unsafe fn topic_call<'a>(ctx: *mut c_void, topic: wshd_str) -> Result<(&'a HostC
     Ok((ctx, crate::topics::topic_name(name)?))
 }
 
+/// [`topic_call`] for a call about one of the caller's connections: also
+/// `Err(WSHD_ERR_CLOSED)` when `conn` is not open or not this instance's.
+///
+/// # Safety
+/// As for [`topic_call`].
+unsafe fn conn_topic_call<'a>(
+    ctx: *mut c_void,
+    conn: wshd_conn_id,
+    topic: wshd_str,
+) -> Result<(&'a HostCtx, Arc<ConnShared>, &'a str), i32> {
+    // SAFETY: the caller's contract.
+    let (ctx, name) = unsafe { topic_call(ctx, topic) }?;
+    let shared = ctx.own_conn(conn).ok_or(WSHD_ERR_CLOSED)?;
+    Ok((ctx, shared, name))
+}
+
 /// `subscribe` (ABI 1.2).
 unsafe extern "C" fn host_subscribe(ctx: *mut c_void, conn: wshd_conn_id, topic: wshd_str) -> i32 {
     // SAFETY: the handler passes back our host_ctx and lends the name.
-    let (ctx, name) = match unsafe { topic_call(ctx, topic) } {
+    let (ctx, shared, name) = match unsafe { conn_topic_call(ctx, conn, topic) } {
         Ok(v) => v,
         Err(rc) => return rc,
-    };
-    let Some(shared) = ctx.own_conn(conn) else {
-        return WSHD_ERR_CLOSED;
     };
     match crate::topics::global().subscribe(conn, &shared, &ctx.route, name) {
         Ok(()) => WSHD_OK,
@@ -519,12 +532,9 @@ unsafe extern "C" fn host_unsubscribe(
     topic: wshd_str,
 ) -> i32 {
     // SAFETY: as in host_subscribe.
-    let (ctx, name) = match unsafe { topic_call(ctx, topic) } {
+    let (_, shared, name) = match unsafe { conn_topic_call(ctx, conn, topic) } {
         Ok(v) => v,
         Err(rc) => return rc,
-    };
-    let Some(shared) = ctx.own_conn(conn) else {
-        return WSHD_ERR_CLOSED;
     };
     crate::topics::global().unsubscribe(&shared, name);
     WSHD_OK
@@ -537,12 +547,9 @@ unsafe extern "C" fn host_is_subscribed(
     topic: wshd_str,
 ) -> i32 {
     // SAFETY: as in host_subscribe.
-    let (ctx, name) = match unsafe { topic_call(ctx, topic) } {
+    let (_, shared, name) = match unsafe { conn_topic_call(ctx, conn, topic) } {
         Ok(v) => v,
         Err(rc) => return rc,
-    };
-    let Some(shared) = ctx.own_conn(conn) else {
-        return WSHD_ERR_CLOSED;
     };
     i32::from(crate::topics::global().is_subscribed(&shared, name))
 }
