@@ -346,8 +346,19 @@ pub fn rss(pid: u32) -> u64 {
 /// itself, e.g. never reads); returns the socket right after the 101, with
 /// no byte of what follows consumed.
 pub async fn raw_upgrade(addr: &str, path: &str) -> tokio::net::TcpStream {
+    raw_upgrade_with(addr, path, "").await.0
+}
+
+/// [`raw_upgrade`] with `extra` request header lines (each ending in
+/// `\r\n`); also returns the 101 response head.
+pub async fn raw_upgrade_with(
+    addr: &str,
+    path: &str,
+    extra: &str,
+) -> (tokio::net::TcpStream, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(upgrade_request(path, "Sec-WebSocket-Version: 13\r\n").as_bytes())
+    let extra = format!("Sec-WebSocket-Version: 13\r\n{extra}");
+    s.write_all(upgrade_request(path, &extra).as_bytes())
         .await
         .unwrap();
     // Read the response head byte by byte, so no frame after it is consumed.
@@ -361,10 +372,7 @@ pub async fn raw_upgrade(addr: &str, path: &str) -> tokio::net::TcpStream {
         assert!(n == 1, "connection closed during the upgrade: {head:?}");
         head.push(b[0]);
     }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    s
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (s, head)
 }

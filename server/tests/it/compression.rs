@@ -15,24 +15,12 @@ const ON: &str = "[[route]]\npath = \"/echo\"\nhandler = \"echo\"\ncompression =
 /// Upgrades with `extensions` offered; returns the socket and the
 /// response head.
 async fn upgrade(srv: &Wshd, path: &str, extensions: &str) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(&srv.addr).await.unwrap();
-    let extra = format!("Sec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: {extensions}\r\n");
-    s.write_all(upgrade_request(path, &extra).as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
-            .await
-            .expect("no upgrade response")
-            .unwrap();
-        assert!(n == 1, "closed during the upgrade: {head:?}");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    (s, head)
+    raw_upgrade_with(
+        &srv.addr,
+        path,
+        &format!("Sec-WebSocket-Extensions: {extensions}\r\n"),
+    )
+    .await
 }
 
 /// The response's Sec-WebSocket-Extensions value, if any.
