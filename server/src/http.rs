@@ -378,7 +378,7 @@ async fn respond(
                 // for the connection's life.
                 let early = (!parts.read_buf.is_empty()).then(|| parts.read_buf.to_vec());
                 drop(parts.read_buf);
-                let ws = crate::ws::WsConn::with_deflate(stream, early, ws_config, deflate);
+                let ws = crate::ws::WsConn::new(stream, early, ws_config, deflate);
                 opening.run(ws).await;
             }
             Err(e) => {

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tungstenite::protocol::WebSocketConfig;
 
 use crate::config::{Limits, OriginRule};
 use crate::instance::Instance;
@@ -20,8 +19,8 @@ pub struct Route {
     /// `None`: any Origin is accepted, including `null`.
     pub allowed_origins: Option<Vec<OriginRule>>,
     pub limits: Limits,
-    /// tungstenite settings derived from `limits`.
-    pub ws_config: WebSocketConfig,
+    /// The codec's limits (ws.rs), from `limits`.
+    pub ws_config: crate::ws::Config,
     /// A version on probation (rollout.rs): the same route with the
     /// canary's instance, and its share of new connections.
     pub canary: Option<(Arc<Route>, u8)>,
@@ -114,18 +113,12 @@ impl Route {
     }
 }
 
-/// tungstenite settings for a route. The read buffer is allocated for the
-/// life of every connection, so it is kept small (2 KiB by default; the
-/// library's 128 KiB default costs ~20x the memory per idle connection); the
-/// write buffer limit bounds what a slow reader can make us hold.
-pub fn ws_config(limits: &Limits) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(limits.read_buffer_size)
-        .write_buffer_size(64 * 1024)
-        .max_write_buffer_size(limits.max_message_size.saturating_mul(2).max(1 << 20))
-        .max_message_size(Some(limits.max_message_size))
-        .max_frame_size(Some(limits.max_frame_size))
-        .accept_unmasked_frames(false)
+/// The codec's limits for a route.
+pub fn ws_config(limits: &Limits) -> crate::ws::Config {
+    crate::ws::Config {
+        max_frame_size: limits.max_frame_size,
+        max_message_size: limits.max_message_size,
+    }
 }
 
 /// Path → route. Aliases map to the same `Arc<Route>`.

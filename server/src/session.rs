@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::{Error as WsError, Message, error::CapacityError};
+use tungstenite::Message;
 use wshd_handler_api::abi::{WSHD_ERR_PANIC, WSHD_OK};
 
 use crate::host_api::Outbox;
@@ -412,7 +412,7 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                             close = Some(Close { code, reason, by: Closer::Peer });
                         }
                     }
-                    Some(Ok(_)) => {} // ping (auto-answered), pong, raw frame
+                    Some(Ok(_)) => {} // ws.rs answers pings itself and returns only data and close
                     Some(Err(ReadError::OverBudget)) => {
                         let reason = "buffered data over the server's budget";
                         tracing::info!(
@@ -424,21 +424,21 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
                         cut(&mut ws, &mut close, limits, 1009, reason).await;
                         break;
                     }
-                    Some(Err(ReadError::Ws(e))) => {
-                        if close.is_none()
-                            && let Some((code, reason)) = protocol_close(&e)
-                        {
-                            tracing::info!(parent: &span, "closing with {code}: {e}");
+                    Some(Err(ReadError::Protocol { code, reason })) => {
+                        if close.is_none() {
+                            tracing::info!(parent: &span, "closing with {code}: {reason}");
                             start_close(&mut ws, left(&mut close_by, limits.close_timeout), code, reason, &mut close).await;
                             // Fail the connection (RFC 6455 §7.1.7): don't
                             // wait for a reply from a misbehaving peer, but
                             // don't reset it either, or it never sees why.
                             Box::pin(linger(&mut ws, &route.limits)).await;
-                            break;
+                        } else {
+                            tracing::debug!(parent: &span, "peer broke the protocol while closing: {reason}");
                         }
-                        if !matches!(e, WsError::ConnectionClosed | WsError::AlreadyClosed) {
-                            tracing::debug!(parent: &span, "connection error: {e}");
-                        }
+                        break;
+                    }
+                    Some(Err(ReadError::Io(e))) => {
+                        tracing::debug!(parent: &span, "connection error: {e}");
                         close.get_or_insert(dropped());
                         break;
                     }
@@ -689,7 +689,7 @@ async fn linger(ws: &mut Ws, limits: &crate::config::Limits) {
 /// reach of shutdown, drain and close requests.
 async fn timed<T>(
     limit: Duration,
-    write: impl Future<Output = Result<T, WsError>>,
+    write: impl Future<Output = std::io::Result<T>>,
 ) -> Result<T, WriteError> {
     timed_or_close(limit, write, None).await
 }
@@ -700,7 +700,7 @@ async fn timed<T>(
 /// instead of after the rest of `limit`.
 async fn timed_or_close<T>(
     limit: Duration,
-    write: impl Future<Output = Result<T, WsError>>,
+    write: impl Future<Output = std::io::Result<T>>,
     stop: Option<Stop<'_>>,
 ) -> Result<T, WriteError> {
     let mut write = std::pin::pin!(write);
@@ -717,7 +717,7 @@ async fn timed_or_close<T>(
 
 async fn wait_or_close<T>(
     limit: Duration,
-    mut write: Pin<&mut impl Future<Output = Result<T, WsError>>>,
+    mut write: Pin<&mut impl Future<Output = std::io::Result<T>>>,
     mut stop: Option<Stop<'_>>,
 ) -> Result<T, WriteError> {
     let mut timer = std::pin::pin!(tokio::time::sleep(limit));
@@ -778,20 +778,6 @@ fn dropped() -> Close {
         code: 1006,
         reason: String::new(),
         by: Closer::Dropped,
-    }
-}
-
-/// The close code for a read error that means the peer broke the protocol.
-fn protocol_close(e: &WsError) -> Option<(u16, &'static str)> {
-    match e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Some((1009, "message too big")),
-        WsError::Capacity(_) => Some((1009, "frame too big")),
-        WsError::Utf8(_) => Some((1007, "invalid UTF-8 in text message")),
-        // A peer that drops TCP without a close frame is not a protocol
-        // violation to answer; it is gone (1006).
-        WsError::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => None,
-        WsError::Protocol(_) => Some((1002, "protocol error")),
-        _ => None,
     }
 }
 

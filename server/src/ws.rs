@@ -1,46 +1,67 @@
-//! One WebSocket connection, driven by the session task that owns it.
+//! One WebSocket connection's frames: wshd's own codec for the established
+//! connection (RFC 6455, and RFC 7692 permessage-deflate through
+//! deflate.rs). The handshake stays with hyper (http.rs); tungstenite
+//! supplies only the in-memory types (`Message`, `CloseFrame`).
 //!
-//! tokio-tungstenite's `WebSocketStream` may be split between a reading and
-//! a writing task, so it routes every wake-up through two proxy wakers:
-//! each poll registers the task's waker in an `AtomicWaker`, and each
-//! readiness event wakes a proxy that wakes the task. A wshd session is one
-//! task that owns its socket, so none of that is needed: [`WsConn`] hands
-//! tungstenite's `WebSocketContext` the socket together with the session's
-//! own `Context`, and a readiness event wakes the session directly. On the
-//! 32-byte echo benchmark the proxies cost about 7% of wshd's user-space
-//! instructions per message (callgrind: 5510 before, 5146 after).
+//! **Reading.** A connection owns no read buffer. Each worker thread has one
+//! ([`RX`], 64 KiB): a read goes there, the frames it completes are parsed
+//! in place, their payloads unmasked eight bytes at a time and split off as
+//! `Bytes` that share the worker's block, so a message that arrived whole
+//! reaches the handler without a copy. Only bytes of a frame that is not
+//! complete yet (and any frames behind the message returned) are copied to
+//! the connection's own `rx`, which is empty, with no allocation, between
+//! messages. Once a connection holds a partial frame it reads straight into
+//! `rx`, sized for that frame, so a 64 KiB message is not copied twice. The
+//! worker block is reused once the handler has dropped every payload cut
+//! from it (`BytesMut::reserve` reclaims a block nobody else holds), so the
+//! steady state allocates nothing per message.
 //!
-//! The semantics are tokio-tungstenite's: `next` ends with `None` after a
-//! clean close, `feed` queues a message (writing what the socket takes now),
-//! `flush` waits until everything queued is written.
+//! **Writing.** Sends are queued as a header (built in place, at most ten
+//! bytes) and the payload `Bytes` they arrived with: a topic message shared
+//! by a thousand subscribers is never copied into a write buffer. `flush`
+//! writes everything queued in one vectored write, so the reply to a
+//! message, a pong and whatever the handler sent from other threads since
+//! the last wake-up leave in one syscall.
+//!
+//! **Limits and protocol.** Every frame header is checked before its payload
+//! is waited for: masking, reserved bits and opcodes, control frame rules,
+//! `max_frame_size`, and `max_message_size` against what the message
+//! already holds (for a compressed message, against its inflated size as
+//! well). Text is validated as it arrives, so an invalid fragment fails the
+//! connection without waiting for the rest. Pings are answered and the
+//! close handshake is answered here; the session (session.rs) sees data
+//! messages, the peer's close, and errors that say which close code to fail
+//! the connection with.
+//!
+//! **What the peer can make us hold** is watched here too: unfinished
+//! messages count against the server-wide budget ([`Meter`]), and
+//! [`WsConn::cut`] frees them at once; output the peer does not read is
+//! timed from [`WsConn::write_blocked_since`], and while it is blocked no
+//! more is read, so a client that floods pings and never reads cannot grow
+//! the pong queue.
 //!
 //! The socket is a [`Stream`]: plain TCP, or TLS (tls.rs). An enum with two
-//! arms rather than a generic keeps the session code (session.rs) one type,
-//! and rather than a `Box<dyn>` keeps the plain path free of an indirect
-//! call: a match per read or write is all it costs.
-//!
-//! It also watches what the peer can make the server hold:
-//! * unfinished incoming messages, followed frame by frame
-//!   ([`FrameTracker`]) and counted against the server-wide budget
-//!   ([`Meter`]); [`WsConn::cut`] frees them at once;
-//! * output tungstenite could not write (pong and close replies included),
-//!   since when ([`WsConn::write_blocked_since`]). While output is blocked no
-//!   more is read: every ping read queues a pong, so a client that floods
-//!   pings and never reads would otherwise grow the write buffer.
+//! arms rather than a generic keeps the session code one type, and rather
+//! than a `Box<dyn>` keeps the plain path free of an indirect call.
 
-use std::io::{self, Read, Write};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tungstenite::error::Error as WsError;
-use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
+use tungstenite::Message;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::Utf8Bytes;
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 
-use crate::budget::{FrameTracker, Meter};
-use crate::deflate::{Inflow, Params};
+use crate::budget::Meter;
+use crate::deflate::Params;
 
 /// An accepted connection: plain TCP or TLS over TCP. The TLS state is
 /// boxed (it is over a kilobyte), so a plain connection stays small.
@@ -81,7 +102,7 @@ impl AsyncWrite for Stream {
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
+        bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
@@ -112,204 +133,181 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// The per-route limits the codec enforces (from `[limits]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    pub max_frame_size: usize,
+    pub max_message_size: usize,
+}
+
+/// The worker thread's read buffer: see the module doc.
+const WORKER_BUF: usize = 64 * 1024;
+/// Below this much free space the worker buffer is renewed before a read:
+/// smaller reads would cost a syscall per few frames.
+const MIN_SPARE: usize = 8 * 1024;
+/// A connection reading into its own buffer (a partial frame) reads at most
+/// this much past the frame it waits for, so a frame of a few bytes does not
+/// make it reserve a large buffer.
+const OWN_READ: usize = 16 * 1024;
+/// Queued output over this is written before more is queued: a burst of
+/// sends cannot grow the queue past it plus one message.
+const HIGH_WATER: usize = 256 * 1024;
+/// Slices per vectored write (two per frame: header and payload).
+const IOV: usize = 64;
+
+thread_local! {
+    /// The worker thread's read buffer. Empty between polls: whatever a
+    /// connection does not consume is moved to its own `rx` before the
+    /// poll returns, because the next poll on this thread may be another
+    /// connection's.
+    static RX: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// Why [`WsConn::next`] failed.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The peer broke the protocol or a limit: fail the connection with
+    /// this close code and reason (RFC 6455 §7.1.7), then linger.
+    Protocol { code: u16, reason: &'static str },
+    /// The socket failed: the connection is gone (1006).
+    Io(io::Error),
+    /// The server-wide budget for unfinished messages picked this
+    /// connection: call [`WsConn::cut`].
+    OverBudget,
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Protocol { code, reason } => write!(f, "{reason} ({code})"),
+            ReadError::Io(e) => write!(f, "{e}"),
+            ReadError::OverBudget => f.write_str("over the server's buffered-data budget"),
+        }
+    }
+}
+
+const fn fail(code: u16, reason: &'static str) -> ReadError {
+    ReadError::Protocol { code, reason }
+}
+
+/// One frame header, parsed and checked.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    fin: bool,
+    rsv1: bool,
+    opcode: u8,
+    /// Header bytes, mask key included.
+    len: usize,
+    payload: usize,
+    mask: [u8; 4],
+}
+
+/// A fragmented (or compressed) data message being assembled.
+#[derive(Debug)]
+struct Assembly {
+    text: bool,
+    compressed: bool,
+    data: BytesMut,
+    /// Bytes of `data` known to be valid UTF-8 (uncompressed text only).
+    valid: usize,
+}
+
+/// A frame queued for the socket.
+#[derive(Debug)]
+struct Out {
+    head: [u8; 10],
+    head_len: u8,
+    payload: Bytes,
+}
+
+impl Out {
+    fn new(first: u8, payload: Bytes) -> Out {
+        let mut head = [0u8; 10];
+        head[0] = first;
+        let n = payload.len();
+        let head_len = if n < 126 {
+            head[1] = n as u8;
+            2
+        } else if n <= usize::from(u16::MAX) {
+            head[1] = 126;
+            head[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            4
+        } else {
+            head[1] = 127;
+            head[2..10].copy_from_slice(&(n as u64).to_be_bytes());
+            10
+        };
+        Out {
+            head,
+            head_len,
+            payload,
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.head_len) + self.payload.len()
+    }
+}
+
 /// A server-side WebSocket connection over a TCP or TLS stream.
 #[derive(Debug)]
 pub struct WsConn {
-    ctx: WebSocketContext,
     io: Stream,
-    /// A read returned the end of the stream or an error; later reads
-    /// return `None`, as a fused stream does.
+    config: Config,
+    /// Bytes read from the peer and not parsed yet: a partial frame, or
+    /// frames behind the message last returned. Empty between messages.
+    rx: BytesMut,
+    /// The fragmented message in progress. Boxed: most messages are one
+    /// frame and never need it.
+    msg: Option<Box<Assembly>>,
+    /// Frames waiting for the socket, and how much of the first is written.
+    tx: VecDeque<Out>,
+    tx_sent: usize,
+    tx_bytes: usize,
+    /// permessage-deflate, when negotiated.
+    deflate: Option<Params>,
+    /// The stream ended or failed: later reads return `None`.
     ended: bool,
-    /// False after a write that could not go out at once: the next `feed`
-    /// first flushes what is queued, so the queue cannot grow unbounded.
-    ready: bool,
-    /// Follows the peer's frames in the bytes read.
-    tracker: FrameTracker,
+    /// The peer's close frame arrived (our reply, if any, is queued).
+    got_close: bool,
+    /// Our close frame is queued: nothing may follow it.
+    sent_close: bool,
     /// This connection's share of `max_buffered_bytes`, once attached.
     meter: Option<Meter>,
     /// When the unfinished message the peer is sending started.
     unfinished_since: Option<Instant>,
     /// Bytes arrived since [`WsConn::take_heard`] last looked.
     heard: bool,
-    /// Since when output tungstenite holds could not be written.
+    /// Since when queued output could not be written.
     blocked_since: Option<Instant>,
-    /// permessage-deflate, when negotiated (deflate.rs). Boxed: most
-    /// connections do without.
-    deflate: Option<Box<Deflate>>,
-}
-
-/// A connection's permessage-deflate side.
-#[derive(Debug)]
-struct Deflate {
-    params: Params,
-    inflow: Inflow,
-}
-
-/// Why [`WsConn::next`] failed.
-#[derive(Debug)]
-pub enum ReadError {
-    /// From tungstenite: a protocol violation, an I/O error...
-    Ws(WsError),
-    /// The server-wide budget for unfinished messages picked this
-    /// connection: call [`WsConn::cut`].
-    OverBudget,
-}
-
-/// The socket and the polling task's context, seen as a blocking-style
-/// stream by tungstenite: `Pending` becomes `WouldBlock`, after tokio has
-/// registered the task to be woken when the socket is ready.
-struct Io<'a, 'b> {
-    io: &'a mut Stream,
-    cx: &'a mut Context<'b>,
-    tracker: &'a mut FrameTracker,
-    heard: &'a mut bool,
-    /// Inflates compressed messages before tungstenite reads them.
-    inflow: Option<&'a mut Inflow>,
-    /// How the last write call went: `Some(true)` if it would have blocked.
-    /// tungstenite writes its buffer until it is empty or a write blocks, so
-    /// the last call tells whether output is left over.
-    last_write_blocked: Option<bool>,
-}
-
-impl Read for Io<'_, '_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let (io, cx, heard) = (&mut *self.io, &mut *self.cx, &mut *self.heard);
-        let mut src = |b: &mut [u8]| raw_read(io, cx, heard, b);
-        let n = match self.inflow.as_deref_mut() {
-            None => src(buf)?,
-            Some(inflow) => inflow.read(buf, &mut src)?,
-        };
-        // What tungstenite gets: with permessage-deflate, inflated frames.
-        self.tracker.feed(&buf[..n]);
-        Ok(n)
-    }
-}
-
-/// One read from the socket; `Pending` becomes `WouldBlock`.
-fn raw_read(
-    io: &mut Stream,
-    cx: &mut Context<'_>,
-    heard: &mut bool,
-    buf: &mut [u8],
-) -> io::Result<usize> {
-    let mut buf = ReadBuf::new(buf);
-    match Pin::new(io).poll_read(cx, &mut buf) {
-        Poll::Ready(Ok(())) => {
-            let n = buf.filled().len();
-            if n > 0 {
-                *heard = true;
-            }
-            Ok(n)
-        }
-        Poll::Ready(Err(e)) => Err(e),
-        Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-    }
-}
-
-impl Write for Io<'_, '_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match Pin::new(&mut *self.io).poll_write(self.cx, buf) {
-            Poll::Ready(r) => {
-                self.last_write_blocked = Some(false);
-                r
-            }
-            Poll::Pending => {
-                self.last_write_blocked = Some(true);
-                Err(io::ErrorKind::WouldBlock.into())
-            }
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        // A TCP stream has no user-space buffer; tungstenite's own buffer is
-        // written out by `write`. TLS keeps records rustls accepted but the
-        // socket did not take yet: those go out here.
-        match self.io {
-            Stream::Plain(_) => Ok(()),
-            Stream::Tls(s) => match Pin::new(&mut **s).poll_flush(self.cx) {
-                Poll::Ready(r) => {
-                    self.last_write_blocked = Some(false);
-                    r
-                }
-                Poll::Pending => {
-                    self.last_write_blocked = Some(true);
-                    Err(io::ErrorKind::WouldBlock.into())
-                }
-            },
-        }
-    }
-}
-
-/// A text or binary message as one compressed (RSV1) frame, when that makes
-/// it smaller; anything else as it is. A handler's "do not compress" sends
-/// arrive as ready frames (`Message::Frame`) and pass unchanged.
-fn compressed(msg: Message, bits: u8) -> Message {
-    use tungstenite::protocol::frame::Frame;
-    use tungstenite::protocol::frame::coding::{Data, OpCode};
-    let (op, data) = match &msg {
-        Message::Text(t) => (Data::Text, bytes::Bytes::from(t.clone())),
-        Message::Binary(b) => (Data::Binary, b.clone()),
-        _ => return msg,
-    };
-    match crate::deflate::compress(&data, bits) {
-        Some(z) => {
-            let mut f = Frame::message(z, OpCode::Data(op), true);
-            f.header_mut().rsv1 = true;
-            Message::Frame(f)
-        }
-        None => msg,
-    }
-}
-
-/// `WouldBlock` means "woken later": the context was registered.
-fn pending_on_block<T>(r: Result<T, WsError>) -> Poll<Result<T, WsError>> {
-    match r {
-        Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
-        other => Poll::Ready(other),
-    }
 }
 
 impl WsConn {
-    /// Wraps an upgraded socket. `early` holds bytes the client sent right
-    /// after its handshake request, which the HTTP layer already read.
-    pub fn new(io: Stream, early: Option<Vec<u8>>, config: WebSocketConfig) -> WsConn {
-        WsConn::with_deflate(io, early, config, None)
-    }
-
-    /// [`WsConn::new`], with permessage-deflate when `deflate` is given.
-    pub fn with_deflate(
+    /// Wraps an upgraded socket, with permessage-deflate when `deflate` is
+    /// given. `early` holds bytes the client sent right after its handshake
+    /// request, which the HTTP layer already read.
+    pub fn new(
         io: Stream,
-        mut early: Option<Vec<u8>>,
-        config: WebSocketConfig,
+        early: Option<Vec<u8>>,
+        config: Config,
         deflate: Option<Params>,
     ) -> WsConn {
-        // Early bytes may hold compressed frames: they go through the
-        // inflater like the rest.
-        let deflate = deflate.map(|params| {
-            Box::new(Deflate {
-                params,
-                inflow: Inflow::new(config.max_frame_size.unwrap_or(usize::MAX), early.take()),
-            })
-        });
-        let mut tracker = FrameTracker::default();
-        let ctx = match early {
-            Some(part) => {
-                tracker.feed(&part);
-                WebSocketContext::from_partially_read(part, Role::Server, Some(config))
-            }
-            None => WebSocketContext::new(Role::Server, Some(config)),
-        };
         WsConn {
-            ctx,
             io,
+            config,
+            rx: early.map(|e| BytesMut::from(&e[..])).unwrap_or_default(),
+            msg: None,
+            tx: VecDeque::new(),
+            tx_sent: 0,
+            tx_bytes: 0,
+            deflate,
             ended: false,
-            ready: true,
-            tracker,
+            got_close: false,
+            sent_close: false,
             meter: None,
             unfinished_since: None,
             heard: false,
             blocked_since: None,
-            deflate,
         }
     }
 
@@ -322,7 +320,7 @@ impl WsConn {
     /// budget from now on.
     pub fn attach(&mut self, meter: Meter) {
         self.meter = Some(meter);
-        self.account_read();
+        self.account();
     }
 
     /// The socket, for the lingering close after the WebSocket is done.
@@ -335,10 +333,9 @@ impl WsConn {
         self.unfinished_since
     }
 
-    /// Bytes of unfinished messages this connection holds (an upper bound
-    /// on what tungstenite buffers for them).
+    /// Bytes of unfinished messages this connection holds.
     pub fn held(&self) -> u64 {
-        self.tracker.held()
+        (self.rx.len() + self.msg.as_ref().map_or(0, |m| m.data.len())) as u64
     }
 
     /// Whether any bytes arrived from the peer since the last call.
@@ -358,8 +355,9 @@ impl WsConn {
             .map_or(limit, |since| limit.saturating_sub(since.elapsed()))
     }
 
-    /// The next message: `None` once the connection is closed.
-    /// Cancel-safe: a partly read frame stays buffered for the next call.
+    /// The next data message or the peer's close frame: `None` once the
+    /// connection is closed. Cancel-safe: whatever was read stays in the
+    /// connection for the next call.
     pub async fn next(&mut self) -> Option<Result<Message, ReadError>> {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
@@ -371,71 +369,341 @@ impl WsConn {
         if self.meter.as_ref().is_some_and(Meter::over) {
             return Poll::Ready(Some(Err(ReadError::OverBudget)));
         }
-        let io = &mut Io {
-            io: &mut self.io,
-            cx,
-            tracker: &mut self.tracker,
-            heard: &mut self.heard,
-            inflow: self.deflate.as_deref_mut().map(|d| &mut d.inflow),
-            last_write_blocked: None,
-        };
         // Output is waiting for the peer: write it before reading more.
         // Reading on would answer each ping read with one more pong that
         // cannot go out either.
-        if self.blocked_since.is_some() {
-            let r = self.ctx.flush(io);
-            let blocked =
-                matches!(&r, Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock);
-            let last = io.last_write_blocked;
-            self.note_write(last);
-            if blocked {
-                return Poll::Pending;
+        if !self.tx.is_empty() {
+            match self.poll_write_out(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return self.end(Err(ReadError::Io(e))),
+                Poll::Ready(Ok(())) => {}
             }
-            // Other errors surface from the read below.
         }
-        let io = &mut Io {
-            io: &mut self.io,
-            cx,
-            tracker: &mut self.tracker,
-            heard: &mut self.heard,
-            inflow: self.deflate.as_deref_mut().map(|d| &mut d.inflow),
-            last_write_blocked: None,
+        if self.got_close {
+            // Our reply is written: the close handshake is complete.
+            return self.end(Ok(()));
+        }
+        let r = if self.rx.is_empty() {
+            self.read_shared(cx)
+        } else {
+            self.read_own(cx)
         };
-        let r = self.ctx.read(io);
-        let last = io.last_write_blocked;
-        self.note_write(last);
-        self.account_read();
-        match ready!(pending_on_block(r)) {
-            Ok(msg) => Poll::Ready(Some(Ok(msg))),
-            Err(e) => {
-                self.ended = true;
-                match e {
-                    WsError::ConnectionClosed | WsError::AlreadyClosed => Poll::Ready(None),
-                    e => Poll::Ready(Some(Err(ReadError::Ws(e)))),
+        self.account();
+        // A pong (or a close reply) queued while reading goes out now.
+        if !self.tx.is_empty()
+            && let Poll::Ready(Err(e)) = self.poll_write_out(cx)
+        {
+            return self.end(Err(ReadError::Io(e)));
+        }
+        match r {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(msg))) => Poll::Ready(Some(Ok(msg))),
+            Poll::Ready(Ok(None)) => self.end(Ok(())),
+            Poll::Ready(Err(e)) => self.end(Err(e)),
+        }
+    }
+
+    /// Marks the stream ended; `Ok` reads as the end of the stream.
+    fn end(&mut self, r: Result<(), ReadError>) -> Poll<Option<Result<Message, ReadError>>> {
+        self.ended = true;
+        Poll::Ready(r.err().map(Err))
+    }
+
+    /// Reads into the worker's buffer and parses what arrived there; moves
+    /// whatever is left over to `rx`. `Ok(None)`: the peer closed the
+    /// stream.
+    fn read_shared(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Message>, ReadError>> {
+        RX.with_borrow_mut(|buf| {
+            debug_assert!(buf.is_empty());
+            if buf.capacity() < MIN_SPARE {
+                // Reuses the block in place when every payload cut from it
+                // has been dropped; otherwise allocates a new one.
+                buf.reserve(WORKER_BUF);
+            }
+            let n = match ready!(read_into(&mut self.io, cx, buf)) {
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Err(ReadError::Io(e))),
+            };
+            if n == 0 {
+                return Poll::Ready(Ok(None));
+            }
+            self.heard = true;
+            let r = self.parse(buf);
+            if !buf.is_empty() {
+                // Not ours to keep: the next poll on this thread may be
+                // another connection's.
+                self.rx.extend_from_slice(buf);
+                buf.clear();
+            }
+            match r {
+                Ok(Some(msg)) => Poll::Ready(Ok(Some(msg))),
+                // Frames were only control frames, or a frame is partial:
+                // read again (the socket reports `Pending` when drained).
+                Ok(None) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                Err(e) => Poll::Ready(Err(e)),
+            }
+        })
+    }
+
+    /// Parses what `rx` holds, reading into it while the frame at its front
+    /// is incomplete.
+    fn read_own(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Message>, ReadError>> {
+        loop {
+            let mut rx = std::mem::take(&mut self.rx);
+            let r = self.parse(&mut rx);
+            self.rx = rx;
+            match r {
+                Ok(Some(msg)) => return Poll::Ready(Ok(Some(msg))),
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(None) if self.rx.is_empty() => {
+                    // Consumed: the next read goes to the worker buffer.
+                    self.rx = BytesMut::new();
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Ok(None) => {}
+            }
+            // The front frame is incomplete: room for the rest of it.
+            let need = match peek_header(&self.rx) {
+                Some(len) => len.saturating_sub(self.rx.len()),
+                None => 14,
+            };
+            self.rx.reserve(need.min(WORKER_BUF) + OWN_READ.min(need));
+            match ready!(read_into(&mut self.io, cx, &mut self.rx)) {
+                Ok(0) => return Poll::Ready(Ok(None)),
+                Ok(_) => self.heard = true,
+                Err(e) => return Poll::Ready(Err(ReadError::Io(e))),
+            }
+        }
+    }
+
+    /// Takes complete frames off the front of `buf` until one completes a
+    /// data message or the peer's close: `Ok(None)` when more bytes are
+    /// needed (what remains in `buf` is a partial frame, or nothing).
+    fn parse(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ReadError> {
+        loop {
+            let Some(h) = self.header(buf)? else {
+                return Ok(None);
+            };
+            if buf.len() < h.len + h.payload {
+                return Ok(None);
+            }
+            buf.advance(h.len);
+            let mut payload = buf.split_to(h.payload);
+            unmask(&mut payload, h.mask);
+            if let Some(msg) = self.frame(h, payload)? {
+                return Ok(Some(msg));
+            }
+            if self.got_close || buf.is_empty() {
+                // Nothing may follow the peer's close; what does is dropped.
+                if self.got_close {
+                    buf.clear();
+                }
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Parses and checks the header at the front of `buf`, before its
+    /// payload has arrived: a frame over a limit is refused from its first
+    /// bytes.
+    fn header(&self, buf: &[u8]) -> Result<Option<Header>, ReadError> {
+        if buf.len() < 2 {
+            return Ok(None);
+        }
+        let (b0, b1) = (buf[0], buf[1]);
+        let fin = b0 & 0x80 != 0;
+        let rsv1 = b0 & 0x40 != 0;
+        let opcode = b0 & 0x0f;
+        if b1 & 0x80 == 0 {
+            return Err(fail(1002, "protocol error: unmasked client frame"));
+        }
+        if b0 & 0x30 != 0 {
+            return Err(fail(1002, "protocol error: reserved bits set"));
+        }
+        let len_len = match b1 & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let len = 2 + len_len + 4;
+        if buf.len() < len {
+            return Ok(None);
+        }
+        let payload = match len_len {
+            0 => u64::from(b1 & 0x7f),
+            2 => u64::from(u16::from_be_bytes([buf[2], buf[3]])),
+            _ => {
+                let n = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
+                if n >> 63 != 0 {
+                    return Err(fail(1002, "protocol error: frame length over 2^63"));
+                }
+                n
+            }
+        };
+        let mask = buf[len - 4..len].try_into().expect("4 bytes");
+        match opcode {
+            8..=10 => {
+                if !fin {
+                    return Err(fail(1002, "protocol error: fragmented control frame"));
+                }
+                if payload > 125 {
+                    return Err(fail(1002, "protocol error: control frame over 125 bytes"));
+                }
+                if rsv1 {
+                    return Err(fail(1002, "protocol error: reserved bits set"));
                 }
             }
-        }
-    }
-
-    /// Records how the last write of an operation went.
-    fn note_write(&mut self, last_write_blocked: Option<bool>) {
-        match last_write_blocked {
-            Some(true) => {
-                self.blocked_since.get_or_insert_with(Instant::now);
+            0..=2 => {
+                match (opcode, &self.msg) {
+                    (0, None) => {
+                        return Err(fail(1002, "protocol error: continuation without a message"));
+                    }
+                    (1 | 2, Some(_)) => {
+                        return Err(fail(1002, "protocol error: new message inside a fragmented one"));
+                    }
+                    _ => {}
+                }
+                // RSV1 marks a compressed message, on its first frame only.
+                if rsv1 && (self.deflate.is_none() || opcode == 0) {
+                    return Err(fail(1002, "protocol error: reserved bits set"));
+                }
+                if payload > self.config.max_frame_size as u64 {
+                    return Err(fail(1009, "frame too big"));
+                }
+                let held = self.msg.as_ref().map_or(0, |m| m.data.len()) as u64;
+                if held + payload > self.config.max_message_size as u64 {
+                    return Err(fail(1009, "message too big"));
+                }
             }
-            Some(false) => self.blocked_since = None,
-            None => {}
+            _ => return Err(fail(1002, "protocol error: reserved opcode")),
+        }
+        Ok(Some(Header {
+            fin,
+            rsv1,
+            opcode,
+            len,
+            payload: payload as usize,
+            mask,
+        }))
+    }
+
+    /// Handles one complete frame: `Some` when it completes a data message
+    /// or is the peer's close.
+    fn frame(&mut self, h: Header, payload: BytesMut) -> Result<Option<Message>, ReadError> {
+        match h.opcode {
+            9 => {
+                if !self.sent_close {
+                    self.queue(Out::new(0x80 | 10, payload.freeze()));
+                }
+                Ok(None)
+            }
+            10 => Ok(None),
+            8 => self.close_frame(payload.freeze()).map(Some),
+            1 | 2 if h.fin && !h.rsv1 => {
+                let data = payload.freeze();
+                if h.opcode == 2 {
+                    return Ok(Some(Message::Binary(data)));
+                }
+                match Utf8Bytes::try_from(data) {
+                    Ok(t) => Ok(Some(Message::Text(t))),
+                    Err(_) => Err(fail(1007, "invalid UTF-8 in text message")),
+                }
+            }
+            1 | 2 => {
+                let mut m = Box::new(Assembly {
+                    text: h.opcode == 1,
+                    compressed: h.rsv1,
+                    data: payload,
+                    valid: 0,
+                });
+                m.check_utf8(false)?;
+                if h.fin {
+                    return self.finish(*m).map(Some);
+                }
+                self.msg = Some(m);
+                Ok(None)
+            }
+            _ => {
+                let mut m = self.msg.take().expect("checked in header()");
+                m.data.extend_from_slice(&payload);
+                m.check_utf8(false)?;
+                if h.fin {
+                    return self.finish(*m).map(Some);
+                }
+                self.msg = Some(m);
+                Ok(None)
+            }
         }
     }
 
-    /// Updates the unfinished message's start and the budget after a read.
-    fn account_read(&mut self) {
-        let held = self.tracker.held();
-        let boundary = self.tracker.take_boundary();
+    /// A message's last frame is in.
+    fn finish(&mut self, m: Assembly) -> Result<Message, ReadError> {
+        let Assembly {
+            text,
+            compressed,
+            data,
+            ..
+        } = m;
+        let data = if compressed {
+            match crate::deflate::inflate(&data, self.config.max_message_size) {
+                Ok(d) => d,
+                Err(crate::deflate::InflateError::TooBig) => {
+                    return Err(fail(1009, "message too big"));
+                }
+                Err(crate::deflate::InflateError::Corrupt) => {
+                    return Err(fail(1002, "protocol error: invalid compressed data"));
+                }
+            }
+        } else {
+            data.freeze()
+        };
+        if !text {
+            return Ok(Message::Binary(data));
+        }
+        Utf8Bytes::try_from(data)
+            .map(Message::Text)
+            .map_err(|_| fail(1007, "invalid UTF-8 in text message"))
+    }
+
+    /// The peer's close frame: checked, answered with the same frame unless
+    /// we closed first, and returned.
+    fn close_frame(&mut self, payload: Bytes) -> Result<Message, ReadError> {
+        let frame = match payload.len() {
+            0 => None,
+            1 => return Err(fail(1002, "protocol error: close frame with a 1-byte body")),
+            _ => {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                if !close_code_allowed(code) {
+                    return Err(fail(1002, "protocol error: invalid close code"));
+                }
+                let Ok(reason) = Utf8Bytes::try_from(payload.slice(2..)) else {
+                    return Err(fail(1007, "invalid UTF-8 in close reason"));
+                };
+                Some(CloseFrame {
+                    code: CloseCode::from(code),
+                    reason,
+                })
+            }
+        };
+        self.got_close = true;
+        if !self.sent_close {
+            self.sent_close = true;
+            // The reply echoes the peer's code and reason.
+            self.queue(Out::new(0x88, payload));
+        }
+        Ok(Message::Close(frame))
+    }
+
+    /// Updates the unfinished message's start and the budget.
+    fn account(&mut self) {
+        let held = self.held();
         if held == 0 {
             self.unfinished_since = None;
-        } else if boundary || self.unfinished_since.is_none() {
-            // A new message started in the bytes just read.
+        } else if self.unfinished_since.is_none() {
             self.unfinished_since = Some(Instant::now());
         }
         if let Some(m) = self.meter.as_mut() {
@@ -443,11 +711,137 @@ impl WsConn {
         }
     }
 
-    /// Ends the connection at once, freeing everything tungstenite holds
-    /// for it (the partial message, the read and write buffers), then sends
-    /// `code` in a close frame written straight to the socket, half-closes
-    /// it and discards what the peer still sends (see
-    /// `session::linger`), for at most `limit`.
+    fn queue(&mut self, out: Out) {
+        self.tx_bytes += out.len();
+        self.tx.push_back(out);
+    }
+
+    /// Queues a message; it is written by the next `flush` (or now, if
+    /// enough is queued already). Nothing is queued after our close frame.
+    pub async fn feed(&mut self, msg: Message) -> io::Result<()> {
+        if self.tx_bytes >= HIGH_WATER || self.blocked_since.is_some() {
+            self.flush().await?;
+        }
+        if self.sent_close {
+            return Ok(());
+        }
+        let out = match msg {
+            Message::Text(t) => self.data(OpCode::Data(Data::Text), Bytes::from(t)),
+            Message::Binary(b) => self.data(OpCode::Data(Data::Binary), b),
+            Message::Ping(p) => Out::new(0x89, p),
+            Message::Pong(p) => Out::new(0x8a, p),
+            Message::Close(f) => {
+                self.sent_close = true;
+                let payload = match f {
+                    None => Bytes::new(),
+                    Some(f) => {
+                        let reason = truncate_utf8(&f.reason, 123);
+                        let mut p = Vec::with_capacity(2 + reason.len());
+                        p.extend_from_slice(&u16::from(f.code).to_be_bytes());
+                        p.extend_from_slice(reason.as_bytes());
+                        Bytes::from(p)
+                    }
+                };
+                Out::new(0x88, payload)
+            }
+            // A ready frame: a handler's "do not compress" send.
+            Message::Frame(f) => {
+                let h = f.header();
+                let first = u8::from(h.is_final) << 7
+                    | u8::from(h.rsv1) << 6
+                    | u8::from(h.opcode);
+                Out::new(first, f.into_payload())
+            }
+        };
+        self.queue(out);
+        Ok(())
+    }
+
+    /// A data message as one frame, compressed when permessage-deflate is
+    /// on and it makes the message smaller.
+    fn data(&self, op: OpCode, payload: Bytes) -> Out {
+        let op = u8::from(op);
+        if let Some(p) = &self.deflate
+            && let Some(z) = crate::deflate::compress(&payload, p.server_max_window_bits)
+        {
+            return Out::new(0x80 | 0x40 | op, z);
+        }
+        Out::new(0x80 | op, payload)
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_write_out(cx)).await
+    }
+
+    /// `feed` then `flush`.
+    pub async fn send(&mut self, msg: Message) -> io::Result<()> {
+        self.feed(msg).await?;
+        self.flush().await
+    }
+
+    /// Writes the queue with vectored writes, everything queued in one
+    /// syscall when the socket takes it.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.tx.is_empty() {
+            let mut iov = [IoSlice::new(&[]); IOV];
+            let mut n = 0;
+            let mut skip = self.tx_sent;
+            for out in &self.tx {
+                for part in [&out.head[..usize::from(out.head_len)], &out.payload[..]] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    iov[n] = IoSlice::new(&part[skip..]);
+                    skip = 0;
+                    n += 1;
+                }
+                if n + 2 > IOV {
+                    break;
+                }
+            }
+            let written = match Pin::new(&mut self.io).poll_write_vectored(cx, &iov[..n]) {
+                Poll::Pending => {
+                    self.blocked_since.get_or_insert_with(Instant::now);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(w)) => w,
+            };
+            self.blocked_since = None;
+            self.tx_bytes -= written;
+            let mut left = self.tx_sent + written;
+            while let Some(front) = self.tx.front() {
+                if left < front.len() {
+                    break;
+                }
+                left -= front.len();
+                self.tx.pop_front();
+            }
+            self.tx_sent = left;
+        }
+        // An idle connection keeps no large queue.
+        if self.tx.capacity() > 64 {
+            self.tx = VecDeque::new();
+        }
+        // TLS keeps records rustls accepted but the socket did not take.
+        if let Stream::Tls(s) = &mut self.io {
+            if Pin::new(&mut **s).poll_flush(cx).is_pending() {
+                self.blocked_since.get_or_insert_with(Instant::now);
+                return Poll::Pending;
+            }
+            self.blocked_since = None;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Ends the connection at once, freeing everything it holds (the
+    /// partial message, the queued output), then sends `code` in a close
+    /// frame written straight to the socket, half-closes it and discards
+    /// what the peer still sends (see `session::linger`), for at most
+    /// `limit`.
     ///
     /// The close frame is sent only when no earlier output is still
     /// waiting: bytes written after half a frame would corrupt the stream,
@@ -455,28 +849,24 @@ impl WsConn {
     pub async fn cut(&mut self, code: u16, reason: &str, limit: Duration, discard: u64) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-        // A context with no buffers: tungstenite allocates its read buffer
-        // up front, and we will not read through it again.
-        let empty = WebSocketConfig::default().read_buffer_size(0);
-        drop(std::mem::replace(
-            &mut self.ctx,
-            WebSocketContext::new(Role::Server, Some(empty)),
-        ));
         self.ended = true;
-        self.deflate = None;
-        self.tracker = FrameTracker::default();
+        self.rx = BytesMut::new();
+        self.msg = None;
+        let blocked = !self.tx.is_empty();
+        self.tx = VecDeque::new();
+        self.tx_bytes = 0;
+        self.tx_sent = 0;
         self.unfinished_since = None;
         // Gives the bytes back to the budget and leaves it.
         self.meter = None;
-        let blocked = self.blocked_since.is_some();
         let io = &mut self.io;
         let work = async {
-            if !blocked {
-                let reason = &reason.as_bytes()[..reason.len().min(123)];
+            if !blocked && !self.sent_close {
+                let reason = truncate_utf8(reason, 123);
                 let mut frame = Vec::with_capacity(4 + reason.len());
                 frame.extend_from_slice(&[0x88, 2 + reason.len() as u8]);
                 frame.extend_from_slice(&code.to_be_bytes());
-                frame.extend_from_slice(reason);
+                frame.extend_from_slice(reason.as_bytes());
                 if io.write_all(&frame).await.is_err() {
                     return;
                 }
@@ -495,102 +885,126 @@ impl WsConn {
             }
         };
         let _ = tokio::time::timeout(limit, work).await;
+        self.sent_close = true;
     }
+}
 
-    /// Queues a message and writes what the socket takes now; `flush`
-    /// finishes the job.
-    pub async fn feed(&mut self, msg: Message) -> Result<(), WsError> {
-        if !self.ready {
-            self.flush().await?;
+impl Assembly {
+    /// Validates the text received so far. An incomplete character at the
+    /// end may still be completed by the next fragment, unless `last`.
+    fn check_utf8(&mut self, last: bool) -> Result<(), ReadError> {
+        if !self.text || self.compressed {
+            return Ok(());
         }
-        let msg = match &self.deflate {
-            Some(d) => compressed(msg, d.params.server_max_window_bits),
-            None => msg,
-        };
-        let mut msg = Some(msg);
-        std::future::poll_fn(|cx| {
-            let io = &mut Io {
-                io: &mut self.io,
-                cx,
-                tracker: &mut self.tracker,
-                heard: &mut self.heard,
-                inflow: self.deflate.as_deref_mut().map(|d| &mut d.inflow),
-                last_write_blocked: None,
-            };
-            let msg = msg.take().expect("polled once");
-            let r = self.ctx.write(io, msg);
-            let last = io.last_write_blocked;
-            self.note_write(last);
-            Poll::Ready(match r {
-                Ok(()) => Ok(()),
-                // Queued; it goes out with the next flush.
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.ready = false;
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            })
-        })
-        .await
-    }
-
-    /// Writes everything queued.
-    pub async fn flush(&mut self) -> Result<(), WsError> {
-        let r = std::future::poll_fn(|cx| {
-            let io = &mut Io {
-                io: &mut self.io,
-                cx,
-                tracker: &mut self.tracker,
-                heard: &mut self.heard,
-                inflow: self.deflate.as_deref_mut().map(|d| &mut d.inflow),
-                last_write_blocked: None,
-            };
-            let r = self.ctx.flush(io);
-            let last = io.last_write_blocked;
-            self.note_write(last);
-            pending_on_block(r)
-        })
-        .await;
-        self.ready = true;
-        match r {
-            // The close handshake just completed: nothing left to write.
-            Err(WsError::ConnectionClosed) => Ok(()),
-            other => other,
+        match std::str::from_utf8(&self.data[self.valid..]) {
+            Ok(_) => self.valid = self.data.len(),
+            Err(e) if e.error_len().is_none() && !last => self.valid += e.valid_up_to(),
+            Err(_) => return Err(fail(1007, "invalid UTF-8 in text message")),
         }
+        Ok(())
     }
+}
 
-    /// `feed` then `flush`.
-    pub async fn send(&mut self, msg: Message) -> Result<(), WsError> {
-        self.feed(msg).await?;
-        self.flush().await
+/// One read from the socket into the spare capacity of `buf`.
+fn read_into(io: &mut Stream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// The full length (header and payload) of the frame at the front of
+/// `buf`, once its header is there.
+fn peek_header(buf: &[u8]) -> Option<usize> {
+    let b1 = *buf.get(1)?;
+    let (len_len, short) = match b1 & 0x7f {
+        126 => (2, 0),
+        127 => (8, 0),
+        n => (0, u64::from(n)),
+    };
+    let head = 2 + len_len + 4;
+    let payload = match len_len {
+        0 => short,
+        2 => u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)),
+        _ => u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?),
+    };
+    usize::try_from(payload).ok()?.checked_add(head)
+}
+
+/// XORs the client's mask into `data` eight bytes at a time.
+fn unmask(data: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let (words, rest) = data.as_chunks_mut::<8>();
+    for w in words {
+        *w = (u64::from_ne_bytes(*w) ^ wide).to_ne_bytes();
     }
+    // `words` covered a multiple of 8 bytes, so the mask phase restarts at 0.
+    for (i, b) in rest.iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+/// Close codes a peer may send (RFC 6455 §7.4, and the IANA registry's
+/// 1012-1014); the others fail the connection with 1002.
+fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary (a close reason must fit in a control frame).
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tungstenite::protocol::frame::Frame;
-    use tungstenite::protocol::frame::coding::{Data, OpCode};
 
     #[test]
-    fn data_is_compressed_unless_marked_or_short() {
-        let text = "{\"k\":\"v\"},".repeat(100);
-        let Message::Frame(f) = compressed(Message::text(text.clone()), 15) else {
-            panic!("not compressed")
-        };
-        assert!(f.header().rsv1 && f.header().is_final);
-        assert_eq!(f.header().opcode, OpCode::Data(Data::Text));
-        assert!(f.payload().len() < text.len() / 4);
-        // A handler's WSHD_SEND_NO_COMPRESS send (a ready frame) and short
-        // messages stay as they are.
-        let ready = Frame::message(bytes::Bytes::from(text), OpCode::Data(Data::Text), true);
-        let Message::Frame(f) = compressed(Message::Frame(ready), 15) else {
-            panic!("changed")
-        };
-        assert!(!f.header().rsv1);
-        assert!(matches!(
-            compressed(Message::text("short"), 15),
-            Message::Text(_)
-        ));
+    fn unmask_matches_the_bytewise_definition() {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        for len in [0, 1, 3, 7, 8, 9, 15, 16, 17, 100] {
+            let data: Vec<u8> = (0..len as u8).collect();
+            let mut fast = data.clone();
+            unmask(&mut fast, mask);
+            let slow: Vec<u8> = data
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[i % 4])
+                .collect();
+            assert_eq!(fast, slow, "length {len}");
+        }
+    }
+
+    #[test]
+    fn headers_are_built_with_the_shortest_length_form() {
+        assert_eq!(Out::new(0x82, Bytes::from(vec![0; 125])).head_len, 2);
+        let o = Out::new(0x82, Bytes::from(vec![0; 126]));
+        assert_eq!((o.head_len, &o.head[..4]), (4, &[0x82, 126, 0, 126][..]));
+        let o = Out::new(0x82, Bytes::from(vec![0; 65536]));
+        assert_eq!(o.head_len, 10);
+        assert_eq!(&o.head[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
+    }
+
+    #[test]
+    fn close_reasons_are_cut_on_a_character_boundary() {
+        let s = "é".repeat(100); // 200 bytes
+        let t = truncate_utf8(&s, 123);
+        assert_eq!(t.len(), 122);
+        assert_eq!(truncate_utf8("short", 123), "short");
+    }
+
+    #[test]
+    fn frame_length_is_known_from_the_header() {
+        assert_eq!(peek_header(&[0x81]), None);
+        assert_eq!(peek_header(&[0x81, 0x85]), Some(2 + 4 + 5));
+        assert_eq!(peek_header(&[0x82, 0xfe, 0x01, 0x00]), Some(4 + 4 + 256));
+        assert_eq!(peek_header(&[0x82, 0xff, 0, 0]), None);
     }
 }
