@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-
 use crate::config::{Limits, OriginRule};
 use crate::instance::Instance;
 

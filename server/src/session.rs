@@ -29,9 +29,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::Message;
 use wshd_handler_api::abi::{WSHD_ERR_PANIC, WSHD_OK};
 
 use crate::host_api::Outbox;
@@ -199,411 +199,669 @@ impl Opening {
     }
 }
 
+/// Where a connection is in its life. Each phase decides what the loop
+/// waits for and which deadline the one timer serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Messages flow both ways.
+    Open,
+    /// The handler version was retired: messages still flow until `at`,
+    /// then the connection closes with 1012 (spread over the drain window).
+    Draining { at: Instant },
+    /// A close started, ours or the peer's: whatever is left (the last
+    /// queued writes, our close frame, the peer's reply) must happen by
+    /// `by`. The handler gets no more messages and the send queue is no
+    /// longer read.
+    Closing { by: Instant },
+    /// Over: the loop ends, `on_close` runs and the access line is written.
+    Done,
+}
+
+/// What woke the session.
+enum Event {
+    /// The peer: a message, its close, an error, or the end of the stream.
+    Peer(Option<Result<Message, ReadError>>),
+    /// The connection's mailbox: queued sends, a close request, timers,
+    /// shutdown, drain or handover.
+    Mail,
+    /// The one timer.
+    Tick,
+}
+
+/// One connection's session: the socket, the handler's state for it, and
+/// where it is in its life ([`Phase`]).
+struct Session {
+    ws: Ws,
+    /// Both change when a handover moves the connection to another
+    /// version of its handler (see `hand_over`).
+    route: Arc<Route>,
+    inst: Arc<crate::instance::Instance>,
+    id: u64,
+    server: Arc<Server>,
+    span: tracing::Span,
+    shared: Arc<ConnShared>,
+    /// The handler's state; `None` when `on_open` failed.
+    state: Option<ConnState>,
+    /// What a callback sent to its own connection.
+    outbox: Outbox,
+    stats: Stats,
+    phase: Phase,
+    /// How the connection closed (or is closing), for `on_close` and the
+    /// access line: set when the first close frame is sent or received.
+    close: Option<Close>,
+    /// A close requested while a write waited for the peer: it starts at
+    /// the next step.
+    deferred: Option<CloseFrame>,
+    /// The registry asked this connection to move to a new version
+    /// (ConnShared::HANDOVER); done at the next message boundary.
+    handover_pending: bool,
+    /// The waker `shared.wakeup` holds for this session.
+    registered: Option<std::task::Waker>,
+    /// The one timer. Boxed once: an idle connection's timer is re-armed in
+    /// place, never allocated per tick.
+    clock: Pin<Box<tokio::time::Sleep>>,
+    next_ping: Instant,
+    last_heard: Instant,
+    /// Queued messages taken from the mailbox, reused between wake-ups.
+    batch: Vec<Message>,
+}
+
 // A plain fn returning an async block, not an `async fn`: the task is
 // allocated at its largest state for the connection's whole life, and an
-// `async fn` keeps its arguments (`ws`, `opening`: 488 bytes) stored beside
-// the locals they were moved into. The block captures each field once.
-fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
-    let Opening {
-        route,
-        id,
-        server,
-        slot,
-        span,
-        started,
-        shared,
-        mut outbox,
-        opened,
-    } = opening;
+// `async fn` keeps its arguments stored beside the locals they were moved
+// into. The session is built before the block, which captures only it.
+fn run_inner(ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
+    let slot = opening.slot.clone();
+    let started = opening.started;
+    let opened = opening.opened.as_ref().map(|_| ()).map_err(|rc| *rc);
+    let mut s = Session::new(ws, opening);
     async move {
-        // Both change when a handover moves the connection to another
-        // version of its handler (see `hand_over`).
-        let mut route = route;
-        let mut inst = route.instance.clone();
+        s.start(opened).await;
+        while s.phase != Phase::Done {
+            s.step().await;
+        }
+        s.finish(started).await;
+        // Only now: the block must own the slot, or it would be dropped when
+        // this fn returns, long before the connection closes.
+        drop(slot);
+    }
+}
+
+impl Session {
+    fn new(mut ws: Ws, opening: Opening) -> Session {
+        let Opening {
+            route,
+            id,
+            server,
+            span,
+            shared,
+            outbox,
+            opened,
+            ..
+        } = opening;
+        let inst = route.instance.clone();
         let limits = &route.limits;
-        let wt = limits.write_timeout;
-        let mut stats = Stats {
-            metrics: Some(inst.metrics.clone()),
-            ..Stats::default()
-        };
-        let mut state: Option<ConnState> = None;
-        // Set once we have sent a close frame; we then only wait for the reply.
-        let mut closing = false;
-        let mut close: Option<Close> = None;
-        // Once a close starts (ours, or a close request draining the queue),
-        // everything left (the last writes, our close frame, the peer's
-        // reply) must happen by then: a peer that does not read cannot hold
-        // the connection for a full write_timeout.
-        let mut close_by: Option<Instant> = None;
-        // Queued sends, close requests, shutdown and drain all arrive
-        // through `shared.wakeup`; `registered` is the waker it holds for us.
-        let mut registered: Option<std::task::Waker> = None;
-        // A close requested while a write waited for the peer: it starts at
-        // the top of the loop.
-        let mut deferred: Option<CloseFrame> = None;
         ws.attach(crate::budget::Meter::new(
             server.budget.clone(),
             id,
             shared.clone(),
             limits.read_buffer_size,
         ));
-
-        match opened {
-            Ok(s) => {
-                state = Some(s);
-                match write_outbox(
-                    &mut ws,
-                    wt,
-                    &mut outbox,
-                    &mut stats,
-                    &mut close,
-                    &shared,
-                    &mut registered,
-                )
-                .await
-                {
-                    Ok(()) => {}
-                    Err(WriteError::Closing(f)) => deferred = Some(f),
-                    Err(e) => {
-                        e.log(&span);
-                        close.get_or_insert(dropped());
-                    }
-                }
-            }
-            Err(rc) => {
-                tracing::warn!(
-                    parent: &span,
-                    "on_open failed ({}); closing with 1011",
-                    crate::error::status_name(rc)
-                );
-                start_close(
-                    &mut ws,
-                    left(&mut close_by, limits.close_timeout),
-                    1011,
-                    "handler failed to open the connection",
-                    &mut close,
-                )
-                .await;
-            }
+        let tick = limits
+            .ping_interval
+            .min(limits.message_timeout)
+            .min(limits.write_timeout);
+        let now = Instant::now();
+        Session {
+            ws,
+            stats: Stats {
+                metrics: Some(inst.metrics.clone()),
+                ..Stats::default()
+            },
+            clock: Box::pin(tokio::time::sleep(tick)),
+            next_ping: now + limits.ping_interval,
+            last_heard: now,
+            route,
+            inst,
+            id,
+            server,
+            span,
+            shared,
+            state: opened.ok(),
+            outbox,
+            phase: Phase::Open,
+            close: None,
+            deferred: None,
+            handover_pending: false,
+            registered: None,
+            batch: Vec::new(),
         }
+    }
 
-        // Queued sends, close requests, shutdown and drain all arrive
-        // through `shared.wakeup`; `registered` is the waker it holds for us.
-        let mut draining = false;
-        // The one timer and what it waits for. Boxed once: an idle
-        // connection's timer is re-armed in place, never allocated per tick.
-        let tick = limits.ping_interval.min(limits.message_timeout).min(wt);
-        let mut clock = Box::pin(tokio::time::sleep(tick));
-        let mut next_ping = Instant::now() + limits.ping_interval;
-        let mut last_heard = Instant::now();
-        let mut drain_at: Option<Instant> = None;
-        let mut reply_by: Option<Instant> = None;
-        let mut batch: Vec<Message> = Vec::new();
-        // The registry asked this connection to move to a new version
-        // (ConnShared::HANDOVER); done at the next message boundary.
-        let mut handover_pending = false;
+    /// What `on_open` sent goes out; if it failed, the connection closes
+    /// with 1011.
+    async fn start(&mut self, opened: Result<(), i32>) {
+        let Err(rc) = opened else {
+            let r = self.write_outbox().await;
+            self.after_write(r);
+            return;
+        };
+        tracing::warn!(
+            parent: &self.span,
+            "on_open failed ({}); closing with 1011",
+            crate::error::status_name(rc)
+        );
+        self.close_with(1011, "handler failed to open the connection")
+            .await;
+    }
 
-        while !matches!(
-            close,
+    /// One turn of the loop: pending work at a message boundary, then one
+    /// event.
+    async fn step(&mut self) {
+        // Between two messages: no callback of this connection is running
+        // (each is awaited, on the blocking pool too) and no fragmented
+        // message is half read.
+        if self.handover_pending
+            && matches!(self.phase, Phase::Open | Phase::Draining { .. })
+            && self.close.is_none()
+            && self.deferred.is_none()
+            && self.ws.unfinished_since().is_none()
+        {
+            self.handover_pending = false;
+            Box::pin(self.move_on()).await;
+        }
+        if let Some(f) = self.deferred.take() {
+            tracing::debug!(parent: &self.span, "close requested while a write waited for the peer; closing now");
+            self.close_with(f.code.into(), &f.reason).await;
+        }
+        // A close frame the handler queued (or on_open's failure) went out
+        // with the last write: from now only the reply is awaited, for at
+        // most close_timeout.
+        if matches!(
+            self.close,
             Some(Close {
-                by: Closer::Dropped,
+                by: Closer::Server,
                 ..
             })
         ) {
-            // Between two messages: no callback of this connection is
-            // running (each is awaited below, on the blocking pool too) and
-            // no fragmented message is half read.
-            if handover_pending
-                && close.is_none()
-                && deferred.is_none()
-                && ws.unfinished_since().is_none()
-            {
-                handover_pending = false;
-                if let Some(moved) =
-                    Box::pin(hand_over(&inst, &shared, id, &mut state, &span)).await
-                {
-                    inst = moved.route.instance.clone();
-                    route = moved.route;
-                    // The new version serves it: the old one's drain does
-                    // not apply any more.
-                    draining = false;
-                    drain_at = None;
-                    // The new version may have been replaced in turn
-                    // before the connection reached it.
-                    handover_pending = inst.handover_to().is_some();
-                    if inst.drain.is_cancelled() {
-                        shared.signal(ConnShared::RETIRED);
-                    }
+            self.closing();
+        }
+        let event = self.wait().await;
+        match event {
+            Event::Peer(r) => self.on_peer(r).await,
+            Event::Mail => self.on_mail().await,
+            Event::Tick => self.on_tick().await,
+        }
+    }
+
+    /// Waits for the peer, the mailbox (not once closing: the queue is
+    /// done) or the timer.
+    async fn wait(&mut self) -> Event {
+        let reading_mail = !matches!(self.phase, Phase::Closing { .. });
+        let Session {
+            ws,
+            shared,
+            registered,
+            clock,
+            ..
+        } = self;
+        tokio::select! {
+            r = ws.next() => Event::Peer(r),
+            _ = std::future::poll_fn(|cx| shared.wakeup.poll(cx, registered)), if reading_mail => Event::Mail,
+            () = clock.as_mut() => Event::Tick,
+        }
+    }
+
+    async fn on_peer(&mut self, r: Option<Result<Message, ReadError>>) {
+        match r {
+            Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => self.on_message(msg).await,
+            Some(Ok(Message::Close(frame))) => {
+                if self.close.is_none() {
+                    let (code, reason) = match frame {
+                        Some(f) => (u16::from(f.code), f.reason.to_string()),
+                        None => (1005, String::new()),
+                    };
+                    self.close = Some(Close {
+                        code,
+                        reason,
+                        by: Closer::Peer,
+                    });
                 }
+                // ws.rs queued the reply; the next read writes it and then
+                // reports the end of the stream.
+                self.closing();
             }
-            let limits = &route.limits;
-            if let Some(f) = deferred.take() {
-                tracing::debug!(parent: &span, "close requested while a write waited for the peer; closing now");
-                start_close(
-                    &mut ws,
-                    left(&mut close_by, limits.close_timeout),
-                    f.code.into(),
-                    &f.reason,
-                    &mut close,
+            Some(Ok(_)) => {} // ws.rs answers pings itself and returns only data and close
+            Some(Err(ReadError::OverBudget)) => {
+                let limits = &self.route.limits;
+                tracing::info!(
+                    parent: &self.span,
+                    "unfinished messages of all connections are over max_buffered_bytes ({} bytes); this connection holds the most ({} bytes): closing with 1009 and freeing them",
+                    limits.max_buffered_bytes,
+                    self.ws.held(),
+                );
+                self.cut(1009, "buffered data over the server's budget")
+                    .await;
+            }
+            Some(Err(ReadError::Protocol { code, reason })) => {
+                if self.close.is_none() {
+                    tracing::info!(parent: &self.span, "closing with {code}: {reason}");
+                    self.close_with(code, reason).await;
+                    // Fail the connection (RFC 6455 §7.1.7): don't wait for
+                    // a reply from a misbehaving peer, but don't reset it
+                    // either, or it never sees why.
+                    Box::pin(linger(&mut self.ws, &self.route.limits)).await;
+                } else {
+                    tracing::debug!(parent: &self.span, "peer broke the protocol while closing: {reason}");
+                }
+                self.phase = Phase::Done;
+            }
+            Some(Err(ReadError::Io(e))) => {
+                tracing::debug!(parent: &self.span, "connection error: {e}");
+                self.drop_connection();
+            }
+            None => self.drop_connection(),
+        }
+    }
+
+    /// A data message from the peer: to the handler, then what it sent.
+    async fn on_message(&mut self, msg: Message) {
+        let len = msg.len();
+        self.stats.msgs_in += 1;
+        self.stats.bytes_in += len as u64;
+        self.inst.metrics.message_in(len);
+        if matches!(self.phase, Phase::Closing { .. }) {
+            return; // RFC 6455 §1.4: data after a close is discarded
+        }
+        let Some(st) = self.state.as_mut() else {
+            return;
+        };
+        let rc = if self.inst.is_inline() {
+            self.inst
+                .message_inline(st, self.id, &msg, &mut self.outbox)
+        } else {
+            let st = self.state.take().expect("state present");
+            let outbox = std::mem::take(&mut self.outbox);
+            let (rc, st, ob) = Box::pin(self.inst.message(st, self.id, msg, outbox)).await;
+            self.state = Some(st);
+            self.outbox = ob;
+            rc
+        };
+        let r = self.write_outbox().await;
+        if !self.after_write(r) {
+            return;
+        }
+        self.after_callback(rc, "on_message").await;
+    }
+
+    /// A failed callback closes with 1011; an outbox overflow under the
+    /// close policy with 1008.
+    async fn after_callback(&mut self, rc: i32, callback: &str) {
+        if self.close.is_some() {
+            return;
+        }
+        if rc != WSHD_OK {
+            let reason = if rc == WSHD_ERR_PANIC {
+                "handler panicked"
+            } else {
+                "handler error"
+            };
+            tracing::warn!(parent: &self.span, "{callback} failed ({}); closing with 1011", crate::error::status_name(rc));
+            self.close_with(1011, reason).await;
+        } else if std::mem::take(&mut self.outbox.overflowed) {
+            tracing::info!(parent: &self.span, "send queue full: closing slow consumer with 1008");
+            self.close_with(1008, "slow consumer").await;
+        }
+    }
+
+    /// The mailbox: fired timers, queued sends, close requests, shutdown,
+    /// drain and handover.
+    async fn on_mail(&mut self) {
+        // Timers that fired run here, between this connection's messages
+        // (one atomic load when none did).
+        if self.shared.has_fired_timers() {
+            Box::pin(self.fire_timers()).await;
+            if self.phase == Phase::Done {
+                return;
+            }
+        }
+        // A close request or shutdown drains the whole queue first;
+        // otherwise one batch per wake, so a busy sender cannot starve
+        // reads.
+        let close_request = self.shared.take_close_request();
+        let events = self.shared.take_events();
+        let closing_now = close_request.is_some() || events & ConnShared::SHUTDOWN != 0;
+        let max = if closing_now { usize::MAX } else { WRITE_BATCH };
+        if closing_now {
+            // The queue's last messages, our close frame and the reply all
+            // fit in close_timeout from here.
+            self.closing();
+        }
+        self.shared.take(&mut self.batch, max);
+        let r = self.write_batch(closing_now).await;
+        let close_request = match r {
+            Ok(()) => close_request,
+            Err(WriteError::Closing(f)) => Some(f),
+            Err(e) => {
+                e.log(&self.span);
+                self.drop_connection();
+                return;
+            }
+        };
+        if let Some(f) = close_request {
+            self.close_with(f.code.into(), &f.reason).await;
+        } else if events & ConnShared::SHUTDOWN != 0 {
+            self.close_with(1001, "server shutting down").await;
+        } else if self.shared.has_queued() {
+            self.shared.wakeup.wake();
+        }
+        if events & ConnShared::HANDOVER != 0 {
+            self.handover_pending = true;
+        }
+        // A connection that moved ignores a drain signal its old version
+        // sent before the move.
+        if events & ConnShared::RETIRED != 0
+            && self.phase == Phase::Open
+            && self.close.is_none()
+            && self.inst.drain.is_cancelled()
+        {
+            let delay = self.inst.drain_delay(self.id);
+            tracing::debug!(parent: &self.span, "handler version retired: closing with 1012 in {delay:?}");
+            let at = Instant::now() + delay;
+            self.phase = Phase::Draining { at };
+            self.arm(at);
+        }
+    }
+
+    /// Queues the batch taken from the mailbox and writes it with one
+    /// flush. While not closing, a close request ends a write that waits.
+    async fn write_batch(&mut self, closing_now: bool) -> Result<(), WriteError> {
+        let wt = self.route.limits.write_timeout;
+        let mut result = Ok(());
+        for m in self.batch.drain(..) {
+            let limit = write_limit(&self.ws, wt, self.phase);
+            let stop = (!closing_now).then_some(Stop {
+                shared: &self.shared,
+                registered: &mut self.registered,
+            });
+            result = write_one(
+                &mut self.ws,
+                limit,
+                m,
+                &mut self.stats,
+                &mut self.close,
+                stop,
+            )
+            .await;
+            if result.is_err() {
+                break;
+            }
+        }
+        self.batch.clear();
+        result?;
+        let stop = (!closing_now).then_some(Stop {
+            shared: &self.shared,
+            registered: &mut self.registered,
+        });
+        timed_or_close(write_limit(&self.ws, wt, self.phase), self.ws.flush(), stop).await
+    }
+
+    /// The timer: every deadline of the connection.
+    async fn on_tick(&mut self) {
+        let now = Instant::now();
+        let limits = &self.route.limits;
+        let wt = limits.write_timeout;
+        if let Phase::Closing { by } = self.phase
+            && now >= by
+        {
+            tracing::debug!(parent: &self.span, "close did not complete in time; dropping the connection");
+            self.phase = Phase::Done;
+            return;
+        }
+        if self.ws.take_heard() {
+            self.last_heard = now;
+        }
+        if let Some(since) = self.ws.write_blocked_since()
+            && now >= since + wt
+        {
+            WriteError::Stalled(wt).log(&self.span);
+            self.drop_connection();
+            return;
+        }
+        if let Some(since) = self.ws.unfinished_since()
+            && now >= since + limits.message_timeout
+        {
+            tracing::info!(
+                parent: &self.span,
+                "a message started {:?} ago is still unfinished ({} bytes so far; message_timeout is {:?}): closing with 1008 and freeing it",
+                now - since,
+                self.ws.held(),
+                limits.message_timeout,
+            );
+            self.cut(1008, "message not completed in time").await;
+            return;
+        }
+        if let Phase::Draining { at } = self.phase
+            && now >= at
+        {
+            tracing::info!(parent: &self.span, "handler version retired: closing with 1012 (service restart)");
+            self.close_with(1012, "service restart").await;
+        }
+        let limits = &self.route.limits;
+        if self.close.is_none() && now >= self.last_heard + limits.idle_timeout {
+            tracing::info!(parent: &self.span, "nothing received from the peer for {:?} (idle_timeout): closing with 1001", now - self.last_heard);
+            self.close_with(1001, "idle timeout").await;
+        }
+        let limits = &self.route.limits;
+        if self.close.is_none() && now >= self.next_ping {
+            self.next_ping = now + limits.ping_interval;
+            // Output already waiting for the peer is watched by the write
+            // deadline; a ping would only queue behind it.
+            if self.ws.write_blocked_since().is_none() {
+                let stop = Stop {
+                    shared: &self.shared,
+                    registered: &mut self.registered,
+                };
+                let r = timed_or_close(
+                    wt,
+                    self.ws.send(Message::Ping(Default::default())),
+                    Some(stop),
                 )
                 .await;
-            }
-            // Once our close frame is out (here, or before the loop when on_open
-            // failed), only the reply is awaited, for at most close_timeout.
-            if !closing
-                && close
-                    .as_ref()
-                    .is_some_and(|c| matches!(c.by, Closer::Server))
-            {
-                closing = true;
-                drain_at = None;
-                let by = *close_by.get_or_insert_with(|| Instant::now() + limits.close_timeout);
-                reply_by = Some(by);
-                if by < clock.deadline() {
-                    clock.as_mut().reset(by);
-                }
-            }
-            let open = !closing;
-            tokio::select! {
-                frame = ws.next() => match frame {
-                    Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                        stats.msgs_in += 1;
-                        stats.bytes_in += msg.len() as u64;
-                        inst.metrics.message_in(msg.len());
-                        if !open {
-                            continue; // RFC 6455 §1.4: data after our close is discarded
-                        }
-                        let Some(st) = state.as_mut() else { continue };
-                        let rc = if inst.is_inline() {
-                            inst.message_inline(st, id, &msg, &mut outbox)
-                        } else {
-                            let st = state.take().expect("state present");
-                            let (rc, st, ob) = Box::pin(inst.message(st, id, msg, std::mem::take(&mut outbox))).await;
-                            state = Some(st);
-                            outbox = ob;
-                            rc
-                        };
-                        match write_outbox(&mut ws, wt, &mut outbox, &mut stats, &mut close, &shared, &mut registered).await {
-                            Ok(()) => {}
-                            Err(WriteError::Closing(f)) => deferred = Some(f),
-                            Err(e) => {
-                                e.log(&span);
-                                close.get_or_insert(dropped());
-                                break;
-                            }
-                        }
-                        if rc != WSHD_OK && close.is_none() {
-                            let reason = if rc == WSHD_ERR_PANIC { "handler panicked" } else { "handler error" };
-                            tracing::warn!(parent: &span, "on_message failed ({}); closing with 1011", crate::error::status_name(rc));
-                            start_close(&mut ws, left(&mut close_by, limits.close_timeout), 1011, reason, &mut close).await;
-                        } else if std::mem::take(&mut outbox.overflowed) && close.is_none() {
-                            tracing::info!(parent: &span, "send queue full: closing slow consumer with 1008");
-                            start_close(&mut ws, left(&mut close_by, limits.close_timeout), 1008, "slow consumer", &mut close).await;
-                        }
-                    }
-                    Some(Ok(Message::Close(frame))) => {
-                        // tungstenite queues the reply; the next read flushes it
-                        // and then reports the end of the stream.
-                        if close.is_none() {
-                            let (code, reason) = match frame {
-                                Some(f) => (u16::from(f.code), f.reason.to_string()),
-                                None => (1005, String::new()),
-                            };
-                            close = Some(Close { code, reason, by: Closer::Peer });
-                        }
-                    }
-                    Some(Ok(_)) => {} // ws.rs answers pings itself and returns only data and close
-                    Some(Err(ReadError::OverBudget)) => {
-                        let reason = "buffered data over the server's budget";
-                        tracing::info!(
-                            parent: &span,
-                            "unfinished messages of all connections are over max_buffered_bytes ({} bytes); this connection holds the most ({} bytes): closing with 1009 and freeing them",
-                            limits.max_buffered_bytes,
-                            ws.held(),
-                        );
-                        cut(&mut ws, &mut close, limits, 1009, reason).await;
-                        break;
-                    }
-                    Some(Err(ReadError::Protocol { code, reason })) => {
-                        if close.is_none() {
-                            tracing::info!(parent: &span, "closing with {code}: {reason}");
-                            start_close(&mut ws, left(&mut close_by, limits.close_timeout), code, reason, &mut close).await;
-                            // Fail the connection (RFC 6455 §7.1.7): don't
-                            // wait for a reply from a misbehaving peer, but
-                            // don't reset it either, or it never sees why.
-                            Box::pin(linger(&mut ws, &route.limits)).await;
-                        } else {
-                            tracing::debug!(parent: &span, "peer broke the protocol while closing: {reason}");
-                        }
-                        break;
-                    }
-                    Some(Err(ReadError::Io(e))) => {
-                        tracing::debug!(parent: &span, "connection error: {e}");
-                        close.get_or_insert(dropped());
-                        break;
-                    }
-                    None => {
-                        close.get_or_insert(dropped());
-                        break;
-                    }
-                },
-                _ = std::future::poll_fn(|cx| shared.wakeup.poll(cx, &mut registered)), if open => {
-                    // Timers that fired run here, between this connection's
-                    // messages (one atomic load when none did).
-                    if shared.has_fired_timers()
-                        && fire_timers(&inst, &shared, id, &mut state, &mut outbox, &mut ws, wt, &mut stats, &mut close, &span, TimerIo {
-                            registered: &mut registered,
-                            deferred: &mut deferred,
-                            close_by: &mut close_by,
-                            close_timeout: limits.close_timeout,
-                        })
-                            .await
-                            .is_err()
-                    {
-                        break;
-                    }
-                    // A close request or shutdown drains the whole queue first;
-                    // otherwise one batch per wake, so a busy sender cannot
-                    // starve reads.
-                    let close_request = shared.take_close_request();
-                    let events = shared.take_events();
-                    let closing_now = close_request.is_some() || events & ConnShared::SHUTDOWN != 0;
-                    let max = if closing_now { usize::MAX } else { WRITE_BATCH };
-                    if closing_now {
-                        // The queue's last messages, our close frame and
-                        // the reply all fit in close_timeout from here.
-                        left(&mut close_by, limits.close_timeout);
-                    }
-                    shared.take(&mut batch, max);
-                    let mut result = Ok(());
-                    for m in batch.drain(..) {
-                        let limit = write_limit(&ws, wt, close_by);
-                        // Once closing, close_by bounds the writes already.
-                        let stop = (!closing_now).then_some(Stop { shared: &shared, registered: &mut registered });
-                        result = write_one(&mut ws, limit, m, &mut stats, &mut close, stop).await;
-                        if result.is_err() {
-                            break;
-                        }
-                    }
-                    batch.clear();
-                    if result.is_ok() {
-                        let stop = (!closing_now).then_some(Stop { shared: &shared, registered: &mut registered });
-                        result = timed_or_close(write_limit(&ws, wt, close_by), ws.flush(), stop).await;
-                    }
-                    let close_request = match result {
-                        Ok(()) => close_request,
-                        Err(WriteError::Closing(f)) => Some(f),
-                        Err(e) => {
-                            e.log(&span);
-                            close.get_or_insert(dropped());
-                            break;
-                        }
-                    };
-                    if let Some(f) = close_request {
-                        start_close(&mut ws, left(&mut close_by, limits.close_timeout), f.code.into(), &f.reason, &mut close).await;
-                    } else if events & ConnShared::SHUTDOWN != 0 {
-                        start_close(&mut ws, left(&mut close_by, limits.close_timeout), 1001, "server shutting down", &mut close).await;
-                    } else if shared.has_queued() {
-                        shared.wakeup.wake();
-                    }
-                    if events & ConnShared::HANDOVER != 0 {
-                        handover_pending = true;
-                    }
-                    // A connection that moved ignores a drain signal its old
-                    // version sent before the move.
-                    if events & ConnShared::RETIRED != 0 && close.is_none() && !draining && inst.drain.is_cancelled() {
-                        draining = true;
-                        let delay = inst.drain_delay(id);
-                        tracing::debug!(parent: &span, "handler version retired: closing with 1012 in {delay:?}");
-                        let at = Instant::now() + delay;
-                        drain_at = Some(at);
-                        if at < clock.deadline() {
-                            clock.as_mut().reset(at);
-                        }
-                    }
-                }
-                () = clock.as_mut() => {
-                    let now = Instant::now();
-                    if reply_by.is_some_and(|t| now >= t) {
-                        tracing::debug!(parent: &span, "peer did not answer our close in time; dropping the connection");
-                        break;
-                    }
-                    if ws.take_heard() {
-                        last_heard = now;
-                    }
-                    if let Some(since) = ws.write_blocked_since()
-                        && now >= since + wt
-                    {
-                        WriteError::Stalled(wt).log(&span);
-                        close.get_or_insert(dropped());
-                        break;
-                    }
-                    if let Some(since) = ws.unfinished_since()
-                        && now >= since + limits.message_timeout
-                    {
-                        let reason = "message not completed in time";
-                        tracing::info!(
-                            parent: &span,
-                            "a message started {:?} ago is still unfinished ({} bytes so far; message_timeout is {:?}): closing with 1008 and freeing it",
-                            now - since,
-                            ws.held(),
-                            limits.message_timeout,
-                        );
-                        cut(&mut ws, &mut close, limits, 1008, reason).await;
-                        break;
-                    }
-                    if drain_at.is_some_and(|t| now >= t) {
-                        drain_at = None;
-                        tracing::info!(parent: &span, "handler version retired: closing with 1012 (service restart)");
-                        start_close(&mut ws, left(&mut close_by, limits.close_timeout), 1012, "service restart", &mut close).await;
-                    }
-                    if close.is_none() && now >= last_heard + limits.idle_timeout {
-                        tracing::info!(parent: &span, "nothing received from the peer for {:?} (idle_timeout): closing with 1001", now - last_heard);
-                        start_close(&mut ws, left(&mut close_by, limits.close_timeout), 1001, "idle timeout", &mut close).await;
-                    }
-                    if close.is_none() && now >= next_ping {
-                        next_ping = now + limits.ping_interval;
-                        // Output already waiting for the peer is watched by
-                        // the write deadline; a ping would only queue behind it.
-                        if ws.write_blocked_since().is_none()
-                        {
-                            let stop = Stop { shared: &shared, registered: &mut registered };
-                            match timed_or_close(wt, ws.send(Message::Ping(Default::default())), Some(stop)).await {
-                                Ok(()) => {}
-                                Err(WriteError::Closing(f)) => deferred = Some(f),
-                                Err(e) => {
-                                    e.log(&span);
-                                    close.get_or_insert(dropped());
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    // Re-arm for whatever comes first; at the latest one tick
-                    // from now, to notice a message or a write that starts
-                    // stalling in between.
-                    let mut next = now + tick;
-                    let mut due = |t: Option<Instant>| {
-                        if let Some(t) = t {
-                            next = next.min(t);
-                        }
-                    };
-                    due(reply_by);
-                    due(drain_at);
-                    due(ws.unfinished_since().map(|s| s + limits.message_timeout));
-                    due(ws.write_blocked_since().map(|s| s + wt));
-                    if close.is_none() {
-                        due(Some(next_ping));
-                        due(Some(last_heard + limits.idle_timeout));
-                    }
-                    // Never in the past: what was due has been handled.
-                    clock.as_mut().reset(next.max(now + Duration::from_millis(1)));
+                if !self.after_write(r) {
+                    return;
                 }
             }
         }
+        self.rearm(now);
+    }
 
+    /// Re-arms the timer for whatever comes first; at the latest one tick
+    /// from now, to notice a message or a write that starts stalling in
+    /// between.
+    fn rearm(&mut self, now: Instant) {
+        let limits = &self.route.limits;
+        let tick = limits
+            .ping_interval
+            .min(limits.message_timeout)
+            .min(limits.write_timeout);
+        let mut next = now + tick;
+        let mut due = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = next.min(t);
+            }
+        };
+        match self.phase {
+            Phase::Closing { by } => due(Some(by)),
+            Phase::Draining { at } => due(Some(at)),
+            Phase::Open | Phase::Done => {}
+        }
+        due(self
+            .ws
+            .unfinished_since()
+            .map(|s| s + limits.message_timeout));
+        due(self
+            .ws
+            .write_blocked_since()
+            .map(|s| s + limits.write_timeout));
+        if self.close.is_none() {
+            due(Some(self.next_ping));
+            due(Some(self.last_heard + limits.idle_timeout));
+        }
+        // Never in the past: what was due has been handled.
+        self.clock
+            .as_mut()
+            .reset(next.max(now + Duration::from_millis(1)));
+    }
+
+    /// Makes the timer fire by `t` at the latest.
+    fn arm(&mut self, t: Instant) {
+        if t < self.clock.deadline() {
+            self.clock.as_mut().reset(t);
+        }
+    }
+
+    /// Enters [`Phase::Closing`] (once): from now everything left must
+    /// happen within `close_timeout`. Returns the deadline.
+    fn closing(&mut self) -> Instant {
+        match self.phase {
+            Phase::Closing { by } => by,
+            Phase::Done => Instant::now(),
+            Phase::Open | Phase::Draining { .. } => {
+                let by = Instant::now() + self.route.limits.close_timeout;
+                self.phase = Phase::Closing { by };
+                self.arm(by);
+                by
+            }
+        }
+    }
+
+    /// Starts our close handshake with `code` (unless a close already
+    /// happened) and enters [`Phase::Closing`].
+    async fn close_with(&mut self, code: u16, reason: &str) {
+        let by = self.closing();
+        let limit = by.saturating_duration_since(Instant::now());
+        start_close(&mut self.ws, limit, code, reason, &mut self.close).await;
+    }
+
+    /// Ends the connection at once and frees what it holds (see
+    /// [`crate::ws::WsConn::cut`]).
+    async fn cut(&mut self, code: u16, reason: &'static str) {
+        cut(
+            &mut self.ws,
+            &mut self.close,
+            &self.route.limits,
+            code,
+            reason,
+        )
+        .await;
+        self.phase = Phase::Done;
+    }
+
+    /// The connection is gone without a close handshake (1006, unless a
+    /// close was already recorded).
+    fn drop_connection(&mut self) {
+        self.close.get_or_insert(dropped());
+        self.phase = Phase::Done;
+    }
+
+    /// Applies how a write went: `false` when the connection is gone.
+    fn after_write(&mut self, r: Result<(), WriteError>) -> bool {
+        match r {
+            Ok(()) => true,
+            Err(WriteError::Closing(f)) => {
+                self.deferred = Some(f);
+                true
+            }
+            Err(e) => {
+                e.log(&self.span);
+                self.drop_connection();
+                false
+            }
+        }
+    }
+
+    /// Writes what a callback queued for its own connection, with one flush.
+    async fn write_outbox(&mut self) -> Result<(), WriteError> {
+        write_outbox(
+            &mut self.ws,
+            self.route.limits.write_timeout,
+            &mut self.outbox,
+            &mut self.stats,
+            &mut self.close,
+            &self.shared,
+            &mut self.registered,
+        )
+        .await
+    }
+
+    /// Calls `on_timer` for the connection's timers that fired (ABI 1.2)
+    /// and writes what they sent, as for a message.
+    async fn fire_timers(&mut self) {
+        let fired = self.shared.take_fired_timers();
+        if fired.is_empty() || self.close.is_some() {
+            return;
+        }
+        let Some(st) = self.state.take() else {
+            return;
+        };
+        let outbox = std::mem::take(&mut self.outbox);
+        let (rc, st, ob) = self.inst.timers(st, self.id, fired, outbox).await;
+        self.state = Some(st);
+        self.outbox = ob;
+        let r = self.write_outbox().await;
+        if !self.after_write(r) {
+            return;
+        }
+        self.after_callback(rc, "on_timer").await;
+    }
+
+    /// A handover at a message boundary: on success the connection now
+    /// belongs to the new version, whose drain (if any) applies instead.
+    async fn move_on(&mut self) {
+        let Some(moved) = hand_over(
+            &self.inst,
+            &self.shared,
+            self.id,
+            &mut self.state,
+            &self.span,
+        )
+        .await
+        else {
+            return;
+        };
+        self.inst = moved.route.instance.clone();
+        self.route = moved.route;
+        // The new version serves it: the old one's drain does not apply
+        // any more.
+        if let Phase::Draining { .. } = self.phase {
+            self.phase = Phase::Open;
+        }
+        // The new version may have been replaced in turn before the
+        // connection reached it.
+        self.handover_pending = self.inst.handover_to().is_some();
+        if self.inst.drain.is_cancelled() {
+            self.shared.signal(ConnShared::RETIRED);
+        }
+    }
+
+    /// The connection is over: unregisters it, calls `on_close` exactly
+    /// once per successful `on_open`, and writes the access line.
+    async fn finish(self, started: Instant) {
+        let Session {
+            ws,
+            inst,
+            id,
+            server,
+            span,
+            shared,
+            state,
+            stats,
+            close,
+            ..
+        } = self;
         // Unregister first, so sends from handler threads from now on get
-        // WSHD_ERR_CLOSED; then on_close, exactly once per successful on_open.
+        // WSHD_ERR_CLOSED.
         server.conns.unregister(id);
         leave(&shared);
         let close = close.unwrap_or_else(dropped);
@@ -627,8 +885,8 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
         {
             metrics.slow_consumer();
         }
-        // Dropping `ws` closes the socket; tungstenite already sent or answered
-        // the close frame.
+        // Dropping `ws` closes the socket; the close frames were sent or
+        // answered already.
         drop(ws);
         tracing::info!(
             parent: &span,
@@ -642,9 +900,6 @@ fn run_inner(mut ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
             closed_by = ?close.by,
             "close"
         );
-        // Only now: the block must own the slot, or it would be dropped when
-        // this fn returns, long before the connection closes.
-        drop(slot);
     }
 }
 
@@ -781,21 +1036,13 @@ fn dropped() -> Close {
     }
 }
 
-/// The time left until `close_by`, which is set to `close_timeout` from
-/// now if no close has started yet.
-fn left(close_by: &mut Option<Instant>, close_timeout: Duration) -> Duration {
-    close_by
-        .get_or_insert_with(|| Instant::now() + close_timeout)
-        .saturating_duration_since(Instant::now())
-}
-
 /// How long the next write may wait: what is left of the close deadline
 /// once closing, otherwise `write_timeout` minus how long output has
 /// already been waiting.
-fn write_limit(ws: &Ws, wt: Duration, close_by: Option<Instant>) -> Duration {
-    match close_by {
-        Some(t) => t.saturating_duration_since(Instant::now()),
-        None => ws.write_time_left(wt),
+fn write_limit(ws: &Ws, wt: Duration, phase: Phase) -> Duration {
+    match phase {
+        Phase::Closing { by } => by.saturating_duration_since(Instant::now()),
+        _ => ws.write_time_left(wt),
     }
 }
 
@@ -921,83 +1168,6 @@ async fn write_outbox(
 fn leave(shared: &Arc<ConnShared>) {
     crate::topics::global().leave_all(shared);
     crate::timers::global().drop_conn(shared);
-}
-
-/// The session state a timer callback's writes and closes share with the
-/// message path: the wake-up registration, a close requested while a write
-/// waited, and the one close deadline.
-struct TimerIo<'a> {
-    registered: &'a mut Option<std::task::Waker>,
-    deferred: &'a mut Option<CloseFrame>,
-    close_by: &'a mut Option<Instant>,
-    close_timeout: Duration,
-}
-
-/// Calls `on_timer` for the connection's timers that fired (ABI 1.2) and
-/// writes what they sent, as for a message: a failed callback closes with
-/// 1011, an overflow under the close policy with 1008. `Err` when the
-/// socket is gone. Boxed: timers are rare next to messages.
-#[allow(clippy::too_many_arguments)]
-fn fire_timers<'a>(
-    inst: &'a Arc<crate::instance::Instance>,
-    shared: &'a ConnShared,
-    id: u64,
-    state: &'a mut Option<ConnState>,
-    outbox: &'a mut Outbox,
-    ws: &'a mut Ws,
-    wt: Duration,
-    stats: &'a mut Stats,
-    close: &'a mut Option<Close>,
-    span: &'a tracing::Span,
-    io: TimerIo<'a>,
-) -> Pin<Box<impl Future<Output = Result<(), ()>> + Send + 'a>> {
-    let TimerIo {
-        registered,
-        deferred,
-        close_by,
-        close_timeout,
-    } = io;
-    Box::pin(async move {
-        let fired = shared.take_fired_timers();
-        if fired.is_empty() || close.is_some() {
-            return Ok(());
-        }
-        let Some(st) = state.take() else {
-            return Ok(());
-        };
-        let (rc, st, ob) = inst.timers(st, id, fired, std::mem::take(outbox)).await;
-        *state = Some(st);
-        *outbox = ob;
-        match write_outbox(ws, wt, outbox, stats, close, shared, registered).await {
-            Ok(()) => {}
-            Err(WriteError::Closing(f)) => *deferred = Some(f),
-            Err(e) => {
-                e.log(span);
-                close.get_or_insert(dropped());
-                return Err(());
-            }
-        }
-        if rc != WSHD_OK && close.is_none() {
-            let reason = if rc == WSHD_ERR_PANIC {
-                "handler panicked"
-            } else {
-                "handler error"
-            };
-            tracing::warn!(parent: span, "on_timer failed ({}); closing with 1011", crate::error::status_name(rc));
-            start_close(ws, left(close_by, close_timeout), 1011, reason, close).await;
-        } else if std::mem::take(&mut outbox.overflowed) && close.is_none() {
-            tracing::info!(parent: span, "send queue full: closing slow consumer with 1008");
-            start_close(
-                ws,
-                left(close_by, close_timeout),
-                1008,
-                "slow consumer",
-                close,
-            )
-            .await;
-        }
-        Ok(())
-    })
 }
 
 /// Moves the connection to the version its handler was replaced by

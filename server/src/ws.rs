@@ -563,7 +563,10 @@ impl WsConn {
                         return Err(fail(1002, "protocol error: continuation without a message"));
                     }
                     (1 | 2, Some(_)) => {
-                        return Err(fail(1002, "protocol error: new message inside a fragmented one"));
+                        return Err(fail(
+                            1002,
+                            "protocol error: new message inside a fragmented one",
+                        ));
                     }
                     _ => {}
                 }
@@ -747,9 +750,7 @@ impl WsConn {
             // A ready frame: a handler's "do not compress" send.
             Message::Frame(f) => {
                 let h = f.header();
-                let first = u8::from(h.is_final) << 7
-                    | u8::from(h.rsv1) << 6
-                    | u8::from(h.opcode);
+                let first = u8::from(h.is_final) << 7 | u8::from(h.rsv1) << 6 | u8::from(h.opcode);
                 Out::new(first, f.into_payload())
             }
         };
