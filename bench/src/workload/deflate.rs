@@ -133,7 +133,10 @@ impl DeflateClient {
             }
             ensure!(input.len() < 16 * 1024, "handshake response head too long");
             let read = stream.read_buf(&mut input).await?;
-            ensure!(read > 0, "server closed the connection during the handshake");
+            ensure!(
+                read > 0,
+                "server closed the connection during the handshake"
+            );
         };
         let head = std::str::from_utf8(&input[..head_end]).context("response head")?;
         let agreed = check_response(head, &derive_accept_key(key.as_bytes()))?;
@@ -412,7 +415,10 @@ fn inflate(decompress: &mut Decompress, input: &[u8], out: &mut Vec<u8>) -> anyh
         if consumed == input.len() && out.len() < out.capacity() {
             return Ok(());
         }
-        ensure!(out.len() <= MAX_MESSAGE, "inflated message over {MAX_MESSAGE} bytes");
+        ensure!(
+            out.len() <= MAX_MESSAGE,
+            "inflated message over {MAX_MESSAGE} bytes"
+        );
         if out.len() == out.capacity() {
             out.reserve(out.capacity());
         } else {
@@ -796,7 +802,10 @@ mod tests {
         // Twice through the same inflater: context is kept across messages.
         for _ in 0..2 {
             deflate(&mut compress, &document, &mut deflated).unwrap();
-            assert!(!deflated.ends_with(&TAIL), "the sync-flush tail is stripped");
+            assert!(
+                !deflated.ends_with(&TAIL),
+                "the sync-flush tail is stripped"
+            );
             assert!(deflated.len() < document.len() / 3, "{}", deflated.len());
             deflated.extend_from_slice(&TAIL);
             inflate(&mut decompress, &deflated, &mut inflated).unwrap();
@@ -820,9 +829,13 @@ mod tests {
                 client_max_window_bits: 12
             }
         );
-        let plain = format!("HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: {key}\r\n\r\n");
+        let plain =
+            format!("HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: {key}\r\n\r\n");
         let error = check_response(&plain, key).unwrap_err().to_string();
-        assert!(error.contains("did not accept permessage-deflate"), "{error}");
+        assert!(
+            error.contains("did not accept permessage-deflate"),
+            "{error}"
+        );
         assert!(check_response(&ok, "other").is_err());
         assert!(check_response("HTTP/1.1 404 Not Found\r\n\r\n", key).is_err());
     }
