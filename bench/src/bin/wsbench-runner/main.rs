@@ -47,8 +47,9 @@ static STOP: AtomicBool = AtomicBool::new(false);
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// CI smoke run: one short round, wshd and raw (4 KiB), plain and over TLS, tiny sizes;
-    /// writes the report to a temp dir and fails on any error.
+    /// CI smoke run: one short round, wshd, raw (4 KiB) and fastwebsockets, plain, over TLS,
+    /// pinned and with permessage-deflate, tiny sizes; writes the report to a temp dir and
+    /// fails on any error.
     #[arg(long)]
     smoke: bool,
     /// Rounds (default 3, smoke 1).
