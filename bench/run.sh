@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Full benchmark run (about 15 minutes on 2 cores): builds in release, measures
-# wshd, raw tokio-tungstenite (default and 4 KiB read buffer), Node ws and
-# pywebsocket3, and regenerates BENCHMARKS.md and bench/chart.svg.
+# Full benchmark run (about 20 minutes on 2 cores): builds in release, measures
+# wshd, raw tokio-tungstenite (default and 4 KiB read buffer), fastwebsockets,
+# Node ws and pywebsocket3, with shared cores and with the server pinned to a
+# core of its own, plus the permessage-deflate rows, and regenerates
+# BENCHMARKS.md and bench/chart.svg.
 # Then measures hot reload (latency, drops during 100 reloads under load) and
 # writes that section of BENCHMARKS.md.
 # Extra arguments go to wsbench-runner (e.g. --rounds 5, --peers raw4k,wshd).

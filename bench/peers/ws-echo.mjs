@@ -1,11 +1,15 @@
 // Node `ws` peer for the wshd benchmarks: /echo returns every message as it
 // came (text stays text, binary stays binary); /chat broadcasts every message
-// to every /chat connection, the sender included. Other paths get 404.
+// to every /chat connection, the sender included. /echo-deflate echoes like
+// /echo with permessage-deflate on, as `ws` ships it (`perMessageDeflate:
+// true`: context takeover unless the client asks otherwise, zlib's default
+// level, messages under 1 KiB sent uncompressed). Other paths get 404.
 //
 //   node ws-echo.mjs --host 127.0.0.1 --port 0 --addr-file /tmp/ws.addr
 //
 // Writes `host:port` to --addr-file (via a rename) once listening, so the
-// runner can wait for the file instead of sleeping. No compression.
+// runner can wait for the file instead of sleeping. Compression only on
+// /echo-deflate.
 
 import { createServer } from 'node:http';
 import { renameSync, writeFileSync } from 'node:fs';
@@ -22,11 +26,14 @@ const { values: options } = parseArgs({
 
 const echo = new WebSocketServer({ noServer: true, perMessageDeflate: false });
 const chat = new WebSocketServer({ noServer: true, perMessageDeflate: false, clientTracking: true });
-const routes = { '/echo': echo, '/chat': chat };
+const echoDeflate = new WebSocketServer({ noServer: true, perMessageDeflate: true });
+const routes = { '/echo': echo, '/chat': chat, '/echo-deflate': echoDeflate };
 
-echo.on('connection', (socket) => {
-  socket.on('message', (data, isBinary) => socket.send(data, { binary: isBinary }));
-});
+for (const server of [echo, echoDeflate]) {
+  server.on('connection', (socket) => {
+    socket.on('message', (data, isBinary) => socket.send(data, { binary: isBinary }));
+  });
+}
 
 chat.on('connection', (socket) => {
   socket.on('message', (data, isBinary) => {

@@ -149,20 +149,7 @@ impl Target {
     /// the client handshake for `url`, which must be this target's URL or one
     /// made by [`Target::url_with_path`].
     pub async fn dial(&self, url: &str, config: WebSocketConfig) -> anyhow::Result<Client> {
-        let socket = if self.addr.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }?;
-        if !self.sources.is_empty() {
-            let index = self.next_source.fetch_add(1, Ordering::Relaxed) % self.sources.len();
-            bind_source(&socket, &self.sources[index])?;
-        }
-        let stream = socket
-            .connect(self.addr)
-            .await
-            .with_context(|| format!("connecting to {}", self.addr))?;
-        stream.set_nodelay(true)?;
+        let stream = self.connect_tcp().await?;
         let stream = match &self.tls {
             None => crate::tls::ClientStream::Plain(stream),
             Some(config) => {
@@ -179,6 +166,33 @@ impl Target {
                 .await
                 .with_context(|| format!("handshake with {url}"))?;
         Ok(client)
+    }
+}
+
+impl Target {
+    /// True for a `wss://` target.
+    pub fn is_secure(&self) -> bool {
+        self.secure
+    }
+
+    /// Opens a TCP connection to the server (from the next source address,
+    /// if any), with Nagle off, for clients that speak WebSocket themselves.
+    pub async fn connect_tcp(&self) -> anyhow::Result<tokio::net::TcpStream> {
+        let socket = if self.addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }?;
+        if !self.sources.is_empty() {
+            let index = self.next_source.fetch_add(1, Ordering::Relaxed) % self.sources.len();
+            bind_source(&socket, &self.sources[index])?;
+        }
+        let stream = socket
+            .connect(self.addr)
+            .await
+            .with_context(|| format!("connecting to {}", self.addr))?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bench::probe::Probe;
 use bench::raw_server::{RawConfig, RawServer};
 use bench::target::Target;
-use bench::workload::{connect, echo, fanout, handshake};
+use bench::workload::{connect, deflate, echo, fanout, handshake};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -220,4 +220,44 @@ async fn unknown_routes_are_connection_errors() {
     let record = echo::run(&target, &params, None).await;
     assert!(record.errors >= 1, "{record}");
     assert!(record.error_samples[0].contains("404"), "{record}");
+}
+
+/// The raw server has no permessage-deflate: the compression rows must fail
+/// against it rather than measure uncompressed echoes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deflate_rows_fail_when_the_server_does_not_negotiate_compression() {
+    let addr = raw_server().await;
+    let target = Target::parse(&format!("ws://{addr}/echo")).unwrap();
+    let params = deflate::DeflateEchoParams {
+        connections: 2,
+        size: 4096,
+        warmup: Duration::from_millis(50),
+        duration: Duration::from_millis(200),
+        connect_concurrency: 2,
+        offer: deflate::Offer::NoContext,
+    };
+    let record = deflate::run_echo(&target, &params, None).await;
+    assert!(!record.is_ok());
+    assert_eq!(record.get("connected"), Some(0.0));
+    assert!(
+        record.error_samples[0].contains("did not accept permessage-deflate"),
+        "{:?}",
+        record.error_samples
+    );
+
+    let params = deflate::DeflateIdleParams {
+        connections: 3,
+        concurrency: 3,
+        hold: Duration::from_millis(10),
+        size: 4096,
+        offer: deflate::Offer::Browser,
+    };
+    let record = deflate::run_idle(&target, &params, None).await;
+    assert_eq!(record.get("connected"), Some(0.0));
+    let refused = record
+        .error_samples
+        .iter()
+        .filter(|e| e.contains("did not accept permessage-deflate"))
+        .count();
+    assert_eq!(refused, 3, "{:?}", record.error_samples);
 }

@@ -5,6 +5,8 @@
 //! wsbench --server-pid PID connect   --url ws://127.0.0.1:PORT/echo -n 10000 --sources 127.0.0.1,127.0.0.2
 //! wsbench --server-pid PID handshake --url ws://127.0.0.1:PORT/echo --concurrency 8 -d 5
 //! wsbench --server-pid PID fanout    --url ws://127.0.0.1:PORT/chat -n 1000 --rate 100 -d 5
+//! wsbench --server-pid PID deflate-echo --url ws://127.0.0.1:PORT/echo-deflate -c 100 -s 4096 -d 5
+//! wsbench --server-pid PID deflate-idle --url ws://127.0.0.1:PORT/echo-deflate -n 5000
 //! ```
 //!
 //! Prints one JSON line per result on stdout and a human line on stderr.
@@ -18,7 +20,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bench::probe::Probe;
 use bench::target::{Target, parse_sources};
-use bench::workload::{connect, echo, fanout, handshake};
+use bench::workload::{connect, deflate, echo, fanout, handshake};
 use bench::{Record, limits};
 use clap::{Args, Parser, Subcommand};
 
@@ -94,6 +96,47 @@ enum Mode {
         concurrency: u32,
         #[command(flatten)]
         window: WindowArgs,
+    },
+    /// C connections echo S-byte JSON documents with permessage-deflate;
+    /// report server CPU and bytes on the wire per message.
+    DeflateEcho {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Connections (C).
+        #[arg(short, long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50_000))]
+        connections: u32,
+        /// Document size in bytes.
+        #[arg(short, long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(128..=1_048_576))]
+        size: u32,
+        #[command(flatten)]
+        window: WindowArgs,
+        /// Connections opened at once during set-up.
+        #[arg(long, default_value_t = 64)]
+        connect_concurrency: usize,
+        /// The permessage-deflate offer.
+        #[arg(long, value_enum, default_value_t = deflate::Offer::NoContext)]
+        offer: deflate::Offer,
+    },
+    /// Open N permessage-deflate connections, echo one JSON document on
+    /// each, hold them idle; report server RSS per connection.
+    DeflateIdle {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Connections (N).
+        #[arg(short = 'n', long, value_parser = clap::value_parser!(u32).range(1..=60_000))]
+        connections: u32,
+        /// Connections opened at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Seconds to hold them before reading the server's memory.
+        #[arg(long, default_value_t = 1.0, value_parser = seconds)]
+        hold: f64,
+        /// Size of the document each connection echoes.
+        #[arg(short, long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(128..=1_048_576))]
+        size: u32,
+        /// The permessage-deflate offer (default: what browsers send).
+        #[arg(long, value_enum, default_value_t = deflate::Offer::Browser)]
+        offer: deflate::Offer,
     },
     /// One publisher, N subscribers on a chat route; report deliveries/s and latency.
     Fanout {
@@ -278,6 +321,42 @@ async fn run(cli: Cli) -> anyhow::Result<Record> {
                 subscriber_url,
             };
             fanout::run(Arc::new(target.resolve()?), &params, probe).await
+        }
+        Mode::DeflateEcho {
+            target,
+            connections,
+            size,
+            window,
+            connect_concurrency,
+            offer,
+        } => {
+            let (warmup, duration) = window.durations();
+            let params = deflate::DeflateEchoParams {
+                connections: connections as usize,
+                size: size as usize,
+                warmup,
+                duration,
+                connect_concurrency,
+                offer,
+            };
+            deflate::run_echo(&target.resolve()?, &params, probe).await
+        }
+        Mode::DeflateIdle {
+            target,
+            connections,
+            concurrency,
+            hold,
+            size,
+            offer,
+        } => {
+            let params = deflate::DeflateIdleParams {
+                connections: connections as usize,
+                concurrency,
+                hold: Duration::from_secs_f64(hold),
+                size: size as usize,
+                offer,
+            };
+            deflate::run_idle(&target.resolve()?, &params, probe).await
         }
     };
     record.label = cli.label;

@@ -8,6 +8,7 @@
 //! by the messages completed in the same window.
 
 pub mod connect;
+pub mod deflate;
 pub mod echo;
 pub mod fanout;
 pub mod handshake;

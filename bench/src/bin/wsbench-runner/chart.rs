@@ -23,6 +23,7 @@ fn colour(peer: PeerKind) -> RGBColor {
         PeerKind::Raw => RGBColor(0x99, 0x99, 0x99),
         PeerKind::Raw4k => RGBColor(0x44, 0x44, 0x44),
         PeerKind::Raw4k1 => RGBColor(0x8c, 0x56, 0x4b),
+        PeerKind::FastWs => RGBColor(0xff, 0x7f, 0x0e),
         PeerKind::NodeWs => RGBColor(0x2c, 0xa0, 0x2c),
         PeerKind::Pywebsocket => RGBColor(0x1f, 0x77, 0xb4),
         PeerKind::WshdAdmin => RGBColor(0x94, 0x67, 0xbd),
@@ -55,6 +56,11 @@ pub fn draw(
             "echo-64k-c10" => "64 KiB, C=10",
             "idle-10k" => "10,000 conns",
             "idle-19k" => "19,000 conns",
+            "echo-32-c100-pinned" => "32 B, C=100, pinned",
+            "echo-32-c1000-pinned" => "32 B, C=1000, pinned",
+            "echo-64k-c10-pinned" => "64 KiB, C=10, pinned",
+            "deflate-echo-4k-c100" => "4 KiB JSON, deflate",
+            "deflate-idle-1k" => "1,000 deflate conns",
             other => other,
         };
         (key, label)

@@ -2,7 +2,7 @@
 //! BENCHMARKS.md plus bench/chart.svg.
 //!
 //! ```text
-//! cargo run --release -p bench --bin wsbench-runner            # full run, ~15 min
+//! cargo run --release -p bench --bin wsbench-runner            # full run, ~20 min
 //! cargo run --release -p bench --bin wsbench-runner -- --smoke # CI smoke, < 2 min
 //! ```
 //!
@@ -47,15 +47,16 @@ static STOP: AtomicBool = AtomicBool::new(false);
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// CI smoke run: one short round, wshd and raw (4 KiB), plain and over TLS, tiny sizes;
-    /// writes the report to a temp dir and fails on any error.
+    /// CI smoke run: one short round, wshd, raw (4 KiB) and fastwebsockets, plain, over TLS,
+    /// pinned and with permessage-deflate, tiny sizes; writes the report to a temp dir and
+    /// fails on any error.
     #[arg(long)]
     smoke: bool,
     /// Rounds (default 3, smoke 1).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: Option<u32>,
-    /// Peers to run, comma-separated: wshd, wshd1, raw, raw4k, raw4k1, ws, pyws, wshd-tls, raw4k-tls
-    /// (default all; smoke: wshd,raw4k,wshd-tls,raw4k-tls).
+    /// Peers to run, comma-separated: wshd, wshd1, raw, raw4k, raw4k1, fastws, ws, pyws, wshdm,
+    /// wshd-tls, raw4k-tls (default all; smoke: wshd,raw4k,fastws,wshd-tls,raw4k-tls).
     #[arg(long, value_delimiter = ',')]
     peers: Option<Vec<String>>,
     /// Only these workloads (keys as in the report), comma-separated.
@@ -159,8 +160,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 let path = match workload.route {
                     Route::Echo => Some("/echo"),
                     Route::Chat => kind.chat_path(),
+                    Route::EchoDeflate => kind.deflate_path(),
                 };
-                let Some(path) = path else {
+                let Some(path) = path.filter(|_| workload.runs_on(kind)) else {
                     progress.inc(1);
                     continue;
                 };
@@ -172,7 +174,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 if workload.fresh_server || !slot.as_mut().is_some_and(RunningPeer::is_alive) {
                     *slot = None;
                     *starts += 1;
-                    match launch.start(&layout, *starts) {
+                    let cpu = workload.pinned.then_some(plan::SERVER_CPU);
+                    match launch.start(&layout, *starts, cpu) {
                         Ok(peer) => *slot = Some(peer),
                         Err(error) => {
                             let mut record = Record::new("start", "");
@@ -337,13 +340,20 @@ fn select_workloads(args: &Args) -> anyhow::Result<Vec<Workload>> {
         }
         workloads.retain(|w| only.iter().any(|k| k == w.key));
     }
+    // The pinned configuration needs a CPU for the server and another for
+    // the load generator (CPUs 0 and 1).
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        eprintln!("wsbench-runner: {cpus} CPU(s): skipping the pinned workloads");
+        workloads.retain(|w| !w.pinned);
+    }
     Ok(workloads)
 }
 
 fn select_peers(args: &Args) -> anyhow::Result<Vec<PeerKind>> {
     let keys: Vec<String> = match &args.peers {
         Some(keys) => keys.clone(),
-        None if args.smoke => ["wshd", "raw4k", "wshd-tls", "raw4k-tls"]
+        None if args.smoke => ["wshd", "raw4k", "fastws", "wshd-tls", "raw4k-tls"]
             .map(str::to_owned)
             .to_vec(),
         None => PeerKind::ALL.iter().map(|p| p.key().to_owned()).collect(),
@@ -402,7 +412,19 @@ fn run_wsbench(
     let (Ok(stdout), Ok(stderr)) = (File::create(&stdout_path), File::create(&stderr_path)) else {
         return failed(format!("cannot write logs in {}", layout.run_dir.display()));
     };
-    let spawned = Command::new(layout.release_dir().join("wsbench"))
+    let wsbench = layout.release_dir().join("wsbench");
+    // Pinned: the load generator on its own CPU, the server on the other.
+    let mut command = if workload.pinned {
+        let mut command = Command::new("taskset");
+        command
+            .arg("-c")
+            .arg(plan::CLIENT_CPU.to_string())
+            .arg(&wsbench);
+        command
+    } else {
+        Command::new(&wsbench)
+    };
+    let spawned = command
         .arg("--server-pid")
         .arg(peer.pid().to_string())
         .arg("--label")

@@ -18,8 +18,14 @@ use rustix::process::{Pid, Signal, kill_process};
 /// How long a server may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// wshd's config for the runs: defaults except the connection cap.
-const WSHD_CONFIG: &str = "[limits]\nmax_connections = 20000\n";
+/// wshd's config for the runs: defaults except the connection cap, plus the
+/// echo handler on a second path with permessage-deflate on, for the
+/// compression rows.
+const WSHD_CONFIG: &str = "[limits]\nmax_connections = 20000\n\n\
+    [[route]]\npath = \"/echo-deflate\"\nhandler = \"echo\"\ncompression = \"on\"\n";
+
+/// The path of the echo route with permessage-deflate on (wshd, Node ws).
+pub const DEFLATE_PATH: &str = "/echo-deflate";
 
 /// The pinned pywebsocket3 release from PyPI.
 pub const PYWEBSOCKET_VERSION: &str = "4.0.2";
@@ -39,6 +45,9 @@ pub enum PeerKind {
     Raw4k,
     /// The same on one tokio worker thread: the reference for `Wshd1`.
     Raw4k1,
+    /// fastwebsockets 0.10 (`fastws-echo`), run as its own echo example
+    /// runs: one current-thread runtime. Echo only.
+    FastWs,
     /// Node's `ws` package.
     NodeWs,
     /// `Wshd` with the admin listener on (`--admin`): per-message counters
@@ -57,12 +66,13 @@ pub enum PeerKind {
 
 impl PeerKind {
     /// Every peer, in table order.
-    pub const ALL: [PeerKind; 10] = [
+    pub const ALL: [PeerKind; 11] = [
         PeerKind::Wshd,
         PeerKind::Wshd1,
         PeerKind::Raw,
         PeerKind::Raw4k,
         PeerKind::Raw4k1,
+        PeerKind::FastWs,
         PeerKind::NodeWs,
         PeerKind::Pywebsocket,
         PeerKind::WshdAdmin,
@@ -78,6 +88,7 @@ impl PeerKind {
             PeerKind::Raw => "raw",
             PeerKind::Raw4k => "raw4k",
             PeerKind::Raw4k1 => "raw4k1",
+            PeerKind::FastWs => "fastws",
             PeerKind::NodeWs => "ws",
             PeerKind::Pywebsocket => "pyws",
             PeerKind::WshdAdmin => "wshdm",
@@ -94,6 +105,7 @@ impl PeerKind {
             PeerKind::Raw => "raw tokio-tungstenite (default buffers)",
             PeerKind::Raw4k => "raw tokio-tungstenite (4 KiB read buffer)",
             PeerKind::Raw4k1 => "raw tokio-tungstenite (4 KiB, 1 worker thread)",
+            PeerKind::FastWs => "fastwebsockets 0.10 (its echo example: current-thread runtime)",
             PeerKind::NodeWs => "Node ws",
             PeerKind::Pywebsocket => "pywebsocket3",
             PeerKind::WshdAdmin => "wshd, admin listener on (`--admin`: metrics kept)",
@@ -137,8 +149,18 @@ impl PeerKind {
     /// The chat route, when the peer has one.
     pub fn chat_path(self) -> Option<&'static str> {
         match self {
-            PeerKind::Pywebsocket => None,
+            PeerKind::Pywebsocket | PeerKind::FastWs => None,
             _ => Some("/chat"),
+        }
+    }
+
+    /// The echo route with permessage-deflate on, when the peer has one.
+    pub fn deflate_path(self) -> Option<&'static str> {
+        match self {
+            PeerKind::Wshd | PeerKind::Wshd1 | PeerKind::WshdAdmin | PeerKind::NodeWs => {
+                Some(DEFLATE_PATH)
+            }
+            _ => None,
         }
     }
 }
@@ -256,8 +278,16 @@ pub fn stop_child(child: &mut Child) {
 }
 
 impl Launch {
-    /// Starts the peer and waits until it listens.
-    pub fn start(&self, layout: &Layout, attempt: u32) -> anyhow::Result<RunningPeer> {
+    /// Starts the peer and waits until it listens. With `cpu`, the server
+    /// runs pinned to that CPU (`taskset -c CPU`, which execs the server,
+    /// so the PID is the server's): it sees one CPU from the start, and a
+    /// runtime that sizes itself to the machine starts one worker thread.
+    pub fn start(
+        &self,
+        layout: &Layout,
+        attempt: u32,
+        cpu: Option<usize>,
+    ) -> anyhow::Result<RunningPeer> {
         let log_path = layout
             .run_dir
             .join(format!("{}-{attempt}.log", self.kind.key()));
@@ -274,7 +304,15 @@ impl Launch {
                 Some(port)
             }
         };
-        let child = Command::new(&self.program)
+        let mut command = match cpu {
+            Some(cpu) => {
+                let mut command = Command::new("taskset");
+                command.arg("-c").arg(cpu.to_string()).arg(&self.program);
+                command
+            }
+            None => Command::new(&self.program),
+        };
+        let child = command
             .args(&args)
             .current_dir(&self.cwd)
             .stdin(Stdio::null())
@@ -445,6 +483,21 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
                 cwd: layout.run_dir.clone(),
                 announce: Announce::AddrFile(addr_file),
                 version: String::new(),
+            })
+        }
+        PeerKind::FastWs => {
+            let program = release.join("fastws-echo");
+            if !program.exists() {
+                bail!("{} is missing; build the bench crate", program.display());
+            }
+            let lock = fs::read_to_string(layout.repo.join("Cargo.lock")).unwrap_or_default();
+            Ok(Launch {
+                kind,
+                program,
+                args: addr_args(&["-H", "127.0.0.1", "-p", "0"]),
+                cwd: layout.run_dir.clone(),
+                announce: Announce::AddrFile(addr_file),
+                version: crate::report::locked_version(&lock, "fastwebsockets"),
             })
         }
         PeerKind::NodeWs => {

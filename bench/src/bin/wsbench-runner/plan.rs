@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::peers::PeerKind;
+
 /// Source addresses for the spread-out workloads.
 const FOUR_SOURCES: &str = "127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4";
 
@@ -11,7 +13,29 @@ const FOUR_SOURCES: &str = "127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4";
 pub enum Route {
     Echo,
     Chat,
+    /// The echo route with permessage-deflate on ([`PeerKind::deflate_path`]).
+    EchoDeflate,
 }
+
+/// The CPU a pinned server runs on; the load generator gets [`CLIENT_CPU`].
+pub const SERVER_CPU: usize = 0;
+/// The CPU the load generator runs on in the pinned configuration.
+pub const CLIENT_CPU: usize = 1;
+
+/// The peers of the pinned configuration: wshd, the floors its targets name
+/// (raw 4K, fastwebsockets) and Node ws. Each run starts a fresh pinned
+/// server, so fewer peers keep the full run's time down. wshd's default
+/// (one worker per CPU it may run on) starts one worker when pinned, so
+/// `wshd1` would measure the same thing.
+const PINNED_PEERS: &[PeerKind] = &[
+    PeerKind::Wshd,
+    PeerKind::Raw4k,
+    PeerKind::FastWs,
+    PeerKind::NodeWs,
+];
+
+/// The peers with a permessage-deflate echo route.
+const DEFLATE_PEERS: &[PeerKind] = &[PeerKind::Wshd, PeerKind::NodeWs];
 
 /// One column of a workload's table.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +72,18 @@ const HANDSHAKE_COLUMNS: &[Column] = &[
     column("cpu_us_per_handshake", "server CPU µs/handshake", true),
     column("cycle_p99_us", "cycle p99 µs", true),
 ];
+const DEFLATE_ECHO_COLUMNS: &[Column] = &[
+    column("cpu_us_per_msg", "server CPU µs/msg", true),
+    column("wire_in_bytes_per_msg", "wire bytes/echo", true),
+    column("msgs_per_s", "msgs/s", false),
+    column("rtt_p50_us", "RTT p50 µs", true),
+    column("compressed_share", "echoes compressed", false),
+];
+const DEFLATE_IDLE_COLUMNS: &[Column] = &[
+    column("rss_kib_per_conn", "server KiB/conn", true),
+    column("conn_per_s", "conn/s (with 1 echo)", false),
+    column("connected", "connected", false),
+];
 const FANOUT_COLUMNS: &[Column] = &[
     column("cpu_us_per_delivery", "server CPU µs/delivery", true),
     column("delivered_per_s", "delivered/s", false),
@@ -76,12 +112,23 @@ pub struct Workload {
     pub budget: Duration,
     /// Also run against the TLS peers (wss://): the echo and handshake rows.
     pub tls: bool,
+    /// The second client configuration: the server pinned to [`SERVER_CPU`]
+    /// and started for this workload, the load generator pinned to
+    /// [`CLIENT_CPU`], as if each had a machine of its own.
+    pub pinned: bool,
+    /// Run only against these peers (`None`: every peer with the route).
+    pub peers: Option<&'static [PeerKind]>,
 }
 
 impl Workload {
     /// The headline column.
     pub fn primary(&self) -> Column {
         self.columns[0]
+    }
+
+    /// True when this workload runs against `peer` (route aside).
+    pub fn runs_on(&self, peer: PeerKind) -> bool {
+        self.peers.is_none_or(|peers| peers.contains(&peer))
     }
 }
 
@@ -95,6 +142,8 @@ fn echo(key: &'static str, title: &'static str, args: Vec<&'static str>) -> Work
         columns: ECHO_COLUMNS,
         budget: Duration::from_secs(90),
         tls: false,
+        pinned: false,
+        peers: None,
     }
 }
 
@@ -108,6 +157,8 @@ fn idle(key: &'static str, title: &'static str, args: Vec<&'static str>) -> Work
         columns: IDLE_COLUMNS,
         budget: Duration::from_secs(180),
         tls: false,
+        pinned: false,
+        peers: None,
     }
 }
 
@@ -122,6 +173,8 @@ fn handshake(args: Vec<&'static str>) -> Workload {
         budget: Duration::from_secs(90),
         // A TLS handshake is most of a wss connection's cost.
         tls: true,
+        pinned: false,
+        peers: None,
     }
 }
 
@@ -135,6 +188,38 @@ fn fanout(key: &'static str, title: &'static str, args: Vec<&'static str>) -> Wo
         columns: FANOUT_COLUMNS,
         budget: Duration::from_secs(120),
         tls: false,
+        pinned: false,
+        peers: None,
+    }
+}
+
+/// A workload in the pinned configuration, under its own key and title; it
+/// runs on a fresh pinned server each time.
+fn pinned(key: &'static str, title: &'static str, mut workload: Workload) -> Workload {
+    workload.key = key;
+    workload.title = title;
+    workload.pinned = true;
+    workload.fresh_server = true;
+    workload.tls = false;
+    workload.peers = Some(PINNED_PEERS);
+    workload
+}
+
+fn deflate_echo(key: &'static str, title: &'static str, args: Vec<&'static str>) -> Workload {
+    Workload {
+        route: Route::EchoDeflate,
+        columns: DEFLATE_ECHO_COLUMNS,
+        peers: Some(DEFLATE_PEERS),
+        ..echo(key, title, args)
+    }
+}
+
+fn deflate_idle(key: &'static str, title: &'static str, args: Vec<&'static str>) -> Workload {
+    Workload {
+        route: Route::EchoDeflate,
+        columns: DEFLATE_IDLE_COLUMNS,
+        peers: Some(DEFLATE_PEERS),
+        ..idle(key, title, args)
     }
 }
 
@@ -207,6 +292,66 @@ pub fn full() -> Vec<Workload> {
             "Fan-out: 1 publisher at 20 msg/s to 1,000 subscribers",
             with(vec!["fanout", "-n", "1000", "--rate", "20", "-s", "64"]),
         ),
+        // The second client configuration: the key rows again, each peer
+        // started pinned to one CPU, the load generator on the other.
+        pinned(
+            "echo-32-c100-pinned",
+            "Echo 32 B text, C=100, server pinned to its own core",
+            echo("", "", with(vec!["echo", "-c", "100", "-s", "32"])),
+        ),
+        pinned(
+            "echo-32-c1000-pinned",
+            "Echo 32 B text, C=1000, server pinned to its own core",
+            echo("", "", with(vec!["echo", "-c", "1000", "-s", "32"])),
+        ),
+        pinned(
+            "echo-64k-c10-pinned",
+            "Echo 64 KiB binary, C=10, server pinned to its own core",
+            echo(
+                "",
+                "",
+                with(vec!["echo", "-c", "10", "-s", "65536", "--binary"]),
+            ),
+        ),
+        pinned(
+            "handshake-pinned",
+            "Handshake rate (connect, echo 1 message, close), server pinned to its own core",
+            handshake(with(vec!["handshake", "--concurrency", "16"])),
+        ),
+        // Compression: the same JSON document each time, every message
+        // compressed on its own by both sides (no context takeover asked
+        // for either way), so both peers do the same work.
+        deflate_echo(
+            "deflate-echo-4k-c100",
+            "Echo 4 KiB JSON text with permessage-deflate (no context takeover), C=100",
+            with(vec![
+                "deflate-echo",
+                "-c",
+                "100",
+                "-s",
+                "4096",
+                "--offer",
+                "no-context",
+            ]),
+        ),
+        // What an idle compressed connection costs after one message, when
+        // the client offers what browsers offer and the server decides
+        // whether to keep a compression context.
+        deflate_idle(
+            "deflate-idle-1k",
+            "1,000 idle permessage-deflate connections (browser offer), each after one 4 KiB echo",
+            vec![
+                "deflate-idle",
+                "-n",
+                "1000",
+                "-s",
+                "4096",
+                "--offer",
+                "browser",
+                "--hold",
+                "0.5",
+            ],
+        ),
     ]
 }
 
@@ -247,6 +392,39 @@ pub fn smoke() -> Vec<Workload> {
             "Fan-out: 1 publisher at 50 msg/s to 20 subscribers",
             with(vec!["fanout", "-n", "20", "--rate", "50"]),
         ),
+        pinned(
+            "echo-32-c10-pinned",
+            "Echo 32 B text, C=10, server pinned to its own core",
+            echo("", "", with(vec!["echo", "-c", "10", "-s", "32"])),
+        ),
+        deflate_echo(
+            "deflate-echo-4k-c2",
+            "Echo 4 KiB JSON text with permessage-deflate (no context takeover), C=2",
+            with(vec![
+                "deflate-echo",
+                "-c",
+                "2",
+                "-s",
+                "4096",
+                "--offer",
+                "no-context",
+            ]),
+        ),
+        deflate_idle(
+            "deflate-idle-20",
+            "20 idle permessage-deflate connections (browser offer), each after one 4 KiB echo",
+            vec![
+                "deflate-idle",
+                "-n",
+                "20",
+                "-s",
+                "4096",
+                "--offer",
+                "browser",
+                "--hold",
+                "0.3",
+            ],
+        ),
     ];
     for workload in &mut workloads {
         workload.budget = Duration::from_secs(30);
@@ -266,6 +444,41 @@ mod tests {
             keys.dedup();
             assert_eq!(keys.len(), plan.len());
             assert!(plan.iter().all(|w| !w.columns.is_empty()));
+        }
+    }
+
+    #[test]
+    fn pinned_rows_run_fresh_pinned_servers_of_wshd_and_fastwebsockets() {
+        for plan in [full(), smoke()] {
+            let pinned: Vec<_> = plan.iter().filter(|w| w.pinned).collect();
+            assert!(!pinned.is_empty());
+            for workload in pinned {
+                assert!(workload.fresh_server, "{}", workload.key);
+                assert!(workload.key.ends_with("-pinned"), "{}", workload.key);
+                assert!(workload.title.contains("pinned"), "{}", workload.title);
+                assert!(workload.runs_on(PeerKind::Wshd) && workload.runs_on(PeerKind::FastWs));
+                assert!(!workload.runs_on(PeerKind::WshdTls));
+            }
+        }
+        let keys: Vec<_> = full().iter().filter(|w| w.pinned).map(|w| w.key).collect();
+        for key in ["echo-32-c100", "echo-32-c1000", "echo-64k-c10", "handshake"] {
+            assert!(keys.contains(&format!("{key}-pinned").as_str()), "{key}");
+        }
+    }
+
+    #[test]
+    fn deflate_rows_load_the_deflate_route_of_peers_that_have_one() {
+        for plan in [full(), smoke()] {
+            for workload in plan.iter().filter(|w| w.route == Route::EchoDeflate) {
+                for peer in PeerKind::ALL.into_iter().filter(|&p| workload.runs_on(p)) {
+                    assert!(
+                        peer.deflate_path().is_some(),
+                        "{} {}",
+                        workload.key,
+                        peer.key()
+                    );
+                }
+            }
         }
     }
 }
