@@ -139,6 +139,11 @@ async def test_websockets_negotiates_and_echoes_compressed(wshd):
         await ws.send(bytes(100_000))
         assert await recv(ws) == bytes(100_000)
         assert compressed == [True] * 5
+        # Incompressible: whether the reply is compressed is the server's
+        # choice, but it must come back intact.
+        noise = os.urandom(100_000)
+        await ws.send(noise)
+        assert await recv(ws) == noise
         # websockets compresses every message, even tiny and empty ones: the
         # server must inflate those too, whatever it does with its replies.
         for small in ["", b"", "é", b"\x00", "hi ✓"]:
