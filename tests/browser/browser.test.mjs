@@ -387,26 +387,82 @@ test('wss: a page served over https echoes through wss://', async () => {
   }
 });
 
-test('permessage-deflate: Chromium negotiates it on a route with compression = "on" and echoes through it', async () => {
-  const config = configToml() + '\n[[route]]\npath = "/echo"\nhandler = "echo"\ncompression = "on"\n';
+/**
+ * A TCP relay to `port` that counts the bytes each way, per connection:
+ * what the compression tests read to see the extension in effect on the wire.
+ * Resolves to { port, conns: [{ up, down }], close() }.
+ */
+function countingRelay(port) {
+  const conns = [];
+  const sockets = new Set();
+  const relay = net.createServer((client) => {
+    const c = { up: 0, down: 0 };
+    conns.push(c);
+    const upstream = net.connect(port, '127.0.0.1');
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.once('close', () => sockets.delete(s));
+      s.on('error', () => { client.destroy(); upstream.destroy(); });
+    }
+    client.on('data', (d) => { c.up += d.length; });
+    upstream.on('data', (d) => { c.down += d.length; });
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  return new Promise((resolve, reject) => {
+    relay.once('error', reject);
+    relay.listen(0, '127.0.0.1', () => resolve({
+      port: relay.address().port,
+      conns,
+      close: () => new Promise((r) => {
+        for (const s of sockets) s.destroy();
+        relay.close(() => r());
+      }),
+    }));
+  });
+}
+
+test('permessage-deflate: Chromium negotiates it where compression = "on", compresses both ways, and not elsewhere', async () => {
+  const config = configToml() + '\n[[route]]\npath = "/echo_deflate"\nhandler = "echo"\ncompression = "on"\n';
   const server = await startWshd({ config, docRoot: WWW });
+  const relay = await countingRelay(server.port);
   try {
     const page = await newPage();
     await page.goto(`${server.httpUrl}/index.html`);
-    const got = await page.evaluate(async (url) => {
+    // In the page: connect, echo one large compressible text, close cleanly.
+    const echoThrough = (url) => page.evaluate(async (url) => {
       const ws = new WebSocket(url);
-      await new Promise((resolve, reject) => { ws.onopen = resolve; ws.onerror = reject; });
-      const text = JSON.stringify(Array.from({ length: 200 }, (_, i) => ({ id: i, name: `user${i}` })));
+      await new Promise((resolve, reject) => { ws.onopen = resolve; ws.onerror = () => reject(new Error('ws error')); });
+      const text = JSON.stringify(Array.from({ length: 6000 }, (_, i) => ({ id: i, name: `user${i}`, role: 'member' })));
       const echo = new Promise((resolve) => { ws.onmessage = (e) => resolve(e.data); });
       ws.send(text);
       const back = await echo;
-      ws.close();
-      return { extensions: ws.extensions, same: back === text };
-    }, server.wsUrl('/echo'));
-    assert.match(got.extensions, /^permessage-deflate/, `extensions: ${got.extensions}`);
-    assert.ok(got.same, 'the compressed echo came back unchanged');
+      const closed = new Promise((resolve) => { ws.onclose = (e) => resolve(e.code); });
+      ws.close(1000);
+      return { extensions: ws.extensions, same: back === text, length: text.length, closeCode: await closed };
+    }, url);
+    const relayed = (route) => `ws://127.0.0.1:${relay.port}${route}`;
+
+    const on = await echoThrough(relayed('/echo_deflate'));
+    assert.match(on.extensions, /^permessage-deflate/, `extensions: ${on.extensions}`);
+    assert.ok(on.same, 'the compressed echo came back unchanged');
+    assert.equal(on.closeCode, 1000);
+    assert.ok(on.length > 200000);
+    // The text crossed the wire compressed both ways: Chromium's message
+    // and wshd's echo are each a fraction of it.
+    const [c1] = relay.conns;
+    assert.ok(c1.up < on.length / 4 && c1.down < on.length / 4,
+      `bytes on the wire up ${c1.up}, down ${c1.down} for a ${on.length}-byte text`);
+
+    const off = await echoThrough(relayed('/echo'));
+    assert.equal(off.extensions, '', 'no extension where compression is off');
+    assert.ok(off.same, 'the plain echo came back unchanged');
+    const c2 = relay.conns[1];
+    assert.ok(c2.up >= off.length && c2.down >= off.length, `up ${c2.up}, down ${c2.down}: uncompressed`);
+    assert.equal(relay.conns.length, 2);
     await page.close();
   } finally {
+    await relay.close();
     await server.stop();
   }
   assertNoPageErrors();

@@ -49,6 +49,13 @@ def config_toml(allowed_origins=(ALLOWED_ORIGIN,), subprotocols=("chat.v2", "cha
             'handler = "echo"',
             'compression = "on"',
             "",
+            # The chat handler with permessage-deflate: a room is a topic, so
+            # members of one room on /chat and /chat_deflate share a publish.
+            "[[route]]",
+            'path = "/chat_deflate"',
+            'handler = "chat"',
+            'compression = "on"',
+            "",
         ]
     )
 
@@ -237,3 +244,15 @@ def wshd_tls():
         if proc is not None:
             _stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pywebsocket3_example() -> Path:
+    """pywebsocket3's example/ directory, from its sdist (run.sh unpacks it
+    and sets PYWEBSOCKET3_EXAMPLE): echo_client.py lives there."""
+    default = Path(__file__).resolve().parent / ".venv/pywebsocket3-sdist/pywebsocket3-4.0.2/example"
+    example = Path(os.environ.get("PYWEBSOCKET3_EXAMPLE", default))
+    if not (example / "echo_client.py").exists():
+        pytest.fail(f"no echo_client.py in {example}: run tests/python/run.sh, which unpacks the "
+                    "pywebsocket3 sdist", pytrace=False)
+    return example

@@ -283,21 +283,3 @@ async def test_wss_echo(wshd_tls):
         big = os.urandom(200_000)
         await ws.send(big)
         assert await recv(ws) == big
-
-
-@async_test
-async def test_permessage_deflate_on_a_route_that_turns_it_on(wshd):
-    # websockets offers permessage-deflate by default.
-    text = "[" + ",".join(f'{{"id":{i},"name":"user{i}"}}' for i in range(300)) + "]"
-    async with connect(wshd, "/echo_deflate") as ws:
-        names = [e.name for e in ws.protocol.extensions]
-        assert names == ["permessage-deflate"], names
-        for _ in range(3):
-            await ws.send(text)
-            assert await recv(ws) == text
-        await ws.send(b"\x00" * 100_000)
-        assert await recv(ws) == b"\x00" * 100_000
-    async with connect(wshd, "/echo") as ws:
-        assert ws.protocol.extensions == []
-        await ws.send(text)
-        assert await recv(ws) == text

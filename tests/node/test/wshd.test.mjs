@@ -8,6 +8,7 @@ import path from 'node:path';
 import { once } from 'node:events';
 import WebSocket from 'ws';
 import { startWshd, configToml, MAX_MESSAGE_SIZE } from '../lib/wshd.mjs';
+import { openWs, nextMessage, closed } from '../lib/client.mjs';
 
 const ALLOWED = 'http://allowed.example';
 const T = { timeout: 120000 }; // per test, so no runner flag is needed
@@ -31,42 +32,9 @@ after(async () => {
 
 // --- helpers -------------------------------------------------------------
 
-/** Connect; resolves once open, rejects on an error or a non-101 answer. */
+/** Connect to a route of the suite's server (see openWs). */
 function connect(route, protocols = [], opts = {}) {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(server.wsUrl(route), protocols, opts);
-    // Queue messages from the start so none is missed between awaits.
-    ws.inbox = [];
-    ws.waiters = [];
-    ws.on('message', (data, isBinary) => {
-      const m = { data, isBinary };
-      const w = ws.waiters.shift();
-      if (w) w(m); else ws.inbox.push(m);
-    });
-    ws.closedPromise = new Promise((r) => ws.once('close', (code, reason) => r({ code, reason: reason.toString() })));
-    ws.errors = [];
-    ws.on('error', (err) => { ws.errors.push(err); reject(err); });
-    ws.once('open', () => resolve(ws));
-    ws.once('unexpected-response', (req, res) => {
-      reject(new Error(`unexpected HTTP ${res.statusCode}`));
-      req.destroy();
-    });
-  });
-}
-
-function nextMessage(ws, timeoutMs = 10000) {
-  if (ws.inbox.length) return Promise.resolve(ws.inbox.shift());
-  return new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error('no message within timeout')), timeoutMs);
-    ws.waiters.push((m) => { clearTimeout(t); resolve(m); });
-  });
-}
-
-function closed(ws, timeoutMs = 10000) {
-  return Promise.race([
-    ws.closedPromise,
-    new Promise((_, reject) => setTimeout(() => reject(new Error('no close within timeout')), timeoutMs).unref()),
-  ]);
+  return openWs(server.wsUrl(route), protocols, opts);
 }
 
 /** The HTTP status of a handshake that must fail. */

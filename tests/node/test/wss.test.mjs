@@ -4,13 +4,16 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import WebSocket from 'ws';
-import { startWshd } from '../lib/wshd.mjs';
+import { startWshd, configToml } from '../lib/wshd.mjs';
+import { openWs, nextMessage, closed } from '../lib/client.mjs';
 
 const T = { timeout: 60000 };
 let server;
 
 before(async () => {
-  server = await startWshd({ tls: true });
+  // /echo_deflate: compressed frames through the TLS writer too.
+  const config = configToml() + '\n[[route]]\npath = "/echo_deflate"\nhandler = "echo"\ncompression = "on"\n';
+  server = await startWshd({ tls: true, config });
 });
 
 after(async () => {
@@ -33,4 +36,19 @@ test('wss: echo over TLS, the certificate verified against the test CA', T, asyn
   ws.close(1000);
   const [code] = await once(ws, 'close');
   assert.equal(code, 1000);
+});
+
+test('wss: permessage-deflate over TLS echoes large compressible messages', T, async () => {
+  const ws = await openWs(server.wssUrl('/echo_deflate'), [], { ca: server.certPem, perMessageDeflate: true });
+  assert.equal(ws.extensions, 'permessage-deflate');
+  const text = JSON.stringify(Array.from({ length: 5000 }, (_, i) => ({ id: i, name: `user${i}` })));
+  const bin = Buffer.from('wshd over tls '.repeat(20000));
+  for (const data of [text, bin, 'small', text]) {
+    ws.send(data);
+    const m = await nextMessage(ws, 30000);
+    assert.equal(m.isBinary, Buffer.isBuffer(data));
+    assert.ok(Buffer.from(m.data).equals(Buffer.from(data)), 'echo differs');
+  }
+  ws.close(1000);
+  assert.equal((await closed(ws)).code, 1000);
 });
