@@ -351,6 +351,7 @@ async fn respond(
     // Copied out: the task must not hold the route (and so its instance)
     // for the connection's life; a handover moves the session to another.
     let ws_config = route.ws_config;
+    let spawner = tracker.clone();
     tracker.spawn(async move {
         let upgraded = tokio::select! {
             u = on_upgrade => u,
@@ -379,7 +380,11 @@ async fn respond(
                 let early = (!parts.read_buf.is_empty()).then(|| parts.read_buf.to_vec());
                 drop(parts.read_buf);
                 let ws = crate::ws::WsConn::new(stream, early, ws_config, deflate);
-                opening.run(ws).await;
+                // A task of its own: a task is allocated at its largest
+                // state for its whole life, and this one also held hyper's
+                // upgrade and the shutdown wait. The session task holds
+                // only the session (see session::run_inner).
+                spawner.spawn(opening.run(ws));
             }
             Err(e) => {
                 tracing::debug!(%peer, "upgrade failed: {e}");

@@ -280,7 +280,8 @@ fn run_inner(ws: Ws, opening: Opening) -> impl Future<Output = ()> + Send {
         while s.phase != Phase::Done {
             s.step().await;
         }
-        s.finish(started).await;
+        // Boxed: it runs once, and its state must not enlarge the task.
+        Box::pin(s.finish(started)).await;
         // Only now: the block must own the slot, or it would be dropped when
         // this fn returns, long before the connection closes.
         drop(slot);
@@ -577,33 +578,34 @@ impl Session {
     /// flush. While not closing, a close request ends a write that waits.
     async fn write_batch(&mut self, closing_now: bool) -> Result<(), WriteError> {
         let wt = self.route.limits.write_timeout;
+        // Taken out and put back, so its capacity is reused.
+        let mut batch = std::mem::take(&mut self.batch);
         let mut result = Ok(());
-        for m in self.batch.drain(..) {
-            let limit = write_limit(&self.ws, wt, self.phase);
-            let stop = (!closing_now).then_some(Stop {
-                shared: &self.shared,
-                registered: &mut self.registered,
-            });
-            result = write_one(
-                &mut self.ws,
-                limit,
-                m,
-                &mut self.stats,
-                &mut self.close,
-                stop,
-            )
-            .await;
-            if result.is_err() {
-                break;
+        for m in batch.drain(..) {
+            queue_one(&mut self.ws, m, &mut self.stats, &mut self.close);
+            if self.ws.should_flush() {
+                result = self.flush_within(wt, closing_now).await;
+                if result.is_err() {
+                    break;
+                }
             }
         }
-        self.batch.clear();
+        batch.clear();
+        self.batch = batch;
         result?;
+        self.flush_within(wt, closing_now).await
+    }
+
+    /// Writes what is queued, within what is left of `write_timeout` (or
+    /// of the close deadline once closing). Unless `closing_now`, a close
+    /// request ends a write that waits.
+    async fn flush_within(&mut self, wt: Duration, closing_now: bool) -> Result<(), WriteError> {
+        let limit = write_limit(&self.ws, wt, self.phase);
         let stop = (!closing_now).then_some(Stop {
             shared: &self.shared,
             registered: &mut self.registered,
         });
-        timed_or_close(write_limit(&self.ws, wt, self.phase), self.ws.flush(), stop).await
+        timed_or_close(limit, self.ws.flush(), stop).await
     }
 
     /// The timer: every deadline of the connection.
@@ -1102,17 +1104,11 @@ async fn start_close_now(
     let _ = timed(limit, ws.send(Message::Close(Some(frame)))).await;
 }
 
-/// Feeds one queued message; a close frame starts our close handshake.
-async fn write_one(
-    ws: &mut Ws,
-    limit: Duration,
-    m: Message,
-    stats: &mut Stats,
-    close: &mut Option<Close>,
-    stop: Option<Stop<'_>>,
-) -> Result<(), WriteError> {
+/// Queues one message for the next flush and counts it; a close frame
+/// starts our close handshake. Nothing may follow a close frame.
+fn queue_one(ws: &mut Ws, m: Message, stats: &mut Stats, close: &mut Option<Close>) {
     if close.is_some() {
-        return Ok(()); // nothing may follow a close frame
+        return;
     }
     if let Message::Close(frame) = &m {
         let (code, reason) = frame.as_ref().map_or((1005, String::new()), |f| {
@@ -1130,10 +1126,11 @@ async fn write_one(
             metrics.message_out(m.len());
         }
     }
-    timed_or_close(limit, ws.feed(m), stop).await
+    ws.queue(m);
 }
 
-/// Writes what a callback queued for its own connection, with one flush.
+/// Writes what a callback queued for its own connection, with one flush
+/// (more only when it queued more than the codec holds at once).
 async fn write_outbox(
     ws: &mut Ws,
     limit: Duration,
@@ -1150,14 +1147,14 @@ async fn write_outbox(
     // the write timeout.
     let limit = ws.write_time_left(limit);
     for m in outbox.msgs.drain(..) {
-        if close.is_some() {
-            continue;
+        queue_one(ws, m, stats, close);
+        if ws.should_flush() {
+            let stop = Stop {
+                shared,
+                registered: &mut *registered,
+            };
+            timed_or_close(limit, ws.flush(), Some(stop)).await?;
         }
-        let stop = Stop {
-            shared,
-            registered: &mut *registered,
-        };
-        write_one(ws, limit, m, stats, close, Some(stop)).await?;
     }
     let stop = Stop { shared, registered };
     timed_or_close(limit, ws.flush(), Some(stop)).await

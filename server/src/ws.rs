@@ -149,8 +149,9 @@ const MIN_SPARE: usize = 8 * 1024;
 /// this much past the frame it waits for, so a frame of a few bytes does not
 /// make it reserve a large buffer.
 const OWN_READ: usize = 16 * 1024;
-/// Queued output over this is written before more is queued: a burst of
-/// sends cannot grow the queue past it plus one message.
+/// Queued output over this is written before more is queued
+/// ([`WsConn::should_flush`]): a burst of sends cannot grow the queue past
+/// it plus one message.
 const HIGH_WATER: usize = 256 * 1024;
 /// Slices per vectored write (two per frame: header and payload).
 const IOV: usize = 64;
@@ -600,7 +601,7 @@ impl WsConn {
         match h.opcode {
             9 => {
                 if !self.sent_close {
-                    self.queue(Out::new(0x80 | 10, payload.freeze()));
+                    self.push(Out::new(0x80 | 10, payload.freeze()));
                 }
                 Ok(None)
             }
@@ -696,7 +697,7 @@ impl WsConn {
         if !self.sent_close {
             self.sent_close = true;
             // The reply echoes the peer's code and reason.
-            self.queue(Out::new(0x88, payload));
+            self.push(Out::new(0x88, payload));
         }
         Ok(Message::Close(frame))
     }
@@ -714,19 +715,23 @@ impl WsConn {
         }
     }
 
-    fn queue(&mut self, out: Out) {
+    fn push(&mut self, out: Out) {
         self.tx_bytes += out.len();
         self.tx.push_back(out);
     }
 
-    /// Queues a message; it is written by the next `flush` (or now, if
-    /// enough is queued already). Nothing is queued after our close frame.
-    pub async fn feed(&mut self, msg: Message) -> io::Result<()> {
-        if self.tx_bytes >= HIGH_WATER || self.blocked_since.is_some() {
-            self.flush().await?;
-        }
+    /// Whether the output queued should be written before more is queued:
+    /// it is over [`HIGH_WATER`], or the socket is not taking it.
+    pub fn should_flush(&self) -> bool {
+        self.tx_bytes >= HIGH_WATER || self.blocked_since.is_some()
+    }
+
+    /// Queues a message for the next `flush`. Nothing is queued after our
+    /// close frame. Callers check [`WsConn::should_flush`] between
+    /// messages, which bounds the queue.
+    pub fn queue(&mut self, msg: Message) {
         if self.sent_close {
-            return Ok(());
+            return;
         }
         let out = match msg {
             Message::Text(t) => self.data(OpCode::Data(Data::Text), Bytes::from(t)),
@@ -754,8 +759,7 @@ impl WsConn {
                 Out::new(first, f.into_payload())
             }
         };
-        self.queue(out);
-        Ok(())
+        self.push(out);
     }
 
     /// A data message as one frame, compressed when permessage-deflate is
@@ -775,9 +779,9 @@ impl WsConn {
         std::future::poll_fn(|cx| self.poll_write_out(cx)).await
     }
 
-    /// `feed` then `flush`.
+    /// `queue` then `flush`.
     pub async fn send(&mut self, msg: Message) -> io::Result<()> {
-        self.feed(msg).await?;
+        self.queue(msg);
         self.flush().await
     }
 
