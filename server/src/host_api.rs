@@ -161,9 +161,9 @@ pub struct Outbox {
     /// `WSHD_ERR_CLOSED`.
     pub closed: bool,
     pub slow_consumer: Option<SlowConsumer>,
-    /// The connection's span: handler log lines made during a callback are
-    /// attached to it (the session does not enter it on every poll).
-    pub span: Option<tracing::Span>,
+    /// The connection's id: handler log lines made during a callback
+    /// carry it as `conn`, like the session's own lines.
+    pub conn: Option<u64>,
 }
 
 impl Default for Outbox {
@@ -177,7 +177,7 @@ impl Default for Outbox {
             overflowed: false,
             closed: false,
             slow_consumer: None,
-            span: None,
+            conn: None,
         }
     }
 }
@@ -760,27 +760,27 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, target: wshd_str, ms
     let msg = crate::logsafe::esc_cap(msg, HANDLER_LOG_CAP);
     let handler = &*ctx.handler;
     let route = &*ctx.route;
-    let parent: Option<tracing::Id> = CURRENT.with(|c| c.get()).and_then(|cur| {
+    let conn: Option<u64> = CURRENT.with(|c| c.get()).and_then(|cur| {
         // SAFETY: set by `with_outbox` for the running callback on this
         // thread; only read here, while no other reference is in use.
-        unsafe { (*cur.outbox).span.as_ref().and_then(|s| s.id()) }
+        unsafe { (*cur.outbox).conn }
     });
     // tracing needs the level at compile time, hence one macro per level.
     match level {
         WSHD_LOG_ERROR => {
-            tracing::error!(target: "handler", parent: parent.clone(), handler, route, module = %target, "{msg}")
+            tracing::error!(target: "handler", conn, handler, route, module = %target, "{msg}")
         }
         WSHD_LOG_WARN => {
-            tracing::warn!(target: "handler", parent: parent.clone(), handler, route, module = %target, "{msg}")
+            tracing::warn!(target: "handler", conn, handler, route, module = %target, "{msg}")
         }
         WSHD_LOG_INFO => {
-            tracing::info!(target: "handler", parent: parent.clone(), handler, route, module = %target, "{msg}")
+            tracing::info!(target: "handler", conn, handler, route, module = %target, "{msg}")
         }
         WSHD_LOG_DEBUG => {
-            tracing::debug!(target: "handler", parent: parent.clone(), handler, route, module = %target, "{msg}")
+            tracing::debug!(target: "handler", conn, handler, route, module = %target, "{msg}")
         }
         _ => {
-            tracing::trace!(target: "handler", parent: parent.clone(), handler, route, module = %target, "{msg}")
+            tracing::trace!(target: "handler", conn, handler, route, module = %target, "{msg}")
         }
     }
 }

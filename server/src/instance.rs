@@ -416,7 +416,7 @@ impl Instance {
         conn: wshd_conn_id,
         code: u16,
         reason: String,
-        span: Option<tracing::Span>,
+        conn_log: Option<u64>,
     ) {
         let Some(cb) = self.lib.desc.callbacks.on_close else {
             return;
@@ -424,11 +424,11 @@ impl Instance {
         let handler = self.handler;
         self.dispatch(move |this| {
             let _running = this.lib.enter(Callback::OnClose);
-            // The outbox only carries the span for handler log lines; the
+            // The outbox only carries the id for handler log lines; the
             // connection is gone, so sends to it get WSHD_ERR_CLOSED.
             let mut gone = Outbox {
                 closed: true,
-                span,
+                conn: conn_log,
                 ..Default::default()
             };
             let t = this.metrics.start();

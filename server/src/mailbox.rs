@@ -53,7 +53,8 @@ pub struct ConnShared {
     /// Wakes the session when the queue or the close request changes.
     pub wakeup: Wakeup,
     /// A close the session should perform after draining the queue.
-    close_request: std::sync::Mutex<Option<CloseFrame>>,
+    /// Boxed: rare, and this struct is part of every connection.
+    close_request: std::sync::Mutex<Option<Box<CloseFrame>>>,
     /// [`ConnShared::SHUTDOWN`] and [`ConnShared::RETIRED`] bits not yet seen
     /// by the session.
     events: AtomicU8,
@@ -303,10 +304,10 @@ impl ConnShared {
     pub fn request_close(&self, code: u16, reason: &str) {
         let mut slot = self.close_request.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            *slot = Some(CloseFrame {
+            *slot = Some(Box::new(CloseFrame {
                 code: CloseCode::from(code),
                 reason: reason.to_owned().into(),
-            });
+            }));
         }
         drop(slot);
         self.wakeup.wake();
@@ -318,6 +319,7 @@ impl ConnShared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
+            .map(|f| *f)
     }
 }
 

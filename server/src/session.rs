@@ -90,7 +90,7 @@ pub struct Opening {
     /// The connection's place under `max_connections`:
     /// held until the session ends.
     slot: Arc<crate::server::Slot>,
-    span: tracing::Span,
+    peer: SocketAddr,
     started: Instant,
     shared: Arc<ConnShared>,
     outbox: Outbox,
@@ -108,18 +108,6 @@ pub async fn open(
     slot: Arc<crate::server::Slot>,
 ) -> Opening {
     let inst = route.instance.clone();
-    // The span is not entered around every poll (that costs two refcount
-    // updates per poll, per connection); events name it as their parent, and
-    // handler log calls made inside a callback find it through the outbox.
-    let span = tracing::info_span!(
-        "conn",
-        id,
-        %peer,
-        path = %route.path,
-        handler = %inst.lib.desc.name,
-        version = %inst.lib.desc.version,
-        generation = inst.lib.generation,
-    );
     let shared = Arc::new(ConnShared::new(
         inst.id,
         route.limits.send_queue,
@@ -143,14 +131,23 @@ pub async fn open(
     }
     inst.live.fetch_add(1, Ordering::Relaxed);
     inst.metrics.opened();
-    tracing::info!(parent: &span, subprotocol = %crate::logsafe::esc(protocol.unwrap_or("")), "open");
+    tracing::info!(
+        conn = id,
+        %peer,
+        path = %route.path,
+        handler = %inst.lib.desc.name,
+        version = %inst.lib.desc.version,
+        generation = inst.lib.generation,
+        subprotocol = %crate::logsafe::esc(protocol.unwrap_or("")),
+        "open"
+    );
     let outbox = Outbox {
         msgs: Vec::new(),
         limit: route.limits.send_queue,
         limit_bytes: route.limits.send_queue_bytes,
         overflowed: false,
         slow_consumer: Some(route.limits.slow_consumer),
-        span: Some(span.clone()),
+        conn: Some(id),
         closed: false,
     };
     let (opened, outbox) = inst.open(id, outbox).await;
@@ -159,7 +156,7 @@ pub async fn open(
         id,
         server,
         slot,
-        span,
+        peer,
         started: Instant::now(),
         shared,
         outbox,
@@ -181,7 +178,6 @@ impl Opening {
             route,
             id,
             server,
-            span,
             opened,
             shared,
             ..
@@ -190,12 +186,15 @@ impl Opening {
         leave(&shared);
         let inst = &route.instance;
         if let Ok(st) = opened {
-            inst.close(st, id, 1006, String::new(), Some(span.clone()))
-                .await;
+            inst.close(st, id, 1006, String::new(), Some(id)).await;
         }
         inst.live.fetch_sub(1, Ordering::Relaxed);
         inst.metrics.closed(1006);
-        tracing::info!(parent: &span, close_code = 1006, "close before the upgrade completed");
+        tracing::info!(
+            conn = id,
+            close_code = 1006,
+            "close before the upgrade completed"
+        );
     }
 }
 
@@ -238,7 +237,12 @@ struct Session {
     inst: Arc<crate::instance::Instance>,
     id: u64,
     server: Arc<Server>,
-    span: tracing::Span,
+    /// For the access line. (No `tracing` span per connection: the
+    /// subscriber keeps a span's formatted fields for its whole life, about
+    /// half a kilobyte, more than the rest of an idle connection. Events
+    /// carry `conn = id` instead, and the open and close lines say the
+    /// rest.)
+    peer: SocketAddr,
     shared: Arc<ConnShared>,
     /// The handler's state; `None` when `on_open` failed.
     state: Option<ConnState>,
@@ -251,7 +255,8 @@ struct Session {
     close: Option<Close>,
     /// A close requested while a write waited for the peer: it starts at
     /// the next step.
-    deferred: Option<CloseFrame>,
+    /// Boxed: rare, and the session is part of every connection's task.
+    deferred: Option<Box<CloseFrame>>,
     /// The registry asked this connection to move to a new version
     /// (ConnShared::HANDOVER); done at the next message boundary.
     handover_pending: bool,
@@ -262,8 +267,6 @@ struct Session {
     clock: Pin<Box<tokio::time::Sleep>>,
     next_ping: Instant,
     last_heard: Instant,
-    /// Queued messages taken from the mailbox, reused between wake-ups.
-    batch: Vec<Message>,
 }
 
 // A plain fn returning an async block, not an `async fn`: the task is
@@ -294,7 +297,7 @@ impl Session {
             route,
             id,
             server,
-            span,
+            peer,
             shared,
             outbox,
             opened,
@@ -326,7 +329,7 @@ impl Session {
             inst,
             id,
             server,
-            span,
+            peer,
             shared,
             state: opened.ok(),
             outbox,
@@ -335,7 +338,6 @@ impl Session {
             deferred: None,
             handover_pending: false,
             registered: None,
-            batch: Vec::new(),
         }
     }
 
@@ -348,7 +350,7 @@ impl Session {
             return;
         };
         tracing::warn!(
-            parent: &self.span,
+            conn = self.id,
             "on_open failed ({}); closing with 1011",
             crate::error::status_name(rc)
         );
@@ -372,7 +374,10 @@ impl Session {
             Box::pin(self.move_on()).await;
         }
         if let Some(f) = self.deferred.take() {
-            tracing::debug!(parent: &self.span, "close requested while a write waited for the peer; closing now");
+            tracing::debug!(
+                conn = self.id,
+                "close requested while a write waited for the peer; closing now"
+            );
             self.close_with(f.code.into(), &f.reason).await;
         }
         // A close frame the handler queued (or on_open's failure) went out
@@ -387,12 +392,18 @@ impl Session {
         ) {
             self.closing();
         }
-        let event = self.wait().await;
-        match event {
-            Event::Peer(r) => self.on_peer(r).await,
-            Event::Mail => self.on_mail().await,
-            Event::Tick => self.on_tick().await,
-        }
+        // The event is moved into the future that handles it, so the task
+        // does not keep room for it beside that future.
+        use futures_util::future::Either::{Left, Right};
+        let handling = match self.wait().await {
+            Event::Peer(Some(Ok(msg @ (Message::Text(_) | Message::Binary(_))))) => {
+                Left(Left(self.on_message(msg)))
+            }
+            Event::Peer(r) => Left(Right(self.on_peer(r))),
+            Event::Mail => Right(Left(self.on_mail())),
+            Event::Tick => Right(Right(self.on_tick())),
+        };
+        handling.await
     }
 
     /// Waits for the peer, the mailbox (not once closing: the queue is
@@ -413,86 +424,106 @@ impl Session {
         }
     }
 
-    async fn on_peer(&mut self, r: Option<Result<Message, ReadError>>) {
-        match r {
-            Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => self.on_message(msg).await,
-            Some(Ok(Message::Close(frame))) => {
-                if self.close.is_none() {
-                    let (code, reason) = match frame {
-                        Some(f) => (u16::from(f.code), f.reason.to_string()),
-                        None => (1005, String::new()),
-                    };
-                    self.close = Some(Close {
-                        code,
-                        reason,
-                        by: Closer::Peer,
-                    });
+    /// Anything from the peer but a data message: its close, an error, or
+    /// the end of the stream. (A plain fn returning an async block here and
+    /// in `on_message`: an `async fn` would store its argument twice in
+    /// the session's task, which is allocated at its largest state.)
+    #[allow(clippy::manual_async_fn)] // see the comment above
+    fn on_peer(
+        &mut self,
+        r: Option<Result<Message, ReadError>>,
+    ) -> impl Future<Output = ()> + Send + '_ {
+        async move {
+            match r {
+                Some(Ok(Message::Close(frame))) => {
+                    if self.close.is_none() {
+                        let (code, reason) = match frame {
+                            Some(f) => (u16::from(f.code), f.reason.to_string()),
+                            None => (1005, String::new()),
+                        };
+                        self.close = Some(Close {
+                            code,
+                            reason,
+                            by: Closer::Peer,
+                        });
+                    }
+                    // ws.rs queued the reply; the next read writes it and then
+                    // reports the end of the stream.
+                    self.closing();
                 }
-                // ws.rs queued the reply; the next read writes it and then
-                // reports the end of the stream.
-                self.closing();
-            }
-            Some(Ok(_)) => {} // ws.rs answers pings itself and returns only data and close
-            Some(Err(ReadError::OverBudget)) => {
-                let limits = &self.route.limits;
-                tracing::info!(
-                    parent: &self.span,
-                    "unfinished messages of all connections are over max_buffered_bytes ({} bytes); this connection holds the most ({} bytes): closing with 1009 and freeing them",
-                    limits.max_buffered_bytes,
-                    self.ws.held(),
-                );
-                self.cut(1009, "buffered data over the server's budget")
-                    .await;
-            }
-            Some(Err(ReadError::Protocol { code, reason })) => {
-                if self.close.is_none() {
-                    tracing::info!(parent: &self.span, "closing with {code}: {reason}");
-                    self.close_with(code, reason).await;
-                    // Fail the connection (RFC 6455 §7.1.7): don't wait for
-                    // a reply from a misbehaving peer, but don't reset it
-                    // either, or it never sees why.
-                    Box::pin(linger(&mut self.ws, &self.route.limits)).await;
-                } else {
-                    tracing::debug!(parent: &self.span, "peer broke the protocol while closing: {reason}");
+                Some(Ok(_)) => {} // ws.rs answers pings itself and returns only data and close
+                Some(Err(ReadError::OverBudget)) => {
+                    let limits = &self.route.limits;
+                    tracing::info!(
+                        conn = self.id,
+                        "unfinished messages of all connections are over max_buffered_bytes ({} bytes); this connection holds the most ({} bytes): closing with 1009 and freeing them",
+                        limits.max_buffered_bytes,
+                        self.ws.held(),
+                    );
+                    self.cut(1009, "buffered data over the server's budget")
+                        .await;
                 }
-                self.phase = Phase::Done;
+                Some(Err(ReadError::Protocol { code, reason })) => {
+                    if self.close.is_none() {
+                        tracing::info!(conn = self.id, "closing with {code}: {reason}");
+                        self.close_with(code, reason).await;
+                        // Fail the connection (RFC 6455 §7.1.7): don't wait for
+                        // a reply from a misbehaving peer, but don't reset it
+                        // either, or it never sees why.
+                        Box::pin(linger(&mut self.ws, &self.route.limits)).await;
+                    } else {
+                        tracing::debug!(
+                            conn = self.id,
+                            "peer broke the protocol while closing: {reason}"
+                        );
+                    }
+                    self.phase = Phase::Done;
+                }
+                Some(Err(ReadError::Io(e))) => {
+                    tracing::debug!(conn = self.id, "connection error: {e}");
+                    self.drop_connection();
+                }
+                None => self.drop_connection(),
             }
-            Some(Err(ReadError::Io(e))) => {
-                tracing::debug!(parent: &self.span, "connection error: {e}");
-                self.drop_connection();
-            }
-            None => self.drop_connection(),
         }
     }
 
     /// A data message from the peer: to the handler, then what it sent.
-    async fn on_message(&mut self, msg: Message) {
-        let len = msg.len();
-        self.stats.msgs_in += 1;
-        self.stats.bytes_in += len as u64;
-        self.inst.metrics.message_in(len);
-        if matches!(self.phase, Phase::Closing { .. }) {
-            return; // RFC 6455 §1.4: data after a close is discarded
+    #[allow(clippy::manual_async_fn)] // see on_peer
+    fn on_message(&mut self, msg: Message) -> impl Future<Output = ()> + Send + '_ {
+        async move {
+            let len = msg.len();
+            self.stats.msgs_in += 1;
+            self.stats.bytes_in += len as u64;
+            self.inst.metrics.message_in(len);
+            if matches!(self.phase, Phase::Closing { .. }) {
+                return; // RFC 6455 §1.4: data after a close is discarded
+            }
+            let Some(st) = self.state.as_mut() else {
+                return;
+            };
+            let rc = if self.inst.is_inline() {
+                let rc = self
+                    .inst
+                    .message_inline(st, self.id, &msg, &mut self.outbox);
+                // Consumed on both arms, so the task does not keep room
+                // for it across the writes below.
+                drop(msg);
+                rc
+            } else {
+                let st = self.state.take().expect("state present");
+                let outbox = std::mem::take(&mut self.outbox);
+                let (rc, st, ob) = Box::pin(self.inst.message(st, self.id, msg, outbox)).await;
+                self.state = Some(st);
+                self.outbox = ob;
+                rc
+            };
+            let r = self.write_outbox().await;
+            if !self.after_write(r) {
+                return;
+            }
+            self.after_callback(rc, "on_message").await;
         }
-        let Some(st) = self.state.as_mut() else {
-            return;
-        };
-        let rc = if self.inst.is_inline() {
-            self.inst
-                .message_inline(st, self.id, &msg, &mut self.outbox)
-        } else {
-            let st = self.state.take().expect("state present");
-            let outbox = std::mem::take(&mut self.outbox);
-            let (rc, st, ob) = Box::pin(self.inst.message(st, self.id, msg, outbox)).await;
-            self.state = Some(st);
-            self.outbox = ob;
-            rc
-        };
-        let r = self.write_outbox().await;
-        if !self.after_write(r) {
-            return;
-        }
-        self.after_callback(rc, "on_message").await;
     }
 
     /// A failed callback closes with 1011; an outbox overflow under the
@@ -507,10 +538,17 @@ impl Session {
             } else {
                 "handler error"
             };
-            tracing::warn!(parent: &self.span, "{callback} failed ({}); closing with 1011", crate::error::status_name(rc));
+            tracing::warn!(
+                conn = self.id,
+                "{callback} failed ({}); closing with 1011",
+                crate::error::status_name(rc)
+            );
             self.close_with(1011, reason).await;
         } else if std::mem::take(&mut self.outbox.overflowed) {
-            tracing::info!(parent: &self.span, "send queue full: closing slow consumer with 1008");
+            tracing::info!(
+                conn = self.id,
+                "send queue full: closing slow consumer with 1008"
+            );
             self.close_with(1008, "slow consumer").await;
         }
     }
@@ -531,30 +569,24 @@ impl Session {
         // reads.
         let close_request = self.shared.take_close_request();
         let events = self.shared.take_events();
-        let closing_now = close_request.is_some() || events & ConnShared::SHUTDOWN != 0;
-        let max = if closing_now { usize::MAX } else { WRITE_BATCH };
-        if closing_now {
-            // The queue's last messages, our close frame and the reply all
-            // fit in close_timeout from here.
-            self.closing();
-        }
-        self.shared.take(&mut self.batch, max);
-        let r = self.write_batch(closing_now).await;
-        let close_request = match r {
-            Ok(()) => close_request,
-            Err(WriteError::Closing(f)) => Some(f),
-            Err(e) => {
-                e.log(&self.span);
-                self.drop_connection();
-                return;
+        if close_request.is_some() || events & ConnShared::SHUTDOWN != 0 {
+            // Rare, so boxed: its state stays out of the session's task.
+            Box::pin(self.close_after_queue(close_request)).await;
+        } else {
+            self.shared.take(&mut self.outbox.msgs, WRITE_BATCH);
+            match self.write_batch(false).await {
+                Ok(()) => {
+                    if self.shared.has_queued() {
+                        self.shared.wakeup.wake();
+                    }
+                }
+                Err(WriteError::Closing(f)) => self.close_with(f.code.into(), &f.reason).await,
+                Err(e) => {
+                    e.log(self.id);
+                    self.drop_connection();
+                    return;
+                }
             }
-        };
-        if let Some(f) = close_request {
-            self.close_with(f.code.into(), &f.reason).await;
-        } else if events & ConnShared::SHUTDOWN != 0 {
-            self.close_with(1001, "server shutting down").await;
-        } else if self.shared.has_queued() {
-            self.shared.wakeup.wake();
         }
         if events & ConnShared::HANDOVER != 0 {
             self.handover_pending = true;
@@ -567,45 +599,82 @@ impl Session {
             && self.inst.drain.is_cancelled()
         {
             let delay = self.inst.drain_delay(self.id);
-            tracing::debug!(parent: &self.span, "handler version retired: closing with 1012 in {delay:?}");
+            tracing::debug!(
+                conn = self.id,
+                "handler version retired: closing with 1012 in {delay:?}"
+            );
             let at = Instant::now() + delay;
             self.phase = Phase::Draining { at };
             self.arm(at);
         }
     }
 
+    /// A close request or shutdown: the whole queue is written first (one
+    /// batch per wake-up otherwise, so a busy sender cannot starve reads),
+    /// then our close frame; the peer's reply is awaited for what is left
+    /// of close_timeout from now.
+    async fn close_after_queue(&mut self, request: Option<CloseFrame>) {
+        self.closing();
+        self.shared.take(&mut self.outbox.msgs, usize::MAX);
+        let request = match self.write_batch(true).await {
+            Ok(()) => request,
+            Err(WriteError::Closing(f)) => Some(f),
+            Err(e) => {
+                e.log(self.id);
+                self.drop_connection();
+                return;
+            }
+        };
+        match request {
+            Some(f) => self.close_with(f.code.into(), &f.reason).await,
+            None => self.close_with(1001, "server shutting down").await,
+        }
+    }
+
     /// Queues the batch taken from the mailbox and writes it with one
     /// flush. While not closing, a close request ends a write that waits.
     async fn write_batch(&mut self, closing_now: bool) -> Result<(), WriteError> {
-        let wt = self.route.limits.write_timeout;
-        // Taken out and put back, so its capacity is reused.
-        let mut batch = std::mem::take(&mut self.batch);
+        // The batch is in the outbox's vector (empty between callbacks),
+        // taken out and put back so its capacity is reused.
+        let mut batch = std::mem::take(&mut self.outbox.msgs);
         let mut result = Ok(());
         for m in batch.drain(..) {
             queue_one(&mut self.ws, m, &mut self.stats, &mut self.close);
             if self.ws.should_flush() {
-                result = self.flush_within(wt, closing_now).await;
+                result = Box::pin(self.flush_out(!closing_now)).await;
                 if result.is_err() {
                     break;
                 }
             }
         }
         batch.clear();
-        self.batch = batch;
+        self.outbox.msgs = batch;
         result?;
-        self.flush_within(wt, closing_now).await
+        self.flush_out(!closing_now).await
     }
 
     /// Writes what is queued, within what is left of `write_timeout` (or
-    /// of the close deadline once closing). Unless `closing_now`, a close
+    /// of the close deadline once closing). With `stop_on_close`, a close
     /// request ends a write that waits.
-    async fn flush_within(&mut self, wt: Duration, closing_now: bool) -> Result<(), WriteError> {
-        let limit = write_limit(&self.ws, wt, self.phase);
-        let stop = (!closing_now).then_some(Stop {
+    ///
+    /// Most flushes complete at once; only one that has to wait pays for a
+    /// timer, in a boxed future, so the session's task stays small.
+    async fn flush_out(&mut self, stop_on_close: bool) -> Result<(), WriteError> {
+        let ws = &mut self.ws;
+        let first = std::future::poll_fn(|cx| Poll::Ready(ws.poll_flush(cx))).await;
+        match first {
+            Poll::Ready(r) => r.map_err(|_| WriteError::Failed),
+            Poll::Pending => Box::pin(self.wait_flush(stop_on_close)).await,
+        }
+    }
+
+    async fn wait_flush(&mut self, stop_on_close: bool) -> Result<(), WriteError> {
+        let limit = write_limit(&self.ws, self.route.limits.write_timeout, self.phase);
+        let stop = stop_on_close.then_some(Stop {
             shared: &self.shared,
             registered: &mut self.registered,
         });
-        timed_or_close(limit, self.ws.flush(), stop).await
+        wait_or_close(limit, std::pin::pin!(self.ws.flush()), stop).await
     }
 
     /// The timer: every deadline of the connection.
@@ -616,7 +685,10 @@ impl Session {
         if let Phase::Closing { by } = self.phase
             && now >= by
         {
-            tracing::debug!(parent: &self.span, "close did not complete in time; dropping the connection");
+            tracing::debug!(
+                conn = self.id,
+                "close did not complete in time; dropping the connection"
+            );
             self.phase = Phase::Done;
             return;
         }
@@ -626,7 +698,7 @@ impl Session {
         if let Some(since) = self.ws.write_blocked_since()
             && now >= since + wt
         {
-            WriteError::Stalled(wt).log(&self.span);
+            WriteError::Stalled(wt).log(self.id);
             self.drop_connection();
             return;
         }
@@ -634,7 +706,7 @@ impl Session {
             && now >= since + limits.message_timeout
         {
             tracing::info!(
-                parent: &self.span,
+                conn = self.id,
                 "a message started {:?} ago is still unfinished ({} bytes so far; message_timeout is {:?}): closing with 1008 and freeing it",
                 now - since,
                 self.ws.held(),
@@ -646,12 +718,19 @@ impl Session {
         if let Phase::Draining { at } = self.phase
             && now >= at
         {
-            tracing::info!(parent: &self.span, "handler version retired: closing with 1012 (service restart)");
+            tracing::info!(
+                conn = self.id,
+                "handler version retired: closing with 1012 (service restart)"
+            );
             self.close_with(1012, "service restart").await;
         }
         let limits = &self.route.limits;
         if self.close.is_none() && now >= self.last_heard + limits.idle_timeout {
-            tracing::info!(parent: &self.span, "nothing received from the peer for {:?} (idle_timeout): closing with 1001", now - self.last_heard);
+            tracing::info!(
+                conn = self.id,
+                "nothing received from the peer for {:?} (idle_timeout): closing with 1001",
+                now - self.last_heard
+            );
             self.close_with(1001, "idle timeout").await;
         }
         let limits = &self.route.limits;
@@ -660,16 +739,8 @@ impl Session {
             // Output already waiting for the peer is watched by the write
             // deadline; a ping would only queue behind it.
             if self.ws.write_blocked_since().is_none() {
-                let stop = Stop {
-                    shared: &self.shared,
-                    registered: &mut self.registered,
-                };
-                let r = timed_or_close(
-                    wt,
-                    self.ws.send(Message::Ping(Default::default())),
-                    Some(stop),
-                )
-                .await;
+                self.ws.queue(Message::Ping(Default::default()));
+                let r = self.flush_out(true).await;
                 if !self.after_write(r) {
                     return;
                 }
@@ -772,29 +843,38 @@ impl Session {
         match r {
             Ok(()) => true,
             Err(WriteError::Closing(f)) => {
-                self.deferred = Some(f);
+                self.deferred = Some(Box::new(f));
                 true
             }
             Err(e) => {
-                e.log(&self.span);
+                e.log(self.id);
                 self.drop_connection();
                 false
             }
         }
     }
 
-    /// Writes what a callback queued for its own connection, with one flush.
+    /// Writes what a callback queued for its own connection, with one
+    /// flush (more only when it queued more than the codec holds at once).
     async fn write_outbox(&mut self) -> Result<(), WriteError> {
-        write_outbox(
-            &mut self.ws,
-            self.route.limits.write_timeout,
-            &mut self.outbox,
-            &mut self.stats,
-            &mut self.close,
-            &self.shared,
-            &mut self.registered,
-        )
-        .await
+        if self.outbox.msgs.is_empty() {
+            return Ok(());
+        }
+        let mut msgs = std::mem::take(&mut self.outbox.msgs);
+        let mut result = Ok(());
+        for m in msgs.drain(..) {
+            queue_one(&mut self.ws, m, &mut self.stats, &mut self.close);
+            if self.ws.should_flush() {
+                result = Box::pin(self.flush_out(true)).await;
+                if result.is_err() {
+                    break;
+                }
+            }
+        }
+        msgs.clear();
+        self.outbox.msgs = msgs;
+        result?;
+        self.flush_out(true).await
     }
 
     /// Calls `on_timer` for the connection's timers that fired (ABI 1.2)
@@ -821,14 +901,7 @@ impl Session {
     /// A handover at a message boundary: on success the connection now
     /// belongs to the new version, whose drain (if any) applies instead.
     async fn move_on(&mut self) {
-        let Some(moved) = hand_over(
-            &self.inst,
-            &self.shared,
-            self.id,
-            &mut self.state,
-            &self.span,
-        )
-        .await
+        let Some(moved) = hand_over(&self.inst, &self.shared, self.id, &mut self.state).await
         else {
             return;
         };
@@ -855,7 +928,8 @@ impl Session {
             inst,
             id,
             server,
-            span,
+            peer,
+            route,
             shared,
             state,
             stats,
@@ -868,8 +942,7 @@ impl Session {
         leave(&shared);
         let close = close.unwrap_or_else(dropped);
         if let Some(st) = state {
-            Box::pin(inst.close(st, id, close.code, close.reason.clone(), Some(span.clone())))
-                .await;
+            Box::pin(inst.close(st, id, close.code, close.reason.clone(), Some(id))).await;
         }
         inst.live.fetch_sub(1, Ordering::Relaxed);
         // The generation that counted the open counts the close, also for
@@ -890,8 +963,15 @@ impl Session {
         // Dropping `ws` closes the socket; the close frames were sent or
         // answered already.
         drop(ws);
+        // The access line: everything that identifies the connection, so
+        // that it stands on its own.
         tracing::info!(
-            parent: &span,
+            conn = id,
+            %peer,
+            path = %route.path,
+            handler = %inst.lib.desc.name,
+            version = %inst.lib.desc.version,
+            generation = inst.lib.generation,
             duration_ms = started.elapsed().as_millis() as u64,
             msgs_in = stats.msgs_in,
             msgs_out = stats.msgs_out,
@@ -1023,9 +1103,12 @@ enum WriteError {
 }
 
 impl WriteError {
-    fn log(&self, span: &tracing::Span) {
+    fn log(&self, id: u64) {
         if let WriteError::Stalled(limit) = self {
-            tracing::info!(parent: span, "peer has not read for {limit:?}; dropping the connection");
+            tracing::info!(
+                conn = id,
+                "peer has not read for {limit:?}; dropping the connection"
+            );
         }
     }
 }
@@ -1129,37 +1212,6 @@ fn queue_one(ws: &mut Ws, m: Message, stats: &mut Stats, close: &mut Option<Clos
     ws.queue(m);
 }
 
-/// Writes what a callback queued for its own connection, with one flush
-/// (more only when it queued more than the codec holds at once).
-async fn write_outbox(
-    ws: &mut Ws,
-    limit: Duration,
-    outbox: &mut Outbox,
-    stats: &mut Stats,
-    close: &mut Option<Close>,
-    shared: &ConnShared,
-    registered: &mut Option<std::task::Waker>,
-) -> Result<(), WriteError> {
-    if outbox.msgs.is_empty() {
-        return Ok(());
-    }
-    // Output already waiting for the peer (a pong, say) has used part of
-    // the write timeout.
-    let limit = ws.write_time_left(limit);
-    for m in outbox.msgs.drain(..) {
-        queue_one(ws, m, stats, close);
-        if ws.should_flush() {
-            let stop = Stop {
-                shared,
-                registered: &mut *registered,
-            };
-            timed_or_close(limit, ws.flush(), Some(stop)).await?;
-        }
-    }
-    let stop = Stop { shared, registered };
-    timed_or_close(limit, ws.flush(), Some(stop)).await
-}
-
 /// The connection is gone: its subscriptions and timers end (before
 /// `on_close`, so a goodbye published there does not go to it).
 fn leave(shared: &Arc<ConnShared>) {
@@ -1180,7 +1232,6 @@ async fn hand_over(
     shared: &ConnShared,
     id: u64,
     state: &mut Option<ConnState>,
-    span: &tracing::Span,
 ) -> Option<crate::instance::Handover> {
     let to = inst.handover_to()?;
     let new = &to.route.instance;
@@ -1200,7 +1251,7 @@ async fn hand_over(
             inst.moved_out.fetch_add(1, Ordering::Relaxed);
             *state = Some(new_state);
             tracing::info!(
-                parent: span,
+                conn = id,
                 "handed over from {} to {}",
                 inst.describe(),
                 new.describe()
@@ -1211,7 +1262,7 @@ async fn hand_over(
             *state = Some(st);
             inst.stayed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
-                parent: span,
+                conn = id,
                 "handover to {} failed: {e}; the connection stays on {} and drains",
                 new.describe(),
                 inst.describe()

@@ -47,12 +47,30 @@ pub const MAX_DELAY_MS: u64 = 365 * 24 * 3600 * 1000;
 /// One connection's timers, kept in its [`ConnShared`](crate::mailbox::ConnShared).
 #[derive(Debug, Default)]
 pub struct ConnTimers {
+    /// Allocated at the connection's first timer: most never set one, and
+    /// this is part of every connection.
+    lists: Option<Box<Lists>>,
+    /// The connection closed: no new timers.
+    closed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Lists {
     /// Pending timer ids (set, not yet delivered or cancelled).
     ids: Vec<u64>,
     /// Ids that fired, in firing order, for the session to deliver.
     fired: Vec<u64>,
-    /// The connection closed: no new timers.
-    closed: bool,
+}
+
+impl ConnTimers {
+    fn lists(&mut self) -> &mut Lists {
+        self.lists.get_or_insert_default()
+    }
+
+    /// Forgets every timer; returns the pending ids.
+    fn clear(&mut self) -> Vec<u64> {
+        self.lists.take().map(|l| l.ids).unwrap_or_default()
+    }
 }
 
 #[derive(Debug)]
@@ -143,10 +161,10 @@ impl Timers {
             if mine.closed {
                 return Err(WSHD_ERR_CLOSED);
             }
-            if mine.ids.len() >= self.max_per_connection.load(Ordering::Relaxed) {
+            if mine.lists().ids.len() >= self.max_per_connection.load(Ordering::Relaxed) {
                 return Err(WSHD_ERR_LIMIT);
             }
-            mine.ids.push(id);
+            mine.lists().ids.push(id);
             self.pending.insert(
                 id,
                 Pending {
@@ -192,7 +210,7 @@ impl Timers {
                 {
                     let mut mine = lock(&shared);
                     if !mine.closed {
-                        mine.fired.push(id);
+                        mine.lists().fired.push(id);
                     }
                 }
                 shared.timer_fired.store(true, Ordering::Release);
@@ -223,7 +241,11 @@ impl Timers {
             return false;
         };
         match &p.conn {
-            Some(shared) => forget(&mut lock(shared).ids, id),
+            Some(shared) => {
+                if let Some(l) = lock(shared).lists.as_mut() {
+                    forget(&mut l.ids, id);
+                }
+            }
             None => forget(&mut lock_ids(p.ctx), id),
         }
         true
@@ -240,7 +262,11 @@ impl Timers {
             a.abort();
         }
         match &p.conn {
-            Some(shared) => forget(&mut lock(shared).ids, id),
+            Some(shared) => {
+                if let Some(l) = lock(shared).lists.as_mut() {
+                    forget(&mut l.ids, id);
+                }
+            }
             None => forget(&mut lock_ids(p.ctx), id),
         }
         WSHD_OK
@@ -252,8 +278,7 @@ impl Timers {
         let ids = {
             let mut mine = lock(shared);
             mine.closed = true;
-            mine.fired.clear();
-            std::mem::take(&mut mine.ids)
+            mine.clear()
         };
         self.abort_all(&ids);
     }
@@ -262,11 +287,7 @@ impl Timers {
     /// version's pending and fired timers for it are dropped, so none fires
     /// into the new version; the new version may set its own.
     pub fn moved(&self, shared: &ConnShared) {
-        let ids = {
-            let mut mine = lock(shared);
-            mine.fired.clear();
-            std::mem::take(&mut mine.ids)
-        };
+        let ids = { lock(shared).clear() };
         self.abort_all(&ids);
     }
 
@@ -296,7 +317,7 @@ impl ConnShared {
     /// How many fired timers wait for the session (for tests).
     #[cfg(test)]
     pub fn take_fired_timers_peek(&self) -> usize {
-        lock(self).fired.len()
+        lock(self).lists.as_ref().map_or(0, |l| l.fired.len())
     }
 
     /// The timers of this connection that fired since the last call, in
@@ -306,7 +327,11 @@ impl ConnShared {
             return Vec::new();
         }
         self.timer_fired.store(false, Ordering::Relaxed);
-        std::mem::take(&mut lock(self).fired)
+        lock(self)
+            .lists
+            .as_mut()
+            .map(|l| std::mem::take(&mut l.fired))
+            .unwrap_or_default()
     }
 }
 

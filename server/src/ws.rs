@@ -374,7 +374,7 @@ impl WsConn {
         // Reading on would answer each ping read with one more pong that
         // cannot go out either.
         if !self.tx.is_empty() {
-            match self.poll_write_out(cx) {
+            match self.poll_flush(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return self.end(Err(ReadError::Io(e))),
                 Poll::Ready(Ok(())) => {}
@@ -392,7 +392,7 @@ impl WsConn {
         self.account();
         // A pong (or a close reply) queued while reading goes out now.
         if !self.tx.is_empty()
-            && let Poll::Ready(Err(e)) = self.poll_write_out(cx)
+            && let Poll::Ready(Err(e)) = self.poll_flush(cx)
         {
             return self.end(Err(ReadError::Io(e)));
         }
@@ -776,7 +776,7 @@ impl WsConn {
 
     /// Writes everything queued.
     pub async fn flush(&mut self) -> io::Result<()> {
-        std::future::poll_fn(|cx| self.poll_write_out(cx)).await
+        std::future::poll_fn(|cx| self.poll_flush(cx)).await
     }
 
     /// `queue` then `flush`.
@@ -787,7 +787,7 @@ impl WsConn {
 
     /// Writes the queue with vectored writes, everything queued in one
     /// syscall when the socket takes it.
-    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.tx.is_empty() {
             let mut iov = [IoSlice::new(&[]); IOV];
             let mut n = 0;
