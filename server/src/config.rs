@@ -29,9 +29,11 @@ pub const DEFAULT_PORT: u16 = 9998;
 /// be reached, and one near `usize::MAX` would overflow the slot semaphore.
 pub const MAX_CONNECTIONS_CAP: usize = 1 << 20;
 
-/// The most `read_buffer_size` may be: the buffer is allocated for the whole
-/// life of every connection, so a typo here (`"1GiB"`) multiplies by every
-/// client. It may also never exceed `max_frame_size`.
+/// The most `read_buffer_size` may be. The key is deprecated (connections
+/// no longer own a read buffer; it only sets how finely unfinished bytes
+/// are reported to the budget), but configs that set it keep being checked
+/// as before, so one valid on an older wshd stays valid and a typo
+/// (`"1GiB"`) is still caught. It may also never exceed `max_frame_size`.
 pub const READ_BUFFER_CAP: usize = 1 << 20;
 
 /// The most worker threads: `--workers` takes at most this too.
@@ -773,8 +775,8 @@ impl ConfigFile {
             return Err(self.error_at(
                 rb.span(),
                 format!(
-                    "read_buffer_size {size} is too large: it is allocated for every connection's whole life, \
-                     so it may be at most max_frame_size ({}) and at most {READ_BUFFER_CAP}; the default is 2KiB",
+                    "read_buffer_size {size} is too large: it may be at most max_frame_size ({}) and at most \
+                     {READ_BUFFER_CAP}; the key is deprecated (connections no longer own a read buffer), remove it",
                     effective.max_frame_size
                 ),
             ));

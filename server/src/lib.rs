@@ -19,11 +19,12 @@
 //!   the handler's handshake hook, the 101 and the upgrade.
 //! * [`static_files`]: the document root (`-d`).
 //! * [`write_deadline`]: ends an HTTP connection whose peer stops reading.
-//! * [`session`]: one WebSocket connection's loop, close handshake and access
-//!   line; [`ws`]: its socket; [`budget`]: the server-wide budget for
-//!   unfinished incoming messages; [`deflate`]: permessage-deflate
-//!   (RFC 7692) negotiation and the inflating transcoder in front of
-//!   tungstenite.
+//! * [`session`]: one WebSocket connection as a state machine (open,
+//!   draining, closing, done): its events, close handshake and access line;
+//!   [`ws`]: wshd's own frame codec over its socket (per-worker read
+//!   buffer, zero-copy payloads, vectored writes); [`budget`]: the
+//!   server-wide budget for unfinished incoming messages; [`deflate`]:
+//!   permessage-deflate (RFC 7692) negotiation, compression and inflation.
 //! * [`routing`]: the route table, swapped atomically on reload.
 //! * [`registry`]: loaded versions and instances; reconciles the handler
 //!   directory and config into a new route table.
