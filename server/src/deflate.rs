@@ -42,9 +42,11 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 /// overhead eats the gain, and compressing costs CPU for nothing.
 pub const MIN_COMPRESS: usize = 64;
 
-/// The compression level: zlib's fastest. Messages are small and latency
-/// matters more than the last percent of ratio (JSON still shrinks 4-6x).
-const LEVEL: u32 = 1;
+/// The compression level: zlib's default, the one browsers and Node `ws`
+/// use. Measured on a 4 KiB JSON echo (bench, one run): level 1 sent 1.43×
+/// Node's bytes for 0.19× its CPU, level 6 sends the same bytes for 0.26×
+/// its CPU. Wire size is what a route turns compression on for.
+const LEVEL: u32 = 6;
 /// The tail RFC 7692 §7.2.2 strips from each compressed message.
 const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
 
