@@ -342,6 +342,30 @@ pub fn rss(pid: u32) -> u64 {
     kb * 1024
 }
 
+/// One server frame, read from a raw client's socket: the first header
+/// byte (FIN, RSV bits, opcode) and the payload (server frames are never
+/// masked).
+pub async fn read_server_frame(s: &mut tokio::net::TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).await?;
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            s.read_exact(&mut l).await?;
+            u16::from_be_bytes(l) as usize
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            s.read_exact(&mut l).await?;
+            u64::from_be_bytes(l) as usize
+        }
+        n => n as usize,
+    };
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).await?;
+    Ok((h[0], p))
+}
+
 /// Connects and upgrades a raw client (one that reads and writes bytes
 /// itself, e.g. never reads); returns the socket right after the 101, with
 /// no byte of what follows consumed.

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::common::*;
@@ -63,28 +63,10 @@ fn inflate(data: &[u8], bits: u8) -> Vec<u8> {
 
 /// One server frame: first byte and payload.
 async fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        let mut h = [0u8; 2];
-        s.read_exact(&mut h).await.unwrap();
-        let len = match h[1] & 0x7f {
-            126 => {
-                let mut l = [0u8; 2];
-                s.read_exact(&mut l).await.unwrap();
-                u16::from_be_bytes(l) as usize
-            }
-            127 => {
-                let mut l = [0u8; 8];
-                s.read_exact(&mut l).await.unwrap();
-                u64::from_be_bytes(l) as usize
-            }
-            n => n as usize,
-        };
-        let mut p = vec![0u8; len];
-        s.read_exact(&mut p).await.unwrap();
-        (h[0], p)
-    })
-    .await
-    .expect("no frame in time")
+    tokio::time::timeout(Duration::from_secs(10), read_server_frame(s))
+        .await
+        .expect("no frame in time")
+        .unwrap()
 }
 
 fn json(n: usize) -> String {

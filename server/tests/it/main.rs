@@ -2,6 +2,7 @@
 //! real WebSocket clients.
 
 mod cluster;
+mod codec;
 mod common;
 mod compression;
 mod faults;

@@ -14,24 +14,9 @@ use crate::common::*;
 
 /// A server frame: opcode and payload.
 async fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut h = [0u8; 2];
-    s.read_exact(&mut h).await?;
-    let len = match h[1] & 0x7F {
-        126 => {
-            let mut l = [0u8; 2];
-            s.read_exact(&mut l).await?;
-            u16::from_be_bytes(l) as usize
-        }
-        127 => {
-            let mut l = [0u8; 8];
-            s.read_exact(&mut l).await?;
-            u64::from_be_bytes(l) as usize
-        }
-        n => n as usize,
-    };
-    let mut p = vec![0u8; len];
-    s.read_exact(&mut p).await?;
-    Ok((h[0] & 0x0F, p))
+    read_server_frame(s)
+        .await
+        .map(|(first, p)| (first & 0x0F, p))
 }
 
 /// Reads frames until a close frame; returns its code and reason.
