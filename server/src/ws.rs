@@ -265,6 +265,9 @@ pub struct WsConn {
     tx: VecDeque<Out>,
     tx_sent: usize,
     tx_bytes: usize,
+    /// Payload bytes of the partial text frame at the front of `rx` known
+    /// to be valid UTF-8 (see [`WsConn::check_partial_text`]).
+    partial_valid: usize,
     /// permessage-deflate, when negotiated.
     deflate: Option<Params>,
     /// The stream ended or failed: later reads return `None`.
@@ -301,6 +304,7 @@ impl WsConn {
             tx: VecDeque::new(),
             tx_sent: 0,
             tx_bytes: 0,
+            partial_valid: 0,
             deflate,
             ended: false,
             got_close: false,
@@ -467,7 +471,13 @@ impl WsConn {
                 }
                 Ok(None) => {}
             }
-            // The front frame is incomplete: room for the rest of it.
+            // The front frame is incomplete. Text in it that can never
+            // become valid fails the connection now, not once the rest of
+            // the frame has arrived.
+            if let Err(e) = self.check_partial_text() {
+                return Poll::Ready(Err(e));
+            }
+            // Room for the rest of it.
             let need = match peek_header(&self.rx) {
                 Some(len) => len.saturating_sub(self.rx.len()),
                 None => 14,
@@ -493,6 +503,7 @@ impl WsConn {
                 return Ok(None);
             }
             buf.advance(h.len);
+            self.partial_valid = 0;
             let mut payload = buf.split_to(h.payload);
             unmask(&mut payload, h.mask);
             if let Some(msg) = self.frame(h, payload)? {
@@ -506,6 +517,57 @@ impl WsConn {
                 return Ok(None);
             }
         }
+    }
+
+    /// Validates what has arrived of a text frame that is still partial
+    /// (a single-frame message, or a fragment of one with no character
+    /// split across fragments), from where the last check stopped. The
+    /// bytes stay masked in `rx`; each piece is unmasked in a copy on the
+    /// stack.
+    fn check_partial_text(&mut self) -> Result<(), ReadError> {
+        let Some(h) = self.header(&self.rx)? else {
+            return Ok(());
+        };
+        let text = match (h.opcode, &self.msg) {
+            (1, None) => true,
+            (0, Some(m)) => m.text && !m.compressed && m.valid == m.data.len(),
+            _ => false,
+        };
+        if !text || h.rsv1 {
+            return Ok(());
+        }
+        let avail = (self.rx.len() - h.len).min(h.payload);
+        let mut pos = self.partial_valid;
+        let mut piece = [0u8; 4096];
+        while pos < avail {
+            let end = (pos + piece.len()).min(avail);
+            let c = &mut piece[..end - pos];
+            c.copy_from_slice(&self.rx[h.len + pos..h.len + end]);
+            let k = pos % 4;
+            unmask(
+                c,
+                [
+                    h.mask[k],
+                    h.mask[(k + 1) % 4],
+                    h.mask[(k + 2) % 4],
+                    h.mask[(k + 3) % 4],
+                ],
+            );
+            match std::str::from_utf8(c) {
+                Ok(_) => pos = end,
+                // A character cut by the end of what arrived: checked
+                // again with the bytes that complete it.
+                Err(e) if e.error_len().is_none() => {
+                    pos += e.valid_up_to();
+                    if end == avail {
+                        break;
+                    }
+                }
+                Err(_) => return Err(fail(1007, "invalid UTF-8 in text message")),
+            }
+        }
+        self.partial_valid = pos;
+        Ok(())
     }
 
     /// Parses and checks the header at the front of `buf`, before its

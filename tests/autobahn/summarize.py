@@ -6,8 +6,7 @@ files next to it, prints a per-group table, details every non-OK case, and
 exits non-zero when the result is not acceptable:
 
   * any case whose behavior is FAILED (or any other failing verdict),
-  * any NON-STRICT case outside the allowlist (default: 6.4.3, 6.4.4 -- the
-    two cases raw tokio-tungstenite is NON-STRICT on as well),
+  * any NON-STRICT case outside the allowlist (default: none),
   * any UNIMPLEMENTED case outside --allow-unimplemented,
   * any group named in --expect-groups that has no case in the report
     (a run that died half-way).
@@ -43,7 +42,7 @@ UNIMPLEMENTED = "UNIMPLEMENTED"
 FAILED = "FAILED"
 COLUMNS = [OK, NON_STRICT, INFORMATIONAL, UNIMPLEMENTED, FAILED]
 
-DEFAULT_ALLOW_NON_STRICT = "6.4.3,6.4.4"
+DEFAULT_ALLOW_NON_STRICT = ""
 
 
 def case_key(case_id):

@@ -137,3 +137,20 @@ async fn protocol_violations_close_with_1002_and_the_reason() {
         assert!(text.contains(reason), "{reason}: got {text:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_text_fails_before_the_rest_of_its_frame_arrives() {
+    let dir = standard_dir();
+    let srv = Wshd::start(dir.path(), &[]);
+    let mut s = raw_upgrade(&srv.addr, "/echo").await;
+    // A 10,000-byte text frame of which only the first 600 bytes are sent,
+    // the invalid byte among them: the close must not wait for the other
+    // 9,400, which never come.
+    let mut text = "a".repeat(10_000).into_bytes();
+    text[500] = 0xFF;
+    let frame = client_frame(0x1, &text);
+    s.write_all(&frame[..600]).await.unwrap();
+    let (op, p) = next_frame(&mut s).await;
+    assert_eq!(op, 0x8);
+    assert_eq!(u16::from_be_bytes([p[0], p[1]]), 1007);
+}
