@@ -521,17 +521,18 @@ impl Session {
                 self.outbox = ob;
                 rc
             };
-            let r = self.write_outbox().await;
-            if !self.after_write(r) {
-                return;
-            }
             self.after_callback(rc, "on_message").await;
         }
     }
 
-    /// A failed callback closes with 1011; an outbox overflow under the
-    /// close policy with 1008.
+    /// After a callback: what it sent goes out, then a failed callback
+    /// closes with 1011 and an outbox overflow under the close policy with
+    /// 1008.
     async fn after_callback(&mut self, rc: i32, callback: &str) {
+        let r = self.write_outbox().await;
+        if !self.after_write(r) {
+            return;
+        }
         if self.close.is_some() {
             return;
         }
@@ -894,10 +895,6 @@ impl Session {
         let (rc, st, ob) = self.inst.timers(st, self.id, fired, outbox).await;
         self.state = Some(st);
         self.outbox = ob;
-        let r = self.write_outbox().await;
-        if !self.after_write(r) {
-            return;
-        }
         self.after_callback(rc, "on_timer").await;
     }
 
