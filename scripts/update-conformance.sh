@@ -6,13 +6,14 @@ cd "$(dirname "$0")/.."
 cargo build -q -p wshd -p echo-handler
 table=$(mktemp)
 AUTOBAHN_MARKDOWN="$table" tests/autobahn/run.sh
-python3 - "$table" <<'PY'
+python3 - "$table" "${WSHD_BIN:-target/debug/wshd}" <<'PY'
 import re, sys, datetime
 table = open(sys.argv[1]).read().strip()
 readme = open("README.md").read()
 stamp = datetime.date.today().isoformat()
+build = "release" if "/release/" in sys.argv[2] else "debug"
 block = (f"<!-- autobahn-results:start -->\nResults of `scripts/update-conformance.sh` on {stamp} "
-         f"(wshd `/echo`, debug build, through the C ABI and the Rust SDK):\n\n{table}\n<!-- autobahn-results:end -->")
+         f"(wshd `/echo` with `compression = \"on\"`, {build} build, through the C ABI and the Rust SDK):\n\n{table}\n<!-- autobahn-results:end -->")
 new = re.sub(r"<!-- autobahn-results:start -->.*?<!-- autobahn-results:end -->", block, readme, flags=re.S)
 open("README.md", "w").write(new)
 PY
