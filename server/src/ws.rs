@@ -153,6 +153,9 @@ const OWN_READ: usize = 16 * 1024;
 /// ([`WsConn::should_flush`]): a burst of sends cannot grow the queue past
 /// it plus one message.
 const HIGH_WATER: usize = 256 * 1024;
+/// Queued payloads up to this size are copied out of the worker's read
+/// block when the peer stops reading ([`WsConn::detach_queued`]).
+const DETACH_MAX: usize = WORKER_BUF / 2;
 /// Slices per vectored write (two per frame: header and payload).
 const IOV: usize = 64;
 
@@ -870,6 +873,9 @@ impl WsConn {
             }
             let written = match Pin::new(&mut self.io).poll_write_vectored(cx, &iov[..n]) {
                 Poll::Pending => {
+                    if self.blocked_since.is_none() {
+                        self.detach_queued();
+                    }
                     self.blocked_since.get_or_insert_with(Instant::now);
                     return Poll::Pending;
                 }
@@ -902,6 +908,23 @@ impl WsConn {
             self.blocked_since = None;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Output that waits for a peer that is not reading must not keep a
+    /// worker's read block alive: an echo, or a pong, shares its payload
+    /// with the inbound message, which is a slice of the 64 KiB block it
+    /// was read into. Many small replies stuck on many stalled
+    /// connections would otherwise pin a block each, far more memory
+    /// than `send_queue_bytes` counts. Small payloads get a copy of their
+    /// own when the socket first stops taking output (no more is read
+    /// until it takes it again); a payload over [`DETACH_MAX`] pins at
+    /// most twice its size.
+    fn detach_queued(&mut self) {
+        for out in &mut self.tx {
+            if !out.payload.is_empty() && out.payload.len() <= DETACH_MAX {
+                out.payload = Bytes::copy_from_slice(&out.payload);
+            }
+        }
     }
 
     /// Ends the connection at once, freeing everything it holds (the
