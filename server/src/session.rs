@@ -696,7 +696,8 @@ impl Session {
             self.phase = Phase::Done;
             return;
         }
-        if self.ws.take_heard() {
+        let heard = self.ws.take_heard();
+        if heard {
             self.last_heard = now;
         }
         if let Some(since) = self.ws.write_blocked_since()
@@ -749,6 +750,13 @@ impl Session {
                     return;
                 }
             }
+        }
+        // A connection quiet for a tick gives back the capacity its
+        // queues kept from the last burst (kept while busy, so the hot
+        // path does not allocate per message).
+        if !heard && self.outbox.msgs.is_empty() {
+            self.outbox.msgs = Vec::new();
+            self.ws.release_idle();
         }
         self.rearm(now);
     }

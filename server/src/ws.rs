@@ -351,6 +351,14 @@ impl WsConn {
         std::mem::take(&mut self.heard)
     }
 
+    /// Frees the write queue's capacity if nothing waits in it: called when
+    /// the connection has been quiet for a while.
+    pub fn release_idle(&mut self) {
+        if self.tx.is_empty() {
+            self.tx = VecDeque::new();
+        }
+    }
+
     /// Since when output has been waiting for the peer to read.
     pub fn write_blocked_since(&self) -> Option<Instant> {
         self.blocked_since
