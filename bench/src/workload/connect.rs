@@ -15,7 +15,7 @@ use tokio::time::{Instant, sleep, timeout};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::echo::next_data;
-use super::{dial_all, small_client_config};
+use super::{dial_all, record_rss_growth, small_client_config};
 use crate::probe::Probe;
 use crate::record::Record;
 use crate::target::{Client, Target};
@@ -71,20 +71,7 @@ pub async fn run(target: &Target, params: &ConnectParams, probe: Option<Probe>) 
         .metric("conn_per_s", connected as f64 / elapsed.max(1e-9));
 
     sleep(params.hold).await;
-    if let (Some(probe), Some(Ok(before))) = (probe, before) {
-        match probe.sample() {
-            Ok(after) => {
-                record
-                    .metric("rss_before_kib", before.rss_kib as f64)
-                    .metric("rss_after_kib", after.rss_kib as f64);
-                if connected > 0 {
-                    let delta = after.rss_kib as f64 - before.rss_kib as f64;
-                    record.metric("rss_kib_per_conn", delta / connected as f64);
-                }
-            }
-            Err(error) => failures.error(format!("reading server memory: {error}")),
-        }
-    }
+    record_rss_growth(&mut record, &mut failures, probe, before, connected);
 
     if params.check_alive && connected > 0 {
         let step = (connected / ALIVE_SAMPLE).max(1);

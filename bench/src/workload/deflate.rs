@@ -36,7 +36,7 @@ use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use super::{DIAL_TIMEOUT, Timeline, join_all, sample_window};
+use super::{DIAL_TIMEOUT, Timeline, join_all, record_rss_growth, sample_window};
 use crate::latency::Latency;
 use crate::probe::Probe;
 use crate::record::{Failures, Record};
@@ -745,20 +745,7 @@ pub async fn run_idle(target: &Target, params: &DeflateIdleParams, probe: Option
         record.metric("compressed_share", compressed as f64 / connected as f64);
     }
     sleep(params.hold).await;
-    if let (Some(probe), Some(Ok(before))) = (probe, before) {
-        match probe.sample() {
-            Ok(after) => {
-                record
-                    .metric("rss_before_kib", before.rss_kib as f64)
-                    .metric("rss_after_kib", after.rss_kib as f64);
-                if connected > 0 {
-                    let delta = after.rss_kib as f64 - before.rss_kib as f64;
-                    record.metric("rss_kib_per_conn", delta / connected as f64);
-                }
-            }
-            Err(error) => failures.error(format!("reading server memory: {error}")),
-        }
-    }
+    record_rss_growth(&mut record, &mut failures, probe, before, connected);
     if connected == 0 {
         failures.error("no connection could be opened");
     }

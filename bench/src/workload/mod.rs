@@ -170,6 +170,33 @@ pub async fn join_all<T: Default>(handles: Vec<JoinHandle<T>>, failures: &mut Fa
     results
 }
 
+/// After the connections were held: the server's RSS before and after,
+/// and its growth per connection (`rss_kib_per_conn`), for the idle-memory
+/// workloads. `before` is the sample taken before the first connection.
+pub(crate) fn record_rss_growth(
+    record: &mut Record,
+    failures: &mut Failures,
+    probe: Option<Probe>,
+    before: Option<std::io::Result<Sample>>,
+    connected: usize,
+) {
+    let (Some(probe), Some(Ok(before))) = (probe, before) else {
+        return;
+    };
+    match probe.sample() {
+        Ok(after) => {
+            record
+                .metric("rss_before_kib", before.rss_kib as f64)
+                .metric("rss_after_kib", after.rss_kib as f64);
+            if connected > 0 {
+                let delta = after.rss_kib as f64 - before.rss_kib as f64;
+                record.metric("rss_kib_per_conn", delta / connected as f64);
+            }
+        }
+        Err(error) => failures.error(format!("reading server memory: {error}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::echo_client_config;
