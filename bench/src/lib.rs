@@ -13,6 +13,7 @@
 //!   `fanout`), each a bounded async function returning a [`Record`].
 //! - [`raw_server`]: the raw tokio-tungstenite echo and chat server, our floor.
 //! - [`limits`]: raises the open-file limit so thousands of sockets fit.
+//! - [`listen`]: the listening flags and bind shared by the peer binaries.
 //! - [`tls`]: the rustls configuration of the wss rows (the same as
 //!   wshd's), the client stream, the runner's test certificate.
 //!
@@ -21,6 +22,7 @@
 
 pub mod latency;
 pub mod limits;
+pub mod listen;
 pub mod probe;
 pub mod raw_server;
 pub mod record;

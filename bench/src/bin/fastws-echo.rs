@@ -15,10 +15,6 @@
 //! measured as server CPU). Other paths than `/echo` get 404, like the other
 //! peers. SIGTERM's default action stops it.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-
-use anyhow::Context;
 use bench::limits;
 use clap::Parser;
 use fastwebsockets::{FragmentCollector, OpCode, WebSocketError, upgrade};
@@ -27,21 +23,13 @@ use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use tokio::net::TcpListener;
 
 /// fastwebsockets echo server, a peer for the benchmarks.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Address to bind.
-    #[arg(short = 'H', long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
-    host: IpAddr,
-    /// Port to bind; 0 picks a free one.
-    #[arg(short, long, default_value_t = 0)]
-    port: u16,
-    /// Write the bound `host:port` to this file once listening.
-    #[arg(long)]
-    addr_file: Option<PathBuf>,
+    #[command(flatten)]
+    listen: bench::listen::Listen,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,17 +43,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(SocketAddr::new(args.host, args.port))
-        .await
-        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
-    let bound = listener.local_addr()?;
-    if let Some(path) = &args.addr_file {
-        let partial = path.with_extension("partial");
-        std::fs::write(&partial, bound.to_string())
-            .with_context(|| format!("writing {}", partial.display()))?;
-        std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
-    }
-    println!("listening on {bound}");
+    let listener = args.listen.bind().await?;
     let mut accept_errors = 0u64;
     loop {
         let stream = match listener.accept().await {

@@ -8,14 +8,12 @@
 //! `HOST:PORT` to that file (atomically, via a rename) so a runner can wait
 //! for it instead of sleeping. Stops on SIGINT or SIGTERM.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::Context;
 use bench::limits;
 use bench::raw_server::{RawConfig, RawServer};
 use clap::Parser;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -23,15 +21,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Address to bind.
-    #[arg(short = 'H', long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
-    host: IpAddr,
-    /// Port to bind; 0 picks a free one.
-    #[arg(short, long, default_value_t = 0)]
-    port: u16,
-    /// Write the bound `host:port` to this file once listening.
-    #[arg(long)]
-    addr_file: Option<PathBuf>,
+    #[command(flatten)]
+    listen: bench::listen::Listen,
     /// tungstenite read buffer size per connection, in bytes (library
     /// default: 128 KiB).
     #[arg(long)]
@@ -62,17 +53,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(size) = args.read_buffer_size {
         websocket = websocket.read_buffer_size(size);
     }
-    let listener = TcpListener::bind(SocketAddr::new(args.host, args.port))
-        .await
-        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
-    let bound = listener.local_addr()?;
-    if let Some(path) = &args.addr_file {
-        let partial = path.with_extension("partial");
-        std::fs::write(&partial, bound.to_string())
-            .with_context(|| format!("writing {}", partial.display()))?;
-        std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
-    }
-    println!("listening on {bound}");
+    let listener = args.listen.bind().await?;
 
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(bench::tls::server_config(cert, key)?),
