@@ -142,26 +142,8 @@ def wshd():
             )
         _children.append(proc)
 
-        # Wait for the address file; a complete one ends with a newline.
-        deadline = time.monotonic() + 30
-        addr = None
-        while addr is None:
-            if proc.poll() is not None:
-                pytest.fail(f"wshd exited with {proc.returncode} before listening:\n{log_path.read_text(errors='replace')}",
-                            pytrace=False)
-            if time.monotonic() > deadline:
-                pytest.fail(f"wshd wrote no {addr_file} within 30 s:\n{log_path.read_text(errors='replace')}",
-                            pytrace=False)
-            try:
-                text = addr_file.read_text()
-                if text.endswith("\n"):
-                    addr = text.strip()
-            except FileNotFoundError:
-                pass
-            if addr is None:
-                time.sleep(0.02)
-        host, _, port = addr.rpartition(":")
-        server = Wshd(host=host.strip("[]"), port=int(port), tmp=tmp, log_path=log_path)
+        host, port = _wait_listening(proc, addr_file, log_path, "wshd")
+        server = Wshd(host=host.strip("[]"), port=port, tmp=tmp, log_path=log_path)
         yield server
     finally:
         if proc is not None:
@@ -169,6 +151,27 @@ def wshd():
             if os.environ.get("WSHD_TEST_VERBOSE"):
                 print((tmp / "wshd.log").read_text(errors="replace"))
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_listening(proc, addr_file: Path, log_path: Path, what: str) -> tuple[str, int]:
+    """Waits (at most 30 s) for the address file wshd writes once it
+    listens; a complete one ends with a newline. Returns (host, port)."""
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode} before listening:\n{log_path.read_text(errors='replace')}",
+                        pytrace=False)
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} wrote no {addr_file} within 30 s:\n{log_path.read_text(errors='replace')}",
+                        pytrace=False)
+        try:
+            text = addr_file.read_text()
+            if text.endswith("\n"):
+                host, _, port = text.strip().rpartition(":")
+                return host, int(port)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
 
 
 def make_cert(tmp: Path) -> tuple[Path, Path]:
@@ -223,23 +226,8 @@ def wshd_tls():
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         _children.append(proc)
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"wshd (TLS) exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}",
-                            pytrace=False)
-            if time.monotonic() > deadline:
-                pytest.fail(f"wshd (TLS) not listening within 30 s:\n{log_path.read_text(errors='replace')}",
-                            pytrace=False)
-            try:
-                text = addr_file.read_text()
-                if text.endswith("\n"):
-                    break
-            except FileNotFoundError:
-                pass
-            time.sleep(0.02)
-        host, _, port = text.strip().rpartition(":")
-        yield WshdTls(host=host, port=int(port), cert=cert)
+        host, port = _wait_listening(proc, addr_file, log_path, "wshd (TLS)")
+        yield WshdTls(host=host, port=port, cert=cert)
     finally:
         if proc is not None:
             _stop(proc)
