@@ -59,6 +59,7 @@ impl Workers {
         };
         let rt = builder.enable_all().thread_name("wshd-worker").build()?;
         let handle = rt.handle().clone();
+        rt.spawn(pace_timer_wheel());
         let (stop, stopped) = oneshot::channel::<()>();
         // A runtime cannot be dropped from inside another one (the control
         // runtime calls `stop`), so a plain thread owns it and shuts it down.
@@ -104,6 +105,30 @@ impl Workers {
         if let Some(t) = self.owner.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// How often the timer wheel is visited whatever else is armed.
+const WHEEL_PACE: Duration = Duration::from_secs(1);
+
+/// Keeps a timer due within [`WHEEL_PACE`] on the connection runtime, for
+/// its whole life.
+///
+/// Why: every session arms a timer when it starts and re-arms it when it
+/// closes. tokio wakes its I/O driver (an `eventfd` write, and a context
+/// switch when another worker is parked in `epoll_wait`) whenever a timer
+/// is armed earlier than the earliest one the driver last saw, or when the
+/// driver last saw none. Short connections hit that on every open and
+/// close: two wake-ups per handshake cycle, a quarter of the cycle's CPU in
+/// the handshake benchmark (bench/README.md). With this timer always due
+/// within a second, sessions' deadlines (seconds away) are later than the
+/// driver's next wake and arming them costs no wake-up; the price is one
+/// timer firing per second.
+async fn pace_timer_wheel() {
+    let mut tick = tokio::time::interval(WHEEL_PACE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
     }
 }
 
