@@ -146,9 +146,10 @@ pub async fn handle(
     slot: Arc<crate::server::Slot>,
     req: Request<Incoming>,
     client: Option<Arc<crate::tls::ClientCert>>,
+    upgrade: Arc<UpgradeCell>,
 ) -> Result<Response<Body>, Infallible> {
     let attempt = has_token(req.headers(), header::UPGRADE, "websocket");
-    let response = respond(server, peer, slot, req, client).await;
+    let response = respond(server, peer, slot, req, client, &upgrade).await;
     if attempt && let Ok(r) = &response {
         crate::metrics::handshake(r.status().as_u16());
     }
@@ -161,6 +162,7 @@ async fn respond(
     slot: Arc<crate::server::Slot>,
     mut req: Request<Incoming>,
     client: Option<Arc<crate::tls::ClientCert>>,
+    upgrade: &UpgradeCell,
 ) -> Result<Response<Body>, Infallible> {
     if let Some(refusal) = check_request(&req) {
         tracing::debug!(%peer, method = %esc(req.method().as_str()), target = %esc(&req.uri().to_string()), "request refused: {}", refusal.status());
@@ -346,53 +348,97 @@ async fn respond(
         slot,
     )
     .await;
-    let shutdown = server.shutdown.clone();
-    let tracker = server.tracker.clone();
-    // Copied out: the task must not hold the route (and so its instance)
-    // for the connection's life; a handover moves the session to another.
-    let ws_config = route.ws_config;
-    let spawner = tracker.clone();
-    tracker.spawn(async move {
-        let upgraded = tokio::select! {
-            u = on_upgrade => u,
-            _ = shutdown.cancelled() => return opening.abandon().await,
-        };
-        match upgraded {
-            Ok(upgraded) => {
-                // Take the TCP (or TLS) stream back out of hyper: the
-                // session then reads and writes the socket directly, not
-                // through the boxed `dyn Io` and two adapters of `Upgraded`
-                // (measurable per message, and heap per connection). Bytes
-                // the client sent after its request are handed to
-                // tungstenite.
-                let parts = match upgraded.downcast::<TokioIo<WriteDeadline<crate::ws::Stream>>>() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        tracing::error!(%peer, "upgraded connection is not a wshd stream; dropping it");
-                        return opening.abandon().await;
-                    }
-                };
-                // The session has its own write timeout: drop the HTTP one.
-                let stream = parts.io.into_inner().into_inner();
-                // Copy out and drop at once: `read_buf` is a view of hyper's
-                // whole read buffer, which would otherwise stay allocated
-                // for the connection's life.
-                let early = (!parts.read_buf.is_empty()).then(|| parts.read_buf.to_vec());
-                drop(parts.read_buf);
-                let ws = crate::ws::WsConn::new(stream, early, ws_config, deflate);
-                // A task of its own: a task is allocated at its largest
-                // state for its whole life, and this one also held hyper's
-                // upgrade and the shutdown wait. The session task holds
-                // only the session (see session::run_inner).
-                spawner.spawn(opening.run(ws));
-            }
-            Err(e) => {
-                tracing::debug!(%peer, "upgrade failed: {e}");
-                opening.abandon().await;
-            }
-        }
+    // Copied out: the pending upgrade must not hold the route (and so its
+    // instance) for the connection's life; a handover moves the session to
+    // another.
+    upgrade.put(Pending {
+        on_upgrade,
+        opening,
+        ws_config: route.ws_config,
+        deflate,
+        peer,
     });
     Ok(resp)
+}
+
+/// Where the service leaves an accepted upgrade for the connection task
+/// (`server::listener::serve_http`). That task finishes the upgrade once
+/// hyper has written the 101 and let go of the socket, so a connection costs
+/// two tasks (HTTP, then the session) rather than three: every spawn may
+/// wake another worker thread, which shows in the handshake benchmark.
+#[derive(Default)]
+pub struct UpgradeCell(std::sync::Mutex<Option<Pending>>);
+
+impl UpgradeCell {
+    fn put(&self, p: Pending) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    }
+
+    /// The upgrade the service accepted, if any.
+    pub fn take(&self) -> Option<Pending> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// An accepted upgrade: `on_open` has run, the 101 is queued in hyper.
+pub struct Pending {
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    opening: session::Opening,
+    ws_config: crate::ws::Config,
+    deflate: Option<crate::deflate::Params>,
+    peer: SocketAddr,
+}
+
+impl Pending {
+    /// Takes the socket back from hyper and starts the session in a task
+    /// of its own; or, when the upgrade failed (the 101 could not be
+    /// written) or the server is stopping, gives the handler its
+    /// `on_close`.
+    pub async fn start(self, server: &Server) {
+        let Pending {
+            on_upgrade,
+            opening,
+            ws_config,
+            deflate,
+            peer,
+        } = self;
+        let upgraded = tokio::select! {
+            u = on_upgrade => u,
+            _ = server.shutdown.cancelled() => return opening.abandon().await,
+        };
+        let upgraded = match upgraded {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, "upgrade failed: {e}");
+                return opening.abandon().await;
+            }
+        };
+        // Take the TCP (or TLS) stream back out of hyper: the session then
+        // reads and writes the socket directly, not through the boxed
+        // `dyn Io` and two adapters of `Upgraded` (measurable per message,
+        // and heap per connection). Bytes the client sent after its request
+        // are handed to the codec.
+        let parts = match upgraded.downcast::<TokioIo<WriteDeadline<crate::ws::Stream>>>() {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::error!(%peer, "upgraded connection is not a wshd stream; dropping it");
+                return opening.abandon().await;
+            }
+        };
+        // The session has its own write timeout: drop the HTTP one.
+        let stream = parts.io.into_inner().into_inner();
+        // Copy out and drop at once: `read_buf` is a view of hyper's whole
+        // read buffer, which would otherwise stay allocated for the
+        // connection's life.
+        let early = (!parts.read_buf.is_empty()).then(|| parts.read_buf.to_vec());
+        drop(parts.read_buf);
+        let ws = crate::ws::WsConn::new(stream, early, ws_config, deflate);
+        // A task of its own: a task is allocated at its largest state for
+        // its whole life, and the connection task also held hyper's
+        // connection. The session task holds only the session (see
+        // session::run_inner).
+        server.tracker.spawn(opening.run(ws));
+    }
 }
 
 /// RFC 6455 §4.2.1: the key is base64 of exactly 16 bytes.

@@ -286,9 +286,19 @@ fn serve_http(
     let io = crate::write_deadline::WriteDeadline::new(stream, srv.write_timeout, peer);
     let got_request = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = got_request.clone();
+    let upgrade = Arc::new(crate::http::UpgradeCell::default());
+    let accepted = upgrade.clone();
+    let server = srv.clone();
     let svc = service_fn(move |req| {
         seen.store(true, std::sync::atomic::Ordering::Relaxed);
-        crate::http::handle(srv.clone(), peer, slot.clone(), req, client.clone())
+        crate::http::handle(
+            srv.clone(),
+            peer,
+            slot.clone(),
+            req,
+            client.clone(),
+            accepted.clone(),
+        )
     });
     // Ends when `first_by` passes before any request arrived; pending
     // forever otherwise (hyper's own header_read_timeout covers the rest).
@@ -303,22 +313,31 @@ fn serve_http(
         tracing::debug!(%peer, "no request within handshake_timeout after the TLS handshake; closing");
     };
     async move {
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(handshake_timeout)
-            .max_buf_size(64 * 1024)
-            .serve_connection(TokioIo::new(io), svc)
-            .with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r { tracing::debug!(%peer, "http connection: {e}"); }
+        // In a block of its own, so hyper's connection (and its buffers) is
+        // dropped before the session starts.
+        {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(handshake_timeout)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r { tracing::debug!(%peer, "http connection: {e}"); }
+                }
+                _ = first_request_late => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
             }
-            _ = first_request_late => {}
-            _ = shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
+        }
+        // hyper is done with the socket; an upgrade it answered with 101
+        // continues here (or is abandoned, with on_close, if it failed).
+        if let Some(p) = upgrade.take() {
+            p.start(&server).await;
         }
     }
 }
