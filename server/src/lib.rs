@@ -22,7 +22,9 @@
 //! * [`session`]: one WebSocket connection as a state machine (open,
 //!   draining, closing, done): its events, close handshake and access line;
 //!   [`ws`]: wshd's own frame codec over its socket (per-worker read
-//!   buffer, zero-copy payloads, vectored writes); [`budget`]: the
+//!   buffer, zero-copy payloads, vectored writes); [`direct`]: topic
+//!   messages written by the publisher to idle subscribers' sockets;
+//!   [`budget`]: the
 //!   server-wide budget for unfinished incoming messages; [`deflate`]:
 //!   permessage-deflate (RFC 7692) negotiation, compression and inflation.
 //! * [`routing`]: the route table, swapped atomically on reload.
@@ -51,8 +53,8 @@
 //!   [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //!
 //! `unsafe` lives only in `loader`, `instance`, `host_api`, `handshake`,
-//! `crash` (signal handlers, `atexit`), `trust` (`geteuid`, `getpwuid_r`)
-//! and `server::fdlimit`.
+//! `crash` (signal handlers, `atexit`), `trust` (`geteuid`, `getpwuid_r`),
+//! `direct` (one `send(2)` to a subscriber's socket) and `server::fdlimit`.
 
 pub mod admin;
 pub mod budget;
@@ -62,6 +64,7 @@ pub mod cluster;
 pub mod config;
 pub mod crash;
 pub mod deflate;
+pub mod direct;
 pub mod elf;
 pub mod error;
 pub mod handshake;

@@ -65,6 +65,9 @@ pub struct ConnShared {
     /// A timer fired and waits for the session: checked on every wake-up
     /// without taking the `timers` lock.
     pub(crate) timer_fired: AtomicBool,
+    /// Topic messages written straight to the socket while the session is
+    /// idle (direct.rs).
+    pub door: crate::direct::Door,
 }
 
 /// Wakes one session task from any thread.
@@ -173,6 +176,7 @@ impl ConnShared {
             topics: Default::default(),
             timers: Default::default(),
             timer_fired: AtomicBool::new(false),
+            door: Default::default(),
         }
     }
 
@@ -250,6 +254,38 @@ impl ConnShared {
                 WSHD_ERR_BACKPRESSURE
             }
         }
+    }
+
+    /// Delivers a topic message: straight to the socket through the
+    /// connection's door when its session is idle and nothing is queued
+    /// (direct.rs), else as [`ConnShared::offer`]. `frame` is the message
+    /// as one whole frame, built once per publish; `None` when it cannot be
+    /// written directly.
+    pub fn deliver(
+        &self,
+        conn: wshd_conn_id,
+        route: &str,
+        msg: Message,
+        frame: Option<&bytes::Bytes>,
+    ) -> i32 {
+        use crate::direct::Outcome;
+        if let Some(frame) = frame
+            && self.door.wanted()
+        {
+            let empty = || {
+                let q = self.lock();
+                q.msgs.is_empty() && !q.shed
+            };
+            match self.door.write(frame, msg.len(), empty) {
+                Outcome::Written => return WSHD_OK,
+                Outcome::Spilled => {
+                    self.wakeup.wake();
+                    return WSHD_OK;
+                }
+                Outcome::Refused => {}
+            }
+        }
+        self.offer(conn, route, msg)
     }
 
     /// The slow-consumer close: drops (frees) everything queued right away,

@@ -220,6 +220,17 @@ impl RouteMetrics {
 
     /// A text or binary message of `bytes` payload bytes was written.
     #[inline]
+    /// `n` messages of `bytes` payload bytes in all went out (written by
+    /// publishers directly, direct.rs).
+    pub fn messages_out(&self, n: u64, bytes: u64) {
+        if !ENABLED.load(Ordering::Relaxed) {
+            return;
+        }
+        let s = &self.shards[shard_index()].0;
+        s[MSG_OUT].fetch_add(n, Ordering::Relaxed);
+        s[BYTES_OUT].fetch_add(bytes, Ordering::Relaxed);
+    }
+
     pub fn message_out(&self, bytes: usize) {
         if !ENABLED.load(Ordering::Relaxed) {
             return;

@@ -364,6 +364,15 @@ impl Session {
     /// One turn of the loop: pending work at a message boundary, then one
     /// event.
     async fn step(&mut self) {
+        // The rest of a topic message a publisher wrote in part while we
+        // waited (direct.rs) goes before anything else; a close requested
+        // while it waited for the peer is then handled below.
+        if self.ws.has_spill() {
+            let r = self.flush_out(true).await;
+            if !self.after_write(r) {
+                return;
+            }
+        }
         // Between two messages: no callback of this connection is running
         // (each is awaited, on the blocking pool too) and no fragmented
         // message is half read.
@@ -395,10 +404,17 @@ impl Session {
         ) {
             self.closing();
         }
+        // Idle and subscribed to a topic: publishers may write whole frames
+        // to the socket while we wait. The door closes as soon as the wait
+        // ends (or the session is dropped), before this session writes.
+        let door = self.door_fd().map(|fd| {
+            self.ws.set_door_open(true);
+            crate::direct::OpenDoor::new(&self.shared, fd)
+        });
         // The event is moved into the future that handles it, so the task
         // does not keep room for it beside that future.
         use futures_util::future::Either::{Left, Right};
-        let handling = match self.wait().await {
+        let handling = match self.wait_with(door).await {
             Event::Peer(Some(Ok(msg @ (Message::Text(_) | Message::Binary(_))))) => {
                 Left(Left(self.on_message(msg)))
             }
@@ -407,6 +423,48 @@ impl Session {
             Event::Tick => Right(Right(self.on_tick())),
         };
         handling.await
+    }
+
+    /// [`Session::wait`] with the door open, if it is; then closes it and
+    /// takes what publishers left: their counts, and the rest of a frame
+    /// the socket did not take whole.
+    async fn wait_with(&mut self, door: Option<crate::direct::OpenDoor>) -> Event {
+        let event = self.wait().await;
+        if let Some(door) = door {
+            let closed = door.close();
+            self.ws.set_door_open(false);
+            if closed.msgs > 0 {
+                self.stats.msgs_out += closed.msgs;
+                self.stats.bytes_out += closed.bytes;
+                if let Some(m) = &self.stats.metrics {
+                    m.messages_out(closed.msgs, closed.bytes);
+                }
+            }
+            if let Some(rest) = closed.spill {
+                tracing::debug!(
+                    conn = self.id,
+                    rest = rest.len(),
+                    "a topic frame written directly was cut short by a full socket; the session writes the rest first"
+                );
+                self.ws.push_spill(rest);
+            }
+        }
+        event
+    }
+
+    /// The socket, when publishers may write to it during the next wait:
+    /// the connection subscribed to a topic and is idle and open, with
+    /// nothing of its own queued (see [`crate::ws::WsConn::direct_fd`]).
+    fn door_fd(&self) -> Option<std::os::fd::RawFd> {
+        if !self.shared.door.wanted()
+            || self.phase != Phase::Open
+            || self.close.is_some()
+            || self.deferred.is_some()
+            || self.handover_pending
+        {
+            return None;
+        }
+        self.ws.direct_fd()
     }
 
     /// Waits for the peer, the mailbox (not once closing: the queue is
@@ -454,7 +512,10 @@ impl Session {
                     // reports the end of the stream.
                     self.closing();
                 }
-                Some(Ok(_)) => {} // ws.rs answers pings itself and returns only data and close
+                // ws.rs answers pings itself and returns only data and
+                // close, and an empty pong when a reply it queued waits for
+                // the door to close (direct.rs): the next read writes it.
+                Some(Ok(_)) => {}
                 Some(Err(ReadError::OverBudget)) => {
                     let limits = &self.route.limits;
                     tracing::info!(

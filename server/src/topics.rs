@@ -240,6 +240,7 @@ impl Topics {
             topic.len.store(subs.list.len(), Ordering::Relaxed);
             drop(subs);
             mine.list.push(topic);
+            shared.door.want();
             return Ok(());
         }
     }
@@ -333,7 +334,11 @@ impl Topics {
     /// cluster link) to this node's subscribers, like a local publish but
     /// without forwarding it again.
     pub fn deliver_remote(&self, name: &str, msg: &Message) -> usize {
-        self.fan_out(name, msg, 0, |s, m| s.conn.offer(s.id, &s.route, m))
+        let mut frame = None;
+        self.fan_out(name, msg, 0, |s, m| {
+            let f = frame.get_or_insert_with(|| crate::ws::frame_bytes(msg));
+            s.conn.deliver(s.id, &s.route, m, f.as_ref())
+        })
     }
 
     /// Subscribers of `name` across the cluster: this node's exact count

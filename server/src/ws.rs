@@ -227,6 +227,26 @@ struct Assembly {
     valid: usize,
 }
 
+/// The header of an unmasked frame with first byte `first` and `n`
+/// payload bytes, in the shortest length form, and its length.
+fn header(first: u8, n: usize) -> ([u8; 10], u8) {
+    let mut head = [0u8; 10];
+    head[0] = first;
+    let head_len = if n < 126 {
+        head[1] = n as u8;
+        2
+    } else if n <= usize::from(u16::MAX) {
+        head[1] = 126;
+        head[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+        4
+    } else {
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(n as u64).to_be_bytes());
+        10
+    };
+    (head, head_len)
+}
+
 /// A frame queued for the socket.
 #[derive(Debug)]
 struct Out {
@@ -237,21 +257,7 @@ struct Out {
 
 impl Out {
     fn new(first: u8, payload: Bytes) -> Out {
-        let mut head = [0u8; 10];
-        head[0] = first;
-        let n = payload.len();
-        let head_len = if n < 126 {
-            head[1] = n as u8;
-            2
-        } else if n <= usize::from(u16::MAX) {
-            head[1] = 126;
-            head[2..4].copy_from_slice(&(n as u16).to_be_bytes());
-            4
-        } else {
-            head[1] = 127;
-            head[2..10].copy_from_slice(&(n as u64).to_be_bytes());
-            10
-        };
+        let (head, head_len) = header(first, payload.len());
         Out {
             head,
             head_len,
@@ -298,6 +304,9 @@ pub struct WsConn {
     heard: bool,
     /// Since when queued output could not be written.
     blocked_since: Option<Instant>,
+    /// Publishers may be writing to the socket (direct.rs): reads must not
+    /// write (see [`WsConn::set_door_open`]).
+    door_open: bool,
 }
 
 impl WsConn {
@@ -327,6 +336,7 @@ impl WsConn {
             unfinished_since: None,
             heard: false,
             blocked_since: None,
+            door_open: false,
         }
     }
 
@@ -396,6 +406,13 @@ impl WsConn {
         if self.meter.as_ref().is_some_and(Meter::over) {
             return Poll::Ready(Some(Err(ReadError::OverBudget)));
         }
+        // While publishers may write to the socket (direct.rs) a read must
+        // not: a pong or close reply queued while reading is handed back to
+        // the session as an empty `Pong`, and the session closes the door
+        // before it writes.
+        if self.door_open && !self.tx.is_empty() {
+            return Poll::Ready(Some(Ok(Message::Pong(Bytes::new()))));
+        }
         // Output is waiting for the peer: write it before reading more.
         // Reading on would answer each ping read with one more pong that
         // cannot go out either.
@@ -416,7 +433,16 @@ impl WsConn {
             self.read_own(cx)
         };
         self.account();
-        // A pong (or a close reply) queued while reading goes out now.
+        // A pong (or a close reply) queued while reading goes out now
+        // (or, with the door open, once the session closed it).
+        if self.door_open && !self.tx.is_empty() {
+            return match r {
+                Poll::Ready(Ok(Some(msg))) => Poll::Ready(Some(Ok(msg))),
+                Poll::Ready(Ok(None)) => self.end(Ok(())),
+                Poll::Ready(Err(e)) => self.end(Err(e)),
+                Poll::Pending => Poll::Ready(Some(Ok(Message::Pong(Bytes::new())))),
+            };
+        }
         if !self.tx.is_empty()
             && let Poll::Ready(Err(e)) = self.poll_flush(cx)
         {
@@ -858,6 +884,56 @@ impl WsConn {
         Out::new(0x80 | op, payload)
     }
 
+    /// The socket, for a publisher to write whole frames to while the
+    /// session waits (direct.rs): only when nothing is queued or blocked,
+    /// no close was sent or received, on plain TCP without
+    /// permessage-deflate (TLS and compression state belong to this
+    /// connection alone).
+    pub fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match &self.io {
+            Stream::Plain(s)
+                if self.deflate.is_none()
+                    && self.tx.is_empty()
+                    && self.blocked_since.is_none()
+                    && !self.sent_close
+                    && !self.got_close
+                    && !self.ended =>
+            {
+                Some(s.as_raw_fd())
+            }
+            _ => None,
+        }
+    }
+
+    /// The session opened (`true`) or closed the door to its socket
+    /// (direct.rs). While it is open, reads queue their control replies
+    /// without writing them and return an empty `Pong` to say so.
+    pub fn set_door_open(&mut self, open: bool) {
+        self.door_open = open;
+    }
+
+    /// Whether the rest of a publisher's frame waits at the front of the
+    /// queue (see [`WsConn::push_spill`]).
+    pub fn has_spill(&self) -> bool {
+        self.tx.front().is_some_and(|o| o.head_len == 0)
+    }
+
+    /// Queues the rest of a frame a publisher wrote in part (direct.rs),
+    /// ahead of everything else.
+    pub fn push_spill(&mut self, rest: Bytes) {
+        // Nothing was written while the door was open; only control
+        // replies a read queued can be here, and they go after it.
+        debug_assert!(self.tx_sent == 0);
+        let out = Out {
+            head: [0; 10],
+            head_len: 0,
+            payload: rest,
+        };
+        self.tx_bytes += out.len();
+        self.tx.push_front(out);
+    }
+
     /// Writes everything queued.
     pub async fn flush(&mut self) -> io::Result<()> {
         std::future::poll_fn(|cx| self.poll_flush(cx)).await
@@ -1029,6 +1105,23 @@ impl Assembly {
 }
 
 /// One read from the socket into the spare capacity of `buf`.
+/// A text or binary message as one whole unmasked frame, header and
+/// payload in one buffer, for writing to many sockets (direct.rs); `None`
+/// for other kinds.
+pub fn frame_bytes(msg: &Message) -> Option<Bytes> {
+    let (op, payload): (u8, &[u8]) = match msg {
+        Message::Text(t) => (0x81, t.as_bytes()),
+        Message::Binary(b) => (0x82, b),
+        _ => return None,
+    };
+    let (head, head_len) = header(op, payload.len());
+    let head = &head[..usize::from(head_len)];
+    let mut f = BytesMut::with_capacity(head.len() + payload.len());
+    f.extend_from_slice(head);
+    f.extend_from_slice(payload);
+    Some(f.freeze())
+}
+
 fn read_into(io: &mut Stream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
@@ -1088,6 +1181,42 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// While the door is open (publishers may be writing, direct.rs) a
+    /// read that queues a pong must not write it: it hands it back to the
+    /// session, which writes it once the door is closed.
+    #[tokio::test]
+    async fn a_pong_waits_while_the_door_is_open() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let config = Config {
+            max_frame_size: 1 << 20,
+            max_message_size: 1 << 20,
+        };
+        let mut ws = WsConn::new(Stream::Plain(server), None, config, None);
+        assert!(ws.direct_fd().is_some());
+        ws.set_door_open(true);
+        // A masked ping with a zero mask and payload "hi".
+        client.write_all(b"\x89\x82\0\0\0\0hi").await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Pong(p)))) => assert!(p.is_empty()),
+            other => panic!("expected the hand-back, got {other:?}"),
+        }
+        assert!(ws.direct_fd().is_none(), "a reply is queued");
+        let mut buf = [0u8; 16];
+        assert!(
+            client.try_read(&mut buf).is_err(),
+            "nothing may be written while the door is open"
+        );
+        ws.set_door_open(false);
+        // The next read writes the pong first, then waits for the peer.
+        let read = tokio::time::timeout(Duration::from_millis(100), ws.next()).await;
+        assert!(read.is_err(), "no message from the peer");
+        let n = client.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"\x8a\x02hi");
+    }
 
     #[test]
     fn unmask_matches_the_bytewise_definition() {

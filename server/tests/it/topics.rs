@@ -307,6 +307,105 @@ async fn a_large_publish_to_a_thousand_subscribers_is_stored_once() {
     drop((subs, blockers));
 }
 
+/// Publishes are written straight to idle subscribers' sockets
+/// (direct.rs). A 1 MiB frame does not fit in a socket's send buffer, so
+/// the socket takes part of it and the session must write the rest before
+/// anything else; later publishes queue behind it. Subscribers that read
+/// only after all the publishes get every frame whole and in publish
+/// order, small and large interleaved: a frame written into the middle of
+/// another would break their WebSocket parser or the order.
+#[tokio::test(flavor = "multi_thread")]
+async fn frames_a_full_socket_cut_short_are_finished_first_and_in_order() {
+    const BIG: usize = 1 << 20;
+    const ROUNDS: usize = 12;
+    let dir = pubsub_dir();
+    let srv = Wshd::with_config(dir.path(), "[limits]\nsend_queue_bytes = \"64MiB\"\n", &[]);
+    let mut subs = subscribers(&srv, "/pubsub", "spill", 4).await;
+    let mut publisher = connect(&srv.url("/pubsub")).await;
+    for i in 0..ROUNDS {
+        assert_eq!(
+            cmd(&mut publisher, &format!("pub spill m{i:02}")).await,
+            "pub 4"
+        );
+        assert_eq!(
+            cmd(&mut publisher, &format!("big spill {BIG}")).await,
+            "big 4"
+        );
+    }
+    srv.wait_log("was cut short by a full socket").await;
+    for (n, s) in subs.iter_mut().enumerate() {
+        for i in 0..ROUNDS {
+            assert_eq!(recv_text(s).await, format!("m{i:02}"), "subscriber {n}");
+            match recv(s).await {
+                Message::Binary(b) => {
+                    assert_eq!(b.len(), BIG, "subscriber {n}, round {i}");
+                    assert!(b.iter().all(|&c| c == b'x'), "subscriber {n}, round {i}");
+                }
+                other => panic!("subscriber {n}, round {i}: expected 1 MiB, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// Subscribers that ping while publishes are written straight to their
+/// sockets (direct.rs): the server's pongs are written by the session,
+/// never while a publisher may be writing, so every frame arrives whole
+/// and every ping gets its pong.
+#[tokio::test(flavor = "multi_thread")]
+async fn pongs_and_direct_publishes_do_not_interleave() {
+    const N: usize = 20;
+    const PUBLISHES: usize = 200;
+    const SIZE: usize = 10_000;
+    let dir = pubsub_dir();
+    let srv = Wshd::start(dir.path(), &[]);
+    let subs = subscribers(&srv, "/pubsub", "pings", N).await;
+    let readers: Vec<_> = subs
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                use futures_util::StreamExt;
+                let (mut got, mut pings, mut pongs) = (0, 0, 0);
+                while got < PUBLISHES || pongs < pings {
+                    if got % 10 == 0 && pings * 10 <= got && got < PUBLISHES {
+                        c.send(Message::Ping(vec![7u8; 8].into())).await.unwrap();
+                        pings += 1;
+                    }
+                    let m = tokio::time::timeout(std::time::Duration::from_secs(20), c.next())
+                        .await
+                        .expect("timed out")
+                        .expect("stream ended")
+                        .expect("a broken frame");
+                    match m {
+                        Message::Binary(b) => {
+                            assert_eq!(b.len(), SIZE);
+                            assert!(b.iter().all(|&x| x == b'x'));
+                            got += 1;
+                        }
+                        Message::Pong(p) => {
+                            assert_eq!(&p[..], &[7u8; 8]);
+                            pongs += 1;
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                (got, pings, pongs)
+            })
+        })
+        .collect();
+    let mut publisher = connect(&srv.url("/pubsub")).await;
+    for _ in 0..PUBLISHES {
+        assert_eq!(
+            cmd(&mut publisher, &format!("big pings {SIZE}")).await,
+            format!("big {N}")
+        );
+    }
+    for r in join_all(readers).await {
+        let (got, pings, pongs) = r.unwrap();
+        assert_eq!(got, PUBLISHES);
+        assert!(pings > 0 && pongs == pings, "{pings} pings, {pongs} pongs");
+    }
+}
+
 /// Over the per-connection topic cap, over the server's topic cap, and a
 /// topic name over 256 bytes: errors returned, nothing changed.
 #[tokio::test(flavor = "multi_thread")]
