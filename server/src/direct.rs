@@ -35,15 +35,13 @@
 
 use std::os::fd::RawFd;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 
-/// One connection's door: see the module doc.
+/// One connection's door: see the module doc. Only connections that
+/// subscribed to a topic have one ([`crate::mailbox::ConnShared::door`]).
 #[derive(Debug, Default)]
 pub struct Door {
-    /// Set when the connection first subscribes to a topic.
-    wanted: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -93,17 +91,6 @@ pub enum Outcome {
 }
 
 impl Door {
-    /// The connection subscribed to a topic: its session opens the door
-    /// from its next wait on.
-    pub fn want(&self) {
-        self.wanted.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether the session should open the door when idle.
-    pub fn wanted(&self) -> bool {
-        self.wanted.load(Ordering::Relaxed)
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -191,23 +178,27 @@ impl Door {
 pub struct OpenDoor(Option<std::sync::Arc<crate::mailbox::ConnShared>>);
 
 impl OpenDoor {
-    /// Opens `shared`'s door on socket `fd` (see [`Door::open`]).
-    pub fn new(shared: &std::sync::Arc<crate::mailbox::ConnShared>, fd: RawFd) -> OpenDoor {
-        shared.door.open(fd);
-        OpenDoor(Some(shared.clone()))
+    /// Opens `shared`'s door on socket `fd` (see [`Door::open`]); `None`
+    /// if the connection has no door (never subscribed).
+    pub fn new(shared: &std::sync::Arc<crate::mailbox::ConnShared>, fd: RawFd) -> Option<OpenDoor> {
+        shared.door()?.open(fd);
+        Some(OpenDoor(Some(shared.clone())))
     }
 
     /// Closes the door and returns what publishers left in it.
     pub fn close(mut self) -> Closed {
-        self.0.take().map(|s| s.door.close()).unwrap_or_default()
+        self.0
+            .take()
+            .and_then(|s| s.door().map(Door::close))
+            .unwrap_or_default()
     }
 }
 
 impl Drop for OpenDoor {
     fn drop(&mut self) {
-        if let Some(s) = self.0.take() {
+        if let Some(door) = self.0.as_ref().and_then(|s| s.door()) {
             // A frame cut short dies with the connection.
-            s.door.close();
+            door.close();
         }
     }
 }

@@ -66,8 +66,9 @@ pub struct ConnShared {
     /// without taking the `timers` lock.
     pub(crate) timer_fired: AtomicBool,
     /// Topic messages written straight to the socket while the session is
-    /// idle (direct.rs).
-    pub door: crate::direct::Door,
+    /// idle (direct.rs). Allocated when the connection first subscribes to
+    /// a topic; other connections keep only this empty cell.
+    door: std::sync::OnceLock<Box<crate::direct::Door>>,
 }
 
 /// Wakes one session task from any thread.
@@ -256,6 +257,17 @@ impl ConnShared {
         }
     }
 
+    /// The connection's door, once it has subscribed to a topic.
+    pub fn door(&self) -> Option<&crate::direct::Door> {
+        self.door.get().map(|d| &**d)
+    }
+
+    /// The connection subscribed to a topic: its session opens its door
+    /// from its next wait on (direct.rs).
+    pub fn want_door(&self) {
+        self.door.get_or_init(Default::default);
+    }
+
     /// Delivers a topic message: straight to the socket through the
     /// connection's door when its session is idle and nothing is queued
     /// (direct.rs), else as [`ConnShared::offer`]. `frame` is the message
@@ -270,13 +282,13 @@ impl ConnShared {
     ) -> i32 {
         use crate::direct::Outcome;
         if let Some(frame) = frame
-            && self.door.wanted()
+            && let Some(door) = self.door()
         {
             let empty = || {
                 let q = self.lock();
                 q.msgs.is_empty() && !q.shed
             };
-            match self.door.write(frame, msg.len(), empty) {
+            match door.write(frame, msg.len(), empty) {
                 Outcome::Written => return WSHD_OK,
                 Outcome::Spilled => {
                     self.wakeup.wake();

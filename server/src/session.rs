@@ -407,10 +407,12 @@ impl Session {
         // Idle and subscribed to a topic: publishers may write whole frames
         // to the socket while we wait. The door closes as soon as the wait
         // ends (or the session is dropped), before this session writes.
-        let door = self.door_fd().map(|fd| {
+        let door = self
+            .door_fd()
+            .and_then(|fd| crate::direct::OpenDoor::new(&self.shared, fd));
+        if door.is_some() {
             self.ws.set_door_open(true);
-            crate::direct::OpenDoor::new(&self.shared, fd)
-        });
+        }
         // The event is moved into the future that handles it, so the task
         // does not keep room for it beside that future.
         use futures_util::future::Either::{Left, Right};
@@ -456,7 +458,7 @@ impl Session {
     /// the connection subscribed to a topic and is idle and open, with
     /// nothing of its own queued (see [`crate::ws::WsConn::direct_fd`]).
     fn door_fd(&self) -> Option<std::os::fd::RawFd> {
-        if !self.shared.door.wanted()
+        if self.shared.door().is_none()
             || self.phase != Phase::Open
             || self.close.is_some()
             || self.deferred.is_some()
@@ -684,6 +686,11 @@ impl Session {
         let request = match self.write_batch(true).await {
             Ok(()) => request,
             Err(WriteError::Closing(f)) => Some(f),
+            // A peer that stopped reading (a slow consumer whose queue was
+            // just dropped, with the rest of a topic frame still unwritten)
+            // still gets the close that was asked for: recorded as ours,
+            // sent if it ever reads, dropped at the close deadline if not.
+            Err(WriteError::Stalled(_)) if request.is_some() => request,
             Err(e) => {
                 e.log(self.id);
                 self.drop_connection();

@@ -240,7 +240,7 @@ impl Topics {
             topic.len.store(subs.list.len(), Ordering::Relaxed);
             drop(subs);
             mine.list.push(topic);
-            shared.door.want();
+            shared.want_door();
             return Ok(());
         }
     }
