@@ -152,14 +152,13 @@ impl Door {
         };
         // Nothing taken (EAGAIN, or an error the session will see on its
         // next read or write): shut the door and use the mailbox.
-        let Ok(n) = usize::try_from(n) else {
-            s.fd = -1;
-            return Outcome::Refused;
+        let n = match usize::try_from(n) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                s.fd = -1;
+                return Outcome::Refused;
+            }
         };
-        if n == 0 {
-            s.fd = -1;
-            return Outcome::Refused;
-        }
         s.msgs += 1;
         s.bytes += payload_len as u64;
         if n == frame.len() {
