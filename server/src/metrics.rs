@@ -218,10 +218,9 @@ impl RouteMetrics {
         s[BYTES_IN].fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    /// A text or binary message of `bytes` payload bytes was written.
-    #[inline]
     /// `n` messages of `bytes` payload bytes in all went out (written by
     /// publishers directly, direct.rs).
+    #[inline]
     pub fn messages_out(&self, n: u64, bytes: u64) {
         if !ENABLED.load(Ordering::Relaxed) {
             return;
@@ -231,13 +230,10 @@ impl RouteMetrics {
         s[BYTES_OUT].fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// A text or binary message of `bytes` payload bytes was written.
+    #[inline]
     pub fn message_out(&self, bytes: usize) {
-        if !ENABLED.load(Ordering::Relaxed) {
-            return;
-        }
-        let s = &self.shards[shard_index()].0;
-        s[MSG_OUT].fetch_add(1, Ordering::Relaxed);
-        s[BYTES_OUT].fetch_add(bytes as u64, Ordering::Relaxed);
+        self.messages_out(1, bytes as u64);
     }
 
     /// A connection was registered (before its `on_open`).

@@ -411,7 +411,7 @@ impl WsConn {
         // the session as an empty `Pong`, and the session closes the door
         // before it writes.
         if self.door_open && !self.tx.is_empty() {
-            return Poll::Ready(Some(Ok(Message::Pong(Bytes::new()))));
+            return hand_back();
         }
         // Output is waiting for the peer: write it before reading more.
         // Reading on would answer each ping read with one more pong that
@@ -433,20 +433,16 @@ impl WsConn {
             self.read_own(cx)
         };
         self.account();
-        // A pong (or a close reply) queued while reading goes out now
-        // (or, with the door open, once the session closed it).
-        if self.door_open && !self.tx.is_empty() {
-            return match r {
-                Poll::Ready(Ok(Some(msg))) => Poll::Ready(Some(Ok(msg))),
-                Poll::Ready(Ok(None)) => self.end(Ok(())),
-                Poll::Ready(Err(e)) => self.end(Err(e)),
-                Poll::Pending => Poll::Ready(Some(Ok(Message::Pong(Bytes::new())))),
-            };
-        }
-        if !self.tx.is_empty()
-            && let Poll::Ready(Err(e)) = self.poll_flush(cx)
-        {
-            return self.end(Err(ReadError::Io(e)));
+        // A pong (or a close reply) queued while reading goes out now; with
+        // the door open, once the session closed it.
+        if !self.tx.is_empty() {
+            if self.door_open {
+                if r.is_pending() {
+                    return hand_back();
+                }
+            } else if let Poll::Ready(Err(e)) = self.poll_flush(cx) {
+                return self.end(Err(ReadError::Io(e)));
+            }
         }
         match r {
             Poll::Pending => Poll::Pending,
@@ -1105,6 +1101,13 @@ impl Assembly {
 }
 
 /// One read from the socket into the spare capacity of `buf`.
+/// What a read returns instead of writing the control reply it queued while
+/// the door is open (direct.rs): an empty `Pong`, which the session ignores;
+/// its next read writes the reply.
+fn hand_back() -> Poll<Option<Result<Message, ReadError>>> {
+    Poll::Ready(Some(Ok(Message::Pong(Bytes::new()))))
+}
+
 /// A text or binary message as one whole unmasked frame, header and
 /// payload in one buffer, for writing to many sockets (direct.rs); `None`
 /// for other kinds.
