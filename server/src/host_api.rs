@@ -149,7 +149,10 @@ pub struct HostApiBox {
 /// Messages a callback queued for its own connection (the fast path).
 #[derive(Debug)]
 pub struct Outbox {
-    pub msgs: Vec<Message>,
+    /// In order; a deque so the session can write a long outbox in
+    /// batches, taking from the front, without keeping an iterator in its
+    /// task across the writes.
+    pub msgs: std::collections::VecDeque<Message>,
     /// Capacity before `slow_consumer` applies (the send queue length).
     pub limit: usize,
     /// Payload bytes before `slow_consumer` applies (`send_queue_bytes`);
@@ -171,7 +174,7 @@ impl Default for Outbox {
     /// bound; sessions set both from the route's limits.
     fn default() -> Outbox {
         Outbox {
-            msgs: Vec::new(),
+            msgs: Default::default(),
             limit: 0,
             limit_bytes: usize::MAX,
             overflowed: false,
@@ -301,7 +304,7 @@ fn outbox_push(ctx: &HostCtx, mut cur: Current, msg: Message) -> i32 {
             // and logs it; what is queued for the connection, here and
             // in its queue, is dropped now.
             outbox.overflowed = true;
-            outbox.msgs = Vec::new();
+            outbox.msgs = Default::default();
             cur.outbox_bytes = 0;
             CURRENT.with(|c| c.set(Some(cur)));
             if let Some(shared) = ctx.conns.get(conn)
@@ -312,7 +315,7 @@ fn outbox_push(ctx: &HostCtx, mut cur: Current, msg: Message) -> i32 {
         }
         return WSHD_ERR_BACKPRESSURE;
     }
-    outbox.msgs.push(msg);
+    outbox.msgs.push_back(msg);
     cur.outbox_bytes += len;
     CURRENT.with(|c| c.set(Some(cur)));
     WSHD_OK
@@ -1048,9 +1051,9 @@ mod tests {
     }
 
     fn taken(shared: &ConnShared) -> Vec<Message> {
-        let mut out = Vec::new();
+        let mut out = std::collections::VecDeque::new();
         shared.take(&mut out, usize::MAX);
-        out
+        out.into()
     }
 
     #[test]

@@ -323,12 +323,12 @@ impl ConnShared {
     }
 
     /// Moves up to `max` queued messages into `out`.
-    pub fn take(&self, out: &mut Vec<Message>, max: usize) {
+    pub fn take(&self, out: &mut std::collections::VecDeque<Message>, max: usize) {
         let mut q = self.lock();
         let n = q.msgs.len().min(max);
         let start = out.len();
         out.extend(q.msgs.drain(..n));
-        let taken: usize = out[start..].iter().map(Message::len).sum();
+        let taken: usize = out.range(start..).map(Message::len).sum();
         q.bytes -= taken;
         if q.msgs.is_empty() && q.msgs.capacity() > 64 {
             // Give back the memory a burst needed.
@@ -361,13 +361,13 @@ impl ConnShared {
         self.wakeup.wake();
     }
 
-    /// The pending close request, if any.
-    pub fn take_close_request(&self) -> Option<CloseFrame> {
+    /// The pending close request, if any (boxed as it was stored: the
+    /// session keeps it in its task across writes).
+    pub fn take_close_request(&self) -> Option<Box<CloseFrame>> {
         self.close_request
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
-            .map(|f| *f)
     }
 }
 

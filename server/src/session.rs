@@ -145,7 +145,7 @@ pub async fn open(
         "open"
     );
     let outbox = Outbox {
-        msgs: Vec::new(),
+        msgs: Default::default(),
         limit: route.limits.send_queue,
         limit_bytes: route.limits.send_queue_bytes,
         overflowed: false,
@@ -217,6 +217,23 @@ enum Phase {
     Closing { by: Instant },
     /// Over: the loop ends, `on_close` runs and the access line is written.
     Done,
+}
+
+/// Which callback ran, for the line that says it failed: one byte in the
+/// session's task across the writes, where a `&str` would be sixteen.
+#[derive(Debug, Clone, Copy)]
+enum Callback {
+    Message,
+    Timer,
+}
+
+impl Callback {
+    fn name(self) -> &'static str {
+        match self {
+            Callback::Message => "on_message",
+            Callback::Timer => "on_timer",
+        }
+    }
 }
 
 /// What woke the session.
@@ -348,7 +365,11 @@ impl Session {
     /// with 1011.
     async fn start(&mut self, opened: Result<(), i32>) {
         let Err(rc) = opened else {
-            let r = self.write_outbox().await;
+            let r = if self.outbox.msgs.is_empty() {
+                Ok(())
+            } else {
+                self.write_batch(false).await
+            };
             self.after_write(r);
             return;
         };
@@ -488,135 +509,190 @@ impl Session {
     }
 
     /// Anything from the peer but a data message: its close, an error, or
-    /// the end of the stream. (A plain fn returning an async block here and
-    /// in `on_message`: an `async fn` would store its argument twice in
-    /// the session's task, which is allocated at its largest state.)
+    /// the end of the stream.
+    ///
+    /// A plain fn returning an async block, here and in `on_message`: the
+    /// session's task is allocated at its largest state, so what is known
+    /// at once is done before the block, and the block keeps only what
+    /// it needs across its awaits (an `async fn` would also store its
+    /// argument twice).
     #[allow(clippy::manual_async_fn)] // see the comment above
     fn on_peer(
         &mut self,
         r: Option<Result<Message, ReadError>>,
     ) -> impl Future<Output = ()> + Send + '_ {
-        async move {
-            match r {
-                Some(Ok(Message::Close(frame))) => {
-                    if self.close.is_none() {
-                        let (code, reason) = match frame {
-                            Some(f) => (u16::from(f.code), f.reason.to_string()),
-                            None => (1005, String::new()),
-                        };
-                        self.close = Some(Close {
-                            code,
-                            reason,
-                            by: Closer::Peer,
-                        });
-                    }
-                    // ws.rs queued the reply; the next read writes it and then
-                    // reports the end of the stream.
-                    self.closing();
+        // What is left to do that has to wait for the socket.
+        enum Then {
+            Nothing,
+            /// Over the buffered-data budget: cut with 1009.
+            Cut,
+            /// The peer broke the protocol: close with this, then linger.
+            Fail {
+                code: u16,
+                reason: &'static str,
+            },
+        }
+        let then = match r {
+            Some(Ok(Message::Close(frame))) => {
+                if self.close.is_none() {
+                    let (code, reason) = match frame {
+                        Some(f) => (u16::from(f.code), f.reason.to_string()),
+                        None => (1005, String::new()),
+                    };
+                    self.close = Some(Close {
+                        code,
+                        reason,
+                        by: Closer::Peer,
+                    });
                 }
-                // ws.rs answers pings itself and returns only data and
-                // close, and an empty pong when a reply it queued waits for
-                // the door to close (direct.rs): the next read writes it.
-                Some(Ok(_)) => {}
-                Some(Err(ReadError::OverBudget)) => {
-                    let limits = &self.route.limits;
-                    tracing::info!(
+                // ws.rs queued the reply; the next read writes it and then
+                // reports the end of the stream.
+                self.closing();
+                Then::Nothing
+            }
+            // ws.rs answers pings itself and returns only data and close,
+            // and an empty pong when a reply it queued waits for the door
+            // to close (direct.rs): the next read writes it.
+            Some(Ok(_)) => Then::Nothing,
+            Some(Err(ReadError::OverBudget)) => {
+                let limits = &self.route.limits;
+                tracing::info!(
+                    conn = self.id,
+                    "unfinished messages of all connections are over max_buffered_bytes ({} bytes); this connection holds the most ({} bytes): closing with 1009 and freeing them",
+                    limits.max_buffered_bytes,
+                    self.ws.held(),
+                );
+                Then::Cut
+            }
+            Some(Err(ReadError::Protocol { code, reason })) => {
+                if self.close.is_none() {
+                    tracing::info!(conn = self.id, "closing with {code}: {reason}");
+                    Then::Fail { code, reason }
+                } else {
+                    tracing::debug!(
                         conn = self.id,
-                        "unfinished messages of all connections are over max_buffered_bytes ({} bytes); this connection holds the most ({} bytes): closing with 1009 and freeing them",
-                        limits.max_buffered_bytes,
-                        self.ws.held(),
+                        "peer broke the protocol while closing: {reason}"
                     );
-                    self.cut(1009, "buffered data over the server's budget")
-                        .await;
+                    self.phase = Phase::Done;
+                    Then::Nothing
                 }
-                Some(Err(ReadError::Protocol { code, reason })) => {
-                    if self.close.is_none() {
-                        tracing::info!(conn = self.id, "closing with {code}: {reason}");
-                        self.close_with(code, reason).await;
-                        // Fail the connection (RFC 6455 §7.1.7): don't wait for
-                        // a reply from a misbehaving peer, but don't reset it
-                        // either, or it never sees why.
-                        Box::pin(linger(&mut self.ws, &self.route.limits)).await;
-                    } else {
-                        tracing::debug!(
-                            conn = self.id,
-                            "peer broke the protocol while closing: {reason}"
-                        );
-                    }
+            }
+            Some(Err(ReadError::Io(e))) => {
+                tracing::debug!(conn = self.id, "connection error: {e}");
+                self.drop_connection();
+                Then::Nothing
+            }
+            None => {
+                self.drop_connection();
+                Then::Nothing
+            }
+        };
+        async move {
+            match then {
+                Then::Nothing => {}
+                Then::Cut => {
+                    self.cut(1009, "buffered data over the server's budget")
+                        .await
+                }
+                Then::Fail { code, reason } => {
+                    self.close_with(code, reason).await;
+                    // Fail the connection (RFC 6455 §7.1.7): don't wait for
+                    // a reply from a misbehaving peer, but don't reset it
+                    // either, or it never sees why.
+                    Box::pin(linger(&mut self.ws, &self.route.limits)).await;
                     self.phase = Phase::Done;
                 }
-                Some(Err(ReadError::Io(e))) => {
-                    tracing::debug!(conn = self.id, "connection error: {e}");
-                    self.drop_connection();
-                }
-                None => self.drop_connection(),
             }
         }
     }
 
     /// A data message from the peer: to the handler, then what it sent.
-    #[allow(clippy::manual_async_fn)] // see on_peer
+    ///
+    /// The message is consumed before the returned future first awaits
+    /// (by the inline callback, or moved into the boxed call of a blocking
+    /// handler), so the session's task keeps no room for it across the
+    /// writes.
     fn on_message(&mut self, msg: Message) -> impl Future<Output = ()> + Send + '_ {
-        async move {
-            let len = msg.len();
-            self.stats.msgs_in += 1;
-            self.stats.bytes_in += len as u64;
-            self.inst.metrics.message_in(len);
-            if matches!(self.phase, Phase::Closing { .. }) {
-                return; // RFC 6455 §1.4: data after a close is discarded
-            }
-            let Some(st) = self.state.as_mut() else {
-                return;
-            };
-            let rc = if self.inst.is_inline() {
-                let rc = self
-                    .inst
-                    .message_inline(st, self.id, &msg, &mut self.outbox);
-                // Consumed on both arms, so the task does not keep room
-                // for it across the writes below.
-                drop(msg);
-                rc
+        let len = msg.len();
+        self.stats.msgs_in += 1;
+        self.stats.bytes_in += len as u64;
+        self.inst.metrics.message_in(len);
+        let mut done = None;
+        let mut blocking = None;
+        // RFC 6455 §1.4: data after a close is discarded.
+        if !matches!(self.phase, Phase::Closing { .. })
+            && let Some(st) = self.state.as_mut()
+        {
+            if self.inst.is_inline() {
+                done = Some(
+                    self.inst
+                        .message_inline(st, self.id, &msg, &mut self.outbox),
+                );
             } else {
                 let st = self.state.take().expect("state present");
                 let outbox = std::mem::take(&mut self.outbox);
-                let (rc, st, ob) = Box::pin(self.inst.message(st, self.id, msg, outbox)).await;
-                self.state = Some(st);
-                self.outbox = ob;
-                rc
+                let (inst, id) = (self.inst.clone(), self.id);
+                blocking = Some(Box::pin(
+                    async move { inst.message(st, id, msg, outbox).await },
+                ));
+            }
+        }
+        async move {
+            let rc = match (done, blocking) {
+                (Some(rc), _) => rc,
+                (None, Some(call)) => {
+                    let (rc, st, ob) = call.await;
+                    self.state = Some(st);
+                    self.outbox = ob;
+                    rc
+                }
+                (None, None) => return,
             };
-            self.after_callback(rc, "on_message").await;
+            self.after_callback(rc, Callback::Message).await;
         }
     }
 
     /// After a callback: what it sent goes out, then a failed callback
     /// closes with 1011 and an outbox overflow under the close policy with
-    /// 1008.
-    async fn after_callback(&mut self, rc: i32, callback: &str) {
-        let r = self.write_outbox().await;
-        if !self.after_write(r) {
-            return;
-        }
-        if self.close.is_some() {
-            return;
-        }
-        if rc != WSHD_OK {
-            let reason = if rc == WSHD_ERR_PANIC {
-                "handler panicked"
+    /// 1008. (A plain fn returning an async block, as `on_peer`.)
+    #[allow(clippy::manual_async_fn)] // see on_peer
+    fn after_callback(
+        &mut self,
+        rc: i32,
+        callback: Callback,
+    ) -> impl Future<Output = ()> + Send + '_ {
+        async move {
+            let r = if self.outbox.msgs.is_empty() {
+                Ok(())
             } else {
-                "handler error"
+                self.write_batch(false).await
             };
-            tracing::warn!(
-                conn = self.id,
-                "{callback} failed ({}); closing with 1011",
-                crate::error::status_name(rc)
-            );
-            self.close_with(1011, reason).await;
-        } else if std::mem::take(&mut self.outbox.overflowed) {
-            tracing::info!(
-                conn = self.id,
-                "send queue full: closing slow consumer with 1008"
-            );
-            self.close_with(1008, "slow consumer").await;
+            if !self.after_write(r) {
+                return;
+            }
+            if self.close.is_some() {
+                return;
+            }
+            if rc != WSHD_OK {
+                let reason = if rc == WSHD_ERR_PANIC {
+                    "handler panicked"
+                } else {
+                    "handler error"
+                };
+                tracing::warn!(
+                    conn = self.id,
+                    "{} failed ({}); closing with 1011",
+                    callback.name(),
+                    crate::error::status_name(rc)
+                );
+                self.close_with(1011, reason).await;
+            } else if std::mem::take(&mut self.outbox.overflowed) {
+                tracing::info!(
+                    conn = self.id,
+                    "send queue full: closing slow consumer with 1008"
+                );
+                self.close_with(1008, "slow consumer").await;
+            }
         }
     }
 
@@ -634,25 +710,31 @@ impl Session {
         // A close request or shutdown drains the whole queue first;
         // otherwise one batch per wake, so a busy sender cannot starve
         // reads.
-        let close_request = self.shared.take_close_request();
         let events = self.shared.take_events();
-        if close_request.is_some() || events & ConnShared::SHUTDOWN != 0 {
+        let request = self.shared.take_close_request();
+        if request.is_some() || events & ConnShared::SHUTDOWN != 0 {
             // Rare, so boxed: its state stays out of the session's task.
-            Box::pin(self.close_after_queue(close_request)).await;
+            Box::pin(self.close_after_queue(request)).await;
         } else {
             self.shared.take(&mut self.outbox.msgs, WRITE_BATCH);
-            match self.write_batch(false).await {
+            // Turned into what is left to do before awaiting that: the
+            // write's result would otherwise keep its room in the task.
+            let close = match self.write_batch(false).await {
                 Ok(()) => {
                     if self.shared.has_queued() {
                         self.shared.wakeup.wake();
                     }
+                    None
                 }
-                Err(WriteError::Closing(f)) => self.close_with(f.code.into(), &f.reason).await,
+                Err(WriteError::Closing(f)) => Some(f),
                 Err(e) => {
                     e.log(self.id);
                     self.drop_connection();
                     return;
                 }
+            };
+            if let Some(f) = close {
+                self.close_with(f.code.into(), &f.reason).await;
             }
         }
         if events & ConnShared::HANDOVER != 0 {
@@ -680,7 +762,7 @@ impl Session {
     /// batch per wake-up otherwise, so a busy sender cannot starve reads),
     /// then our close frame; the peer's reply is awaited for what is left
     /// of close_timeout from now.
-    async fn close_after_queue(&mut self, request: Option<CloseFrame>) {
+    async fn close_after_queue(&mut self, request: Option<Box<CloseFrame>>) {
         self.closing();
         self.shared.take(&mut self.outbox.msgs, usize::MAX);
         let request = match self.write_batch(true).await {
@@ -703,26 +785,34 @@ impl Session {
         }
     }
 
-    /// Queues the batch taken from the mailbox and writes it with one
-    /// flush. While not closing, a close request ends a write that waits.
+    /// Writes what is in the outbox (a batch taken from the mailbox, or
+    /// what a callback sent to its own connection) with one flush, more
+    /// only when it holds more than the codec queues at once. While not
+    /// closing, a close request ends a write that waits.
+    ///
+    /// The messages are queued by a plain fn and the loop keeps no
+    /// iterator or message across its awaits: this future is part of the
+    /// session's task, which is allocated at its largest state.
     async fn write_batch(&mut self, closing_now: bool) -> Result<(), WriteError> {
-        // The batch is in the outbox's vector (empty between callbacks),
-        // taken out and put back so its capacity is reused.
-        let mut batch = std::mem::take(&mut self.outbox.msgs);
-        let mut result = Ok(());
-        for m in batch.drain(..) {
-            queue_one(&mut self.ws, m, &mut self.stats, &mut self.close);
-            if self.ws.should_flush() {
-                result = Box::pin(self.flush_out(!closing_now)).await;
-                if result.is_err() {
-                    break;
-                }
+        while self.queue_outbox() {
+            if let Err(e) = Box::pin(self.flush_out(!closing_now)).await {
+                self.outbox.msgs.clear();
+                return Err(e);
             }
         }
-        batch.clear();
-        self.outbox.msgs = batch;
-        result?;
         self.flush_out(!closing_now).await
+    }
+
+    /// Moves the outbox's messages, in order, to the codec's write queue
+    /// until the queue is worth a write: true if messages are left then.
+    fn queue_outbox(&mut self) -> bool {
+        while let Some(m) = self.outbox.msgs.pop_front() {
+            queue_one(&mut self.ws, m, &mut self.stats, &mut self.close);
+            if self.ws.should_flush() {
+                return !self.outbox.msgs.is_empty();
+            }
+        }
+        false
     }
 
     /// Writes what is queued, within what is left of `write_timeout` (or
@@ -823,7 +913,7 @@ impl Session {
         // queues kept from the last burst (kept while busy, so the hot
         // path does not allocate per message).
         if !heard && self.outbox.msgs.is_empty() {
-            self.outbox.msgs = Vec::new();
+            self.outbox.msgs = Default::default();
             self.ws.release_idle();
         }
         self.rearm(now);
@@ -923,7 +1013,7 @@ impl Session {
         match r {
             Ok(()) => true,
             Err(WriteError::Closing(f)) => {
-                self.deferred = Some(Box::new(f));
+                self.deferred = Some(f);
                 true
             }
             Err(e) => {
@@ -932,29 +1022,6 @@ impl Session {
                 false
             }
         }
-    }
-
-    /// Writes what a callback queued for its own connection, with one
-    /// flush (more only when it queued more than the codec holds at once).
-    async fn write_outbox(&mut self) -> Result<(), WriteError> {
-        if self.outbox.msgs.is_empty() {
-            return Ok(());
-        }
-        let mut msgs = std::mem::take(&mut self.outbox.msgs);
-        let mut result = Ok(());
-        for m in msgs.drain(..) {
-            queue_one(&mut self.ws, m, &mut self.stats, &mut self.close);
-            if self.ws.should_flush() {
-                result = Box::pin(self.flush_out(true)).await;
-                if result.is_err() {
-                    break;
-                }
-            }
-        }
-        msgs.clear();
-        self.outbox.msgs = msgs;
-        result?;
-        self.flush_out(true).await
     }
 
     /// Calls `on_timer` for the connection's timers that fired (ABI 1.2)
@@ -971,7 +1038,7 @@ impl Session {
         let (rc, st, ob) = self.inst.timers(st, self.id, fired, outbox).await;
         self.state = Some(st);
         self.outbox = ob;
-        self.after_callback(rc, "on_timer").await;
+        self.after_callback(rc, Callback::Timer).await;
     }
 
     /// A handover at a message boundary: on success the connection now
@@ -1175,7 +1242,7 @@ enum WriteError {
     /// The peer did not read for this long.
     Stalled(Duration),
     /// A close was requested while the write waited; start it now.
-    Closing(CloseFrame),
+    Closing(Box<CloseFrame>),
 }
 
 impl WriteError {
@@ -1345,5 +1412,32 @@ async fn hand_over(
             );
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn output_size<A, B, F>(_f: impl FnOnce(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every open connection is a task holding this future, and tokio
+    /// allocates a task in 128-byte steps: its header, scheduler handle,
+    /// id and trailer add 112 bytes, and the task tracker's token 8. At
+    /// 784 bytes or less the cell is 896 bytes; 8 bytes more and every
+    /// connection costs 128 more. Rare paths are boxed and the handlers of
+    /// an event keep nothing they can do before their first await (see
+    /// `on_peer`, `on_message`, `write_batch`); if this fails, find what
+    /// grew with `-Zprint-type-sizes` (bench/README.md) before raising it.
+    #[test]
+    fn an_idle_connection_fits_the_896_byte_task_cell() {
+        let size = output_size(run_inner);
+        assert!(
+            size <= 784,
+            "the session future is {size} bytes; over 784 its task cell grows to 1,024 bytes"
+        );
     }
 }
