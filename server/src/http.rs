@@ -249,28 +249,32 @@ async fn respond(
         ));
     }
 
-    let subprotocols: Vec<String> = headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect();
     let conn = server.next_conn.fetch_add(1, Ordering::Relaxed);
-    let input = HandshakeInput {
-        conn,
-        path: path.clone(),
-        query: req.uri().query().unwrap_or("").to_owned(),
-        origin,
-        remote_addr: peer.to_string(),
-        // With the verified client certificate's subject and SANs, and never
-        // a client-sent copy of those headers (tls.rs).
-        headers: crate::tls::client_headers(headers, client.as_deref()),
-        subprotocols: subprotocols.clone(),
-    };
-    let decision = if route.instance.has_handshake() {
-        route.instance.handshake(input).await
+    // The handler's view of the request is built only for a handler that
+    // has a handshake callback: copying every header, the path, the query
+    // and the peer into owned strings is most of what a handshake costs in
+    // user space otherwise.
+    let (decision, subprotocols) = if route.instance.has_handshake() {
+        let subprotocols: Vec<String> = headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let input = HandshakeInput {
+            conn,
+            path: path.clone(),
+            query: req.uri().query().unwrap_or("").to_owned(),
+            origin,
+            remote_addr: peer.to_string(),
+            // With the verified client certificate's subject and SANs, and
+            // never a client-sent copy of those headers (tls.rs).
+            headers: crate::tls::client_headers(headers, client.as_deref()),
+            subprotocols: subprotocols.clone(),
+        };
+        (route.instance.handshake(input).await, subprotocols)
     } else {
         Default::default()
     };
