@@ -398,7 +398,8 @@ impl Instance {
         std::time::Duration::from_millis(spread)
     }
 
-    /// Whether callbacks run inline (no MAY_BLOCK flag).
+    /// Whether the handler has an `on_handshake` callback (only then is
+    /// the request copied into a `HandshakeInput` for it).
     pub fn has_handshake(&self) -> bool {
         self.lib.desc.callbacks.on_handshake.is_some()
     }
