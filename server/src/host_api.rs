@@ -584,17 +584,12 @@ unsafe extern "C" fn host_publish(
     // through its outbox, in order with the callback's sends. Looked up once
     // per publish, not per subscriber.
     let current = CURRENT.with(|c| c.get());
-    // The whole frame, for subscribers written to directly: built at most
-    // once per publish (direct.rs).
-    let mut frame = None;
+    let mut delivery = crate::topics::Delivery::new(&msg);
     let n = crate::topics::global().publish(name, &msg, exclude, |sub, m| match current {
         // The callback running on this thread is this subscriber's: its
         // outbox keeps the message in order with the callback's sends.
         Some(cur) if cur.conn == sub.id => outbox_push(ctx, cur, m),
-        _ => {
-            let f = frame.get_or_insert_with(|| crate::ws::frame_bytes(&msg));
-            sub.conn.deliver(sub.id, &sub.route, m, f.as_ref())
-        }
+        _ => delivery.to(sub, m),
     });
     n as i64
 }

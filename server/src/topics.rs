@@ -58,6 +58,32 @@ pub struct Subscriber {
     pub route: Arc<str>,
 }
 
+/// One publish on its way to subscribers other than the publishing
+/// callback's own: through each subscriber's door when it can be written
+/// directly (direct.rs), with the whole frame built at most once per
+/// publish, else through its mailbox.
+pub struct Delivery<'a> {
+    msg: &'a Message,
+    /// `None` until the first subscriber needs it; then the frame, or
+    /// `None` inside when the message cannot be written directly.
+    frame: Option<Option<bytes::Bytes>>,
+}
+
+impl<'a> Delivery<'a> {
+    pub fn new(msg: &'a Message) -> Delivery<'a> {
+        Delivery { msg, frame: None }
+    }
+
+    /// Delivers `m` (a copy of the published message) to `sub`.
+    pub fn to(&mut self, sub: &Subscriber, m: Message) -> i32 {
+        let msg = self.msg;
+        let frame = self
+            .frame
+            .get_or_insert_with(|| crate::ws::frame_bytes(msg));
+        sub.conn.deliver(sub.id, &sub.route, m, frame.as_ref())
+    }
+}
+
 #[derive(Debug, Default)]
 struct Subs {
     list: Vec<Subscriber>,
@@ -334,11 +360,8 @@ impl Topics {
     /// cluster link) to this node's subscribers, like a local publish but
     /// without forwarding it again.
     pub fn deliver_remote(&self, name: &str, msg: &Message) -> usize {
-        let mut frame = None;
-        self.fan_out(name, msg, 0, |s, m| {
-            let f = frame.get_or_insert_with(|| crate::ws::frame_bytes(msg));
-            s.conn.deliver(s.id, &s.route, m, f.as_ref())
-        })
+        let mut delivery = Delivery::new(msg);
+        self.fan_out(name, msg, 0, |s, m| delivery.to(s, m))
     }
 
     /// Subscribers of `name` across the cluster: this node's exact count
