@@ -380,26 +380,30 @@ impl Collector for Wshd {
                 .collect()
         };
 
-        let closed = |r: &RouteMetrics| {
-            (0..=CLOSE_CODES.len())
-                .map(|i| r.sum(CLOSES + i))
-                .fold(0u64, u64::wrapping_add)
-        };
+        // Opens and closes are read once per scrape: the open gauge is
+        // derived from them, so it agrees with the opened and closes
+        // counters of the same scrape even while connections come and go.
+        let opened = per_route(OPENED);
+        let closes: Vec<Vec<u64>> = routes
+            .iter()
+            .map(|r| (0..=CLOSE_CODES.len()).map(|i| r.sum(CLOSES + i)).collect())
+            .collect();
         let mut m = enc.encode_descriptor(
             "wshd_connections_open",
             "Open WebSocket connections.",
             None,
             MetricType::Gauge,
         )?;
-        for (r, l) in routes.iter().zip(&labels) {
-            let open = r.sum(OPENED).wrapping_sub(closed(r)) as i64;
+        for ((l, opened), closes) in labels.iter().zip(&opened).zip(&closes) {
+            let closed = closes.iter().fold(0u64, |a, &n| a.wrapping_add(n));
+            let open = opened.1.wrapping_sub(closed) as i64;
             ConstGauge::new(open).encode(m.encode_family(l)?)?;
         }
         counter(
             &mut enc,
             "wshd_connections",
             "WebSocket connections opened (handshake accepted).",
-            &per_route(OPENED),
+            &opened,
         )?;
 
         let status_labels: Vec<String> = STATUSES
@@ -453,9 +457,8 @@ impl Collector for Wshd {
             .chain(["other".to_owned()])
             .collect();
         let mut close_labels: Vec<([(&str, &str); 3], u64)> = Vec::new();
-        for (r, l) in routes.iter().zip(&labels) {
-            for (i, code) in code_labels.iter().enumerate() {
-                let n = r.sum(CLOSES + i);
+        for (l, closes) in labels.iter().zip(&closes) {
+            for (code, &n) in code_labels.iter().zip(closes) {
                 if n > 0 {
                     close_labels.push(([l[0], l[1], ("code", code)], n));
                 }
