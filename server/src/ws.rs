@@ -432,7 +432,13 @@ impl WsConn {
         } else {
             self.read_own(cx)
         };
-        self.account();
+        // A data message returned ends the message the clock was running
+        // for: bytes still held belong to the next one, which starts now.
+        let finished = matches!(
+            r,
+            Poll::Ready(Ok(Some(Message::Text(_) | Message::Binary(_))))
+        );
+        self.account_after(finished);
         // A pong (or a close reply) queued while reading goes out now; with
         // the door open, once the session closed it.
         if !self.tx.is_empty() {
@@ -810,10 +816,20 @@ impl WsConn {
 
     /// Updates the unfinished message's start and the budget.
     fn account(&mut self) {
+        self.account_after(false);
+    }
+
+    /// [`WsConn::account`] after a read; `finished`: it completed a data
+    /// message. Each message is timed from its own start: a client that
+    /// streams back-to-back messages always holds the first bytes of the
+    /// next one when a message completes (a proxy re-chunks them), so
+    /// "held nothing" alone would never reset the clock and
+    /// `message_timeout` would cut a healthy upload (#23).
+    fn account_after(&mut self, finished: bool) {
         let held = self.held();
         if held == 0 {
             self.unfinished_since = None;
-        } else if self.unfinished_since.is_none() {
+        } else if finished || self.unfinished_since.is_none() {
             self.unfinished_since = Some(Instant::now());
         }
         if let Some(m) = self.meter.as_mut() {

@@ -345,7 +345,9 @@ pub fn rss(pid: u32) -> u64 {
 /// One server frame, read from a raw client's socket: the first header
 /// byte (FIN, RSV bits, opcode) and the payload (server frames are never
 /// masked).
-pub async fn read_server_frame(s: &mut tokio::net::TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+pub async fn read_server_frame<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+) -> std::io::Result<(u8, Vec<u8>)> {
     let mut h = [0u8; 2];
     s.read_exact(&mut h).await?;
     let len = match h[1] & 0x7f {

@@ -185,6 +185,65 @@ async fn a_stalled_message_is_closed_with_1008_after_message_timeout() {
     srv.wait_log("message_timeout is 1s").await;
 }
 
+/// #23: a client streaming complete messages back to back, re-chunked so
+/// that every write ends inside the next message (a proxy or a slow link
+/// does that), always holds the first bytes of the next message when one
+/// completes. Each message must be timed from its own first byte: this one
+/// runs for three times `message_timeout` and every message completes in
+/// about a millisecond, so nothing may be cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn back_to_back_rechunked_messages_are_each_timed_from_their_own_start() {
+    let dir = standard_dir();
+    let srv = Wshd::with_config(dir.path(), "[limits]\nmessage_timeout = \"1s\"\n", &[]);
+    let s = raw_upgrade(&srv.addr, "/echo").await;
+    let (mut rd, mut wr) = s.into_split();
+    const SIZE: usize = 10_000;
+    // Masked binary frames with a zero mask, the payload numbered so a
+    // reordered or cut echo shows.
+    let mut stream = Vec::new();
+    let messages = 900; // 3 s at 300 messages per second
+    for i in 0..messages {
+        stream.extend_from_slice(&[0x82, 0x80 | 126]);
+        stream.extend_from_slice(&(SIZE as u16).to_be_bytes());
+        stream.extend_from_slice(&[0, 0, 0, 0]);
+        let mut payload = vec![(i % 251) as u8; SIZE];
+        payload[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        stream.extend_from_slice(&payload);
+    }
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        for chunk in stream.chunks(4_099) {
+            tick.tick().await;
+            wr.write_all(chunk).await.unwrap();
+        }
+        wr
+    });
+    for i in 0..messages {
+        let (op, payload) = tokio::time::timeout(Duration::from_secs(20), read_server_frame(&mut rd))
+            .await
+            .expect("echo in time")
+            .expect("socket open");
+        let op = op & 0x0F;
+        if op == 0x8 {
+            panic!(
+                "closed after {i} messages and {:?}: {}",
+                started.elapsed(),
+                String::from_utf8_lossy(&payload)
+            );
+        }
+        assert_eq!((op, payload.len()), (0x2, SIZE), "message {i}");
+        assert_eq!(&payload[..4], &(i as u32).to_be_bytes(), "message {i}");
+    }
+    let _wr = writer.await.unwrap();
+    assert!(
+        started.elapsed() > Duration::from_millis(1500),
+        "the stream must outlast message_timeout to test anything: {:?}",
+        started.elapsed()
+    );
+    assert!(!srv.log().contains("still unfinished"), "{}", srv.log());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pings_keep_answering_clients_open_and_silent_ones_get_1001() {
     let dir = standard_dir();
