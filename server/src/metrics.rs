@@ -494,7 +494,7 @@ impl Collector for Wshd {
                 for (i, le) in BUCKETS_NS
                     .iter()
                     .map(|&ns| ns as f64 / 1e9)
-                    .chain([f64::MAX])
+                    .chain([f64::INFINITY])
                     .enumerate()
                 {
                     let n = r.sum(base + i);
