@@ -27,7 +27,31 @@
 //! For handlers: a callback that blocks holds a worker thread, and enough of
 //! them stall every connection. Handlers that block must say so
 //! (`WSHD_F_MAY_BLOCK`) and then run on the blocking pool.
+//!
+//! **One blocked worker must not stall the others' connections** (#23).
+//! tokio left two ways for it to happen, both closed here:
+//! - A task woken from a worker goes to that worker's LIFO slot, which no
+//!   other worker may steal: the runtime is built without the slot.
+//! - Only a parked worker polls the I/O driver. A worker that wakes from
+//!   the driver with a single ready task runs it without waking anyone; if
+//!   that task then blocks in a callback, every other worker sleeps on its
+//!   condition variable and no one sees new socket events until it returns
+//!   (measured: an open `/echo` waited the full 3 s of another route's
+//!   sleeping callback). The [`Watchdog`] sees a poll that has lasted a
+//!   tick and spawns an empty task from outside the runtime, which wakes a
+//!   sleeping worker; that worker takes the free driver and serves the
+//!   connections that are ready.
 
+#[cfg(not(tokio_unstable))]
+compile_error!(
+    "wshd needs `--cfg tokio_unstable` for tokio's `disable_lifo_slot` \
+     (see workers.rs). .cargo/config.toml sets it; if you set RUSTFLAGS \
+     yourself, add `--cfg tokio_unstable` to it."
+);
+
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -40,6 +64,9 @@ pub struct Workers {
     threads: usize,
     stop: Option<oneshot::Sender<()>>,
     owner: Option<JoinHandle<()>>,
+    /// With more than one worker: wakes a sleeping worker while another is
+    /// stuck in one poll.
+    watchdog: Option<Watchdog>,
 }
 
 impl Workers {
@@ -55,10 +82,24 @@ impl Workers {
         } else {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(threads);
+            // tokio runs a task woken from a worker next on that same worker
+            // (its LIFO slot), and no other worker may steal it from there.
+            // When the worker then enters a callback that blocks, a ready
+            // connection parked in the slot waits for it while the other
+            // workers idle: a C handler sleeping 5 s in `on_message` delayed
+            // an open `/echo` on another route by 4.8 s (#23). Without the
+            // slot, every woken task goes to the stealable local queue and
+            // wakes a parked worker to take it.
+            b.disable_lifo_slot();
             b
         };
+        let polls = (threads > 1).then(|| PollClock::install(&mut builder, threads));
         let rt = builder.enable_all().thread_name("wshd-worker").build()?;
         let handle = rt.handle().clone();
+        let watchdog = match polls {
+            Some(polls) => Some(Watchdog::start(polls, handle.clone())?),
+            None => None,
+        };
         rt.spawn(pace_timer_wheel());
         let (stop, stopped) = oneshot::channel::<()>();
         // A runtime cannot be dropped from inside another one (the control
@@ -83,6 +124,7 @@ impl Workers {
             threads,
             stop: Some(stop),
             owner: Some(owner),
+            watchdog,
         })
     }
 
@@ -99,6 +141,9 @@ impl Workers {
     /// Stops the runtime and joins its threads. Tasks still running on it
     /// are dropped.
     pub fn stop(&mut self) {
+        if let Some(w) = self.watchdog.take() {
+            w.stop();
+        }
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -129,6 +174,91 @@ async fn pace_timer_wheel() {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+    }
+}
+
+/// How long one poll may run before the [`Watchdog`] wakes another worker:
+/// a stuck poll is seen after one to two ticks.
+const WATCH_TICK: Duration = Duration::from_millis(20);
+
+/// One counter per worker thread, bumped before and after every task poll:
+/// odd while the thread is inside a poll.
+struct PollClock {
+    slots: Box<[AtomicU64]>,
+    next: AtomicUsize,
+}
+
+thread_local! {
+    /// This thread's slot in its runtime's [`PollClock`] (`usize::MAX`:
+    /// not claimed yet).
+    static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+impl PollClock {
+    /// Adds the poll hooks to `builder`. Each costs a thread-local read and
+    /// an uncontended atomic add on the thread's own cache line per poll.
+    fn install(builder: &mut tokio::runtime::Builder, threads: usize) -> Arc<PollClock> {
+        let clock = Arc::new(PollClock {
+            slots: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+            next: AtomicUsize::new(0),
+        });
+        let (before, after) = (clock.clone(), clock.clone());
+        builder
+            .on_before_task_poll(move |_| before.tick())
+            .on_after_task_poll(move |_| after.tick());
+        clock
+    }
+
+    fn tick(&self) {
+        let mut i = SLOT.get();
+        if i == usize::MAX {
+            // Only worker threads poll tasks, and each claims one slot.
+            i = self.next.fetch_add(1, Ordering::Relaxed);
+            SLOT.set(i);
+        }
+        if let Some(slot) = self.slots.get(i) {
+            slot.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A plain thread that looks at the [`PollClock`] every [`WATCH_TICK`] and,
+/// while some worker has been inside the same poll since the last look,
+/// spawns an empty task onto the runtime. A spawn from outside the runtime
+/// wakes a sleeping worker, which then polls the I/O driver that the stuck
+/// worker is not polling.
+struct Watchdog {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Watchdog {
+    fn start(clock: Arc<PollClock>, handle: Handle) -> std::io::Result<Watchdog> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("wshd-watchdog".into())
+            .spawn(move || {
+                let mut seen = vec![0u64; clock.slots.len()];
+                while !stopping.load(Ordering::Relaxed) {
+                    std::thread::sleep(WATCH_TICK);
+                    let mut stuck = false;
+                    for (slot, last) in clock.slots.iter().zip(seen.iter_mut()) {
+                        let now = slot.load(Ordering::Relaxed);
+                        stuck |= now % 2 == 1 && now == *last;
+                        *last = now;
+                    }
+                    if stuck {
+                        handle.spawn(async {});
+                    }
+                }
+            })?;
+        Ok(Watchdog { stop, thread })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
     }
 }
 

@@ -13,6 +13,9 @@
 //!   until this connection has closed (at most 10 s), sends `late` and logs
 //!   `late send after close -> Err(Closed)` (the result, at info). The
 //!   thread is joined when the instance is destroyed;
+//! * `block <ms>`: sleeps that long inside `message`, on the worker thread
+//!   (testkit does not declare `MAY_BLOCK`), then replies `woke`: the
+//!   blocked callback other connections must not wait for;
 //! * anything else, text or binary, is echoed.
 //!
 //! Handshake queries (for the server's rules on rejects and logs):
@@ -194,6 +197,14 @@ impl Handler for Testkit {
             Message::Text("spawn-late-send") => {
                 send_ok(conn.send_text("spawned"))?;
                 self.spawn_late_send(state, conn)
+            }
+            Message::Text(t) if t.starts_with("block ") => {
+                let ms: u64 = t[6..]
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("testkit: bad `{t}`"))?;
+                std::thread::sleep(Duration::from_millis(ms.min(60_000)));
+                send_ok(conn.send_text("woke"))
             }
             other => send_ok(conn.send(other)),
         }

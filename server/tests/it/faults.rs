@@ -56,6 +56,50 @@ async fn blocking_handler_does_not_stall_other_connections() {
     }
 }
 
+/// #23: a handler that blocks in a callback without declaring `MAY_BLOCK`
+/// holds one worker thread, and that is its own fault; but a connection
+/// another worker could serve must not wait for it. With 2 workers, an
+/// already-open `/echo` keeps answering while a `/testkit` callback sleeps
+/// 3 s on the worker that was serving it (tokio used to keep the echo's
+/// task in that worker's unstealable LIFO slot: 2.9 s delays, every run).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_callback_blocking_one_worker_does_not_delay_open_connections_on_the_other() {
+    let dir = standard_dir();
+    let srv = Wshd::start(dir.path(), &["--workers", "2"]);
+    let mut worst = Duration::ZERO;
+    for round in 0..3 {
+        let mut echo = connect(&srv.url("/echo")).await;
+        let mut sleeper = connect(&srv.url("/testkit")).await;
+        assert_eq!(echo_once(&mut echo, "warm").await, "warm");
+        assert_eq!(echo_once(&mut sleeper, "warm").await, "warm");
+        // The block and an echo leave together, so both sessions are woken
+        // by the same worker's turn of the I/O driver.
+        let started = std::time::Instant::now();
+        sleeper.send(Message::text("block 3000")).await.unwrap();
+        let mut i = 0;
+        while started.elapsed() < Duration::from_millis(2500) {
+            let t = std::time::Instant::now();
+            let m = format!("r{round}m{i}");
+            assert_eq!(echo_once(&mut echo, &m).await, m);
+            worst = worst.max(t.elapsed());
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(recv_text(&mut sleeper).await, "woke");
+        assert!(
+            started.elapsed() >= Duration::from_millis(2900),
+            "the sleeper answered early: the test did not block a worker"
+        );
+    }
+    // The bound is loose against a noisy machine; the defect measured
+    // seconds.
+    eprintln!("worst echo round trip while another worker slept: {worst:?}");
+    assert!(
+        worst < Duration::from_millis(1000),
+        "an echo waited {worst:?} for a callback blocking another worker"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn send_from_own_thread_after_close_gets_clean_error() {
     let dir = standard_dir();
