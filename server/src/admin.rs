@@ -8,14 +8,16 @@
 //! when it does not within [`HEALTH_TIMEOUT`].
 //!
 //! Bounded like the public port: at most [`AdminLimits::max_connections`]
-//! sockets (the excess is closed at once), the request head within
+//! sockets (when full, the longest-idle one is closed to make room, and a
+//! small overflow pool answers one request each, so idle sockets cannot keep
+//! probes out: see [`Open`]), the request head within
 //! [`AdminLimits::read_timeout`], responses under the server's
 //! `write_timeout`, and no connection lives past [`CONNECTION_LIFETIME`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,7 +27,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 /// How long `/healthz` waits for the connection runtime to run a task.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -151,8 +153,154 @@ pub async fn start(
     Ok(Admin { addr, task })
 }
 
+/// How long a connection may sit idle (since it was accepted, or since its
+/// last answer) before a newcomer may close it to take its place. A probe
+/// sends its request the moment it connects, well within this.
+const EVICT_AFTER: Duration = Duration::from_millis(200);
+
+/// Connections answered while every place is taken by a connection too
+/// young to evict: one request each, then closed.
+const OVERFLOW_PER_PLACE: usize = 4;
+
+/// How long an overflow connection has to send its request head.
+const OVERFLOW_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The admin connections open, oldest first: what keeps health probes
+/// answered when clients hold the listener full (#23). With a plain cap, 16
+/// idle sockets, re-opened whenever they were cut, kept every `/healthz`
+/// out and an orchestrator would restart a healthy server.
+///
+/// A newcomer takes a free place, or closes the oldest connection that is
+/// idle and has been for [`EVICT_AFTER`] (a socket that was never used, or
+/// a keep-alive one between requests) and takes its place. When clients
+/// churn so fast that every place is younger than that, the newcomer is
+/// still answered, once, from a small overflow pool
+/// ([`OVERFLOW_PER_PLACE`] per place, with a short read deadline), and only
+/// past that refused. Holding probes out therefore takes more connections
+/// than places and overflow together, re-opened faster than every 200 ms.
+struct Open {
+    max: usize,
+    base: tokio::time::Instant,
+    next_id: u64,
+    conns: std::collections::VecDeque<OpenConn>,
+    overflow: usize,
+}
+
+struct OpenConn {
+    id: u64,
+    state: Arc<ConnState>,
+}
+
+/// What the accept loop knows of one connection with a place.
+struct ConnState {
+    /// A request is being answered: this connection is not evicted.
+    busy: AtomicBool,
+    /// Milliseconds from [`Open::base`] to its accept or its last answer.
+    idle_since_ms: AtomicU64,
+    evict: CancellationToken,
+}
+
+/// How a new admin connection is served.
+enum Admission {
+    /// With a place, keep-alive, until it is idle and someone needs it.
+    Place(u64, Arc<ConnState>),
+    /// One request, then closed.
+    Overflow,
+}
+
+impl Open {
+    fn new(max: usize) -> Open {
+        Open {
+            max: max.max(1),
+            base: tokio::time::Instant::now(),
+            next_id: 0,
+            conns: std::collections::VecDeque::new(),
+            overflow: 0,
+        }
+    }
+
+    fn ms(&self, at: tokio::time::Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_millis() as u64
+    }
+
+    /// Where a connection accepted `now` goes; `None`: refused.
+    fn admit(&mut self, now: tokio::time::Instant) -> Option<Admission> {
+        if self.conns.len() >= self.max {
+            let now = self.ms(now);
+            let old = self.conns.iter().position(|c| {
+                !c.state.busy.load(Ordering::Acquire)
+                    && now.saturating_sub(c.state.idle_since_ms.load(Ordering::Acquire))
+                        >= EVICT_AFTER.as_millis() as u64
+            });
+            match old.and_then(|i| self.conns.remove(i)) {
+                Some(old) => old.state.evict.cancel(),
+                None if self.overflow < self.max * OVERFLOW_PER_PLACE => {
+                    self.overflow += 1;
+                    return Some(Admission::Overflow);
+                }
+                None => return None,
+            }
+        }
+        self.next_id += 1;
+        let state = Arc::new(ConnState {
+            busy: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(self.ms(now)),
+            evict: CancellationToken::new(),
+        });
+        self.conns.push_back(OpenConn {
+            id: self.next_id,
+            state: state.clone(),
+        });
+        Some(Admission::Place(self.next_id, state))
+    }
+
+    /// The connection is gone: frees its place or its overflow slot.
+    fn leave(&mut self, admission: &Admission) {
+        match admission {
+            Admission::Place(id, _) => {
+                if let Some(i) = self.conns.iter().position(|c| c.id == *id) {
+                    self.conns.remove(i);
+                }
+            }
+            Admission::Overflow => self.overflow -= 1,
+        }
+    }
+}
+
+/// Marks a connection busy while its answer is made; when done (or dropped
+/// half-way) it is idle again from that moment.
+struct Busy {
+    state: Option<Arc<ConnState>>,
+    base: tokio::time::Instant,
+}
+
+impl Busy {
+    fn mark(state: Option<&Arc<ConnState>>, base: tokio::time::Instant) -> Busy {
+        if let Some(s) = state {
+            s.busy.store(true, Ordering::Release);
+        }
+        Busy {
+            state: state.cloned(),
+            base,
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(s) = &self.state {
+            let ms = tokio::time::Instant::now()
+                .saturating_duration_since(self.base)
+                .as_millis() as u64;
+            s.idle_since_ms.store(ms, Ordering::Release);
+            s.busy.store(false, Ordering::Release);
+        }
+    }
+}
+
 async fn accept_loop(listener: TcpListener, health: Arc<Health>, limits: AdminLimits) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let open = Arc::new(Mutex::new(Open::new(limits.max_connections)));
+    let base = open.lock().unwrap_or_else(|e| e.into_inner()).base;
     let mut backoff = Duration::from_millis(5);
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -167,28 +315,56 @@ async fn accept_loop(listener: TcpListener, health: Arc<Health>, limits: AdminLi
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            // Dropping the socket closes it: the admin port answers no one
-            // past its cap, and a flood cannot make it allocate.
-            tracing::debug!(%peer, "admin connection refused: {} already open", limits.max_connections);
+        let admitted = open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(tokio::time::Instant::now());
+        let Some(admission) = admitted else {
+            // Dropping the socket closes it: every place and the overflow
+            // are taken, and a flood cannot make the admin port allocate.
+            tracing::debug!(%peer, "admin connection refused: every place is taken");
             continue;
         };
         let health = health.clone();
+        let open = open.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let (state, evict, read_timeout, keep_alive) = match &admission {
+                Admission::Place(_, s) => {
+                    (Some(s.clone()), s.evict.clone(), limits.read_timeout, true)
+                }
+                Admission::Overflow => (
+                    None,
+                    CancellationToken::new(),
+                    limits.read_timeout.min(OVERFLOW_READ_TIMEOUT),
+                    false,
+                ),
+            };
             let io = crate::write_deadline::WriteDeadline::new(stream, limits.write_timeout, peer);
             let svc = service_fn(move |req| {
                 let health = health.clone();
-                async move { Ok::<_, Infallible>(answer(&health, req).await) }
+                let state = state.clone();
+                async move {
+                    let _busy = Busy::mark(state.as_ref(), base);
+                    Ok::<_, Infallible>(answer(&health, req).await)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(limits.read_timeout)
+                .header_read_timeout(read_timeout)
+                .keep_alive(keep_alive)
                 .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(io), svc);
-            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                tracing::debug!(%peer, "admin connection: {e}");
+            tokio::select! {
+                r = tokio::time::timeout(CONNECTION_LIFETIME, conn) => {
+                    if let Ok(Err(e)) = r {
+                        tracing::debug!(%peer, "admin connection: {e}");
+                    }
+                }
+                _ = evict.cancelled() => {
+                    tracing::debug!(%peer, "admin connection closed to make room (idle the longest)");
+                }
             }
+            open.lock().unwrap_or_else(|e| e.into_inner()).leave(&admission);
         });
     }
 }
@@ -326,7 +502,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_are_capped_and_idle_ones_time_out() {
+    async fn when_full_a_probe_is_still_answered_and_idle_ones_time_out() {
         let limits = AdminLimits {
             max_connections: 2,
             read_timeout: Duration::from_millis(300),
@@ -337,15 +513,11 @@ mod tests {
             .unwrap();
         let mut idle1 = TcpStream::connect(admin.addr).await.unwrap();
         let mut idle2 = TcpStream::connect(admin.addr).await.unwrap();
-        // Over the cap: closed without an answer while the two are open.
-        let mut third = TcpStream::connect(admin.addr).await.unwrap();
-        let mut buf = Vec::new();
-        let n = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf))
-            .await
-            .expect("the excess connection is closed at once")
-            .unwrap_or(0);
-        assert_eq!(n, 0);
-        // The idle ones are closed by the read timeout, freeing their slots.
+        // Over the cap, with both places too young to evict: answered from
+        // the overflow pool.
+        let probe = get(admin.addr, "/readyz").await;
+        assert!(probe.starts_with("HTTP/1.1 503"), "{probe:?}");
+        // The idle ones are closed by the read timeout.
         for s in [&mut idle1, &mut idle2] {
             let mut buf = Vec::new();
             tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
@@ -353,18 +525,34 @@ mod tests {
                 .expect("an idle admin connection is closed by read_timeout")
                 .ok();
         }
-        // Slots come back once the tasks end.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let r = get(admin.addr, "/readyz").await;
-            if r.starts_with("HTTP/1.1 503") {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "slots never freed: {r:?}"
-            );
-            tokio::task::yield_now().await;
+    }
+
+    #[test]
+    fn places_go_to_the_longest_idle_then_overflow_then_refusal() {
+        let mut open = Open::new(2);
+        let t0 = open.base;
+        let place = |a: Option<Admission>| match a {
+            Some(Admission::Place(id, s)) => (id, s),
+            _ => panic!("expected a place"),
+        };
+        let (a, sa) = place(open.admit(t0));
+        let (_b, sb) = place(open.admit(t0));
+        // Both too young to evict: the overflow answers, up to its size.
+        for _ in 0..2 * OVERFLOW_PER_PLACE {
+            assert!(matches!(open.admit(t0), Some(Admission::Overflow)));
         }
+        assert!(open.admit(t0).is_none(), "overflow full: refused");
+        open.leave(&Admission::Overflow);
+        // Later: a is answering a request, so b (idle, though younger)
+        // makes room.
+        let later = t0 + EVICT_AFTER + Duration::from_millis(1);
+        sa.busy.store(true, Ordering::Release);
+        let (c, _) = place(open.admit(later));
+        assert!(sb.evict.is_cancelled() && !sa.evict.is_cancelled());
+        // a busy, c too young: overflow again.
+        assert!(matches!(open.admit(later), Some(Admission::Overflow)));
+        open.leave(&Admission::Place(a, sa));
+        assert_eq!(open.conns.len(), 1);
+        assert_eq!(open.conns[0].id, c);
     }
 }

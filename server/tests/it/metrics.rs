@@ -266,6 +266,55 @@ async fn counters_move_with_real_traffic_and_labels_stay_bounded() {
     assert!(s.trim_end().ends_with("# EOF"), "{s}");
 }
 
+/// #23: idle sockets must not keep health probes out. 20 idle connections
+/// (more than the admin listener's 16 places), re-opened as fast as they
+/// are cut, while an orchestrator probes `/healthz` and `/readyz`: every
+/// probe is answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_admin_connections_cannot_starve_health_probes() {
+    let dir = standard_dir();
+    let srv = Wshd::start(dir.path(), &["--admin", "127.0.0.1:0"]);
+    let admin = admin_addr(&srv).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut holders = Vec::new();
+    for _ in 0..20 {
+        let (admin, stop) = (admin.clone(), stop.clone());
+        holders.push(tokio::spawn(async move {
+            let mut reopened = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(mut s) = tokio::net::TcpStream::connect(&admin).await else {
+                    continue;
+                };
+                // Hold it idle until the server closes it (its read_timeout
+                // is 5 s), then re-open at once.
+                let mut buf = [0u8; 64];
+                let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+                if matches!(r, Ok(Ok(0)) | Ok(Err(_))) {
+                    reopened += 1;
+                }
+            }
+            reopened
+        }));
+    }
+    for _ in 0..20 {
+        for path in ["/healthz", "/readyz"] {
+            let r = tokio::time::timeout(Duration::from_secs(5), get(&admin, path))
+                .await
+                .unwrap_or_else(|_| panic!("{path} unanswered for 5 s"));
+            assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut cut = 0;
+    for h in holders {
+        cut += h.await.unwrap();
+    }
+    // The holders really did fill the listener: probes made room by
+    // closing them (40 probes, well within the 5 s read timeout).
+    assert!(cut >= 20, "only {cut} idle connections were ever cut");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn admin_endpoints_are_not_on_the_public_port() {
     let dir = standard_dir();
