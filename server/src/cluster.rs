@@ -13,10 +13,14 @@
 //!   counting is therefore the topic map itself, and a subscribe/unsubscribe
 //!   burst collapses to the final state.
 //! * **Publishing.** `publish` delivers locally at once, then
-//!   [`Link::forward`] offers the message to a bounded queue (a full queue or
-//!   a link that is down drops it and counts the drop). The link sends what
-//!   is queued as pipelined `PUBLISH`es on one connection, so one
-//!   publisher's messages stay in order.
+//!   [`Link::forward`] offers the message to a queue bounded in messages
+//!   (`queue`) and in bytes (`queue_bytes`); a full queue or a link that is
+//!   down drops it and counts the drop. The link sends what is queued as
+//!   pipelined `PUBLISH`es on one connection, at most
+//!   [`PIPELINE_BYTES`] per pipeline, so one publisher's messages stay in
+//!   order. A message's bytes count against the queue until its pipeline is
+//!   answered, so a stalled Redis holds at most `queue_bytes` of them (#23:
+//!   with only the message cap, 1 MiB messages grew a node by 3 GB).
 //! * **Receiving.** An [envelope](encode) carries the sender's node id, the
 //!   kind and the payload; a node skips its own envelopes (it delivered them
 //!   locally already) and hands the others to [`Topics::deliver_remote`],
@@ -40,7 +44,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -59,6 +63,15 @@ use crate::topics::Topics;
 pub const DEFAULT_CHANNEL_PREFIX: &str = "wshd:";
 /// Default `[cluster] queue`: messages waiting to be published to Redis.
 pub const DEFAULT_QUEUE: usize = 10_000;
+/// Default `[cluster] queue_bytes`: bytes of messages waiting for Redis.
+/// Redis itself cuts a pub/sub subscriber at 32 MiB of output buffer.
+pub const DEFAULT_QUEUE_BYTES: usize = 64 << 20;
+/// What one queued message costs beyond its payload and topic name (the
+/// queue slot, the `Arc<str>`, the envelope header).
+const QUEUED_OVERHEAD: usize = 64;
+/// Bytes of envelopes one pipeline carries at most, so the encoded copy of
+/// a batch stays small whatever the message size.
+const PIPELINE_BYTES: usize = 1 << 20;
 /// Default `[cluster] count_interval`.
 pub const DEFAULT_COUNT_INTERVAL: Duration = Duration::from_secs(2);
 /// The longest `node_id` and `channel_prefix`, in bytes (the node id goes
@@ -101,6 +114,9 @@ pub struct RawCluster {
     pub channel_prefix: Option<String>,
     /// Messages waiting to be published to Redis; more are dropped.
     pub queue: Option<Bounded<1_000_000>>,
+    /// Bytes of messages waiting to be published to Redis (payload, topic
+    /// and a small overhead each); more are dropped.
+    pub queue_bytes: Option<crate::config::ByteSize>,
     /// How often cluster-wide counts are refreshed.
     pub count_interval: Option<Dur>,
     /// PEM file with the CA certificate(s) that signed Redis's TLS
@@ -116,6 +132,7 @@ pub struct ClusterSettings {
     pub node_id: String,
     pub channel_prefix: String,
     pub queue: usize,
+    pub queue_bytes: usize,
     pub count_interval: Duration,
     /// `tls_ca` resolved against the config file's directory.
     pub tls_ca: Option<PathBuf>,
@@ -183,11 +200,19 @@ impl ClusterSettings {
             .clone()
             .unwrap_or_else(|| DEFAULT_CHANNEL_PREFIX.into());
         check_id("channel_prefix", &channel_prefix, true)?;
+        let queue_bytes = raw.queue_bytes.map_or(DEFAULT_QUEUE_BYTES, |b| b.0);
+        if !(64 << 10..=1 << 40).contains(&queue_bytes) {
+            return Err(format!(
+                "[cluster] queue_bytes = {queue_bytes}: must be between 64KiB and 1TiB \
+                 (default \"64MiB\")"
+            ));
+        }
         Ok(ClusterSettings {
             redis: settings_url,
             node_id,
             channel_prefix,
             queue: raw.queue.map_or(DEFAULT_QUEUE, |q| q.0),
+            queue_bytes,
             count_interval: raw.count_interval.map_or(DEFAULT_COUNT_INTERVAL, |d| d.0),
             tls_ca,
             tls_ca_pem,
@@ -216,6 +241,7 @@ impl std::fmt::Debug for ClusterSettings {
             .field("node_id", &self.node_id)
             .field("channel_prefix", &self.channel_prefix)
             .field("queue", &self.queue)
+            .field("queue_bytes", &self.queue_bytes)
             .field("count_interval", &self.count_interval)
             .field("tls_ca", &self.tls_ca)
             .finish()
@@ -401,6 +427,8 @@ pub fn decode(env: &[u8]) -> Option<(&[u8], Message)> {
 struct Outgoing {
     topic: Arc<str>,
     msg: Message,
+    /// What it counts against `queue_bytes`.
+    cost: usize,
 }
 
 /// Counters, for logs and tests.
@@ -410,6 +438,8 @@ pub struct Stats {
     pub published: AtomicU64,
     /// Cross-node messages dropped (link down or queue full).
     pub dropped: AtomicU64,
+    /// Of those, dropped because `queue_bytes` was reached.
+    pub dropped_for_bytes: AtomicU64,
     /// Messages from other nodes delivered locally.
     pub received: AtomicU64,
 }
@@ -420,6 +450,9 @@ pub struct Link {
     node_id: Arc<[u8]>,
     prefix: String,
     tx: mpsc::Sender<Outgoing>,
+    /// Bytes queued or in a pipeline not yet answered, against `max_bytes`.
+    queued_bytes: AtomicUsize,
+    max_bytes: usize,
     /// Connected to Redis, subscribed and able to publish.
     up: AtomicBool,
     /// Topics whose presence changed since the link last looked.
@@ -448,6 +481,8 @@ impl Link {
             node_id: settings.node_id.as_bytes().into(),
             prefix: settings.channel_prefix.clone(),
             tx,
+            queued_bytes: AtomicUsize::new(0),
+            max_bytes: settings.queue_bytes,
             up: AtomicBool::new(false),
             dirty: Mutex::default(),
             wake: Notify::new(),
@@ -480,13 +515,37 @@ impl Link {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        let cost = payload_len(msg) + topic.len() + self.node_id.len() + QUEUED_OVERHEAD;
+        // Reserve the bytes first, so concurrent publishers cannot together
+        // pass the cap.
+        let reserved = self
+            .queued_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + cost <= self.max_bytes).then_some(q + cost)
+            });
+        if reserved.is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.stats.dropped_for_bytes.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let out = Outgoing {
             topic: topic.into(),
             msg: msg.clone(),
+            cost,
         };
         if self.tx.try_send(out).is_err() {
+            self.release(cost);
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Bytes queued for Redis or in a pipeline not yet answered.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    fn release(&self, cost: usize) {
+        self.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
     }
 
     /// Subscribers of `topic` on the other nodes as of the last heartbeat
@@ -596,7 +655,8 @@ pub async fn run(
         link.up.store(false, Ordering::Relaxed);
         // Queued messages would go out late and out of order with the
         // outage's drops: drop them too, counted.
-        while rx.try_recv().is_ok() {
+        while let Ok(o) = rx.try_recv() {
+            link.release(o.cost);
             link.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
         if !announced_down {
@@ -630,6 +690,7 @@ pub async fn run(
 /// Logs dropped cross-node messages at most once per second.
 struct DropLog {
     last: u64,
+    last_for_bytes: u64,
     at: tokio::time::Instant,
 }
 
@@ -637,27 +698,36 @@ impl DropLog {
     fn new(link: &Link) -> DropLog {
         DropLog {
             last: link.stats.dropped.load(Ordering::Relaxed),
+            last_for_bytes: link.stats.dropped_for_bytes.load(Ordering::Relaxed),
             at: tokio::time::Instant::now(),
         }
     }
 
     /// Call it as often as convenient: it logs the drops since the last
-    /// line, if any, and if that line is at least a second old.
+    /// line, if any, and if that line is at least a second old. The link
+    /// task cannot call it while it waits on a stalled Redis, so a line may
+    /// cover more than a second.
     fn tick(&mut self, link: &Link, up: bool) {
         let now = link.stats.dropped.load(Ordering::Relaxed);
         if now > self.last && self.at.elapsed() >= Duration::from_secs(1) {
             self.at = tokio::time::Instant::now();
-            let why = if up {
+            let for_bytes = link.stats.dropped_for_bytes.load(Ordering::Relaxed);
+            let over_queue_bytes = for_bytes - self.last_for_bytes;
+            let why = if over_queue_bytes > 0 {
+                "the outgoing queue held [cluster] queue_bytes (redis slow or stalled)"
+            } else if up {
                 "the outgoing queue was full ([cluster] queue)"
             } else {
                 "redis is unreachable"
             };
             tracing::warn!(
                 dropped = now - self.last,
+                over_queue_bytes,
                 total = now,
-                "cluster: dropped cross-node messages in the last second: {why}"
+                "cluster: dropped cross-node messages since the last line: {why}"
             );
             self.last = now;
+            self.last_for_bytes = for_bytes;
         }
     }
 }
@@ -723,6 +793,7 @@ async fn session(
                     break Down::Shutdown;
                 }
                 let r = publish(link, &mut conn, &batch).await;
+                link.release(batch.iter().map(|o| o.cost).sum());
                 batch.clear();
                 if let Err(e) = r {
                     break Down::Lost(format!("PUBLISH failed: {e}"));
@@ -765,34 +836,52 @@ fn receive(link: &Link, topics: &Topics, msg: &redis::Msg) {
     topics.deliver_remote(topic, &m);
 }
 
+/// Sends `batch` as pipelines of at most [`PIPELINE_BYTES`] of envelopes
+/// each, in order. On an error the rest of the batch is dropped, counted.
 async fn publish(
     link: &Link,
     conn: &mut redis::aio::MultiplexedConnection,
     batch: &[Outgoing],
 ) -> redis::RedisResult<()> {
-    let mut pipe = redis::pipe();
-    for o in batch {
-        if let Some(env) = encode(&link.node_id, &o.msg) {
-            pipe.cmd("PUBLISH")
-                .arg(link.channel(&o.topic))
-                .arg(env)
-                .ignore();
+    let mut rest = batch;
+    while !rest.is_empty() {
+        let mut pipe = redis::pipe();
+        let mut bytes = 0;
+        let mut n = 0;
+        for o in rest {
+            if n > 0 && bytes + o.cost > PIPELINE_BYTES {
+                break;
+            }
+            n += 1;
+            bytes += o.cost;
+            if let Some(env) = encode(&link.node_id, &o.msg) {
+                pipe.cmd("PUBLISH")
+                    .arg(link.channel(&o.topic))
+                    .arg(env)
+                    .ignore();
+            }
         }
-    }
-    let r: redis::RedisResult<()> = pipe.query_async(conn).await;
-    match &r {
-        Ok(()) => {
-            link.stats
-                .published
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        }
-        Err(_) => {
+        let r: redis::RedisResult<()> = pipe.query_async(conn).await;
+        if let Err(e) = r {
             link.stats
                 .dropped
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                .fetch_add(rest.len() as u64, Ordering::Relaxed);
+            return Err(e);
         }
+        link.stats.published.fetch_add(n as u64, Ordering::Relaxed);
+        rest = &rest[n..];
     }
-    r
+    Ok(())
+}
+
+/// The payload bytes of a message [`encode`] relays.
+fn payload_len(msg: &Message) -> usize {
+    match msg {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) => b.len(),
+        Message::Frame(f) => f.payload().len(),
+        _ => 0,
+    }
 }
 
 /// Brings the Redis subscriptions in line with the topics that exist
@@ -943,6 +1032,7 @@ mod tests {
             node_id: Some("n1".into()),
             channel_prefix: None,
             queue: None,
+            queue_bytes: None,
             count_interval: None,
             tls_ca: None,
         };
@@ -980,6 +1070,7 @@ mod tests {
             node_id: Some("n1".into()),
             channel_prefix: None,
             queue: None,
+            queue_bytes: None,
             count_interval: None,
             tls_ca: Some(ca.into()),
         };
@@ -1005,6 +1096,7 @@ mod tests {
             node_id: Some("n".into()),
             channel_prefix: None,
             queue: Some(Bounded(2)),
+            queue_bytes: None,
             count_interval: None,
             tls_ca: None,
         })
@@ -1021,5 +1113,58 @@ mod tests {
             2,
             "the third did not fit the queue of 2"
         );
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_and_frees_them_when_taken() {
+        let s = from_raw(&RawCluster {
+            redis: "redis://127.0.0.1:1".into(),
+            node_id: Some("n".into()),
+            channel_prefix: None,
+            queue: None,
+            queue_bytes: Some(crate::config::ByteSize(3 << 20)),
+            count_interval: None,
+            tls_ca: None,
+        })
+        .unwrap();
+        let (link, mut rx) = Link::new(&s);
+        link.up.store(true, Ordering::Relaxed);
+        let mib = Message::binary(vec![7u8; 1 << 20]);
+        for _ in 0..5 {
+            link.forward("t", &mib);
+        }
+        // Two fit under 3 MiB with their overhead, a third does not.
+        assert_eq!(link.stats.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(link.stats.dropped_for_bytes.load(Ordering::Relaxed), 3);
+        assert!(link.queued_bytes() > 2 << 20 && link.queued_bytes() <= 3 << 20);
+        // Taken and answered: the bytes are free again.
+        let o = rx.0.try_recv().unwrap();
+        link.release(o.cost);
+        link.forward("t", &mib);
+        assert_eq!(link.stats.dropped.load(Ordering::Relaxed), 3);
+        let e = from_raw(&RawCluster {
+            redis: "redis://h".into(),
+            node_id: None,
+            channel_prefix: None,
+            queue: None,
+            queue_bytes: Some(crate::config::ByteSize(1)),
+            count_interval: None,
+            tls_ca: None,
+        })
+        .unwrap_err();
+        assert!(e.contains("queue_bytes"), "{e}");
+        assert_eq!(from_raw(&raw_default()).unwrap().queue_bytes, DEFAULT_QUEUE_BYTES);
+    }
+
+    fn raw_default() -> RawCluster {
+        RawCluster {
+            redis: "redis://h".into(),
+            node_id: None,
+            channel_prefix: None,
+            queue: None,
+            queue_bytes: None,
+            count_interval: None,
+            tls_ca: None,
+        }
     }
 }
