@@ -90,8 +90,13 @@
  *
  * ERRORS AND PANICS
  *   Callbacks return WSHD_OK or a negative code.  A non-OK return from
- *   on_open or on_message closes that connection with 1011 (internal error);
- *   a non-OK return from init discards the new instance and, on a reload,
+ *   on_open or on_message closes that connection with 1011 (internal error),
+ *   except WSHD_ERR_LIMIT: "full, try again later" (the handler's own
+ *   capacity, or a host call of the same callback refused with
+ *   WSHD_ERR_LIMIT, which the host also recognises when the callback then
+ *   fails with any code but WSHD_ERR_PANIC).  That closes with 1013 and is
+ *   not counted against the version by canary rollback or quarantine;
+ *   neither is a handshake rejected with 503.  A non-OK return from init discards the new instance and, on a reload,
  *   keeps the previous version serving.  C and C++ handlers must never let an
  *   exception or a longjmp cross a callback.  Rust handlers built with the SDK
  *   catch panics in every callback and return WSHD_ERR_PANIC.

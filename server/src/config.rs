@@ -127,6 +127,9 @@ pub struct RawTopics {
     pub max_per_connection: Option<Bounded<10_000>>,
     /// Topics with at least one subscriber, server-wide.
     pub max_topics: Option<Bounded<10_000_000>>,
+    /// Of those, topics one client address may have created (IPv6 grouped
+    /// by /64; `[limits] per_ip_exempt` addresses are not counted).
+    pub max_topics_per_ip: Option<Bounded<10_000_000>>,
 }
 
 /// `[timers]`: caps on pending handler timers.
@@ -161,6 +164,7 @@ impl<'de, const MAX: usize> Deserialize<'de> for Bounded<MAX> {
 pub struct PubSubLimits {
     pub topics_per_connection: usize,
     pub max_topics: usize,
+    pub topics_per_ip: usize,
     pub timers_per_connection: usize,
     pub timers_per_instance: usize,
 }
@@ -170,6 +174,7 @@ impl Default for PubSubLimits {
         PubSubLimits {
             topics_per_connection: crate::topics::DEFAULT_MAX_PER_CONNECTION,
             max_topics: crate::topics::DEFAULT_MAX_TOPICS,
+            topics_per_ip: crate::topics::DEFAULT_MAX_TOPICS_PER_IP,
             timers_per_connection: crate::timers::DEFAULT_MAX_PER_CONNECTION,
             timers_per_instance: crate::timers::DEFAULT_MAX_PER_INSTANCE,
         }
@@ -187,6 +192,7 @@ impl PubSubLimits {
                 .max_per_connection
                 .map_or(d.topics_per_connection, |c| c.0),
             max_topics: r.topics.max_topics.map_or(d.max_topics, |c| c.0),
+            topics_per_ip: r.topics.max_topics_per_ip.map_or(d.topics_per_ip, |c| c.0),
             timers_per_connection: r
                 .timers
                 .max_per_connection
@@ -200,7 +206,11 @@ impl PubSubLimits {
 
     /// Applies the caps to the server's topics and timers.
     pub fn apply(&self) {
-        crate::topics::global().configure(self.topics_per_connection, self.max_topics);
+        crate::topics::global().configure(
+            self.topics_per_connection,
+            self.max_topics,
+            self.topics_per_ip,
+        );
         crate::timers::global().configure(self.timers_per_connection, self.timers_per_instance);
     }
 }
@@ -440,7 +450,8 @@ pub struct Limits {
     pub slow_consumer: SlowConsumer,
     /// Time allowed for a client to send the whole upgrade request.
     pub handshake_timeout: Duration,
-    /// Open connections (sockets) at most; more wait in the accept backlog.
+    /// Open connections (sockets) at most; past it a new socket is answered
+    /// 503 with `Retry-After` (server/listener.rs), not left in the backlog.
     pub max_connections: usize,
     /// How long to wait for the peer's reply to our close frame.
     pub close_timeout: Duration,
@@ -646,7 +657,8 @@ impl ConfigFile {
             }
             Err(e) => {
                 let span = e.span().unwrap_or(0..0);
-                Err(file_error(path, &source, span, e.message().to_string()))
+                let message = with_suggestion(e.message());
+                Err(file_error(path, &source, span, message))
             }
         }
     }
@@ -834,6 +846,189 @@ fn key_on_line(line: &str) -> String {
     match line.split_once('=') {
         Some((k, _)) => k.trim().to_string(),
         None => String::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The schema's keys, read from the schema itself, and typo help.
+
+/// One key the file may set, as the schema (the `Raw*` structs) defines it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SchemaKey {
+    /// The table it belongs to, dotted: `""` for the top level, `limits`,
+    /// `route` (each `[[route]]`), `route.limits`, `listen` (each entry of
+    /// a `listen` list), `cluster`, ...
+    pub table: String,
+    pub key: String,
+    /// The key is a table or list of tables with keys of its own (listed
+    /// under `table.key`); `false` for a value, `[route.config]` included
+    /// (its keys are the handler's).
+    pub has_keys: bool,
+}
+
+/// The key no table has; probing with it makes serde list a table's keys.
+const PROBE_KEY: &str = "wshd_schema_probe_key";
+
+/// How a probed key holds its table.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// `[table]` or `key = { ... }`.
+    Table,
+    /// `[[table]]` or `key = [{ ... }]`.
+    List,
+}
+
+/// Every key of the config file, derived from the schema: each table is
+/// parsed with a key it cannot have, and serde's `deny_unknown_fields`
+/// error lists the keys it can (no list is kept by hand, so none can
+/// drift). Sorted by table, then key.
+pub fn schema_keys() -> Vec<SchemaKey> {
+    let mut out = Vec::new();
+    walk_schema(&mut Vec::new(), &mut out);
+    out.sort();
+    out
+}
+
+fn walk_schema(path: &mut Vec<(String, Shape)>, out: &mut Vec<SchemaKey>) {
+    let Some(keys) = probe_table(path) else {
+        return;
+    };
+    let table = path
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(".");
+    for key in keys {
+        let mut has_keys = false;
+        for shape in [Shape::Table, Shape::List] {
+            path.push((key.clone(), shape));
+            if probe_table(path).is_some() {
+                has_keys = true;
+                walk_schema(path, out);
+            }
+            path.pop();
+            if has_keys {
+                break;
+            }
+        }
+        out.push(SchemaKey {
+            table: table.clone(),
+            key,
+            has_keys,
+        });
+    }
+}
+
+/// The keys serde expects in the table at `path`, or `None` when `path`
+/// does not lead to a table with `deny_unknown_fields`.
+fn probe_table(path: &[(String, Shape)]) -> Option<Vec<String>> {
+    let mut value = toml::Value::Table(toml::Table::from_iter([(
+        PROBE_KEY.to_string(),
+        toml::Value::Integer(0),
+    )]));
+    for (key, shape) in path.iter().rev() {
+        if let Shape::List = shape {
+            value = toml::Value::Array(vec![value]);
+        }
+        value = toml::Value::Table(toml::Table::from_iter([(key.clone(), value)]));
+    }
+    let text = toml::to_string(&value).ok()?;
+    let err = toml::from_str::<RawConfig>(&text).err()?;
+    // "unknown field" only: an enum read from a table answers "unknown
+    // variant", and its variants are values, not keys.
+    let message = err.message();
+    let (unknown, expected) = unknown_name(message)?;
+    (message.starts_with("unknown field") && unknown == PROBE_KEY).then_some(expected)
+}
+
+/// Reads serde's "unknown field `x`, expected one of `a`, `b`" (or "unknown
+/// variant") into the unknown name and the expected ones.
+fn unknown_name(message: &str) -> Option<(String, Vec<String>)> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))?;
+    let (unknown, rest) = rest.split_once('`')?;
+    let expected = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    Some((unknown.to_owned(), expected))
+}
+
+/// How a table is written in the file, for messages.
+fn table_name(table: &str) -> String {
+    match table {
+        "" => "the top level".into(),
+        "route" => "[[route]]".into(),
+        "listen" => "a `listen` list entry".into(),
+        t => format!("[{t}]"),
+    }
+}
+
+/// Whether `typo` is close enough to `key` to suggest it: a few edits
+/// (a transposition is one), fewer for short names.
+fn is_close(typo: &str, key: &str) -> Option<usize> {
+    let typo = typo.to_ascii_lowercase().replace('-', "_");
+    let d = strsim::damerau_levenshtein(&typo, key);
+    (d <= (key.len() / 3).max(1)).then_some(d)
+}
+
+/// serde's message for an unknown key or value, with a cargo-like hint:
+/// the closest key of the same table ("did you mean `max_message_size`?"),
+/// or the table a key belongs to when it was written in another one.
+fn with_suggestion(message: &str) -> String {
+    let Some((unknown, expected)) = unknown_name(message) else {
+        return message.to_owned();
+    };
+    let closest = |names: &mut dyn Iterator<Item = (usize, String)>| names.min_by_key(|(d, _)| *d);
+    // The same table first: serde listed its keys (or a value's variants).
+    let near = closest(
+        &mut expected
+            .iter()
+            .filter_map(|k| is_close(&unknown, k).map(|d| (d, format!("`{k}`")))),
+    );
+    if let Some((_, k)) = near {
+        return format!("{message}; did you mean {k}?");
+    }
+    if !message.starts_with("unknown field") {
+        return message.to_owned();
+    }
+    // Another table's key, written in the wrong place.
+    let same_table = |t: &str, all: &[SchemaKey]| {
+        let mut keys: Vec<&str> = all
+            .iter()
+            .filter(|k| k.table == t)
+            .map(|k| k.key.as_str())
+            .collect();
+        keys.sort_unstable();
+        let mut exp: Vec<&str> = expected.iter().map(String::as_str).collect();
+        exp.sort_unstable();
+        keys == exp
+    };
+    let all = schema_keys();
+    let elsewhere = closest(
+        &mut all
+            .iter()
+            .filter(|k| !same_table(&k.table, &all))
+            .filter_map(|k| {
+                is_close(&unknown, &k.key)
+                    .map(|d| (d, format!("`{}` in {}", k.key, table_name(&k.table))))
+            }),
+    );
+    match elsewhere {
+        Some((0, _)) => {
+            let place = all
+                .iter()
+                .filter(|k| k.key == unknown && !same_table(&k.table, &all))
+                .map(|k| table_name(&k.table))
+                .collect::<Vec<_>>()
+                .join(" or ");
+            format!("{message}; `{unknown}` is a key of {place}, not of this table: move it there")
+        }
+        Some((_, k)) => format!("{message}; did you mean {k}?"),
+        None => message.to_owned(),
     }
 }
 
@@ -1165,6 +1360,124 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("test.toml:4"), "{text}");
         assert!(text.contains("max_mesage_size"), "{text}");
+    }
+
+    /// Issue #23: a mistyped key gets cargo's kind of hint, in an error
+    /// that still names the file, the line and the key.
+    #[test]
+    fn an_unknown_key_suggests_the_closest_one() {
+        let err = parse("listen = \"127.0.0.1:1\"\n\n[limits]\nmax_mesage_size = 5\n").unwrap_err();
+        let ConfigError::Invalid {
+            path,
+            line,
+            key,
+            message,
+            ..
+        } = &err
+        else {
+            panic!("{err}")
+        };
+        assert_eq!(
+            (path.to_str(), *line, key.as_str()),
+            (Some("test.toml"), 4, "max_mesage_size"),
+            "{err}"
+        );
+        assert!(
+            message.ends_with("did you mean `max_message_size`?"),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("test.toml:4:1: key `max_mesage_size`: unknown field"),
+            "{text}"
+        );
+
+        // A transposition, a dash for an underscore, a route table, a
+        // nested table, an enum value.
+        for (src, line, hint) in [
+            ("[reload]\nwacth = true\n", 2, "did you mean `watch`?"),
+            (
+                "[limits]\nsend-queue-bytes = \"1MiB\"\n",
+                2,
+                "did you mean `send_queue_bytes`?",
+            ),
+            (
+                "[[route]]\npath = \"/x\"\nhandler = \"echo\"\ncompresion = \"on\"\n",
+                4,
+                "did you mean `compression`?",
+            ),
+            (
+                "[[route]]\npath = \"/x\"\nhandler = \"echo\"\n[route.rollout]\ncanary_percnt = 5\n",
+                5,
+                "did you mean `canary_percent`?",
+            ),
+            (
+                "[[route]]\npath = \"/x\"\nhandler = \"echo\"\ncompression = \"onn\"\n",
+                4,
+                "did you mean `on`?",
+            ),
+            (
+                "[topics]\nmax_per_conection = 3\n",
+                2,
+                "did you mean `max_per_connection`?",
+            ),
+        ] {
+            let (l, _, msg) = refused(src);
+            assert_eq!(l, line, "{src:?}: {msg}");
+            assert!(msg.ends_with(hint), "{src:?}: {msg}");
+        }
+
+        // A key of another table: say where it goes.
+        let (line, key, msg) = refused("max_connections_per_ip = 3\n");
+        assert_eq!((line, key.as_str()), (1, "max_connections_per_ip"));
+        assert!(
+            msg.contains("`max_connections_per_ip` is a key of [limits]"),
+            "{msg}"
+        );
+        let (_, _, msg) = refused("[limits]\nmax_topic = 3\n");
+        assert!(
+            msg.ends_with("did you mean `max_topics` in [topics]?"),
+            "{msg}"
+        );
+
+        // Nothing close: serde's list, no guess.
+        let (_, _, msg) = refused("[limits]\nfrobnicate = 1\n");
+        assert!(!msg.contains("did you mean"), "{msg}");
+        assert!(msg.contains("expected one of `max_message_size`"), "{msg}");
+    }
+
+    /// The key list other checks (tests/config_examples.rs, the typo
+    /// hints) rely on really comes out of the schema.
+    #[test]
+    fn schema_keys_come_from_the_structs() {
+        let keys = schema_keys();
+        let has = |table: &str, key: &str| keys.iter().any(|k| k.table == table && k.key == key);
+        for (table, key) in [
+            ("", "listen"),
+            ("", "status_file"),
+            ("limits", "max_message_size"),
+            ("limits", "per_ip_exempt"),
+            ("route", "compression"),
+            ("route.limits", "send_queue_bytes"),
+            ("route.rollout", "canary_percent"),
+            ("listen", "addr"),
+            ("listen", "tls"),
+            ("tls", "client_auth"),
+            ("cluster", "redis"),
+            ("reload", "handover_max_bytes"),
+        ] {
+            assert!(has(table, key), "{table}.{key} missing from {keys:#?}");
+        }
+        let table = |t: &str| keys.iter().find(|k| k.table.is_empty() && k.key == t);
+        assert!(table("limits").unwrap().has_keys);
+        assert!(table("route").unwrap().has_keys);
+        assert!(!table("workers").unwrap().has_keys);
+        let config = keys
+            .iter()
+            .find(|k| k.table == "route" && k.key == "config")
+            .unwrap();
+        assert!(!config.has_keys, "[route.config] is the handler's");
+        assert!(keys.len() > 70, "{}", keys.len());
     }
 
     #[test]

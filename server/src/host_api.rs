@@ -209,6 +209,35 @@ pub struct Inbound<'a> {
 
 thread_local! {
     static CURRENT: Cell<Option<Current>> = const { Cell::new(None) };
+    /// A host call made during the running callback was refused for a
+    /// server-enforced cap (`WSHD_ERR_LIMIT`: topics, timers).
+    static LIMIT_HIT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Records that a host call is returning `WSHD_ERR_LIMIT`, when it does:
+/// if the callback then fails, the failure is the server's limit, not the
+/// handler's fault ([`callback_outcome`]).
+fn note_limit<T: PartialEq + From<i32>>(rc: T) -> T {
+    if rc == T::from(WSHD_ERR_LIMIT) {
+        LIMIT_HIT.with(|h| h.set(true));
+    }
+    rc
+}
+
+/// What a callback that ends the connection on failure (`on_open`,
+/// `on_message`) returned, as the server treats it. A failure is the
+/// server's limit, `WSHD_ERR_LIMIT`, when the handler says so itself (its
+/// own "full") or when it failed after a host call of the same callback was
+/// refused for a cap: the client gets 1013 Try Again Later, and neither a
+/// canary's rollback nor quarantine counts it. A panic is always the
+/// handler's fault. Call it right after the callback, on its thread.
+pub fn callback_outcome(rc: i32) -> i32 {
+    let hit = LIMIT_HIT.with(|h| h.replace(false));
+    if rc != WSHD_OK && rc != WSHD_ERR_PANIC && hit {
+        WSHD_ERR_LIMIT
+    } else {
+        rc
+    }
 }
 
 /// Runs `f` (a handler callback for `conn`) with `outbox` as the fast path for
@@ -236,6 +265,7 @@ pub fn with_outbox<R>(
         }))
     });
     let _reset = Reset(prev);
+    LIMIT_HIT.with(|h| h.set(false));
     f()
 }
 
@@ -524,7 +554,7 @@ unsafe extern "C" fn host_subscribe(ctx: *mut c_void, conn: wshd_conn_id, topic:
     };
     match crate::topics::global().subscribe(conn, &shared, &ctx.route, name) {
         Ok(()) => WSHD_OK,
-        Err(rc) => rc,
+        Err(rc) => note_limit(rc),
     }
 }
 
@@ -623,7 +653,7 @@ unsafe extern "C" fn host_set_timer(ctx: *mut c_void, conn: wshd_conn_id, delay_
     };
     match crate::timers::global().set(ctx, conn, delay_ms) {
         Ok(id) => id as i64,
-        Err(rc) => rc.into(),
+        Err(rc) => note_limit(i64::from(rc)),
     }
 }
 

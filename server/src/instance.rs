@@ -312,6 +312,7 @@ impl Instance {
             let rc = with_outbox(conn, &mut outbox, None, || unsafe {
                 cb(handler.get(), conn, &mut state)
             });
+            let rc = crate::host_api::callback_outcome(rc);
             this.metrics.finish(crate::metrics::Cb::Open, t, rc);
             this.health.callback(rc);
             let r = if rc == WSHD_OK {
@@ -357,6 +358,7 @@ impl Instance {
                 data.len(),
             )
         });
+        let rc = crate::host_api::callback_outcome(rc);
         self.metrics.finish(crate::metrics::Cb::Message, t, rc);
         if rc != WSHD_OK {
             self.health.callback(rc);
@@ -486,6 +488,7 @@ impl Instance {
                 rc = with_outbox(conn, &mut outbox, None, || unsafe {
                     cb(handler.get(), state.get(), conn, id)
                 });
+                rc = crate::host_api::callback_outcome(rc);
                 if rc != WSHD_OK {
                     break;
                 }

@@ -560,6 +560,40 @@ impl Collector for Wshd {
             enc.encode_descriptor("wshd_topics", "Topics that exist.", None, MetricType::Gauge)?;
         // Read from the topic map itself, which counts live topics exactly.
         ConstGauge::new(crate::topics::global().len() as i64).encode(m.encode_family(&none)?)?;
+        // `[cluster]` only: what the link to Redis dropped and holds.
+        if let Some(link) = crate::topics::global().cluster() {
+            let reasons = [
+                (
+                    "queue_bytes",
+                    link.stats.dropped_for_bytes.load(Ordering::Relaxed),
+                ),
+                ("other", {
+                    let all = link.stats.dropped.load(Ordering::Relaxed);
+                    all.saturating_sub(link.stats.dropped_for_bytes.load(Ordering::Relaxed))
+                }),
+            ];
+            let labels: Vec<[(&str, &str); 1]> =
+                reasons.iter().map(|(r, _)| [("reason", *r)]).collect();
+            let series: Vec<(&[(&str, &str)], u64)> = labels
+                .iter()
+                .zip(&reasons)
+                .map(|(l, (_, v))| (&l[..], *v))
+                .collect();
+            counter(
+                &mut enc,
+                "wshd_cluster_dropped",
+                "Messages for other nodes dropped: over [cluster] queue_bytes, or for another \
+                 reason (Redis down, the queue's message cap).",
+                &series,
+            )?;
+            let mut m = enc.encode_descriptor(
+                "wshd_cluster_queued_bytes",
+                "Bytes of messages waiting for Redis or in a pipeline not yet answered.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(link.queued_bytes() as i64).encode(m.encode_family(&none)?)?;
+        }
         Ok(())
     }
 }

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
-use wshd_handler_api::abi::{WSHD_ERR_PANIC, WSHD_OK};
+use wshd_handler_api::abi::{WSHD_ERR_LIMIT, WSHD_ERR_PANIC, WSHD_OK};
 
 use crate::config::RawRollout;
 
@@ -122,9 +122,12 @@ impl Health {
     }
 
     /// A callback that ends the connection on failure (`on_open`,
-    /// `on_message`) returned `rc`.
+    /// `on_message`) returned `rc`. `WSHD_ERR_LIMIT` (a server-enforced cap
+    /// or the handler's own "full", see `host_api::callback_outcome`) is
+    /// not the version's fault: a client that fills a cap must not be able
+    /// to veto a canary.
     pub fn callback(&self, rc: i32) {
-        if rc == WSHD_OK {
+        if rc == WSHD_OK || rc == WSHD_ERR_LIMIT {
             return;
         }
         if rc == WSHD_ERR_PANIC {
@@ -144,9 +147,11 @@ impl Health {
     }
 
     /// A handshake was answered with `status` (the handler's rejection, or
-    /// 500 when its `on_handshake` failed).
+    /// 500 when its `on_handshake` failed). 503 is a handler saying it is
+    /// full (a chat room at capacity): a refusal the client can retry, not a
+    /// fault, so it does not count.
     pub fn handshake(&self, status: u16) {
-        if status >= 500 {
+        if status >= 500 && status != 503 {
             self.handshakes_5xx.fetch_add(1, Ordering::Relaxed);
             if let Some(a) = self.alarm.get() {
                 a.notify_one();
@@ -535,9 +540,12 @@ mod tests {
         assert_eq!(h.counts(), Counts::default());
         h.callback(WSHD_ERR_PANIC);
         h.callback(wshd_handler_api::abi::WSHD_ERR_HANDLER);
+        // A server limit, or the handler's own "full": not a fault.
+        h.callback(WSHD_ERR_LIMIT);
         h.panicked_if(WSHD_ERR_PANIC);
         h.handshake(403);
         h.handshake(503);
+        h.handshake(500);
         assert_eq!(
             h.counts(),
             Counts {

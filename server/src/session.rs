@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
-use wshd_handler_api::abi::{WSHD_ERR_PANIC, WSHD_OK};
+use wshd_handler_api::abi::{WSHD_ERR_LIMIT, WSHD_ERR_PANIC, WSHD_OK};
 
 use crate::host_api::Outbox;
 use crate::instance::ConnState;
@@ -40,6 +40,10 @@ use crate::mailbox::ConnShared;
 use crate::routing::Route;
 use crate::server::Server;
 use crate::ws::ReadError;
+
+/// The close reason when a callback failed on a server-enforced cap
+/// (`WSHD_ERR_LIMIT`): 1013 Try Again Later, the client's cue to retry.
+const LIMIT_REASON: &str = "server limit reached, try again later";
 
 type Ws = crate::ws::WsConn;
 
@@ -114,6 +118,7 @@ pub async fn open(
         route.limits.send_queue_bytes,
         route.limits.slow_consumer,
     ));
+    crate::topics::Topics::set_address(&shared, slot.topic_address());
     // Shutdown and drain reach open connections by a walk of
     // `server.conns` (mailbox.rs); registering checks both tokens, so a
     // connection the walk missed still sees the event.
@@ -373,13 +378,21 @@ impl Session {
             self.after_write(r);
             return;
         };
-        tracing::warn!(
-            conn = self.id,
-            "on_open failed ({}); closing with 1011",
-            crate::error::status_name(rc)
-        );
-        self.close_with(1011, "handler failed to open the connection")
-            .await;
+        let (code, reason) = if rc == WSHD_ERR_LIMIT {
+            tracing::info!(
+                conn = self.id,
+                "on_open refused: a server limit was reached; closing with 1013"
+            );
+            (1013, LIMIT_REASON)
+        } else {
+            tracing::warn!(
+                conn = self.id,
+                "on_open failed ({}); closing with 1011",
+                crate::error::status_name(rc)
+            );
+            (1011, "handler failed to open the connection")
+        };
+        self.close_with(code, reason).await;
     }
 
     /// One turn of the loop: pending work at a message boundary, then one
@@ -673,7 +686,14 @@ impl Session {
             if self.close.is_some() {
                 return;
             }
-            if rc != WSHD_OK {
+            if rc == WSHD_ERR_LIMIT {
+                tracing::info!(
+                    conn = self.id,
+                    "{} refused: a server limit was reached; closing with 1013",
+                    callback.name()
+                );
+                self.close_with(1013, LIMIT_REASON).await;
+            } else if rc != WSHD_OK {
                 let reason = if rc == WSHD_ERR_PANIC {
                     "handler panicked"
                 } else {

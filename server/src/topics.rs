@@ -32,6 +32,19 @@
 //!
 //! A topic with no subscribers is removed, so the `max_topics` cap counts
 //! live topics only.
+//!
+//! **Per-address shares** (`max_topics_per_ip`, #23). The topic pool is
+//! server-wide, so without a share one client could create topics until the
+//! pool is empty and every other route's subscribe fails (a canary that
+//! only needs a chat room would then look broken). Each topic is charged to
+//! the address of the connection that created it (IPv4 whole, IPv6 by /64,
+//! like the connection limits; addresses in `per_ip_exempt` are not
+//! charged), and given back when the topic is removed. The address is kept
+//! as a 32-bit keyed hash ([`AddressKey`]), which fits in spare bytes of
+//! every connection's [`ConnTopics`]: two addresses share one share only on
+//! a hash collision, which an outsider cannot aim at because the key is
+//! random per process. A topic costs about 855 bytes (measured), so the
+//! default share of 1,000 topics is under 1 MiB per address.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -48,6 +61,30 @@ pub const MAX_TOPIC_LEN: usize = 256;
 pub const DEFAULT_MAX_PER_CONNECTION: usize = 64;
 /// Default `[topics] max_topics`.
 pub const DEFAULT_MAX_TOPICS: usize = 100_000;
+/// Default `[topics] max_topics_per_ip`: a hundredth of the default pool, so
+/// a hundred addresses are needed to empty it.
+pub const DEFAULT_MAX_TOPICS_PER_IP: usize = 1_000;
+
+/// The address a topic is charged to: a keyed 32-bit hash of the per-IP key
+/// (IPv4 whole, IPv6 /64), never 0; 0 means "not charged" (an exempt
+/// address, or a connection without one).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AddressKey(u32);
+
+impl AddressKey {
+    /// Not charged to any address.
+    pub const NONE: AddressKey = AddressKey(0);
+
+    /// The key of `ip`, grouped as the connection limits group addresses.
+    pub fn of(ip: std::net::IpAddr) -> AddressKey {
+        use std::hash::BuildHasher;
+        static SEED: OnceLock<std::hash::RandomState> = OnceLock::new();
+        let h = SEED
+            .get_or_init(std::hash::RandomState::new)
+            .hash_one(crate::server::per_ip::key(ip));
+        AddressKey((h as u32).max(1))
+    }
+}
 
 /// One subscription, as a publish sees it.
 #[derive(Debug)]
@@ -96,6 +133,8 @@ struct Subs {
 #[derive(Debug)]
 pub struct Topic {
     name: Arc<str>,
+    /// Charged to this address's share until the topic is removed.
+    owner: AddressKey,
     subs: Mutex<Subs>,
     /// `subs.list.len()`, readable without the lock (`subscribers`).
     len: AtomicUsize,
@@ -111,6 +150,9 @@ impl Topic {
 #[derive(Debug, Default)]
 pub struct ConnTopics {
     list: Vec<Arc<Topic>>,
+    /// The address topics this connection creates are charged to. (In the
+    /// padding after `closed`: it costs idle connections nothing.)
+    address: AddressKey,
     /// The connection closed: no new subscriptions.
     closed: bool,
 }
@@ -123,6 +165,11 @@ pub struct Topics {
     count: AtomicUsize,
     max_per_connection: AtomicUsize,
     max_topics: AtomicUsize,
+    max_per_address: AtomicUsize,
+    /// Topics charged to each address that has any. Touched only when a
+    /// topic is created or removed, never on a publish or a subscribe to an
+    /// existing topic.
+    per_address: Mutex<std::collections::HashMap<AddressKey, usize>>,
     /// `[cluster]`: the link to the other nodes, set once at startup. Absent,
     /// a publish costs one extra load and branch.
     cluster: OnceLock<Arc<crate::cluster::Link>>,
@@ -130,7 +177,11 @@ pub struct Topics {
 
 impl Default for Topics {
     fn default() -> Topics {
-        Topics::new(DEFAULT_MAX_PER_CONNECTION, DEFAULT_MAX_TOPICS)
+        Topics::new(
+            DEFAULT_MAX_PER_CONNECTION,
+            DEFAULT_MAX_TOPICS,
+            DEFAULT_MAX_TOPICS_PER_IP,
+        )
     }
 }
 
@@ -153,14 +204,31 @@ fn lock_conn(shared: &ConnShared) -> MutexGuard<'_, ConnTopics> {
 }
 
 impl Topics {
-    pub fn new(max_per_connection: usize, max_topics: usize) -> Topics {
+    pub fn new(max_per_connection: usize, max_topics: usize, max_per_address: usize) -> Topics {
         Topics {
             map: DashMap::new(),
             count: AtomicUsize::new(0),
             max_per_connection: AtomicUsize::new(max_per_connection),
             max_topics: AtomicUsize::new(max_topics),
+            max_per_address: AtomicUsize::new(max_per_address),
+            per_address: Mutex::default(),
             cluster: OnceLock::new(),
         }
+    }
+
+    /// Charges the topics `shared`'s connection creates from now on to
+    /// `address` (the session calls it once, before `on_open`).
+    pub fn set_address(shared: &ConnShared, address: AddressKey) {
+        lock_conn(shared).address = address;
+    }
+
+    /// Topics charged to `address` now.
+    pub fn charged_to(&self, address: AddressKey) -> usize {
+        self.lock_per_address().get(&address).copied().unwrap_or(0)
+    }
+
+    fn lock_per_address(&self) -> MutexGuard<'_, std::collections::HashMap<AddressKey, usize>> {
+        self.per_address.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Connects these topics to the other nodes (once, at startup): topics
@@ -187,10 +255,12 @@ impl Topics {
 
     /// Sets the caps (at startup and on every config reload). Lowering a cap
     /// refuses new subscriptions past it; existing ones stay.
-    pub fn configure(&self, max_per_connection: usize, max_topics: usize) {
+    pub fn configure(&self, max_per_connection: usize, max_topics: usize, max_per_address: usize) {
         self.max_per_connection
             .store(max_per_connection, Ordering::Relaxed);
         self.max_topics.store(max_topics, Ordering::Relaxed);
+        self.max_per_address
+            .store(max_per_address, Ordering::Relaxed);
     }
 
     /// Topics that have at least one subscriber.
@@ -203,8 +273,9 @@ impl Topics {
         self.len() == 0
     }
 
-    /// The topic named `name`, created if needed (within `max_topics`).
-    fn get_or_create(&self, name: &str) -> Result<Arc<Topic>, i32> {
+    /// The topic named `name`, created if needed (within `max_topics` and
+    /// `owner`'s share), charged to `owner`.
+    fn get_or_create(&self, name: &str, owner: AddressKey) -> Result<Arc<Topic>, i32> {
         if let Some(t) = self.map.get(name) {
             return Ok(t.value().clone());
         }
@@ -216,8 +287,23 @@ impl Topics {
                     self.count.fetch_sub(1, Ordering::Relaxed);
                     return Err(WSHD_ERR_LIMIT);
                 }
+                if owner != AddressKey::NONE {
+                    let share = self.max_per_address.load(Ordering::Relaxed);
+                    let mut per = self.lock_per_address();
+                    let n = per.entry(owner).or_insert(0);
+                    if *n >= share {
+                        if *n == 0 {
+                            per.remove(&owner);
+                        }
+                        drop(per);
+                        self.count.fetch_sub(1, Ordering::Relaxed);
+                        return Err(WSHD_ERR_LIMIT);
+                    }
+                    *n += 1;
+                }
                 let topic = Arc::new(Topic {
                     name: e.key().clone(),
+                    owner,
                     subs: Mutex::default(),
                     len: AtomicUsize::new(0),
                 });
@@ -252,7 +338,7 @@ impl Topics {
             return Err(WSHD_ERR_LIMIT);
         }
         loop {
-            let topic = self.get_or_create(name)?;
+            let topic = self.get_or_create(name, mine.address)?;
             let mut subs = topic.lock();
             if subs.dead {
                 // Emptied and removed between the lookup and the lock.
@@ -323,6 +409,15 @@ impl Topics {
         });
         if removed.is_some() {
             self.count.fetch_sub(1, Ordering::Relaxed);
+            if topic.owner != AddressKey::NONE {
+                let mut per = self.lock_per_address();
+                if let Some(n) = per.get_mut(&topic.owner) {
+                    *n -= 1;
+                    if *n == 0 {
+                        per.remove(&topic.owner);
+                    }
+                }
+            }
             if let Some(link) = self.cluster.get() {
                 link.topic_changed(&topic.name);
             }
@@ -423,7 +518,7 @@ mod tests {
 
     #[test]
     fn subscribe_publish_unsubscribe_and_empty_topics_go_away() {
-        let t = Topics::new(4, 10);
+        let t = Topics::new(4, 10, 10);
         let route: Arc<str> = "/r".into();
         let (a, b) = (conn(), conn());
         t.subscribe(1, &a, &route, "room").unwrap();
@@ -450,7 +545,7 @@ mod tests {
 
     #[test]
     fn caps_refuse_and_change_nothing() {
-        let t = Topics::new(2, 3);
+        let t = Topics::new(2, 3, 3);
         let route: Arc<str> = "/r".into();
         let (a, b) = (conn(), conn());
         t.subscribe(1, &a, &route, "t1").unwrap();
@@ -470,7 +565,7 @@ mod tests {
 
     #[test]
     fn concurrent_subscribes_and_leaves_keep_the_count_right() {
-        let t = Arc::new(Topics::new(64, 1000));
+        let t = Arc::new(Topics::new(64, 1000, 1000));
         let route: Arc<str> = "/r".into();
         std::thread::scope(|s| {
             for _ in 0..4 {
@@ -486,5 +581,45 @@ mod tests {
             }
         });
         assert_eq!((t.len(), t.subscribers("hot")), (0, 0));
+    }
+
+    #[test]
+    fn each_address_has_a_share_of_the_pool_given_back_when_its_topics_go() {
+        let t = Topics::new(64, 5, 2);
+        let route: Arc<str> = "/r".into();
+        let ip = |s: &str| AddressKey::of(s.parse().unwrap());
+        let (a, a2, b, exempt) = (conn(), conn(), conn(), conn());
+        Topics::set_address(&a, ip("192.0.2.1"));
+        // Another address in the same IPv6 /64 is the same client; here a
+        // second connection from the same IPv4 address.
+        Topics::set_address(&a2, ip("192.0.2.1"));
+        Topics::set_address(&b, ip("2001:db8:1:2::7"));
+        assert_eq!(ip("2001:db8:1:2::7"), ip("2001:db8:1:2:ffff::1"));
+        assert_ne!(ip("2001:db8:1:2::7"), ip("2001:db8:1:3::7"));
+        assert_ne!(ip("192.0.2.1"), AddressKey::NONE);
+        assert_eq!(t.subscribe(1, &a, &route, "a1"), Ok(()));
+        assert_eq!(t.subscribe(2, &a2, &route, "a2"), Ok(()));
+        // The address's share is spent, across its connections...
+        assert_eq!(t.subscribe(2, &a2, &route, "a3"), Err(WSHD_ERR_LIMIT));
+        // ...but joining a topic that exists creates nothing and is free.
+        assert_eq!(t.subscribe(2, &a2, &route, "a1"), Ok(()));
+        assert_eq!(t.charged_to(ip("192.0.2.1")), 2);
+        // Others are not starved; exempt connections are not charged.
+        assert_eq!(t.subscribe(3, &b, &route, "b1"), Ok(()));
+        assert_eq!(t.subscribe(4, &exempt, &route, "e1"), Ok(()));
+        assert_eq!(t.subscribe(4, &exempt, &route, "e2"), Ok(()));
+        assert_eq!(t.charged_to(AddressKey::NONE), 0);
+        // The pool (5) is now full for everyone.
+        assert_eq!(t.subscribe(3, &b, &route, "b2"), Err(WSHD_ERR_LIMIT));
+        assert_eq!(t.len(), 5);
+        // a1 goes when its last member leaves: the share comes back.
+        t.leave_all(&a);
+        assert_eq!(t.charged_to(ip("192.0.2.1")), 2, "a2 still holds a1");
+        t.unsubscribe(&a2, "a1");
+        assert_eq!(t.charged_to(ip("192.0.2.1")), 1);
+        assert_eq!(t.subscribe(2, &a2, &route, "a4"), Ok(()));
+        t.leave_all(&a2);
+        assert_eq!(t.charged_to(ip("192.0.2.1")), 0);
+        assert!(t.lock_per_address().get(&ip("192.0.2.1")).is_none());
     }
 }

@@ -11,9 +11,11 @@
 //!   files, sd_notify), cleanup; [`signals`] turns signals into triggers and
 //!   the shutdown value; [`pidfile`] writes files without following symlinks;
 //! * [`fdlimit`]: raising `RLIMIT_NOFILE` at startup.
+//! * [`malloc`]: glibc's allocator gives big blocks back when they are freed.
 
 pub mod fdlimit;
 pub mod listener;
+pub mod malloc;
 pub mod per_ip;
 pub mod pidfile;
 pub mod process;
@@ -77,6 +79,18 @@ impl Server {
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
     _per_ip: Option<per_ip::ConnGuard>,
+}
+
+impl Slot {
+    /// The address the connection's topics are charged to: none for an
+    /// address in `per_ip_exempt` (it holds no per-address place either).
+    pub fn topic_address(&self) -> crate::topics::AddressKey {
+        self._per_ip
+            .as_ref()
+            .map_or(crate::topics::AddressKey::NONE, |g| {
+                crate::topics::AddressKey::of(g.address())
+            })
+    }
 }
 
 /// The reload triggers [`run`] listens to. Keep a [`Triggers::sender`] to

@@ -224,6 +224,13 @@ pub struct ConnGuard {
     key: IpAddr,
 }
 
+impl ConnGuard {
+    /// The address key (IPv4 whole, IPv6 /64) this place is counted under.
+    pub fn address(&self) -> IpAddr {
+        self.key
+    }
+}
+
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         let mut map = self.table.lock();

@@ -132,7 +132,11 @@ impl Wshd {
         let addr_file = dir.path().join("addr");
         let log_path = dir.path().join("wshd.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wshd"))
+        // WSHD_TEST_BIN runs the suite against another build (a release
+        // one, for the memory tests' figures); default: this build's wshd.
+        let bin =
+            std::env::var_os("WSHD_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_wshd").into());
+        let mut child = Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", "0", "--log-level", "debug", "-w"])
             .arg(handlers)
             .arg("--addr-file")
@@ -401,4 +405,31 @@ pub async fn raw_upgrade_with(
     let head = String::from_utf8_lossy(&head).into_owned();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     (s, head)
+}
+
+/// Like [`connect`], from the loopback address `from` (any of 127.0.0.0/8),
+/// so one test can be several client addresses.
+pub async fn connect_from(url: &str, from: &str) -> Client {
+    let (status, ws) = try_connect_from(url, from).await;
+    ws.unwrap_or_else(|| panic!("connect {url} from {from}: HTTP {status}"))
+}
+
+/// Connects from `from`; a refused handshake gives its HTTP status.
+pub async fn try_connect_from(url: &str, from: &str) -> (u16, Option<Client>) {
+    let hostport = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let stream = sock.connect(hostport.parse().unwrap()).await.unwrap();
+    match tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+        .await
+    {
+        Ok((ws, _)) => (101, Some(ws)),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => (r.status().as_u16(), None),
+        Err(e) => panic!("connect {url} from {from}: {e}"),
+    }
 }

@@ -403,3 +403,75 @@ async fn a_healthy_canary_is_promoted_when_its_period_ends() {
         assert_eq!(echo_once(&mut ws, &msg).await, format!("v2:{msg}"));
     }
 }
+
+/// #23: failures a client causes through a server limit are not the
+/// version's faults. Clients fill the topic pool from other addresses, then
+/// joins on a chat canary fail on the pool (`WSHD_ERR_LIMIT` inside
+/// `on_open`) and on the room's own "full" answer (503): the clients get
+/// 1013 and 503, never 1011, and the canary with `max_1011_closes = 2` and
+/// `max_5xx_handshakes = 2` is not rolled back. The per-address share keeps
+/// one address from taking the whole pool.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_filling_server_limits_cannot_veto_a_canary() {
+    let dir = tempfile::tempdir().unwrap();
+    build_c_file("pubsub_wsh.c", &dir.path().join("pubsub_wsh.so"), &[]);
+    let chat = dir.path().join("chat_wsh.so");
+    std::fs::copy(built_handlers().join("libchat_wsh.so"), &chat).unwrap();
+    let cfg = format!(
+        "{FAST}[rollout]\ncanary_percent = 50\ncanary_period = \"1h\"\n\
+         max_1011_closes = 2\nmax_5xx_handshakes = 2\n\
+         [limits]\nper_ip_exempt = []\n\
+         [topics]\nmax_topics = 12\nmax_topics_per_ip = 10\n\
+         [[route]]\npath = \"/room\"\nhandler = \"chat\"\n[route.config]\nmax_members = 1\n"
+    );
+    let srv = Wshd::with_config(dir.path(), &cfg, &[]);
+    // v2 of chat: the same code, other bytes (a trailing byte).
+    let mut v2 = std::fs::read(&chat).unwrap();
+    v2.push(0);
+    let tmp = dir.path().join(".chat.tmp");
+    std::fs::write(&tmp, &v2).unwrap();
+    std::fs::rename(&tmp, &chat).unwrap();
+    srv.wait_log_count("canary started", 2).await;
+
+    // Address .2 takes its share of 10 and no more, though the pool has 12.
+    let mut a = connect_from(&srv.url("/pubsub"), "127.0.0.2").await;
+    for i in 0..12 {
+        a.send(Message::text(format!("sub a{i}"))).await.unwrap();
+        let want = if i < 10 { "sub 0" } else { "sub -7" };
+        assert_eq!(recv_text(&mut a).await, want, "topic a{i}");
+    }
+    // Address .4 takes the last two: the pool is empty.
+    let mut b = connect_from(&srv.url("/pubsub"), "127.0.0.4").await;
+    for (i, want) in ["sub 0", "sub 0", "sub -7"].into_iter().enumerate() {
+        b.send(Message::text(format!("sub b{i}"))).await.unwrap();
+        assert_eq!(recv_text(&mut b).await, want, "topic b{i}");
+    }
+    // Joins cannot create their rooms: 1013, ten times, so five reach the
+    // canary (an even split of new connections).
+    for i in 0..10 {
+        let mut c = connect_from(&srv.url(&format!("/room?room=r{i}")), "127.0.0.3").await;
+        let (code, reason) = recv_close(&mut c).await;
+        assert_eq!(
+            (code, reason.as_str()),
+            (1013, "server limit reached, try again later")
+        );
+    }
+    // A room: its one member joins once the pool has room, the next gets
+    // the room's own 503, six times (three on the canary).
+    b.send(Message::text("unsub b0")).await.unwrap();
+    assert_eq!(recv_text(&mut b).await, "unsub 0");
+    let mut member = connect_from(&srv.url("/room?room=full"), "127.0.0.3").await;
+    member.send(Message::text("hi")).await.unwrap();
+    assert_eq!(recv_text(&mut member).await, "hi");
+    for _ in 0..6 {
+        let (status, _) = try_connect_from(&srv.url("/room?room=full"), "127.0.0.5").await;
+        assert_eq!(status, 503);
+    }
+    // The canary is alive after every refusal above.
+    let log = srv.log();
+    assert!(!log.contains("rolled back"), "{log}");
+    assert!(!log.contains("closing with 1011"), "{log}");
+    assert!(log.contains("closing with 1013"), "{log}");
+    member.send(Message::text("still")).await.unwrap();
+    assert_eq!(recv_text(&mut member).await, "still");
+}
