@@ -7,10 +7,13 @@ use crate::logging::LogHandle;
 use crate::settings::Settings;
 
 use super::signals::Signals;
-use super::{Triggers, fdlimit, pidfile};
+use super::{Triggers, fdlimit, malloc, pidfile};
 
 /// Runs the server as a process until SIGTERM/SIGINT.
 pub async fn serve(args: Args, settings: Settings, log: LogHandle) -> anyhow::Result<()> {
+    if !malloc::tune() {
+        tracing::debug!("allocator: mallopt not available; big blocks follow the libc's policy");
+    }
     fdlimit::raise_and_check(
         settings.limits.max_connections,
         settings.limits.reject_slots,

@@ -115,6 +115,62 @@ async fn unfinished_frames_stay_within_the_budget_and_rss_with_them() {
     assert_eq!(echo_once(&mut ws, "still here").await, "still here");
 }
 
+/// #23: the budget bounds real memory, not only its own counter. 300
+/// clients each send 1,048,000 bytes of a 1 MiB frame and stop, against a
+/// 64 MiB budget: the server's RSS may grow by about 1.5 times the budget at
+/// most (it grew by 2.5 to 2.9 times when the allocator kept what cut
+/// connections had freed, and frames were allocated whole before their
+/// bytes came).
+#[tokio::test(flavor = "multi_thread")]
+async fn many_unfinished_frames_keep_rss_within_one_and_a_half_budgets() {
+    let dir = standard_dir();
+    let srv = Wshd::with_config(
+        dir.path(),
+        "[limits]\nmax_buffered_bytes = \"64MiB\"\nmessage_timeout = \"60s\"\n",
+        &[],
+    );
+    let mut ws = connect(&srv.url("/echo")).await;
+    ws.send(Message::binary(vec![7u8; 1 << 20])).await.unwrap();
+    assert_eq!(recv(&mut ws).await.len(), 1 << 20);
+    let pid = srv.child.id();
+    let before = vm_rss_kib(pid);
+
+    const N: usize = 300;
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        let mut s = raw_upgrade(&srv.addr, "/echo").await;
+        let mut bytes = frame_header(0x82, 1 << 20);
+        bytes.resize(bytes.len() + 1_048_000, b'x');
+        clients.push(tokio::spawn(async move {
+            let _ = s.write_all(&bytes).await;
+            s
+        }));
+    }
+    let mut peak = before;
+    let mut socks = Vec::new();
+    for c in clients {
+        socks.push(c.await.unwrap());
+        peak = peak.max(vm_rss_kib(pid));
+    }
+    // Everything over the budget is cut: 64 MiB holds 64 such frames.
+    srv.wait_log_count("closing with 1009 and freeing them", N - 64)
+        .await;
+    let after = vm_rss_kib(pid);
+    peak = peak.max(after);
+    let grown = peak.saturating_sub(before) * 1024;
+    eprintln!(
+        "RSS {before} KiB before, peak {peak} KiB, {after} KiB after: grew {} MiB with a 64 MiB budget",
+        grown / MIB
+    );
+    assert!(
+        grown <= 96 * MIB,
+        "RSS grew by {} MiB (from {before} to a peak of {peak} KiB) with a 64 MiB budget",
+        grown / MIB
+    );
+    assert_eq!(echo_once(&mut ws, "still here").await, "still here");
+    drop(socks);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_connection_holding_the_most_is_the_one_cut() {
     let dir = standard_dir();
@@ -220,10 +276,11 @@ async fn back_to_back_rechunked_messages_are_each_timed_from_their_own_start() {
         wr
     });
     for i in 0..messages {
-        let (op, payload) = tokio::time::timeout(Duration::from_secs(20), read_server_frame(&mut rd))
-            .await
-            .expect("echo in time")
-            .expect("socket open");
+        let (op, payload) =
+            tokio::time::timeout(Duration::from_secs(20), read_server_frame(&mut rd))
+                .await
+                .expect("echo in time")
+                .expect("socket open");
         let op = op & 0x0F;
         if op == 0x8 {
             panic!(
