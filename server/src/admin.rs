@@ -364,7 +364,9 @@ async fn accept_loop(listener: TcpListener, health: Arc<Health>, limits: AdminLi
                     tracing::debug!(%peer, "admin connection closed to make room (idle the longest)");
                 }
             }
-            open.lock().unwrap_or_else(|e| e.into_inner()).leave(&admission);
+            open.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .leave(&admission);
         });
     }
 }

@@ -5,15 +5,23 @@
 //!
 //! Exit status ([`crate::cli::exit`]): 2 when wshd would not start with this
 //! configuration, 1 when it would but some handler file would not be served.
+//! `-t --fatal-only` (the systemd unit's `ExecStartPre`) exits 0 in that
+//! second case, printing the same problems as warnings, so one bad handler
+//! file does not keep a service from starting that would start without it.
 //! Given neither `--config` nor `-w`, they check the installed service's
 //! config file ([`default_config`]).
 //!
 //! `--list` shows what a start with this config and directory would serve:
 //! every version `serving` with a 100% share, and the full SHA-256 of each
-//! file, ready to paste into `sha256 = "..."` of a `[[route]]`. With
-//! `status_file` set, it first prints the table the running server wrote
-//! there: its canaries, shares, draining and quarantined versions
-//! (status.rs). Each rollout step is also one log line.
+//! file, ready to paste into `sha256 = "..."` of a `[[route]]`. That table
+//! is marked "not live": this process loaded it. With `status_file` set, it
+//! first prints the table the running server wrote there: its canaries,
+//! shares, draining and quarantined versions (status.rs). Each rollout step
+//! is also one log line.
+//!
+//! Both warn, as the server's log does, about a handler directory without
+//! any handler file and about a handler whose descriptor names it
+//! differently from its file name.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,9 +76,14 @@ fn config_note(settings: &Settings, defaulted: bool) -> String {
     }
 }
 
+/// What the fresh-load table of `--list` is, when no live one is shown.
+pub const NOT_LIVE: &str = "not live";
+
 /// Runs the check; `list` prints the route table even when all is well.
 /// `defaulted`: the config file is [`default_config`]'s choice.
-pub async fn run(settings: &Settings, list: bool, defaulted: bool) -> ExitCode {
+/// `fatal_only`: handler files that would not be served are warnings, and
+/// the status is 0 as long as the server would start.
+pub async fn run(settings: &Settings, list: bool, defaulted: bool, fatal_only: bool) -> ExitCode {
     let used = config_note(settings, defaulted);
     let loader = match Loader::new(settings.state_dir.as_deref()) {
         Ok(l) => l,
@@ -98,18 +111,53 @@ pub async fn run(settings: &Settings, list: bool, defaulted: bool) -> ExitCode {
         }
     };
     let routes = registry.status();
-    if list && let Some(path) = &settings.status_file {
-        match crate::status::read_running(path) {
-            Ok(text) => println!("running server ({}):\n{text}", path.display()),
-            Err(why) => println!("{why}"),
+    if list {
+        match &settings.status_file {
+            Some(path) => {
+                match crate::status::read_running(path) {
+                    Ok(text) => println!("running server ({}), live:\n{text}", path.display()),
+                    Err(why) => println!("{why}"),
+                }
+                // rollout.rs's test splits the output at this phrase.
+                println!(
+                    "{NOT_LIVE}: a start with this configuration would serve (loaded afresh by \
+                     this --list process):"
+                );
+            }
+            None => println!(
+                "{NOT_LIVE}: no status_file is set, so this is what a start with this \
+                 configuration would serve, loaded afresh by this --list process, not the state of a \
+                 running server (its canaries, draining or quarantined versions and open \
+                 connections are not shown). For the live table, set status_file (e.g. \
+                 status_file = \"/run/wshd/status\") in the server's config: the running server \
+                 writes it, and --list with that config prints it."
+            ),
         }
-        println!("a start with this configuration would serve:");
     }
     if list || !report.problems.is_empty() {
         print!("{}", crate::status::render(&routes));
     }
+    let kind = if fatal_only { "warning" } else { "problem" };
     for p in &report.problems {
-        eprintln!("wshd: problem: {p}");
+        eprintln!("wshd: {kind}: {p}");
+    }
+    // What the server's log warns about, which this process does not log.
+    if let Ok(scan) = crate::scan::scan(&settings.handler_dir, settings.allow_outside)
+        && scan.is_empty()
+    {
+        eprintln!(
+            "wshd: warning: {}",
+            crate::scan::nothing_found(&settings.handler_dir)
+        );
+    }
+    let mut named = std::collections::HashSet::new();
+    for v in routes.iter().flat_map(|r| &r.versions) {
+        let lib = &v.instance.lib;
+        if named.insert(lib.source.clone())
+            && let Some(w) = lib.name_mismatch()
+        {
+            eprintln!("wshd: warning: {w}");
+        }
     }
     // Redis is a run-time dependency the server retries in the background:
     // unreachable now is worth a warning, not a failed check.
@@ -148,6 +196,15 @@ pub async fn run(settings: &Settings, list: bool, defaulted: bool) -> ExitCode {
             "wshd: configuration test successful: {} route(s) from {}, {used}",
             routes.len(),
             settings.handler_dir.display()
+        );
+        ExitCode::from(exit::OK)
+    } else if fatal_only {
+        println!(
+            "wshd: configuration test successful (--fatal-only): wshd would start, serving {} \
+             route(s) from {}, without {} handler problem(s) printed above; {used}",
+            routes.len(),
+            settings.handler_dir.display(),
+            report.problems.len()
         );
         ExitCode::from(exit::OK)
     } else {

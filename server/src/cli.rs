@@ -14,7 +14,9 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// A failure while starting or running (cannot listen, cannot write the
     /// pid file, ...), or `-t` / `--list` found handler files that would not
-    /// be served (unloadable, untrusted); the server would start without them.
+    /// be served (unloadable, untrusted); the server would start without them
+    /// (`-t --fatal-only` exits 0 then), or `-t` found a TLS certificate that
+    /// cannot be served (the server would not start).
     pub const FAILURE: u8 = 1;
     /// Usage or configuration error: a bad flag or value, an unreadable or
     /// invalid config file, a route naming a handler that does not exist.
@@ -36,9 +38,11 @@ Without --config and -w, `wshd -t` and `wshd --list` check /etc/wshd/wshd.toml
 exists, and say which file they read.
 
 Exit status:
-  0   served and shut down cleanly; -t / --list found no problem
+  0   served and shut down cleanly; -t / --list found no problem; or
+      -t --fatal-only found only handler files that would not be served
   1   failure at run time (e.g. cannot listen), or -t / --list found handler
-      files that would not be served (the server would start without them)
+      files that would not be served (the server would start without them),
+      or -t found a TLS certificate that cannot be served
   2   usage or configuration error: bad flag or value, unreadable or invalid
       config file, a route naming a missing handler; wshd would not start
   70  handler code called exit(); a fatal signal in handler code (SIGSEGV...)
@@ -84,7 +88,11 @@ pub struct Args {
     #[arg(short = 't', long = "check-config")]
     pub check_config: bool,
 
-    /// List the handlers and routes the server would serve, then exit.
+    /// With -t: fail only when the server would not start (exit 1 or 2); handler files that would not be served are printed as warnings and exit 0. For systemd's ExecStartPre.
+    #[arg(long = "fatal-only", requires = "check_config")]
+    pub fatal_only: bool,
+
+    /// List the handlers and routes the server would serve, then exit (live state: set status_file).
     #[arg(long = "list")]
     pub list: bool,
 

@@ -1153,7 +1153,10 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.contains("queue_bytes"), "{e}");
-        assert_eq!(from_raw(&raw_default()).unwrap().queue_bytes, DEFAULT_QUEUE_BYTES);
+        assert_eq!(
+            from_raw(&raw_default()).unwrap().queue_bytes,
+            DEFAULT_QUEUE_BYTES
+        );
     }
 
     fn raw_default() -> RawCluster {

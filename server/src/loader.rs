@@ -167,6 +167,29 @@ impl Library {
         &self.hash[..12]
     }
 
+    /// A warning when the descriptor's name is not the one the file name
+    /// gives (`echo_wsh.so` and `libecho_wsh.so` are `echo`): the route
+    /// comes from the file name, while logs (`handler=`) and `--list` show
+    /// the descriptor's name, so the two would silently disagree. A
+    /// descriptor may also name the whole path (`chat/room` for
+    /// `chat/room_wsh.so`).
+    pub fn name_mismatch(&self) -> Option<String> {
+        let file = self.source.file_name()?.to_str()?;
+        let stem = crate::scan::handler_stem(file)?;
+        let name = self.desc.name.as_str();
+        if name == stem || name.ends_with(&format!("/{stem}")) {
+            return None;
+        }
+        let n = crate::logsafe::esc(name);
+        Some(format!(
+            "handler file {} is named `{stem}` by its file name, but its descriptor says `{n}`: \
+             it is served under the file name (route /{stem} when it sits at the top of the \
+             handler directory), while logs (handler=) and --list show `{n}`; rename the file to \
+             {n}_wsh.so (or lib{n}_wsh.so), or set the descriptor's name to `{stem}`",
+            self.source.display(),
+        ))
+    }
+
     /// Marks this thread as running `cb` of this library until the guard
     /// drops, so a crash or `exit()` in it names the handler.
     pub fn enter(&self, cb: Callback) -> crash::Guard {

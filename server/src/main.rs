@@ -56,7 +56,12 @@ fn run(mut args: Args) -> ExitCode {
         }
     };
     if checking {
-        return runtime.block_on(wshd::check::run(&settings, args.list, defaulted.is_some()));
+        return runtime.block_on(wshd::check::run(
+            &settings,
+            args.list,
+            defaulted.is_some(),
+            args.fatal_only,
+        ));
     }
     let log = match wshd::logging::init(&settings.log_level, settings.log_file.as_deref()) {
         Ok(l) => l,

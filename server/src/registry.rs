@@ -297,6 +297,9 @@ impl Registry {
                 s.handler_dir.display()
             ))
         })?;
+        if scanned.is_empty() {
+            tracing::warn!("{}", scan::nothing_found(&s.handler_dir));
+        }
         for (path, why) in &scanned.skipped {
             report.problems.push(Problem::Skipped {
                 path: path.clone(),
@@ -545,6 +548,9 @@ impl Registry {
                     build = %lib.desc.build_info,
                     "loaded handler library"
                 );
+                if let Some(w) = lib.name_mismatch() {
+                    tracing::warn!("{w}");
+                }
                 let lib = Arc::new(lib);
                 state.lib = Some(lib.clone());
                 Ok(lib)

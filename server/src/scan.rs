@@ -25,6 +25,28 @@ pub struct Scan {
     pub skipped: Vec<(PathBuf, String)>,
 }
 
+impl Scan {
+    /// Not one handler file under the root: not even a refused or
+    /// conflicting one.
+    pub fn is_empty(&self) -> bool {
+        self.found.is_empty() && self.conflicts.is_empty() && self.skipped.is_empty()
+    }
+}
+
+/// The warning for a handler directory without a single handler file
+/// (typically a source folder given instead of the staged libraries): the
+/// server starts, and serves no route until one is added.
+pub fn nothing_found(root: &Path) -> String {
+    format!(
+        "the handler directory {} contains no handler files (NAME_wsh.so or libNAME_wsh.so, \
+         searched recursively): no WebSocket route is served until one is added there. Is it \
+         the directory the built handlers are copied to (./scripts/run.sh stages them in \
+         target/handlers, the installed service reads /var/lib/wshd/handlers), rather than \
+         their sources?",
+        root.display()
+    )
+}
+
 const MAX_DEPTH: usize = 16;
 const MAX_ENTRIES: usize = 100_000;
 

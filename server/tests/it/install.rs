@@ -286,7 +286,7 @@ fn install_sh_into_a_temporary_root_installs_what_the_unit_names() {
     );
     assert_eq!(
         unit_value(&unit, "ExecStartPre"),
-        "/opt/wshd/bin/wshd -t --config /etc/wshd/wshd.toml"
+        "/opt/wshd/bin/wshd -t --fatal-only --config /etc/wshd/wshd.toml"
     );
     assert!(!unit.contains("/usr/local/"), "{unit}");
     assert_eq!(unit_value(&unit, "User"), "wshd");

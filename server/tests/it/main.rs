@@ -2,6 +2,7 @@
 //! real WebSocket clients.
 
 mod cluster;
+mod cluster_docs;
 mod codec;
 mod common;
 mod compression;
@@ -11,6 +12,7 @@ mod handover;
 mod install;
 mod lifecycle;
 mod metrics;
+mod operator;
 mod reload;
 mod rollout;
 mod security_accept;
