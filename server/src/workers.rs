@@ -89,7 +89,14 @@ impl Workers {
             // workers idle: a C handler sleeping 5 s in `on_message` delayed
             // an open `/echo` on another route by 4.8 s (#23). Without the
             // slot, every woken task goes to the stealable local queue and
-            // wakes a parked worker to take it.
+            // wakes a parked worker to take it. The price, measured in an
+            // A/B of release builds (handshake workload, 2 workers, shared
+            // cores, 3 rounds): about 5 % more CPU per handshake cycle, the
+            // spawn of each new connection now waking the other worker;
+            // the 32-byte echo did not get slower. The watchdog below alone
+            // covers the driver case but not a task the blocking callback
+            // itself woke (a publish or send to another connection, then a
+            // slow call), which would sit in the slot until it returns.
             b.disable_lifo_slot();
             b
         };
