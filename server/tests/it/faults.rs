@@ -67,6 +67,7 @@ async fn a_callback_blocking_one_worker_does_not_delay_open_connections_on_the_o
     let dir = standard_dir();
     let srv = Wshd::start(dir.path(), &["--workers", "2"]);
     let mut worst = Duration::ZERO;
+    let mut all = Vec::new();
     for round in 0..3 {
         let mut echo = connect(&srv.url("/echo")).await;
         let mut sleeper = connect(&srv.url("/testkit")).await;
@@ -82,6 +83,7 @@ async fn a_callback_blocking_one_worker_does_not_delay_open_connections_on_the_o
             let m = format!("r{round}m{i}");
             assert_eq!(echo_once(&mut echo, &m).await, m);
             worst = worst.max(t.elapsed());
+            all.push(t.elapsed());
             i += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -91,9 +93,19 @@ async fn a_callback_blocking_one_worker_does_not_delay_open_connections_on_the_o
             "the sleeper answered early: the test did not block a worker"
         );
     }
-    // The bound is loose against a noisy machine; the defect measured
-    // seconds.
-    eprintln!("worst echo round trip while another worker slept: {worst:?}");
+    // The acceptance is round trips under 100 ms: the median must
+    // be, and no single one may come near the defect's seconds (a loose
+    // bound against a loaded test machine).
+    all.sort();
+    let median = all[all.len() / 2];
+    eprintln!(
+        "echo round trips while another worker slept: median {median:?}, worst {worst:?}, {} samples",
+        all.len()
+    );
+    assert!(
+        median < Duration::from_millis(100),
+        "median round trip {median:?}"
+    );
     assert!(
         worst < Duration::from_millis(1000),
         "an echo waited {worst:?} for a callback blocking another worker"

@@ -25,6 +25,7 @@ fn colour(peer: PeerKind) -> RGBColor {
         PeerKind::Raw4k1 => RGBColor(0x8c, 0x56, 0x4b),
         PeerKind::FastWs => RGBColor(0xff, 0x7f, 0x0e),
         PeerKind::NodeWs => RGBColor(0x2c, 0xa0, 0x2c),
+        PeerKind::Uws => RGBColor(0x8c, 0x56, 0x4b),
         PeerKind::Pywebsocket => RGBColor(0x1f, 0x77, 0xb4),
         PeerKind::WshdAdmin => RGBColor(0x94, 0x67, 0xbd),
         PeerKind::WshdTls => RGBColor(0x17, 0xbe, 0xcf),

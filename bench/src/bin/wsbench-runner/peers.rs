@@ -50,6 +50,9 @@ pub enum PeerKind {
     FastWs,
     /// Node's `ws` package.
     NodeWs,
+    /// uWebSockets.js (`@trufflesuite/uws-js-unofficial` from npm, pinned):
+    /// uWS's C++ core driven from Node; `/chat` uses its native pub/sub.
+    Uws,
     /// `Wshd` with the admin listener on (`--admin`): per-message counters
     /// and callback durations are kept only with it on, so this row against
     /// `Wshd` is what metrics cost.
@@ -66,7 +69,7 @@ pub enum PeerKind {
 
 impl PeerKind {
     /// Every peer, in table order.
-    pub const ALL: [PeerKind; 11] = [
+    pub const ALL: [PeerKind; 12] = [
         PeerKind::Wshd,
         PeerKind::Wshd1,
         PeerKind::Raw,
@@ -74,6 +77,7 @@ impl PeerKind {
         PeerKind::Raw4k1,
         PeerKind::FastWs,
         PeerKind::NodeWs,
+        PeerKind::Uws,
         PeerKind::Pywebsocket,
         PeerKind::WshdAdmin,
         PeerKind::WshdTls,
@@ -90,6 +94,7 @@ impl PeerKind {
             PeerKind::Raw4k1 => "raw4k1",
             PeerKind::FastWs => "fastws",
             PeerKind::NodeWs => "ws",
+            PeerKind::Uws => "uws",
             PeerKind::Pywebsocket => "pyws",
             PeerKind::WshdAdmin => "wshdm",
             PeerKind::WshdTls => "wshd-tls",
@@ -107,6 +112,7 @@ impl PeerKind {
             PeerKind::Raw4k1 => "raw tokio-tungstenite (4 KiB, 1 worker thread)",
             PeerKind::FastWs => "fastwebsockets 0.10 (its echo example: current-thread runtime)",
             PeerKind::NodeWs => "Node ws",
+            PeerKind::Uws => "uWebSockets.js (native pub/sub on /chat)",
             PeerKind::Pywebsocket => "pywebsocket3",
             PeerKind::WshdAdmin => "wshd, admin listener on (`--admin`: metrics kept)",
             PeerKind::WshdTls => "wshd over TLS (wss://, rustls + ring)",
@@ -500,9 +506,18 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
                 version: crate::report::locked_version(&lock, "fastwebsockets"),
             })
         }
-        PeerKind::NodeWs => {
+        PeerKind::NodeWs | PeerKind::Uws => {
+            let (package, script) = if kind == PeerKind::Uws {
+                ("uWebSockets.js", "uws-echo.mjs")
+            } else {
+                ("ws", "ws-echo.mjs")
+            };
             let peers = layout.repo.join("bench/peers");
-            if !peers.join("node_modules/ws/package.json").exists() {
+            let manifest = peers
+                .join("node_modules")
+                .join(package)
+                .join("package.json");
+            if !manifest.exists() {
                 run_quiet(
                     Command::new("npm")
                         .args(["ci", "--no-audit", "--no-fund", "--prefix"])
@@ -510,10 +525,10 @@ pub fn prepare(kind: PeerKind, layout: &Layout) -> anyhow::Result<Launch> {
                     "npm ci in bench/peers",
                 )?;
             }
-            let package = fs::read_to_string(peers.join("node_modules/ws/package.json"))?;
+            let package = fs::read_to_string(&manifest)?;
             let package: serde_json::Value = serde_json::from_str(&package)?;
             let version = package["version"].as_str().unwrap_or("?").to_owned();
-            let script = peers.join("ws-echo.mjs").display().to_string();
+            let script = peers.join(script).display().to_string();
             Ok(Launch {
                 kind,
                 program: PathBuf::from("node"),

@@ -23,7 +23,7 @@ pub const SERVER_CPU: usize = 0;
 pub const CLIENT_CPU: usize = 1;
 
 /// The peers of the pinned configuration: wshd, the floors its targets name
-/// (raw 4K, fastwebsockets) and Node ws. Each run starts a fresh pinned
+/// (raw 4K, fastwebsockets, uWebSockets.js) and Node ws. Each run starts a fresh pinned
 /// server, so fewer peers keep the full run's time down. wshd's default
 /// (one worker per CPU it may run on) starts one worker when pinned, so
 /// `wshd1` would measure the same thing.
@@ -32,6 +32,7 @@ const PINNED_PEERS: &[PeerKind] = &[
     PeerKind::Raw4k,
     PeerKind::FastWs,
     PeerKind::NodeWs,
+    PeerKind::Uws,
 ];
 
 /// The peers with a permessage-deflate echo route.

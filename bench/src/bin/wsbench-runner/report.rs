@@ -197,7 +197,7 @@ pub fn render(input: &ReportInput<'_>, previous: Option<&str>) -> String {
          marked *server pinned to its own core* start the server for each run under \
          `taskset -c 0` and the load generator under `taskset -c 1`, as if each had a machine \
          of its own; a server that sizes its thread pool to the CPUs it may use starts one \
-         worker thread. Those rows run wshd, raw 4K, fastwebsockets and Node ws only.\n\
+         worker thread. Those rows run wshd, raw 4K, fastwebsockets, Node ws and uWebSockets.js only.\n\
          - **fastwebsockets** 0.10 runs as its own `examples/echo_server.rs` runs (one \
          current-thread tokio runtime, hyper for the upgrade, `FragmentCollector`), in \
          `bench/src/bin/fastws-echo.rs`; it has no chat route and no compression.\n\
@@ -357,6 +357,50 @@ fn render_targets(out: &mut String, input: &ReportInput<'_>) {
             Bound::at_most(1.0),
         ),
     ];
+    // Issue #28: the same figures against uWebSockets.js.
+    let uws = PeerKind::Uws;
+    let uws_memory = memory(uws).map_or_else(
+        || "not measured".to_owned(),
+        |kib| format!("{:.0} B", kib * 1024.0),
+    );
+    let delivery = "cpu_us_per_delivery";
+    let uws_rows: Vec<Row> = vec![
+        (
+            "CPU/msg, 32 B echo, C=100: wshd ÷ uWS.js ≤ 0.90".to_owned(),
+            both("echo-32-c100", cpu, |_| PeerKind::Uws),
+            "×",
+            Bound::at_most(0.90),
+        ),
+        (
+            "CPU/msg, 32 B echo, C=1000: wshd ÷ uWS.js ≤ 0.90".to_owned(),
+            both("echo-32-c1000", cpu, |_| PeerKind::Uws),
+            "×",
+            Bound::at_most(0.90),
+        ),
+        (
+            "Server CPU per handshake cycle: wshd ÷ uWS.js ≤ 0.90".to_owned(),
+            both("handshake", handshake, |_| PeerKind::Uws),
+            "×",
+            Bound::at_most(0.90),
+        ),
+        (
+            format!("Idle memory, 19,000 connections: ≤ 0.5 KiB/conn (uWS.js: {uws_memory})"),
+            [memory(PeerKind::Wshd), None, memory(PeerKind::Wshd1)],
+            " KiB",
+            Bound::at_most(0.5),
+        ),
+        (
+            "Fan-out CPU per delivery, 1,000 subscribers: wshd topics ÷ uWS.js publish ≤ 1.0"
+                .to_owned(),
+            [
+                divide("fanout-1000", delivery, PeerKind::Wshd, uws),
+                None,
+                divide("fanout-1000", delivery, PeerKind::Wshd1, uws),
+            ],
+            "×",
+            Bound::at_most(1.0),
+        ),
+    ];
     let cell = |value: Option<f64>, unit: &str, bound: Bound| match value {
         Some(v) if bound.met(v) => format!("{}{unit} | met", ratio(v)),
         Some(v) => format!("{}{unit} | **missed**", ratio(v)),
@@ -381,6 +425,28 @@ fn render_targets(out: &mut String, input: &ReportInput<'_>) {
          |---|---|---|---|---|---|---|"
     );
     for (what, values, unit, bound) in rows {
+        let _ = writeln!(
+            out,
+            "| {what} | {} | {} | {} |",
+            cell(values[0], unit, bound),
+            cell(values[1], unit, bound),
+            cell(values[2], unit, bound)
+        );
+    }
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "## wshd against uWebSockets.js (issue #28)\n\n\
+         The same client configurations, against uWebSockets.js from npm (its C++ core under \
+         Node; fan-out through its native `app.publish`). Fan-out is measured with shared \
+         cores only.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| target | wshd, shared cores | status | wshd, server pinned | status | `workers = 1`, shared cores | status |\n\
+         |---|---|---|---|---|---|---|"
+    );
+    for (what, values, unit, bound) in uws_rows {
         let _ = writeln!(
             out,
             "| {what} | {} | {} | {} |",
@@ -550,6 +616,7 @@ fn references(workload: &Workload) -> Vec<Reference> {
     let mut references: Vec<Reference> = vec![
         ("raw 4K", PeerKind::floor),
         ("fastws", |_| PeerKind::FastWs),
+        ("uWS.js", |_| PeerKind::Uws),
     ];
     // pywebsocket3 is not run pinned.
     if !workload.pinned {
