@@ -3,8 +3,9 @@
 
 use std::fmt;
 
-use crate::glue::{RawHandshake, RawHeaders, RawStrs};
 use crate::host::{Conn, Host, SendError};
+pub use crate::message::Message;
+use crate::raw::{RawHandshake, RawHeaders, RawStrs};
 
 /// A WebSocket handler. Implement it, then export the type with
 /// [`export_handler!`](crate::export_handler).
@@ -99,43 +100,6 @@ pub trait Handler: Sized + Send + Sync + 'static {
     ) -> Result<(), String> {
         let _ = (state, conn, timer);
         Ok(())
-    }
-}
-
-/// One complete WebSocket message, borrowed for the duration of a call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Message<'a> {
-    /// A text message (always valid UTF-8).
-    Text(&'a str),
-    /// A binary message.
-    Binary(&'a [u8]),
-}
-
-impl<'a> Message<'a> {
-    /// The payload bytes, whatever the kind.
-    pub fn as_bytes(&self) -> &'a [u8] {
-        match *self {
-            Message::Text(text) => text.as_bytes(),
-            Message::Binary(data) => data,
-        }
-    }
-
-    /// The text, if this is a text message.
-    pub fn as_text(&self) -> Option<&'a str> {
-        match *self {
-            Message::Text(text) => Some(text),
-            Message::Binary(_) => None,
-        }
-    }
-
-    /// The payload length in bytes.
-    pub fn len(&self) -> usize {
-        self.as_bytes().len()
-    }
-
-    /// Whether the payload is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

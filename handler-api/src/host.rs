@@ -9,9 +9,9 @@ use crate::abi::{
     WSHD_ERR_BACKPRESSURE, WSHD_ERR_CLOSED, WSHD_ERR_INVALID, WSHD_ERR_LIMIT, WSHD_ERR_REVOKED,
     WSHD_ERR_STATE, WSHD_ERR_UNSUPPORTED, WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id,
 };
-use crate::glue::HostApi;
-use crate::handler::Message;
 use crate::logging;
+use crate::message::Message;
+use crate::raw::HostApi;
 
 /// The server, as seen by one handler instance.
 ///

@@ -10,19 +10,27 @@
 //!
 //! # Layout
 //!
+//! Each module uses only the ones listed before it (no cycle:
+//! `scripts/module-cycles.py handler-api/src` checks it in CI).
+//!
 //! * [`abi`]: the raw `#[repr(C)]` mirror of the header, no logic. The server
 //!   uses it to load handlers; `tests/layout.rs` checks it against a C
 //!   compiler.
-//! * [`Handler`] (`handler.rs`): the trait, with [`Message`] and the
-//!   handshake views [`HandshakeRequest`] and [`HandshakeResponse`].
+//! * `raw.rs`: the host as the ABI gives it: null-safe views of borrowed
+//!   arguments, the host's function table and the handshake builder. The
+//!   only other code that touches raw pointers besides `glue.rs`.
+//! * [`Message`] (`message.rs`): what the trait and the host calls share.
+//! * `logging.rs`: forwards `log` records, `tracing` events and panic
+//!   messages to the server's log.
+//! * [`Host`], [`Conn`], [`SendError`] (`host.rs`): thread-safe handles for
+//!   talking back to the server: send, broadcast, ping, close, log.
+//! * [`Handler`] (`handler.rs`): the trait, with the handshake views
+//!   [`HandshakeRequest`] and [`HandshakeResponse`].
 //! * [`Host`], [`Conn`], [`SendError`] (`host.rs`): thread-safe handles for
 //!   talking back to the server: send, broadcast, ping, close, log.
 //! * [`export_handler!`] (`export.rs`): writes the exported entry point.
-//! * `glue.rs` (hidden): the generic `extern "C"` trampolines, the only code
-//!   that touches raw pointers. They catch panics and map results to status
-//!   codes.
-//! * `logging.rs`: forwards `log` records, `tracing` events and panic
-//!   messages to the server's log.
+//! * `glue.rs` (hidden): the generic `extern "C"` trampolines. They catch
+//!   panics and map results to status codes.
 //! * [`rules`]: the handshake and descriptor rules every host applies (the
 //!   server and the `testing` fake host share them): caps, refused headers,
 //!   the handshake answer's state machine.
@@ -89,6 +97,8 @@ mod handler;
 pub mod handover;
 mod host;
 mod logging;
+mod message;
+mod raw;
 pub mod rules;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -36,7 +36,7 @@ use std::sync::{Once, RwLock};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
-use crate::glue::HostApi;
+use crate::raw::HostApi;
 
 /// Where this thread's log records go, and whether it is inside a callback.
 #[derive(Clone, Copy)]

@@ -60,8 +60,9 @@ use crate::abi::{
     WSHD_MAGIC, WSHD_MSG_BINARY, WSHD_MSG_TEXT, WSHD_OK, wshd_conn_id, wshd_descriptor,
     wshd_export_out, wshd_handshake, wshd_handshake_req, wshd_header, wshd_host_api, wshd_str,
 };
-use crate::glue::{self, Export, Exported, HostApi};
+use crate::glue::{self, Export, Exported};
 use crate::host::{Conn, Host, SendError};
+use crate::raw::{self, HostApi};
 use crate::rules::{
     self, DescriptorTextError, FlagsError, HandshakeAnswer, MAX_DESCRIPTOR_STRING, RuleError,
 };
@@ -339,7 +340,7 @@ unsafe extern "C" fn fake_send(
     len: usize,
 ) -> i32 {
     // SAFETY: ctx is this host's Recorder; the payload is borrowed for the call.
-    let (rec, data) = unsafe { (recorder(ctx), glue::bytes(data, len)) };
+    let (rec, data) = unsafe { (recorder(ctx), raw::bytes(data, len)) };
     let mut r = rec.lock();
     status(rec.usable(&r, conn).and_then(|()| {
         let msg = match kind & !crate::abi::WSHD_SEND_NO_COMPRESS {
@@ -368,7 +369,7 @@ unsafe extern "C" fn fake_broadcast(
 ) -> i32 {
     // SAFETY: ctx is this host's Recorder; ids and payload are borrowed.
     let (rec, ids, payload) =
-        unsafe { (recorder(ctx), glue::items(conns, n), glue::bytes(data, len)) };
+        unsafe { (recorder(ctx), raw::items(conns, n), raw::bytes(data, len)) };
     if rec.revoked.load(Ordering::Acquire) {
         return WSHD_ERR_REVOKED;
     }
@@ -396,7 +397,7 @@ pub const TEST_TOPICS_PER_CONNECTION: usize = 64;
 /// As for [`recorder`]; `topic` borrowed for the call.
 unsafe fn topic_args<'a>(ctx: *mut c_void, topic: wshd_str) -> Result<(&'a Recorder, String), i32> {
     // SAFETY: forwarded.
-    let (rec, name) = unsafe { (recorder(ctx), glue::str_bytes(topic)) };
+    let (rec, name) = unsafe { (recorder(ctx), raw::str_bytes(topic)) };
     if rec.revoked.load(Ordering::Acquire) {
         return Err(WSHD_ERR_REVOKED);
     }
@@ -481,7 +482,7 @@ unsafe extern "C" fn fake_publish(
         Err(rc) => return rc.into(),
     };
     // SAFETY: borrowed for the call.
-    let payload = unsafe { glue::bytes(data, len) };
+    let payload = unsafe { raw::bytes(data, len) };
     let kind = kind & !crate::abi::WSHD_SEND_NO_COMPRESS;
     let text = kind == WSHD_MSG_TEXT && std::str::from_utf8(payload).is_ok();
     if !text && kind != WSHD_MSG_BINARY {
@@ -544,7 +545,7 @@ unsafe extern "C" fn fake_ping(
     len: usize,
 ) -> i32 {
     // SAFETY: as in fake_send.
-    let (rec, data) = unsafe { (recorder(ctx), glue::bytes(data, len)) };
+    let (rec, data) = unsafe { (recorder(ctx), raw::bytes(data, len)) };
     let mut r = rec.lock();
     status(rec.usable(&r, conn).and_then(|()| {
         if data.len() > 125 {
@@ -567,7 +568,7 @@ unsafe extern "C" fn fake_close(
     reason: wshd_str,
 ) -> i32 {
     // SAFETY: as in fake_send.
-    let (rec, reason) = unsafe { (recorder(ctx), glue::text(reason)) };
+    let (rec, reason) = unsafe { (recorder(ctx), raw::text(reason)) };
     let mut r = rec.lock();
     status(rec.usable(&r, conn).and_then(|()| {
         let reason = reason.map_err(|_| WSHD_ERR_INVALID)?;
@@ -582,9 +583,9 @@ unsafe extern "C" fn fake_close(
 unsafe extern "C" fn fake_log(ctx: *mut c_void, level: u32, target: wshd_str, msg: wshd_str) {
     // SAFETY: as in fake_send.
     let (rec, target, msg) =
-        unsafe { (recorder(ctx), glue::str_bytes(target), glue::str_bytes(msg)) };
+        unsafe { (recorder(ctx), raw::str_bytes(target), raw::str_bytes(msg)) };
     // A record always has a level: 0 (no ABI level) is kept as trace.
-    let level = glue::abi_level(level)
+    let level = raw::abi_level(level)
         .to_level()
         .unwrap_or(log::Level::Trace);
     let record = LogRecord {
@@ -626,8 +627,7 @@ unsafe extern "C" fn fake_hs_add_header(
 ) -> i32 {
     // SAFETY: hs is the HandshakeAnswer of this handshake; the strings are
     // borrowed for the call.
-    let (call, name, value) =
-        unsafe { (hs_call(hs), glue::str_bytes(name), glue::str_bytes(value)) };
+    let (call, name, value) = unsafe { (hs_call(hs), raw::str_bytes(name), raw::str_bytes(value)) };
     status(call.add_header(name, value).map_err(RuleError::status))
 }
 
@@ -638,7 +638,7 @@ unsafe extern "C" fn fake_hs_reject(
 ) -> i32 {
     // SAFETY: hs is the HandshakeAnswer of this handshake; the body is
     // borrowed for the call.
-    let (call, body) = unsafe { (hs_call(hs), glue::str_bytes(body)) };
+    let (call, body) = unsafe { (hs_call(hs), raw::str_bytes(body)) };
     status(call.reject(http_status, body).map_err(RuleError::status))
 }
 
@@ -673,7 +673,7 @@ pub fn validate_descriptor(d: &wshd_descriptor) -> Result<(), String> {
         ("build_info", d.build_info),
     ] {
         // SAFETY: descriptor strings are static for the life of the library.
-        match rules::descriptor_text(unsafe { glue::str_bytes(s) }) {
+        match rules::descriptor_text(unsafe { raw::str_bytes(s) }) {
             Ok(_) => {}
             Err(DescriptorTextError::TooLong(n)) => {
                 return Err(format!(
@@ -684,7 +684,7 @@ pub fn validate_descriptor(d: &wshd_descriptor) -> Result<(), String> {
         }
     }
     // SAFETY: as above.
-    if unsafe { glue::str_bytes(d.name) }.is_empty() {
+    if unsafe { raw::str_bytes(d.name) }.is_empty() {
         return Err("empty name".into());
     }
     Ok(())
@@ -716,7 +716,7 @@ pub fn exported<H: Exported>() -> Result<DescriptorInfo, String> {
     let d = H::descriptor();
     validate_descriptor(d)?;
     // SAFETY: validated above; descriptor strings are static.
-    let s = |s: wshd_str| unsafe { glue::text(s) }.unwrap_or_default().to_owned();
+    let s = |s: wshd_str| unsafe { raw::text(s) }.unwrap_or_default().to_owned();
     Ok(DescriptorInfo {
         name: s(d.name),
         version: s(d.version),
@@ -1006,7 +1006,7 @@ impl<H: Handler> TestHost<H> {
         unsafe extern "C" fn write(out: *mut wshd_export_out, data: *const u8, len: usize) -> i32 {
             // SAFETY: `out` is the buffer hand_over passed, whose host_buf
             // is its Vec; the data is borrowed for the call.
-            let (out, data) = unsafe { (&mut *out, crate::glue::bytes(data, len)) };
+            let (out, data) = unsafe { (&mut *out, crate::raw::bytes(data, len)) };
             // SAFETY: as above.
             let buf = unsafe { &mut *out.host_buf.cast::<Vec<u8>>() };
             if buf.len() + data.len() > out.max_len {
