@@ -360,6 +360,8 @@ pub struct RawRoute {
     pub sha256: Option<Spanned<Sha256Pin>>,
     /// permessage-deflate on this route: `"off"` (the default) or `"on"`.
     pub compression: Option<Compression>,
+    /// JWT auth for this route's handshakes (auth.rs).
+    pub auth: Option<crate::auth::RawAuth>,
 }
 
 /// A route's `compression`.
@@ -491,6 +493,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// permessage-deflate: set per route (`[[route]] compression`).
     pub compression: Compression,
+    /// `[route.auth]`: handshakes need a valid JWT (auth.rs). Route only.
+    pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
 }
 
 impl Default for Limits {
@@ -516,6 +520,7 @@ impl Default for Limits {
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
             compression: Compression::Off,
+            auth: None,
         }
     }
 }

@@ -165,7 +165,8 @@ async fn respond(
     upgrade: &UpgradeCell,
 ) -> Result<Response<Body>, Infallible> {
     if let Some(refusal) = check_request(&req) {
-        tracing::debug!(%peer, method = %esc(req.method().as_str()), target = %esc(&req.uri().to_string()), "request refused: {}", refusal.status());
+        let target = crate::auth::redact_target(&req.uri().to_string());
+        tracing::debug!(%peer, method = %esc(req.method().as_str()), target = %esc(&target), "request refused: {}", refusal.status());
         return Ok(refusal);
     }
     let path = req.uri().path().to_owned();
@@ -249,6 +250,38 @@ async fn respond(
         ));
     }
 
+    // `[route.auth]`: a valid token before the handler runs (auth.rs).
+    let verified = match &route.limits.auth {
+        None => None,
+        Some(auth) => {
+            let checked = match crate::auth::token_of(headers, req.uri().query()) {
+                None => Err(crate::auth::Refused(
+                    "no token: send `Authorization: Bearer TOKEN` or `?token=TOKEN`".into(),
+                )),
+                Some(t) => auth.verify(&t),
+            };
+            match checked {
+                Ok(v) => Some(v),
+                Err(crate::auth::Refused(why)) => {
+                    tracing::info!(%peer, path = %esc(&path), "handshake refused: 401, {why}");
+                    let mut r = text(
+                        StatusCode::UNAUTHORIZED,
+                        format!("401 Unauthorized: {path} needs a valid token: {why}"),
+                    );
+                    // RFC 6750 §3; the description is ours, never the token.
+                    let challenge = format!(
+                        "Bearer realm=\"wshd\", error=\"invalid_token\", error_description=\"{}\"",
+                        why.replace(['"', '\\'], "'")
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&challenge) {
+                        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                    }
+                    return Ok(r);
+                }
+            }
+        }
+    };
+
     let conn = server.next_conn.fetch_add(1, Ordering::Relaxed);
     // The handler's view of the request is built only for a handler that
     // has a handshake callback: copying every header, the path, the query
@@ -263,15 +296,34 @@ async fn respond(
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
             .collect();
+        let mut query = req.uri().query().unwrap_or("").to_owned();
+        // With the verified client certificate's subject and SANs, and
+        // never a client-sent copy of those headers (tls.rs).
+        let mut view_headers = crate::tls::client_headers(headers, client.as_deref());
+        if route.limits.auth.is_some() {
+            // The handler gets the verified claims, not the token, and no
+            // client-sent copy of the claim headers.
+            query = crate::auth::redact_query(&query);
+            view_headers.retain(|(n, _)| {
+                n != header::AUTHORIZATION.as_str()
+                    && n != crate::auth::SUB_HEADER
+                    && n != crate::auth::CLAIMS_HEADER
+            });
+            if let Some(v) = &verified {
+                if let Some(sub) = &v.sub {
+                    view_headers.push((crate::auth::SUB_HEADER.into(), sub.clone().into_bytes()));
+                }
+                let claims = serde_json::Value::Object(v.claims.clone()).to_string();
+                view_headers.push((crate::auth::CLAIMS_HEADER.into(), claims.into_bytes()));
+            }
+        }
         let input = HandshakeInput {
             conn,
             path: path.clone(),
-            query: req.uri().query().unwrap_or("").to_owned(),
+            query,
             origin,
             remote_addr: peer.to_string(),
-            // With the verified client certificate's subject and SANs, and
-            // never a client-sent copy of those headers (tls.rs).
-            headers: crate::tls::client_headers(headers, client.as_deref()),
+            headers: view_headers,
             subprotocols: subprotocols.clone(),
         };
         (route.instance.handshake(input).await, subprotocols)
@@ -342,6 +394,10 @@ async fn respond(
     }
 
     let on_upgrade = hyper::upgrade::on(&mut req);
+    if let Some(v) = &verified {
+        // Watched until the session (or its abandon) forgets it.
+        server.auth.admit(conn, v);
+    }
     // on_open before the 101 goes out: see `session::Opening`.
     let opening = session::open(
         route.clone(),

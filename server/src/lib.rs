@@ -57,6 +57,7 @@
 //! `direct` (one `send(2)` to a subscriber's socket) and `server::fdlimit`.
 
 pub mod admin;
+pub mod auth;
 pub mod budget;
 pub mod check;
 pub mod cli;

@@ -191,6 +191,7 @@ impl Opening {
             ..
         } = self;
         server.conns.unregister(id);
+        server.auth.forget(id);
         leave(&shared);
         let inst = &route.instance;
         if let Ok(st) = opened {
@@ -336,10 +337,18 @@ impl Session {
             shared.clone(),
             limits.read_buffer_size,
         ));
-        let tick = limits
+        let mut tick = limits
             .ping_interval
             .min(limits.message_timeout)
             .min(limits.write_timeout);
+        // `[route.auth]`: the timer also serves the token's expiry.
+        if let Some(left) = limits
+            .auth
+            .as_ref()
+            .and_then(|auth| auth.time_left(&server.auth, id))
+        {
+            tick = tick.min(left.max(Duration::from_millis(1)));
+        }
         let now = Instant::now();
         Session {
             ws,
@@ -632,8 +641,19 @@ impl Session {
         self.inst.metrics.message_in(len);
         let mut done = None;
         let mut blocking = None;
-        // RFC 6455 §1.4: data after a close is discarded.
-        if !matches!(self.phase, Phase::Closing { .. })
+        // `[route.auth]`: a fresh token is the host's business, never the
+        // handler's (auth.rs); the answer goes out like a callback's send.
+        let refresh = match (&self.route.limits.auth, &msg) {
+            (Some(auth), Message::Text(t)) if t.starts_with(crate::auth::REFRESH_PREFIX) => {
+                Some(auth.refresh(&self.server.auth, self.id, t))
+            }
+            _ => None,
+        };
+        if let Some(answer) = refresh {
+            self.outbox.msgs.push_back(Message::text(answer));
+            done = Some(WSHD_OK);
+        } else if !matches!(self.phase, Phase::Closing { .. })
+            // RFC 6455 §1.4: data after a close is discarded.
             && let Some(st) = self.state.as_mut()
         {
             if self.inst.is_inline() {
@@ -907,6 +927,19 @@ impl Session {
             );
             self.close_with(1012, "service restart").await;
         }
+        let expired =
+            self.route.limits.auth.as_ref().is_some_and(|auth| {
+                auth.time_left(&self.server.auth, self.id) == Some(Duration::ZERO)
+            });
+        if self.close.is_none() && expired {
+            tracing::info!(
+                conn = self.id,
+                "the connection's token expired and no fresh one came: closing with {}",
+                crate::auth::EXPIRED_CODE
+            );
+            self.close_with(crate::auth::EXPIRED_CODE, crate::auth::EXPIRED_REASON)
+                .await;
+        }
         let limits = &self.route.limits;
         if self.close.is_none() && now >= self.last_heard + limits.idle_timeout {
             tracing::info!(
@@ -970,6 +1003,11 @@ impl Session {
         if self.close.is_none() {
             due(Some(self.next_ping));
             due(Some(self.last_heard + limits.idle_timeout));
+            if let Some(auth) = &limits.auth {
+                due(auth
+                    .time_left(&self.server.auth, self.id)
+                    .map(|left| now + left));
+            }
         }
         // Never in the past: what was due has been handled.
         self.clock
@@ -1102,6 +1140,7 @@ impl Session {
         // Unregister first, so sends from handler threads from now on get
         // WSHD_ERR_CLOSED.
         server.conns.unregister(id);
+        server.auth.forget(id);
         leave(&shared);
         let close = close.unwrap_or_else(dropped);
         if let Some(st) = state {

@@ -258,6 +258,22 @@ impl Settings {
                     Some(t) => toml::to_string(t).map_err(|e| ConfigError::Other(e.to_string()))?,
                     None => String::new(),
                 };
+                let auth = match &r.auth {
+                    Some(a) => Some(std::sync::Arc::new(
+                        crate::auth::Auth::load(a, &file.base_dir()).map_err(
+                            |(key, message)| {
+                                let (line, column) = line_col(&file.source, r.path.span().start);
+                                Location {
+                                    path: file.path.clone(),
+                                    line,
+                                    column,
+                                }
+                                .error(&format!("route.{key}"), message)
+                            },
+                        )?,
+                    )),
+                    None => None,
+                };
                 routes.push(RouteSpec {
                     path: r.path.get_ref().0.clone(),
                     aliases: r.aliases.iter().map(|a| a.get_ref().0.clone()).collect(),
@@ -270,6 +286,7 @@ impl Settings {
                     allowed_origins: r.allowed_origins.clone(),
                     limits: crate::config::Limits {
                         compression: r.compression.unwrap_or_default(),
+                        auth,
                         ..limits.overlay(&r.limits)
                     },
                     config_text,

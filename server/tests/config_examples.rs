@@ -92,7 +92,9 @@ fn every_schema_key_is_in_the_example_config_and_the_readme_table() {
             "[{per_route}] no longer takes the keys of [{server}]: document it on its own"
         );
     }
-    let documented = |k: &SchemaKey| !k.has_keys && !k.table.starts_with("route.");
+    // [route.auth] has keys of its own, documented with the route's.
+    let documented =
+        |k: &SchemaKey| !k.has_keys && (!k.table.starts_with("route.") || k.table == "route.auth");
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let example = std::fs::read_to_string(root.join("config/wshd.toml")).unwrap();
@@ -181,10 +183,11 @@ fn example_keys(text: &str) -> BTreeSet<(String, String)> {
                     .all(|c| c.is_ascii_alphanumeric() || "_.".contains(c))
             {
                 // `[route.limits]` is the limits of the current [[route]]:
-                // the same keys as [limits], documented there.
+                // the same keys as [limits], documented there. `[route.auth]`
+                // is a route's only, and keeps its name.
                 table = match h.strip_prefix("route.") {
-                    Some(sub) => sub.to_string(),
-                    None => h.to_string(),
+                    Some(sub) if sub != "auth" => sub.to_string(),
+                    _ => h.to_string(),
                 };
                 insert_header(&mut out, h);
                 continue;

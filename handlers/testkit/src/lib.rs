@@ -26,6 +26,10 @@
 //! * `?client_cert`: answers with the response headers `x-seen-subject` and
 //!   `x-seen-san` holding the request's `wshd-client-subject` and
 //!   `wshd-client-san` (the verified TLS client certificate), or `(none)`.
+//! * `?auth`: answers with `x-seen-auth-sub`, `x-seen-auth-claims`,
+//!   `x-seen-authorization` (the `wshd-auth-sub`, `wshd-auth-claims` and
+//!   `Authorization` headers it was given, or `(none)`) and `x-seen-query`
+//!   (the query it was given), for the `[route.auth]` tests.
 //! * `?fail_handshake`: the handshake callback fails, which the server
 //!   answers with 500 (for the rollout's `max_5xx_handshakes`).
 //!
@@ -159,6 +163,22 @@ impl Handler for Testkit {
         resp: &mut HandshakeResponse<'_>,
     ) -> Result<(), String> {
         for pair in req.query().split('&') {
+            if pair == "auth" {
+                // What a `[route.auth]` route lets the handler see: the
+                // verified claims, and neither the token nor its header.
+                for (from, to) in [
+                    ("wshd-auth-sub", "x-seen-auth-sub"),
+                    ("wshd-auth-claims", "x-seen-auth-claims"),
+                    ("authorization", "x-seen-authorization"),
+                ] {
+                    let v = req.header(from).map(String::from_utf8_lossy);
+                    resp.add_header(to, v.as_deref().unwrap_or("(none)"))
+                        .map_err(|e| e.to_string())?;
+                }
+                resp.add_header("x-seen-query", req.query())
+                    .map_err(|e| e.to_string())?;
+                continue;
+            }
             if pair == "client_cert" {
                 for (from, to) in [
                     ("wshd-client-subject", "x-seen-subject"),

@@ -65,6 +65,8 @@ pub struct Server {
     /// The live TLS certificate, when a listener speaks TLS (reloaded on
     /// SIGHUP).
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Token expiries of connections admitted by `[route.auth]` (auth.rs).
+    pub auth: crate::auth::Expiries,
 }
 
 impl Server {
@@ -217,6 +219,7 @@ pub async fn run_on(
             settings.limits.max_buffered_bytes,
         )),
         tls: tls.clone(),
+        auth: Default::default(),
     });
     let workers = Workers::start(settings.workers)
         .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))?;

@@ -1,6 +1,7 @@
 //! Integration tests: real handler cdylibs, a real `wshd` process on port 0,
 //! real WebSocket clients.
 
+mod auth;
 mod cluster;
 mod cluster_docs;
 mod codec;
