@@ -4,6 +4,7 @@
 // A missing browser fails the run.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -466,4 +467,72 @@ test('permessage-deflate: Chromium negotiates it where compression = "on", compr
     await server.stop();
   }
   assertNoPageErrors();
+});
+
+/** An HS256 JWT, made the way an auth service would (node:crypto). */
+function hs256(claims, secret) {
+  const b64 = (b) => Buffer.from(b).toString('base64url');
+  const head = b64(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
+  const body = b64(JSON.stringify(claims));
+  const sig = crypto.createHmac('sha256', secret).update(`${head}.${body}`).digest('base64url');
+  return `${head}.${body}.${sig}`;
+}
+
+test('[route.auth]: a page connects with ?token=, a bad token is refused, and the page refreshes the token in band', async () => {
+  const secret = 'browser-suite-shared-secret-of-48-bytes-or-so!!';
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'wshd-auth-'));
+  const secretFile = path.join(dir, 'jwt.secret');
+  fs.writeFileSync(secretFile, secret);
+  const server = await startWshd({
+    docRoot: WWW,
+    config: `[[route]]\npath = "/secure"\nhandler = "echo"\n[route.auth]\njwt_hs256_secret_file = "${secretFile}"\n`,
+  });
+  try {
+    const page = await newPage();
+    assert.equal((await page.goto(`${server.httpUrl}/index.html`)).status(), 200);
+    const now = Math.floor(Date.now() / 1000);
+    const good = hs256({ sub: 'pat', exp: now + 600 }, secret);
+    const forged = hs256({ sub: 'pat', exp: now + 600 }, 'x'.repeat(48));
+    const fresh = hs256({ sub: 'pat', exp: now + 7200 }, secret);
+    const result = await page.evaluate(async ({ base, good, forged, fresh }) => {
+      const open = (url) => new Promise((resolve) => {
+        const ws = new WebSocket(url);
+        ws.onopen = () => resolve({ ws, open: true });
+        ws.onclose = (e) => resolve({ ws, open: false, code: e.code });
+      });
+      const next = (ws) => new Promise((resolve) => { ws.onmessage = (e) => resolve(e.data); });
+      const refused = await open(`${base}?token=${forged}`);
+      const missing = await open(base);
+      const ok = await open(`${base}?token=${good}`);
+      let echoed = null;
+      let refreshed = null;
+      if (ok.open) {
+        const got = next(ok.ws);
+        ok.ws.send('hello with a token');
+        echoed = await got;
+        const answer = next(ok.ws);
+        ok.ws.send(JSON.stringify({ wshd: 'refresh', token: fresh }));
+        refreshed = JSON.parse(await answer);
+        ok.ws.close(1000);
+      }
+      return {
+        refused: [refused.open, refused.code], missing: [missing.open, missing.code],
+        open: ok.open, echoed, refreshed,
+      };
+    }, { base: server.wsUrl('/secure'), good, forged, fresh });
+    // A refused handshake is a failed connection to the page (1006).
+    assert.deepEqual(result.refused, [false, 1006]);
+    assert.deepEqual(result.missing, [false, 1006]);
+    assert.equal(result.open, true);
+    assert.equal(result.echoed, 'hello with a token');
+    assert.deepEqual(result.refreshed, { wshd: 'refreshed', exp: now + 7200 });
+    const log = server.log();
+    assert.match(log, /handshake refused: 401, bad signature/);
+    assert.match(log, /handshake refused: 401, no token/);
+    assert.ok(!log.includes(good.split('.')[2]), 'a token reached the log');
+    assertNoPageErrors();
+  } finally {
+    await server.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
