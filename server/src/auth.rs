@@ -72,8 +72,11 @@ pub struct RawAuth {
     pub audience: Option<Vec<String>>,
     /// The required `iss`; absent: `iss` is not checked.
     pub issuer: Option<String>,
-    /// Clock skew allowed on `exp` and `nbf` (default 30s).
-    pub leeway: Option<crate::config::DurOrZero>,
+    /// Clock skew allowed on `exp` and `nbf` (default `"30s"`; `"0s"` for
+    /// none). A humantime string, read here rather than with the config's
+    /// duration type, so that this module does not depend on `config`
+    /// (which depends on it).
+    pub leeway: Option<String>,
 }
 
 /// The keys a route accepts tokens from.
@@ -210,11 +213,26 @@ impl Auth {
             })?;
             (Keys::Set(keys), text)
         };
+        let leeway = match &raw.leeway {
+            None => DEFAULT_LEEWAY,
+            Some(text) => humantime::parse_duration(text).map_err(|e| {
+                (
+                    "auth.leeway".to_string(),
+                    format!("{text:?} is not a duration ({e}); write e.g. \"30s\" or \"0s\""),
+                )
+            })?,
+        };
+        if leeway > Duration::from_secs(3600) {
+            return Err((
+                "auth.leeway".into(),
+                "at most 1h: a leeway is for clock skew, not a longer token life".into(),
+            ));
+        }
         Ok(Auth {
             raw: raw.clone(),
             fingerprint,
             keys,
-            leeway: raw.leeway.map_or(DEFAULT_LEEWAY, |d| d.0),
+            leeway,
         })
     }
 
@@ -491,7 +509,7 @@ mod tests {
         let (_d, a) = hs_auth(|r| {
             r.audience = Some(vec!["chat".into()]);
             r.issuer = Some("https://auth.example".into());
-            r.leeway = Some(crate::config::DurOrZero(Duration::ZERO));
+            r.leeway = Some("0s".into());
         });
         let good = json(unix() + 60);
         let v = a.verify(&token(good.clone(), SECRET)).unwrap();
@@ -567,7 +585,7 @@ mod tests {
 
     #[test]
     fn expiry_is_watched_and_a_refresh_for_the_same_sub_extends_it() {
-        let (_d, a) = hs_auth(|r| r.leeway = Some(crate::config::DurOrZero(Duration::ZERO)));
+        let (_d, a) = hs_auth(|r| r.leeway = Some("0s".into()));
         let v = a
             .verify(&token(
                 serde_json::json!({"sub": "alice", "exp": unix() + 2}),
