@@ -141,6 +141,10 @@ static int32_t pubsub_on_message(void *handler, void *state, wshd_conn_id conn, 
   size_t rest_len = arg_len - (size_t)(rest - arg);
   char num[32] = {0};
   memcpy(num, rest, rest_len < 31 ? rest_len : 31);
+  /* The payload is not NUL-terminated (it is a slice of the server's read
+     buffer, whatever follows it there): numbers are parsed from copies. */
+  char arg_num[32] = {0};
+  memcpy(arg_num, arg, arg_len < 31 ? arg_len : 31);
 
 #define IS(name) (cmd_len == sizeof(name) - 1 && memcmp(cmd, name, cmd_len) == 0)
   if (IS("sub")) {
@@ -187,11 +191,11 @@ static int32_t pubsub_on_message(void *handler, void *state, wshd_conn_id conn, 
     pthread_mutex_unlock(&ps->lock);
     snprintf(out, sizeof out, "threads started");
   } else if (IS("timer") || IS("itimer")) {
-    uint64_t ms = strtoull(arg, NULL, 10);
+    uint64_t ms = strtoull(arg_num, NULL, 10);
     int64_t id = h->set_timer(ctx, IS("timer") ? conn : 0, ms);
     snprintf(out, sizeof out, "%.*s %lld", (int)cmd_len, cmd, (long long)id);
   } else if (IS("cancel")) {
-    snprintf(out, sizeof out, "cancel %d", h->cancel_timer(ctx, strtoull(arg, NULL, 10)));
+    snprintf(out, sizeof out, "cancel %d", h->cancel_timer(ctx, strtoull(arg_num, NULL, 10)));
   } else if (IS("wait")) {
 #ifndef PUBSUB_MAY_BLOCK
     /* Blocking here would hold one of the server's async workers. */

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::SinkExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
@@ -367,5 +367,4 @@ fn a_missing_key_file_is_a_config_error_naming_the_line_and_key() {
         err.contains("nowhere.secret") && err.contains("cannot read"),
         "{err}"
     );
-    let _ = Duration::ZERO;
 }

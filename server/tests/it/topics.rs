@@ -474,7 +474,8 @@ async fn timers_fire_once_and_cancelled_or_orphaned_ones_never() {
     // (Delays leave a second for a round trip on a loaded machine: a
     // cancel that came after the timer fired would read "cancel -4".)
     let t2 = id_of(&cmd(&mut a, "timer 1000").await, "timer");
-    assert_eq!(cmd(&mut a, &format!("cancel {t2}")).await, "cancel 0");
+    let cancelled = cmd(&mut a, &format!("cancel {t2}")).await;
+    assert_eq!(cancelled, "cancel 0", "timer {t2}:\n{}", srv.log());
     assert_eq!(
         cmd(&mut a, &format!("cancel {t2}")).await,
         "cancel -4",
