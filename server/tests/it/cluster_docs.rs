@@ -44,14 +44,6 @@ fn doc_files() -> HashMap<String, String> {
     files
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn wait_port(port: u16, what: &str, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -125,11 +117,19 @@ async fn the_two_node_example_in_docs_cluster_md_works() {
     install(&demo.join("handlers"), "chat", "libchat_wsh.so");
     std::os::unix::fs::symlink(repo_root().join("www"), tmp.path().join("www")).unwrap();
 
-    // Its ports, swapped for free ones in every file.
+    // Its ports, swapped for free ones in every file. The sockets that
+    // found them stay bound until all are found: a port released at once
+    // can be handed out again by the next bind (it was: Redis and node 1
+    // once got the same one).
+    let held: Vec<std::net::TcpListener> = (0..6)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
     let ports: Vec<(u16, u16)> = [6399, 9001, 9002, 9101, 9102, 8080]
         .into_iter()
-        .map(|p| (p, free_port()))
+        .zip(&held)
+        .map(|(p, l)| (p, l.local_addr().unwrap().port()))
         .collect();
+    drop(held);
     let port = |doc: u16| ports.iter().find(|(d, _)| *d == doc).unwrap().1;
     for (name, body) in &files {
         let mut body = body.clone();
