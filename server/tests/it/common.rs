@@ -433,3 +433,30 @@ pub async fn try_connect_from(url: &str, from: &str) -> (u16, Option<Client>) {
         Err(e) => panic!("connect {url} from {from}: {e}"),
     }
 }
+
+/// `wshd` with `args`, without any WSHD_* variable from the caller's shell.
+pub fn wshd_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_wshd"));
+    c.args(args);
+    for v in [
+        "WSHD_CONFIG",
+        "WSHD_HANDLERS",
+        "WSHD_PORT",
+        "WSHD_HOST",
+        "WSHD_DEFAULT_CONFIG",
+        "RUST_LOG",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// A finished command's status and output, for assertion messages.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

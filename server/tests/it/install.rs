@@ -6,35 +6,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use crate::common::{build_c, install, repo_root, standard_dir, write_config};
-
-/// `wshd` with `args`, without any WSHD_* variable from the caller's shell.
-fn wshd_cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_wshd"));
-    c.args(args);
-    for v in [
-        "WSHD_CONFIG",
-        "WSHD_HANDLERS",
-        "WSHD_PORT",
-        "WSHD_HOST",
-        "WSHD_DEFAULT_CONFIG",
-        "RUST_LOG",
-    ] {
-        c.env_remove(v);
-    }
-    c
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use crate::common::{build_c, install, repo_root, standard_dir, text, write_config, wshd_cmd};
 
 // ------------------------------------------------------------ fail fast
 

@@ -6,35 +6,9 @@
 //! config keys, each tried the way an operator meets it.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use crate::common::*;
-
-/// `wshd` with `args`, without any WSHD_* variable from the caller's shell.
-fn wshd_cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_wshd"));
-    c.args(args);
-    for v in [
-        "WSHD_CONFIG",
-        "WSHD_HANDLERS",
-        "WSHD_PORT",
-        "WSHD_HOST",
-        "WSHD_DEFAULT_CONFIG",
-        "RUST_LOG",
-    ] {
-        c.env_remove(v);
-    }
-    c
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// A directory laid out like `handlers/` in this repository: sources, no
 /// built library.

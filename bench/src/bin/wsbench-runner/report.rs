@@ -401,10 +401,29 @@ fn render_targets(out: &mut String, input: &ReportInput<'_>) {
             Bound::at_most(1.0),
         ),
     ];
-    let cell = |value: Option<f64>, unit: &str, bound: Bound| match value {
-        Some(v) if bound.met(v) => format!("{}{unit} | met", ratio(v)),
-        Some(v) => format!("{}{unit} | **missed**", ratio(v)),
-        None => "n/a | not measured".to_owned(),
+    // One table of targets: a header, then a row per target with the
+    // three configurations' figures and whether each meets it.
+    let table = |out: &mut String, rows: Vec<Row>| {
+        let cell = |value: Option<f64>, unit: &str, bound: Bound| match value {
+            Some(v) if bound.met(v) => format!("{}{unit} | met", ratio(v)),
+            Some(v) => format!("{}{unit} | **missed**", ratio(v)),
+            None => "n/a | not measured".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "| target | wshd, shared cores | status | wshd, server pinned | status | `workers = 1`, shared cores | status |\n\
+             |---|---|---|---|---|---|---|"
+        );
+        for (what, values, unit, bound) in rows {
+            let _ = writeln!(
+                out,
+                "| {what} | {} | {} | {} |",
+                cell(values[0], unit, bound),
+                cell(values[1], unit, bound),
+                cell(values[2], unit, bound)
+            );
+        }
+        out.push('\n');
     };
     let _ = writeln!(out, "## wshd against its targets (issue #17)\n");
     let _ = writeln!(
@@ -419,21 +438,7 @@ fn render_targets(out: &mut String, input: &ReportInput<'_>) {
         server = crate::plan::SERVER_CPU,
         client = crate::plan::CLIENT_CPU,
     );
-    let _ = writeln!(
-        out,
-        "| target | wshd, shared cores | status | wshd, server pinned | status | `workers = 1`, shared cores | status |\n\
-         |---|---|---|---|---|---|---|"
-    );
-    for (what, values, unit, bound) in rows {
-        let _ = writeln!(
-            out,
-            "| {what} | {} | {} | {} |",
-            cell(values[0], unit, bound),
-            cell(values[1], unit, bound),
-            cell(values[2], unit, bound)
-        );
-    }
-    out.push('\n');
+    table(out, rows);
     let _ = writeln!(
         out,
         "## wshd against uWebSockets.js (issue #28)\n\n\
@@ -441,21 +446,7 @@ fn render_targets(out: &mut String, input: &ReportInput<'_>) {
          Node; fan-out through its native `app.publish`). Fan-out is measured with shared \
          cores only.\n"
     );
-    let _ = writeln!(
-        out,
-        "| target | wshd, shared cores | status | wshd, server pinned | status | `workers = 1`, shared cores | status |\n\
-         |---|---|---|---|---|---|---|"
-    );
-    for (what, values, unit, bound) in uws_rows {
-        let _ = writeln!(
-            out,
-            "| {what} | {} | {} | {} |",
-            cell(values[0], unit, bound),
-            cell(values[1], unit, bound),
-            cell(values[2], unit, bound)
-        );
-    }
-    out.push('\n');
+    table(out, uws_rows);
 
     // Compression has no numeric target in #17; the comparison is with
     // Node ws.
