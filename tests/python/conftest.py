@@ -153,6 +153,25 @@ def wshd():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def launch_wshd(tmp: Path, handlers: Path, *extra: str) -> tuple[subprocess.Popen, str, int, Path]:
+    """Starts wshd on 127.0.0.1, port 0, serving `handlers` with `extra`
+    flags, its address file and log in `tmp`; waits until it listens.
+    Returns (process, host, port, log path); stop it with `_stop`."""
+    bin_path = _from_root(os.environ.get("WSHD_BIN", "target/debug/wshd"))
+    if not bin_path.exists():
+        pytest.fail(f"wshd binary not found: {bin_path} (build it, or set WSHD_BIN)", pytrace=False)
+    addr_file, log_path = tmp / "addr", tmp / "wshd.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(bin_path), "-H", "127.0.0.1", "-p", "0", "-w", str(handlers),
+             "--addr-file", str(addr_file), "--log-level", "info", *extra],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+    _children.append(proc)
+    host, port = _wait_listening(proc, addr_file, log_path, "wshd")
+    return proc, host, port, log_path
+
+
 def _wait_listening(proc, addr_file: Path, log_path: Path, what: str) -> tuple[str, int]:
     """Waits (at most 30 s) for the address file wshd writes once it
     listens; a complete one ends with a newline. Returns (host, port)."""

@@ -11,7 +11,6 @@ import hmac
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import _children, _from_root, _stop, _wait_listening
+from conftest import _from_root, _stop, launch_wshd
 
 SECRET = b"python-suite-shared-secret-at-least-32-bytes"
 
@@ -38,7 +37,6 @@ def hs256(claims: dict, secret: bytes = SECRET) -> str:
 
 @pytest.fixture(scope="module")
 def secure():
-    bin_path = _from_root(os.environ.get("WSHD_BIN", "target/debug/wshd"))
     target_dir = _from_root(os.environ.get("WSHD_TARGET_DIR", "target/debug"))
     tmp = Path(tempfile.mkdtemp(prefix="wshd-py-auth-"))
     proc = None
@@ -51,15 +49,7 @@ def secure():
             '[[route]]\npath = "/secure"\nhandler = "echo"\n'
             '[route.auth]\njwt_hs256_secret_file = "jwt.secret"\nleeway = "0s"\n'
         )
-        addr_file, log_path = tmp / "addr", tmp / "wshd.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [str(bin_path), "-H", "127.0.0.1", "-p", "0", "-w", str(handlers),
-                 "--config", str(tmp / "wshd.toml"), "--addr-file", str(addr_file), "--log-level", "info"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        _children.append(proc)
-        host, port = _wait_listening(proc, addr_file, log_path, "wshd")
+        proc, host, port, log_path = launch_wshd(tmp, handlers, "--config", str(tmp / "wshd.toml"))
         yield {"base": f"ws://{host}:{port}", "log": log_path}
     finally:
         if proc is not None:

@@ -19,7 +19,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect as ws_connect
 
-from conftest import REPO_ROOT, _children, _from_root, _stop, _wait_listening
+from conftest import REPO_ROOT, _from_root, _stop, launch_wshd
 
 DASHBOARD = REPO_ROOT / "docs" / "grafana-dashboard.json"
 
@@ -45,7 +44,6 @@ def _admin_addr(log_path: Path) -> tuple[str, int]:
 
 @pytest.fixture(scope="module")
 def wshd_admin():
-    bin_path = _from_root(os.environ.get("WSHD_BIN", "target/debug/wshd"))
     target_dir = _from_root(os.environ.get("WSHD_TARGET_DIR", "target/debug"))
     tmp = Path(tempfile.mkdtemp(prefix="wshd-py-metrics-"))
     proc = None
@@ -53,15 +51,7 @@ def wshd_admin():
         handlers = tmp / "handlers"
         handlers.mkdir()
         shutil.copy2(target_dir / "libecho_wsh.so", handlers / "libecho_wsh.so")
-        addr_file, log_path = tmp / "addr", tmp / "wshd.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [str(bin_path), "-H", "127.0.0.1", "-p", "0", "-w", str(handlers),
-                 "--admin", "127.0.0.1:0", "--addr-file", str(addr_file), "--log-level", "info"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        _children.append(proc)
-        host, port = _wait_listening(proc, addr_file, log_path, "wshd")
+        proc, host, port, log_path = launch_wshd(tmp, handlers, "--admin", "127.0.0.1:0")
         yield {"ws": f"ws://{host}:{port}", "admin": _admin_addr(log_path)}
     finally:
         if proc is not None:
