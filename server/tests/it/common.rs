@@ -460,3 +460,22 @@ pub fn text(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// Runs `systemd-analyze verify` on `unit` with the binary path `from`
+/// replaced by `bin` (systemd checks that the binary exists), and fails on
+/// any output: it only warns, with status 0, about unknown keys.
+pub fn assert_unit_verifies(unit: &str, from: &str, bin: &Path) {
+    let copy_dir = tempfile::tempdir().unwrap();
+    let copy = copy_dir.path().join("wshd.service");
+    std::fs::write(&copy, unit.replace(from, bin.to_str().unwrap())).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "systemd-analyze verify:\n{t}"
+    );
+}

@@ -8,7 +8,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{build_c, install, repo_root, standard_dir, text, write_config, wshd_cmd};
+use crate::common::{
+    assert_unit_verifies, build_c, install, repo_root, standard_dir, text, write_config, wshd_cmd,
+};
 
 // ------------------------------------------------------------ fail fast
 
@@ -327,25 +329,7 @@ fn install_sh_into_a_temporary_root_installs_what_the_unit_names() {
     // check runs on a copy naming the binary inside the root; and it only
     // warns (status 0) about unknown keys, so any output fails.
     match Command::new("systemd-analyze").arg("--version").output() {
-        Ok(_) => {
-            let copy_dir = tempfile::tempdir().unwrap();
-            let copy = copy_dir.path().join("wshd.service");
-            std::fs::write(
-                &copy,
-                unit.replace("/opt/wshd/bin/wshd", bin.to_str().unwrap()),
-            )
-            .unwrap();
-            let out = Command::new("systemd-analyze")
-                .arg("verify")
-                .arg(&copy)
-                .output()
-                .unwrap();
-            let t = text(&out);
-            assert!(
-                out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-                "systemd-analyze verify:\n{t}"
-            );
-        }
+        Ok(_) => assert_unit_verifies(&unit, "/opt/wshd/bin/wshd", &bin),
         Err(e) => {
             // .ci/run installs it; elsewhere, say what was not checked.
             assert!(

@@ -329,23 +329,10 @@ fn the_installed_units_exec_start_pre_passes_with_one_bad_handler() {
         .is_ok()
     {
         std::fs::write(&cfg, &good).unwrap();
-        let copy_dir = tempfile::tempdir().unwrap();
-        let copy = copy_dir.path().join("wshd.service");
-        let bin = root.join("usr/local/bin/wshd");
-        std::fs::write(
-            &copy,
-            unit.replace("/usr/local/bin/wshd", bin.to_str().unwrap()),
-        )
-        .unwrap();
-        let out = Command::new("systemd-analyze")
-            .arg("verify")
-            .arg(&copy)
-            .output()
-            .unwrap();
-        let t = text(&out);
-        assert!(
-            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-            "systemd-analyze verify:\n{t}"
+        assert_unit_verifies(
+            &unit,
+            "/usr/local/bin/wshd",
+            &root.join("usr/local/bin/wshd"),
         );
     } else {
         assert!(
